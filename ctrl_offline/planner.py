@@ -1,0 +1,147 @@
+"""Choosing the transform, t and β for an inference procedure and a KL budget (DESIGN.md §2.3).
+
+For a target procedure (best-of-N or worst-of-N) and a budget KL(π*‖π_ref) = κ, each family
+is tuned so as to maximise the predicted inference-time win rate:
+
+* β is found by root-finding on log β (KL is strictly decreasing in β);
+* for families with a shape parameter (exp, negexp), t is chosen by a coarse log-spaced scan
+  followed by a bounded 1-D refinement, re-solving β for every candidate t.
+
+>>> from ctrl_offline.planner import plan
+>>> result = plan("bon", n=4, kl=0.5)
+>>> [row.transform for row in result.rows]
+['identity', 'log', 'exp', 'negexp']
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy import optimize
+
+from .theory import INFERENCE_PROCEDURES, inference_win_rate, kl_divergence, standard_win_rate
+from .transforms import Transform, family_has_t, get_transform
+
+__all__ = ["PlanRow", "Plan", "solve_beta", "plan", "tradeoff_curve", "DEFAULT_FAMILIES"]
+
+DEFAULT_FAMILIES = ("identity", "log", "exp", "negexp")
+DEFAULT_T_RANGE = (0.01, 40.0)
+_MAX_KL = 25.0  # beyond this the tilted densities are narrower than double precision resolves
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    transform: str
+    t: float | None
+    beta: float
+    kl: float
+    win_rate: float
+    standard_win_rate: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    inference: str
+    n: int
+    kl: float
+    rows: list[PlanRow] = field(default_factory=list)
+
+    def best(self) -> PlanRow:
+        """The row with the highest predicted inference-time win rate."""
+        return max(self.rows, key=lambda row: row.win_rate)
+
+    def to_dict(self) -> dict:
+        return {"inference": self.inference, "n": self.n, "kl": self.kl, "rows": [asdict(r) for r in self.rows]}
+
+
+def _check_budget(kl: float) -> float:
+    if not (isinstance(kl, (int, float)) and math.isfinite(kl) and 0 < kl <= _MAX_KL):
+        raise ValueError(f"the KL budget must be a number in (0, {_MAX_KL:g}] nats, got {kl!r}")
+    return float(kl)
+
+
+def _beta_scale(transform: Transform) -> float:
+    # β acts on Φ's spread; start the bracket there so huge-t exp (Φ up to e^t) needs few steps.
+    spread = float(transform.phi(np.array(1.0)) - transform.phi(np.array(0.5)))
+    return spread if math.isfinite(spread) and spread > 0 else 1.0
+
+
+def solve_beta(transform: Transform | str, kl: float) -> float:
+    """The β at which KL(π*‖π_ref) equals ``kl`` for this transform."""
+    transform, kl = get_transform(transform), _check_budget(kl)
+    gap = lambda log_beta: kl_divergence(transform, math.exp(log_beta)) - kl  # noqa: E731
+    centre = math.log(_beta_scale(transform))
+    lo, hi = centre - 1.0, centre + 1.0
+    for _ in range(60):
+        if gap(lo) > 0:
+            break
+        lo -= 2.0
+    else:
+        raise ValueError(f"KL budget {kl} is out of reach for transform {transform.spec!r}")
+    for _ in range(60):
+        if gap(hi) < 0:
+            break
+        hi += 2.0
+    else:
+        raise ValueError(f"KL budget {kl} is too small to resolve for transform {transform.spec!r}")
+    return math.exp(optimize.brentq(gap, lo, hi, xtol=1e-12, rtol=1e-12))
+
+
+def _row(transform: Transform, inference: str, n: int, kl: float) -> PlanRow:
+    beta = solve_beta(transform, kl)
+    return PlanRow(
+        transform=transform.name,
+        t=transform.t,
+        beta=beta,
+        kl=kl_divergence(transform, beta),
+        win_rate=inference_win_rate(transform, beta, inference, n),
+        standard_win_rate=standard_win_rate(transform, beta),
+    )
+
+
+def _best_t(name: str, inference: str, n: int, kl: float, t_range: tuple[float, float]) -> PlanRow:
+    lo, hi = math.log(t_range[0]), math.log(t_range[1])
+    objective = lambda log_t: -_row(get_transform(name, math.exp(log_t)), inference, n, kl).win_rate  # noqa: E731
+    grid = np.linspace(lo, hi, 17)
+    scores = [objective(x) for x in grid]
+    i = int(np.argmin(scores))
+    left, right = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    refined = optimize.minimize_scalar(objective, bounds=(left, right), method="bounded", options={"xatol": 1e-4})
+    best_log_t = refined.x if refined.fun <= scores[i] else grid[i]
+    return _row(get_transform(name, math.exp(best_log_t)), inference, n, kl)
+
+
+def plan(
+    inference: str,
+    n: int,
+    kl: float,
+    families: tuple[str, ...] = DEFAULT_FAMILIES,
+    t_range: tuple[float, float] = DEFAULT_T_RANGE,
+) -> Plan:
+    """Tune every transform family for ``inference`` ('bon' or 'won') with N candidates.
+
+    Families with a parameter t get the t in ``t_range`` that maximises the predicted
+    inference-time win rate under the budget; each row reports the β that meets it.
+    """
+    if inference not in INFERENCE_PROCEDURES:
+        raise ValueError(f"unknown inference procedure {inference!r}; choose one of {INFERENCE_PROCEDURES}")
+    if int(n) != n or n < 1:
+        raise ValueError(f"N must be a positive integer, got {n!r}")
+    kl = _check_budget(kl)
+    if not (0 < t_range[0] < t_range[1] and math.isfinite(t_range[1])):
+        raise ValueError(f"t_range must satisfy 0 < low < high < inf, got {t_range!r}")
+    rows = []
+    for name in families:
+        if family_has_t(name):
+            rows.append(_best_t(name, inference, int(n), kl, t_range))
+        else:
+            rows.append(_row(get_transform(name), inference, int(n), kl))
+    return Plan(inference=inference, n=int(n), kl=kl, rows=rows)
+
+
+def tradeoff_curve(transform: Transform | str, inference: str, n: int, kls) -> np.ndarray:
+    """Predicted inference-time win rate at each KL in ``kls`` (β re-solved for each)."""
+    transform = get_transform(transform)
+    return np.array([inference_win_rate(transform, solve_beta(transform, k), inference, n) for k in kls])
