@@ -9,8 +9,9 @@ for ties):
 When y is one of the K reference samples it is left out (compared with the other K − 1).
 A prompt's quantile table is the sorted array of its K reference rewards.
 
-Everything here is vectorised over all prompts at once: one sort of the rewards grouped by
-prompt, then run-length arithmetic, so millions of prompts need no Python loop.
+Everything here is vectorised over all prompts at once: prompt ids are hashed (pandas), the
+rewards sorted once grouped by prompt, then run-length arithmetic gives every count, so
+millions of prompts need no Python loop.
 
 >>> import numpy as np
 >>> tables, u = calibrate_reference(np.array([7, 7, 7]), np.array([1.0, 1.0, 2.0]))
@@ -23,8 +24,10 @@ prompt, then run-length arithmetic, so millions of prompts need no Python loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
+import pandas as pd
 
 __all__ = ["CalibrationError", "CalibrationTables", "build_tables", "calibrate", "calibrate_reference"]
 
@@ -46,8 +49,7 @@ def _name_some(values, what: str) -> str:
 class CalibrationTables:
     """Sorted reference rewards of every prompt, stored flat (CSR layout).
 
-    ``prompt_ids[i]``'s table is ``rewards[offsets[i]:offsets[i + 1]]``, sorted ascending;
-    ``prompt_ids`` is sorted so lookups are binary searches.
+    ``prompt_ids[i]``'s table is ``rewards[offsets[i]:offsets[i + 1]]``, sorted ascending.
     """
 
     prompt_ids: np.ndarray
@@ -62,68 +64,62 @@ class CalibrationTables:
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
+    @cached_property
+    def _index(self) -> pd.Index:
+        return pd.Index(self.prompt_ids)
+
     def table(self, prompt_id) -> np.ndarray:
         """The sorted reference rewards of one prompt."""
         (code,) = self.codes_of(np.asarray([prompt_id]))
         return self.rewards[self.offsets[code] : self.offsets[code + 1]]
 
-    def codes_of(self, prompt_ids: np.ndarray) -> np.ndarray:
+    def codes_of(self, prompt_ids) -> np.ndarray:
         """Row index of each id in these tables; raises naming the ids that have no table."""
-        prompt_ids = np.asarray(prompt_ids)
-        if len(self.prompt_ids) == 0:
-            missing = np.unique(prompt_ids)
-        else:
-            pos = np.searchsorted(self.prompt_ids, prompt_ids)
-            pos = np.minimum(pos, len(self.prompt_ids) - 1)
-            found = self.prompt_ids[pos] == prompt_ids
-            if found.all():
-                return pos
-            missing = np.unique(prompt_ids[~found])
-        raise CalibrationError(
-            f"{len(missing)} prompt(s) have no calibration table: " + _name_some(missing, "prompt_id")
-        )
+        codes = self._index.get_indexer(np.asarray(prompt_ids))
+        missing = codes < 0
+        if missing.any():
+            absent = pd.unique(np.asarray(prompt_ids)[missing])
+            raise CalibrationError(
+                f"{len(absent)} prompt(s) have no calibration table: " + _name_some(absent, "prompt_id")
+            )
+        return codes
 
     @classmethod
     def from_lists(cls, prompt_ids, tables) -> CalibrationTables:
-        """Build from one reward list per prompt (e.g. a loaded ``ref_rewards`` column)."""
+        """Build from one reward list per prompt (e.g. a small ``ref_rewards`` column)."""
         lengths = np.fromiter((len(t) for t in tables), dtype=np.int64, count=len(tables))
         flat = np.concatenate([np.asarray(t, dtype=float) for t in tables]) if len(tables) else np.empty(0)
-        return cls.from_flat(np.asarray(prompt_ids), np.concatenate([[0], np.cumsum(lengths)]), flat)
+        return cls.from_flat(prompt_ids, np.concatenate([[0], np.cumsum(lengths)]), flat)
 
     @classmethod
-    def from_flat(cls, prompt_ids: np.ndarray, offsets: np.ndarray, rewards: np.ndarray) -> CalibrationTables:
-        """Build from CSR arrays, re-sorting prompts and each table's rewards if needed."""
+    def from_flat(cls, prompt_ids, offsets, rewards) -> CalibrationTables:
+        """Build from CSR arrays (validated; each table's rewards sorted if they are not)."""
+        prompt_ids = np.asarray(prompt_ids)
         offsets = np.asarray(offsets, dtype=np.int64)
         rewards = np.asarray(rewards, dtype=float)
         k = np.diff(offsets)
+        if len(offsets) != len(prompt_ids) + 1 or offsets[0] != 0 or offsets[-1] != len(rewards):
+            raise CalibrationError("offsets must start at 0, end at len(rewards) and have one entry per prompt + 1")
         if np.any(k < 1):
-            raise CalibrationError("every calibration table needs at least one reward")
-        _check_finite(np.repeat(prompt_ids, k), rewards)
-        order = np.argsort(prompt_ids, kind="stable")
-        prompt_ids = np.asarray(prompt_ids)[order]
-        if len(prompt_ids) > 1 and np.any(prompt_ids[1:] == prompt_ids[:-1]):
-            dup = np.unique(prompt_ids[1:][prompt_ids[1:] == prompt_ids[:-1]])
+            raise CalibrationError("empty calibration table for " + _name_some(prompt_ids[k < 1], "prompt_id"))
+        codes = np.repeat(np.arange(len(prompt_ids)), k)
+        _check_finite(prompt_ids[codes], rewards)
+        index = pd.Index(prompt_ids)
+        if not index.is_unique:
+            dup = pd.unique(prompt_ids[index.duplicated()])
             raise CalibrationError("duplicate calibration tables for " + _name_some(dup, "prompt_id"))
-        rank = np.empty(len(order), dtype=np.int64)
-        rank[order] = np.arange(len(order))
-        codes = rank[np.repeat(np.arange(len(order)), k)]  # each reward's prompt, in the new order
-        flat = rewards[_group_sort(codes, rewards)]
-        return cls(prompt_ids, np.concatenate([[0], np.cumsum(k[order])]), flat)
+        return cls(prompt_ids, offsets, rewards[_group_sort(codes, rewards)])
 
 
 def _factorize(prompt_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(codes, sorted unique ids); O(n) for dense non-negative integer ids."""
+    """(codes, unique ids in order of first appearance), by hashing."""
     prompt_ids = np.asarray(prompt_ids)
     if prompt_ids.ndim != 1:
         raise CalibrationError("prompt ids must be a 1-D array")
-    if np.issubdtype(prompt_ids.dtype, np.integer) and len(prompt_ids) and prompt_ids.min() >= 0:
-        top = int(prompt_ids.max())
-        if top < 4 * len(prompt_ids) + 1024:
-            present = np.bincount(prompt_ids, minlength=top + 1) > 0
-            dense = np.cumsum(present) - 1
-            return dense[prompt_ids], np.flatnonzero(present).astype(prompt_ids.dtype)
-    uniques, codes = np.unique(prompt_ids, return_inverse=True)
-    return codes.ravel(), uniques
+    codes, uniques = pd.factorize(prompt_ids)
+    if np.any(codes < 0):
+        raise CalibrationError(f"{np.sum(codes < 0)} row(s) have a missing prompt_id: " + _name_some(np.flatnonzero(codes < 0), "row"))
+    return codes, np.asarray(uniques)
 
 
 def _group_sort(codes: np.ndarray, rewards: np.ndarray) -> np.ndarray:

@@ -1,0 +1,142 @@
+"""Reading and writing the pipeline's tables: Parquet files, Parquet folders, `datasets` folders.
+
+Writes are atomic (a temporary sibling, then ``os.replace``) so a killed or failed stage
+never leaves a file that a later stage would trust. Each stage records its settings and its
+inputs' fingerprints in the Parquet schema metadata under the key ``ctrl_offline``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from . import __version__
+
+__all__ = [
+    "DataError",
+    "METADATA_KEY",
+    "read_table",
+    "require_columns",
+    "write_parquet",
+    "read_metadata",
+    "atomic_output_dir",
+    "fingerprint",
+]
+
+METADATA_KEY = b"ctrl_offline"
+
+
+class DataError(ValueError):
+    """An input that cannot be read or lacks what a stage needs."""
+
+
+def _is_datasets_folder(path: Path) -> bool:
+    return (path / "dataset_info.json").exists() or (path / "state.json").exists() or (
+        path / "dataset_dict.json"
+    ).exists()
+
+
+def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """Load a Parquet file, a folder of Parquet files, or a `datasets.save_to_disk` folder."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"cannot read {path}: no such file or folder")
+    try:
+        if path.is_dir() and (path / "dataset_dict.json").exists():
+            raise DataError(f"{path} holds a DatasetDict; pass one of its splits' folders")
+        if path.is_dir() and _is_datasets_folder(path):
+            import datasets  # slow import: only when needed
+
+            table = datasets.load_from_disk(str(path)).data.table
+            return table.select(columns) if columns else table
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
+            if not files:
+                raise DataError(f"cannot read {path}: the folder holds no Parquet files")
+            return pads.dataset([str(f) for f in files], format="parquet").to_table(columns=columns)
+        return pq.read_table(path, columns=columns)
+    except DataError:
+        raise
+    except (pa.ArrowException, OSError, ValueError, KeyError) as err:
+        raise DataError(f"cannot read {path}: {err}") from err
+
+
+def require_columns(table: pa.Table, columns, what: str) -> None:
+    """Raise naming the missing columns (and the ones present) if ``table`` lacks any."""
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise DataError(f"{what} lacks column(s) {', '.join(missing)} (it has: {', '.join(table.column_names)})")
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The ``ctrl_offline`` metadata recorded in a Parquet file ({} if none)."""
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
+
+
+def write_parquet(table: pa.Table, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write ``table`` to ``path`` atomically, with ``metadata`` (plus the library version)."""
+    path = Path(path)
+    record = {"library_version": __version__, **(metadata or {})}
+    existing = dict(table.schema.metadata or {})
+    existing[METADATA_KEY] = json.dumps(record, default=str).encode()
+    table = table.replace_schema_metadata(existing)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``out_dir`` only if the block succeeds.
+
+    An existing non-empty ``out_dir`` is refused unless ``overwrite``; it is replaced only
+    once the new output is complete.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"output {out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise DataError(f"output folder {out_dir} is not empty (pass --overwrite to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """A cheap identity of a file or folder: names, sizes and modification times of its files."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
