@@ -38,11 +38,16 @@ class CalibrationError(ValueError):
     """Bad input to calibration; the message names the offending prompts or rows."""
 
 
+def _plain(value):
+    """numpy scalars as Python values, so messages read 'p1' and 3 rather than np.str_('p1')."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _name_some(values, what: str) -> str:
     values = list(values)
-    shown = ", ".join(repr(v.item() if hasattr(v, "item") else v) for v in values[:_SHOW])
+    shown = ", ".join(repr(_plain(v)) for v in values[:_SHOW])
     more = f" and {len(values) - _SHOW} more" if len(values) > _SHOW else ""
-    return f"{what} {shown}{more}"
+    return f"{what} {shown}{more}".strip()
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,7 @@ def _check_unique_samples(codes: np.ndarray, uniques: np.ndarray, sample_idx) ->
     dup = key[1:][key[1:] == key[:-1]]
     if dup.size:
         width = int(sample_idx.max()) + 1
-        pairs = sorted({(uniques[k // width].item(), int(k % width)) for k in dup[: 10 * _SHOW]})
+        pairs = sorted({(_plain(uniques[k // width]), int(k % width)) for k in dup[: 10 * _SHOW]})
         raise CalibrationError(
             f"{dup.size} duplicate (prompt_id, sample_idx) pair(s): " + _name_some(pairs, "")
         )
