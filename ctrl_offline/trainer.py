@@ -1,0 +1,272 @@
+"""CTRL trainers on TRL: soft-label DPO / IPO / distillation on pairs, pointwise and weighted SFT.
+
+Both trainers reuse TRL for everything but the loss — tokenisation, PEFT wrapping (the
+reference is the base with adapters disabled, never a second copy), logging, checkpoints and
+the fused LM head that gives per-token log-probs without materialising the logits — and
+override ``compute_loss`` only, as TRL's customisation docs recommend.
+
+Pairs (``prompt``, ``chosen``, ``rejected``, + ``target_margin`` / ``label`` / ``weight``):
+when ``ref_chosen_logps`` and ``ref_rejected_logps`` are stored (recorded at sampling time)
+no reference forward pass runs at all; otherwise TRL computes them once, batched, before
+training. Pointwise rows (``prompt``, ``completion``, ``target`` or ``weight``, ``ref_logp``)
+need one sequence per example instead of two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from trl import DPOTrainer, SFTTrainer
+from trl.trainer.utils import use_adapter
+
+from .config import CTRLConfig, CTRLPointwiseConfig
+from .losses import distill_loss, dpo_loss, ipo_loss, pointwise_loss, soft_label, weighted_sft_loss
+
+__all__ = ["CTRLTrainer", "CTRLPointwiseTrainer", "TrainingDataError"]
+
+logger = logging.getLogger(__name__)
+
+PAIR_EXTRA_COLUMNS = ("target_margin", "label", "weight")
+REF_PAIR_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+POINTWISE_EXTRA_COLUMNS = ("target", "weight", "ref_logp")
+
+
+class TrainingDataError(ValueError):
+    """A training set the trainer cannot use; the message names the rows or columns."""
+
+
+def _rows(mask: list[bool]) -> str:
+    bad = [i for i, b in enumerate(mask) if b]
+    shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    return f"{len(bad)} row(s): {shown}"
+
+
+def _check_columns(dataset, required, what: str) -> None:
+    missing = [c for c in required if c not in dataset.column_names]
+    if missing:
+        raise TrainingDataError(f"{what} lacks column(s) {', '.join(missing)} (it has: {', '.join(dataset.column_names)})")
+
+
+def _check_text(dataset, columns, what: str) -> None:
+    for column in columns:
+        empty = [not (isinstance(v, str) and v.strip()) if not isinstance(v, list) else not v for v in dataset[column]]
+        if any(empty):
+            raise TrainingDataError(f"{what}: empty {column!r} in {_rows(empty)}")
+
+
+def _check_finite(dataset, columns, what: str) -> None:
+    for column in columns:
+        if column in dataset.column_names:
+            bad = [v is None or not math.isfinite(v) for v in dataset[column]]
+            if any(bad):
+                raise TrainingDataError(f"{what}: NaN, infinite or missing {column!r} in {_rows(bad)}")
+
+
+class _CarryColumns:
+    """Wraps a TRL collator so the per-example float columns reach ``compute_loss``."""
+
+    def __init__(self, collator, columns):
+        self.collator = collator
+        self.columns = tuple(columns)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(examples)
+        for column in self.columns:
+            if column in examples[0] and column not in batch:
+                batch[column] = torch.tensor([float(e[column]) for e in examples], dtype=torch.float32)
+        return batch
+
+
+def _sequence_logps(model, input_ids, attention_mask, loss_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the tokens where ``loss_mask`` is 1, and their count, per sequence."""
+    labels = input_ids.masked_fill(loss_mask == 0, -100)
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False,
+                    fused_lm_head=True)
+    # Prompt-learning PEFT prepends virtual tokens; keep the positions of the real ones.
+    per_token = outputs.log_probs[:, -(input_ids.size(1) - 1):]
+    return per_token.sum(dim=1), loss_mask[:, 1:].sum(dim=1)
+
+
+class _MetricsMixin:
+    def _record(self, mode: str, **values: torch.Tensor) -> None:
+        for name, value in values.items():
+            self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.detach()).float().mean().item())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        if mode == "eval":
+            metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        logs.update(metrics)
+        super().log(logs, start_time)
+        self._metrics[mode].clear()
+
+
+class CTRLTrainer(_MetricsMixin, DPOTrainer):
+    """Offline CTRL on preference pairs: TRL's DPO trainer with CTRL's losses and targets."""
+
+    _tag_names = ["trl", "dpo", "ctrl-offline"]
+    _name = "CTRL"
+
+    def __init__(self, model, args: CTRLConfig, train_dataset, eval_dataset=None, processing_class=None,
+                 peft_config=None, **kwargs):
+        if not isinstance(args, CTRLConfig):
+            raise TypeError(f"args must be a CTRLConfig, got {type(args).__name__}")
+        datasets = {"train_dataset": train_dataset}
+        if eval_dataset is not None:
+            datasets["eval_dataset"] = eval_dataset
+        for name, dataset in datasets.items():
+            self._validate(dataset, args, name)
+        stored = all(all(c in d.column_names for c in REF_PAIR_COLUMNS) for d in datasets.values())
+        # Stored reference log-probs: TRL must not recompute them; absent: TRL computes them once, batched.
+        args.precompute_ref_log_probs = not stored
+        self.uses_stored_ref_logps = stored
+        raw_rows = len(train_dataset)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, peft_config=peft_config, **kwargs)
+        self.precompute_ref_logps = True  # the batch always carries the reference log-probs now
+        self.data_collator = _CarryColumns(self.data_collator, PAIR_EXTRA_COLUMNS + REF_PAIR_COLUMNS)
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._report_truncation(raw_rows)
+
+    @staticmethod
+    def _validate(dataset, args: CTRLConfig, name: str) -> None:
+        what = f"{name} for ctrl_loss={args.ctrl_loss!r}"
+        _check_columns(dataset, ["prompt", "chosen", "rejected"], what)
+        if args.ctrl_loss in ("ipo", "distill"):
+            _check_columns(dataset, ["target_margin"], what)
+        if args.ctrl_loss == "dpo" and "label" not in dataset.column_names:
+            _check_columns(dataset, ["target_margin"], what + " (soft labels come from `label` or `target_margin`)")
+        _check_text(dataset, ["prompt", "chosen", "rejected"], name)
+        _check_finite(dataset, PAIR_EXTRA_COLUMNS + REF_PAIR_COLUMNS, name)
+        if "label" in dataset.column_names and any(not 0 <= p <= 1 for p in dataset["label"]):
+            raise TrainingDataError(f"{name}: soft labels must lie in [0, 1]")
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *PAIR_EXTRA_COLUMNS]))
+
+    def _report_truncation(self, raw_rows: int) -> None:
+        dropped = raw_rows - len(self.train_dataset)
+        if dropped:
+            logger.warning("%d of %d pairs were dropped: their prompt alone fills max_length=%s", dropped, raw_rows,
+                           self.args.max_length)
+        if self.args.max_length is None:
+            return
+        lengths = zip(self.train_dataset["prompt_ids"], self.train_dataset["chosen_ids"],
+                      self.train_dataset["rejected_ids"])
+        long = sum(len(p) + max(len(c), len(r)) > self.args.max_length for p, c, r in lengths)
+        if long:
+            logger.warning(
+                "%d of %d pairs exceed max_length=%d: their responses are truncated%s", long, len(self.train_dataset),
+                self.args.max_length,
+                " (their stored reference log-probs cover the full responses: raise max_length or drop them)"
+                if self.uses_stored_ref_logps else "",
+            )
+        self.num_truncated = long
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        logps, _ = _sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+        chosen_logps, rejected_logps = logps.chunk(2, dim=0)  # the batch is [all chosen; all rejected]
+        chosen_ratio = chosen_logps - inputs["ref_chosen_logps"].to(logps.dtype)
+        rejected_ratio = rejected_logps - inputs["ref_rejected_logps"].to(logps.dtype)
+        beta, kind = self.args.beta, self.args.ctrl_loss
+        if kind == "dpo":
+            label = inputs["label"] if "label" in inputs else soft_label(inputs["target_margin"], beta)
+            per_pair = dpo_loss(chosen_ratio, rejected_ratio, beta, label.to(logps.dtype))
+        elif kind == "dpo_hard":
+            per_pair = dpo_loss(chosen_ratio, rejected_ratio, beta, 1.0)
+        elif kind == "ipo":
+            per_pair = ipo_loss(chosen_ratio, rejected_ratio, beta, inputs["target_margin"].to(logps.dtype))
+        else:
+            per_pair = distill_loss(chosen_ratio, rejected_ratio, beta, inputs["target_margin"].to(logps.dtype))
+        weight = inputs.get("weight")
+        loss = (per_pair * weight.to(per_pair.dtype)).mean() if weight is not None else per_pair.mean()
+        margin = beta * (chosen_ratio - rejected_ratio)
+        self._record(mode, **{"rewards/margins": margin, "rewards/accuracies": (margin > 0).float(),
+                              "logps/chosen": chosen_logps, "logps/rejected": rejected_logps})
+        return (loss, {"margins": margin}) if return_outputs else loss
+
+
+class CTRLPointwiseTrainer(_MetricsMixin, SFTTrainer):
+    """Offline CTRL one response at a time: pointwise regression or weighted SFT, on TRL's SFT trainer."""
+
+    _tag_names = ["trl", "sft", "ctrl-offline"]
+    _name = "CTRL-pointwise"
+
+    def __init__(self, model, args: CTRLPointwiseConfig, train_dataset, eval_dataset=None, processing_class=None,
+                 peft_config=None, **kwargs):
+        if not isinstance(args, CTRLPointwiseConfig):
+            raise TypeError(f"args must be a CTRLPointwiseConfig, got {type(args).__name__}")
+        datasets = {"train_dataset": train_dataset}
+        if eval_dataset is not None:
+            datasets["eval_dataset"] = eval_dataset
+        for name, dataset in datasets.items():
+            needed = ["prompt", "completion", "target" if args.ctrl_loss == "pointwise" else "weight"]
+            _check_columns(dataset, needed, f"{name} for ctrl_loss={args.ctrl_loss!r}")
+            _check_text(dataset, ["prompt", "completion"], name)
+            _check_finite(dataset, POINTWISE_EXTRA_COLUMNS, name)
+        args.completion_only_loss = True
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, peft_config=peft_config, **kwargs)
+        self.data_collator = _CarryColumns(self.data_collator, POINTWISE_EXTRA_COLUMNS)
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        if args.ctrl_loss == "pointwise":
+            if "ref_logp" not in self.train_dataset.column_names:
+                self.train_dataset = self._add_ref_logps(self.train_dataset, "train")
+            if self.eval_dataset is not None and "ref_logp" not in self.eval_dataset.column_names:
+                self.eval_dataset = self._add_ref_logps(self.eval_dataset, "eval")
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *POINTWISE_EXTRA_COLUMNS]))
+
+    @torch.no_grad()
+    def _add_ref_logps(self, dataset, name: str):
+        """One batched pass of the reference (adapters disabled) over ``dataset``; adds ``ref_logp``."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+        tokens = dataset.select_columns(["input_ids", "labels"] if "labels" in dataset.column_names else ["input_ids"])
+        loader = DataLoader(tokens, batch_size=batch_size, collate_fn=self.data_collator.collator, shuffle=False)
+        context = use_adapter(unwrapped, None) if hasattr(unwrapped, "disable_adapter") else contextlib.nullcontext()
+        was_training = unwrapped.training
+        unwrapped.eval()
+        values = []
+        with context:
+            for batch in tqdm(loader, desc=f"Reference log-probs for the {name} set"):
+                batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+                logps = _pointwise_logps(unwrapped, batch)
+                values.extend(logps.float().cpu().tolist())
+        unwrapped.train(was_training)
+        return dataset.add_column("ref_logp", values)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        logps = _pointwise_logps(model, inputs)
+        if self.args.ctrl_loss == "pointwise":
+            ratio = logps - inputs["ref_logp"].to(logps.dtype)
+            per_example = pointwise_loss(ratio, self.args.beta, inputs["target"].to(logps.dtype))
+            self._record(mode, **{"logratio": ratio, "target": inputs["target"]})
+        else:
+            per_example = weighted_sft_loss(logps, inputs["weight"].to(logps.dtype))
+        self._record(mode, **{"logps": logps})
+        loss = per_example.mean()
+        return (loss, {"logps": logps}) if return_outputs else loss
+
+
+def _pointwise_logps(model, inputs) -> torch.Tensor:
+    input_ids = inputs["input_ids"]
+    attention_mask = inputs.get("attention_mask", torch.ones_like(input_ids))
+    labels = inputs.get("labels", input_ids)
+    loss_mask = (labels != -100).long()
+    logps, _ = _sequence_logps(model, input_ids, attention_mask, loss_mask)
+    return logps
+
