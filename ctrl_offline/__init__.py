@@ -18,7 +18,6 @@ from .theory import (
     tilted_density,
     won_win_rate,
 )
-from .stages import calibrate_scored, load_tables, save_tables
 from .transforms import Transform, available_transforms, get_transform, register_transform
 
 __all__ = [
@@ -45,7 +44,30 @@ __all__ = [
     "plan",
     "solve_beta",
     "tradeoff_curve",
+    # pipeline stages (imported on first use: they pull in torch / transformers / datasets)
     "calibrate_scored",
     "load_tables",
     "save_tables",
+    "sample_prompts",
+    "score_samples",
+    "build_dataset",
+    "inspect_output",
 ]
+
+_LAZY = {
+    "calibrate_scored": "stages.calibrate",
+    "load_tables": "stages.calibrate",
+    "save_tables": "stages.calibrate",
+    "sample_prompts": "stages.sample",
+    "score_samples": "stages.score",
+    "build_dataset": "stages.build",
+    "inspect_output": "stages.inspect",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,6 +18,25 @@ EXAMPLES_CALIBRATE = """examples:
       calibrate other responses (e.g. policy samples) against existing tables
 """
 
+EXAMPLES_SAMPLE = """examples:
+  ctrl-data sample prompts.jsonl --model HuggingFaceTB/SmolLM2-135M-Instruct --k 8 --out samples/
+  ctrl-data sample Anthropic/hh-rlhf --column chosen --limit 1000 --model ./sft-model --out samples/
+  accelerate launch -m data_tools sample prompts.jsonl --model ./sft --out samples/   # one share per process
+A killed run resumes where it stopped when re-run with the same arguments.
+"""
+
+EXAMPLES_SCORE = """examples:
+  ctrl-data score samples/ --reward OpenAssistant/reward-model-deberta-v3-large-v2 --out scored/
+  ctrl-data score samples/ --reward helpful=./rm-helpful --reward length=mymodule:length_reward --out scored/
+The first reward is also written as the `reward` column that `calibrate` reads.
+"""
+
+EXAMPLES_BUILD = """examples:
+  ctrl-data build calib/ --format pairs --inference bon --n 4 --kl 0.5 --out pairs/
+  ctrl-data build calib/ --format pointwise --transform exp --t 5 --beta 30 --out pointwise/
+  ctrl-data build calib/ --format pairs --strategy best_vs_worst --transform identity --beta 0.1 --out baseline/
+"""
+
 EXAMPLES_PLAN = """examples:
   ctrl-data plan --inference bon --n 4 --kl 0.5
   ctrl-data plan --inference won --n 8 --kl 1 --json
@@ -62,7 +81,69 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --tables: boolean column marking rows that are their prompt's own reference samples",
     )
     cal.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    cal.add_argument("--force", action="store_true", help="calibrate outputs of different models together anyway")
     cal.set_defaults(func=_run_calibrate)
+
+    sa = stages.add_parser("sample", help="K reference completions per prompt", epilog=EXAMPLES_SAMPLE,
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description="Draw K completions per prompt from the reference model, with their "
+                           "reference log-probs (sharded, resumable).")
+    sa.add_argument("prompts", help="JSONL/JSON/Parquet/CSV/TXT file, datasets folder, or Hub dataset id")
+    sa.add_argument("--model", required=True, help="reference model: Hub id or local folder")
+    sa.add_argument("--out", required=True, help="output folder (shard-*.parquet)")
+    sa.add_argument("--column", default="prompt", help="prompt column (default: prompt)")
+    sa.add_argument("--split", default="train", help="dataset split (default: train)")
+    sa.add_argument("--limit", type=_positive_int, help="use the first LIMIT prompts")
+    sa.add_argument("--k", type=int, default=4, help="samples per prompt (default 4, at least 2)")
+    sa.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    sa.add_argument("--temperature", type=_positive_float, default=1.0, help="1.0 samples π_ref itself")
+    sa.add_argument("--top-p", type=_positive_float, default=1.0)
+    sa.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call")
+    sa.add_argument("--shard-size", type=_positive_int, default=32, help="prompts per output shard")
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    sa.add_argument("--overwrite", action="store_true", help="replace an output folder holding another run")
+    sa.set_defaults(func=_run_sample)
+
+    sc = stages.add_parser("score", help="rewards for sampled completions", epilog=EXAMPLES_SCORE,
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description="Score every sample with one or more rewards (sharded, resumable).")
+    sc.add_argument("samples", help="output folder of `ctrl-data sample`")
+    sc.add_argument("--reward", action="append", required=True,
+                    help="[NAME=]reward model id/folder or module:function; repeat for several")
+    sc.add_argument("--out", required=True)
+    sc.add_argument("--batch-size", type=_positive_int, default=16)
+    sc.add_argument("--overwrite", action="store_true")
+    sc.set_defaults(func=_run_score)
+
+    bu = stages.add_parser("build", help="training pairs / pointwise targets / weights", epilog=EXAMPLES_BUILD,
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description="Turn calibrated samples into a training set for the CTRL trainers "
+                           "(and TRL's DPO trainer).")
+    bu.add_argument("calibrated", help="output folder of `ctrl-data calibrate` (or its calibrated.parquet)")
+    bu.add_argument("--out", required=True)
+    bu.add_argument("--format", choices=["pairs", "pointwise", "weights"], default="pairs")
+    bu.add_argument("--transform", help="identity, log, exp, negexp or a registered name")
+    bu.add_argument("--t", type=_positive_float, help="shape parameter of exp/negexp")
+    bu.add_argument("--beta", type=_positive_float, help="KL coefficient β")
+    bu.add_argument("--inference", choices=["bon", "won"], help="plan transform, t and β for this procedure")
+    bu.add_argument("--n", type=_positive_int, help="N of the inference procedure (with --inference)")
+    bu.add_argument("--kl", type=_positive_float, help="KL budget (with --inference)")
+    bu.add_argument("--strategy", default="all", choices=["all", "best_vs_rest", "best_vs_worst", "sampled"])
+    bu.add_argument("--pairs-per-prompt", type=_positive_int, help="with --strategy sampled")
+    bu.add_argument("--log-partition", default="empirical", choices=["empirical", "continuous"],
+                    help="normaliser of pointwise targets (default: empirical, exact for the data at hand)")
+    bu.add_argument("--keep-unfinished", action="store_true", help="keep completions cut before EOS")
+    bu.add_argument("--seed", type=int, default=0)
+    bu.add_argument("--overwrite", action="store_true")
+    bu.set_defaults(func=_run_build)
+
+    ins = stages.add_parser("inspect", help="summary of any stage's output",
+                            description="Rows, prompts, K, reward stats, the calibration histogram and metadata.")
+    ins.add_argument("path", help="output folder or Parquet file of any stage")
+    ins.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ins.add_argument("--plot", metavar="FILE.png", help="histograms of reward and u")
+    ins.set_defaults(func=_run_inspect)
 
     pl = stages.add_parser(
         "plan",
@@ -85,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_calibrate(args) -> int:
-    from ctrl_offline.stages import calibrate_scored
+    from ctrl_offline.stages.calibrate import calibrate_scored
 
     if args.leave_one_out_column and not args.tables:
         raise ValueError("--leave-one-out-column only applies with --tables (the reference set is always leave-one-out)")
@@ -97,11 +178,59 @@ def _run_calibrate(args) -> int:
         reward_column=args.reward_column,
         leave_one_out_column=args.leave_one_out_column,
         overwrite=args.overwrite,
+        force=args.force,
     )
     written = [p for p in (result.tables_path, result.calibrated_path) if p is not None]
     print(f"calibrated {result.num_rows:,} rows over {result.num_prompts:,} prompts in {result.seconds:.1f}s")
     for path in written:
         print(f"  wrote {path}")
+    return 0
+
+
+def _run_sample(args) -> int:
+    from ctrl_offline.generation import SamplingConfig
+    from ctrl_offline.stages.sample import sample_prompts
+
+    sampling = SamplingConfig(k=args.k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_p=args.top_p, batch_size=args.batch_size)
+    result = sample_prompts(args.prompts, args.out, args.model, column=args.column, split=args.split,
+                            limit=args.limit, sampling=sampling, seed=args.seed, shard_size=args.shard_size,
+                            overwrite=args.overwrite, backend=args.backend)
+    state = "complete" if result.complete else "this process's shards done"
+    print(f"sampled {result.num_prompts:,} prompts × {args.k} into {result.num_shards} shard(s) "
+          f"({result.shards_written} written now, {state}): {result.out_dir}")
+    return 0
+
+
+def _run_score(args) -> int:
+    from ctrl_offline.stages.score import score_samples
+
+    result = score_samples(args.samples, args.out, args.reward, batch_size=args.batch_size, overwrite=args.overwrite)
+    print(f"scored {result.num_shards} shard(s) ({result.shards_written} written now) into "
+          f"{', '.join(result.reward_columns)}: {result.out_dir}")
+    return 0
+
+
+def _run_build(args) -> int:
+    from ctrl_offline.stages.build import build_dataset
+
+    result = build_dataset(args.calibrated, args.out, format=args.format, transform=args.transform, t=args.t,
+                           beta=args.beta, inference=args.inference, n=args.n, kl=args.kl, strategy=args.strategy,
+                           pairs_per_prompt=args.pairs_per_prompt, log_partition=args.log_partition,
+                           keep_unfinished=args.keep_unfinished, seed=args.seed, overwrite=args.overwrite)
+    t = "" if result.t is None else f" t={result.t:.4g}"
+    print(f"built {result.num_rows:,} {result.format} rows with {result.transform}{t} beta={result.beta:.4g}: "
+          f"{result.out_dir}")
+    return 0
+
+
+def _run_inspect(args) -> int:
+    from ctrl_offline.stages.inspect import format_summary, inspect_output, plot_summary
+
+    summary = inspect_output(args.path)
+    print(json.dumps(summary, default=str) if args.json else format_summary(summary))
+    if args.plot:
+        plot_summary(args.path, args.plot)
     return 0
 
 

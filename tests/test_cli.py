@@ -12,7 +12,7 @@ import pytest
 
 from ctrl_offline.calibration import calibrate_reference
 from ctrl_offline.io import read_metadata
-from ctrl_offline.stages import calibrate_scored, load_tables
+from ctrl_offline.stages.calibrate import calibrate_scored, load_tables
 from data_tools.cli import main
 
 

@@ -45,3 +45,25 @@ def build_tiny_model(path: str | Path, hidden: int = 32, layers: int = 2, seed: 
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def build_tiny_reward_model(path: str | Path, hidden: int = 32, seed: int = 1, num_labels: int = 1) -> Path:
+    """A tiny random Llama sequence classifier (the reward model shape: one score) and its tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, num_labels=num_labels,
+                         max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForSequenceClassification(config)
+    path = Path(path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def word_count_reward(prompts, completions):
+    """A deterministic reward function for `module:function` tests: words in the completion, ties galore."""
+    return [float(len(c.split())) for c in completions]

@@ -1,5 +1,6 @@
-"""Pipeline stages: each reads the previous stage's files and writes its own (DESIGN.md §1)."""
+"""Pipeline stages: each reads the previous stage's files and writes its own (DESIGN.md §1).
 
-from .calibrate import CalibrateResult, calibrate_scored, load_tables, save_tables
-
-__all__ = ["CalibrateResult", "calibrate_scored", "load_tables", "save_tables"]
+``sample`` → ``score`` → ``calibrate`` → ``build``, and ``inspect`` for any of their outputs.
+Import the stage modules directly (``ctrl_offline.stages.sample`` …) or through the lazy
+names on ``ctrl_offline``.
+"""

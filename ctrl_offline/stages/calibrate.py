@@ -11,6 +11,7 @@ existing tables, other scored responses (e.g. policy samples) are calibrated aga
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -92,6 +93,7 @@ def calibrate_scored(
     reward_column: str = "reward",
     leave_one_out_column: str | None = None,
     overwrite: bool = False,
+    force: bool = False,
 ) -> CalibrateResult:
     """Run the calibrate stage on a Parquet file/folder or a `datasets` folder.
 
@@ -100,9 +102,12 @@ def calibrate_scored(
     leave-one-out ``u``. With ``tables`` (a tables file or an earlier output folder), rows are
     calibrated against them; rows whose boolean ``leave_one_out_column`` is true are treated as
     reference samples of their prompt. Nothing is written unless the whole stage succeeds.
+    Inputs whose files record different reference or reward models are refused unless ``force``.
     """
     start = time.perf_counter()
     scored = Path(scored)
+    if not force:
+        _check_single_provenance(scored)
     needed = ["prompt_id", reward_column] + ([] if tables is not None else ["sample_idx"])
     if leave_one_out_column:
         needed.append(leave_one_out_column)
@@ -154,6 +159,25 @@ def calibrate_scored(
         num_prompts=int(len(ref_tables)),
         seconds=time.perf_counter() - start,
     )
+
+
+def _check_single_provenance(path: Path) -> None:
+    """Refuse to calibrate rows drawn or scored by different models together."""
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    seen: dict[tuple, list[str]] = {}
+    for f in files:
+        if f.name.startswith((".", "_")):
+            continue
+        try:
+            meta = read_metadata(f)
+        except (OSError, pa.ArrowException, ValueError):
+            continue
+        key = (str(meta.get("inputs", {}).get("reference_model")),
+               json.dumps(meta.get("settings", {}).get("rewards"), sort_keys=True))
+        seen.setdefault(key, []).append(f.name)
+    if len(seen) > 1:
+        described = "; ".join(f"reference model {k[0]}, rewards {k[1]} in {', '.join(v[:3])}" for k, v in seen.items())
+        raise DataError(f"{path} mixes outputs of different models ({described}); pass --force to calibrate them together")
 
 
 def _upstream(path: Path) -> dict:

@@ -1,0 +1,121 @@
+"""Drawing reference samples: K completions per prompt from π_ref, with their log-probs.
+
+Calibration assumes the samples come from π_ref itself, so sampling is plain ancestral
+sampling (temperature 1, no top-k, no top-p) unless the caller says otherwise. Each
+completion is recorded with its token ids and the summed log-prob of those ids under π_ref
+(teacher-forced on exactly the generated ids, so it is the value the trainer needs), its
+token count and whether it ended with EOS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SamplingConfig", "prompt_id", "render_prompt", "sample_completions", "sequence_logps"]
+
+
+@dataclass
+class SamplingConfig:
+    """How reference samples are drawn."""
+
+    k: int = 4
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 8  # prompts per generate call (each with K return sequences)
+    logp_batch_size: int = 16  # sequences per teacher-forced log-prob pass
+
+    def __post_init__(self):
+        if self.k < 2:
+            raise ValueError(f"K must be at least 2 (calibration compares each sample with the others), got {self.k}")
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.logp_batch_size < 1:
+            raise ValueError("max_new_tokens, batch_size and logp_batch_size must be positive")
+        if not self.temperature > 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError("temperature must be > 0, top_p in (0, 1], top_k ≥ 0")
+
+
+def prompt_id(prompt) -> str:
+    """Stable id of a prompt: the first 16 hex digits of the SHA-256 of its text (or messages)."""
+    text = prompt if isinstance(prompt, str) else repr([(m["role"], m["content"]) for m in prompt])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def render_prompt(tokenizer, prompt) -> str:
+    """The exact text fed to the model: the chat template when the tokenizer has one."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if not isinstance(prompt, str):
+        raise ValueError("conversational prompts need a tokenizer with a chat template")
+    return prompt
+
+
+@torch.no_grad()
+def sequence_logps(model, sequences: torch.Tensor, attention_mask: torch.Tensor, start: int,
+                   completion_mask: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Σ log π(token) over positions ≥ ``start`` where ``completion_mask`` is 1, per row (chunked)."""
+    out = []
+    for i in range(0, sequences.size(0), batch_size):
+        ids, mask = sequences[i : i + batch_size], attention_mask[i : i + batch_size]
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, start - 1 : -1].float()
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, start:, None])[..., 0]
+        out.append((logp * completion_mask[i : i + batch_size]).sum(dim=1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def sample_completions(model, tokenizer, prompt_texts: list[str], config: SamplingConfig, seed: int) -> list[dict]:
+    """K samples for each rendered prompt; rows in prompt order, ``sample_idx`` 0..K−1.
+
+    Deterministic for a given seed, model, prompt list and batch size.
+    """
+    device = next(model.parameters()).device
+    eos_ids = model.generation_config.eos_token_id
+    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids if eos_ids is not None else tokenizer.eos_token_id])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids))
+    tokenizer.padding_side = "left"
+    torch.manual_seed(seed)
+    rows = []
+    for start in range(0, len(prompt_texts), config.batch_size):
+        batch = prompt_texts[start : start + config.batch_size]
+        enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
+        out = model.generate(
+            **enc,
+            do_sample=True,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            top_k=config.top_k,
+            max_new_tokens=config.max_new_tokens,
+            num_return_sequences=config.k,
+            pad_token_id=pad_id,
+            use_cache=True,
+        )
+        prompt_len = enc["input_ids"].size(1)
+        generated = out[:, prompt_len:]
+        # Keep tokens up to and including the first EOS; the rest is padding.
+        is_eos = torch.zeros_like(generated, dtype=torch.bool)
+        for e in eos_ids:
+            is_eos |= generated == e
+        after_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+        completion_mask = (~after_eos).long()
+        attention = torch.cat([enc["attention_mask"].repeat_interleave(config.k, dim=0), completion_mask], dim=1)
+        logps = sequence_logps(model, out, attention, prompt_len, completion_mask, config.logp_batch_size)
+        for row in range(out.size(0)):
+            n = int(completion_mask[row].sum())
+            ids = generated[row, :n].tolist()
+            rows.append(
+                {
+                    "batch_prompt": start + row // config.k,
+                    "sample_idx": row % config.k,
+                    "completion": tokenizer.decode(ids, skip_special_tokens=True),
+                    "completion_ids": ids,
+                    "ref_logp": float(logps[row]),
+                    "num_tokens": n,
+                    "finished": bool(is_eos[row, :n].any()),
+                }
+            )
+    return rows

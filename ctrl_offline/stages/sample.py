@@ -1,0 +1,216 @@
+"""The ``sample`` stage: prompts in, K reference completions per prompt out (sharded, resumable).
+
+Rows (DESIGN.md §3): ``prompt_id`` (hash of the prompt), ``prompt`` (as given), ``prompt_text``
+(what the model saw: the chat template applied), ``completion``, ``completion_ids``,
+``sample_idx``, ``ref_logp`` (Σ log π_ref of the completion tokens, EOS included),
+``num_tokens``, ``finished`` (ended with EOS).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from ..generation import SamplingConfig, prompt_id, render_prompt, sample_completions
+from ..io import DataError, fingerprint
+from ._shards import ShardedOutput
+
+__all__ = ["SampleResult", "load_prompts", "sample_prompts"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    out_dir: Path
+    num_prompts: int
+    num_shards: int
+    shards_written: int
+    complete: bool
+
+
+def load_prompts(source: str, column: str = "prompt", split: str = "train", limit: int | None = None) -> list:
+    """Prompts from a local JSONL/JSON/Parquet/CSV/text file, a `datasets` folder or a Hub dataset id."""
+    import datasets
+
+    path = Path(source)
+    try:
+        if path.is_dir():
+            dataset = datasets.load_from_disk(str(path))
+            if isinstance(dataset, datasets.DatasetDict):
+                dataset = dataset[split]
+        elif path.is_file():
+            if path.suffix == ".txt":
+                lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
+                dataset = datasets.Dataset.from_dict({column: lines})
+            else:
+                kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
+                if kind is None:
+                    raise DataError(f"cannot read prompts from {path}: unknown file type {path.suffix!r}")
+                dataset = datasets.load_dataset(kind, data_files=str(path), split="train")
+        else:
+            dataset = datasets.load_dataset(source, split=split)
+    except DataError:
+        raise
+    except Exception as err:  # datasets raises many types; the message is what matters
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(err).lower() or "connect" in str(err).lower()
+        hint = " This machine may be offline: pass a local file or folder instead of a Hub id." if offline else ""
+        raise DataError(f"cannot load prompts from {source!r}: {err}.{hint}") from err
+    if column not in dataset.column_names:
+        raise DataError(f"prompts {source!r} lack column {column!r} (they have: {', '.join(dataset.column_names)})")
+    prompts = dataset[column][: limit if limit else None]
+    empty = [i for i, p in enumerate(prompts) if not p or (isinstance(p, str) and not p.strip())]
+    if empty:
+        raise DataError(f"{len(empty)} empty prompt(s) in {source!r}, e.g. rows {empty[:5]}")
+    return prompts
+
+
+def sample_prompts(
+    prompts_source: str,
+    out_dir: str | os.PathLike,
+    model_name_or_path: str,
+    *,
+    column: str = "prompt",
+    split: str = "train",
+    limit: int | None = None,
+    sampling: SamplingConfig | None = None,
+    seed: int = 0,
+    shard_size: int = 32,
+    overwrite: bool = False,
+    backend: str = "transformers",
+) -> SampleResult:
+    """Draw ``sampling.k`` reference completions per prompt into sharded Parquet under ``out_dir``.
+
+    Re-running with the same settings resumes: finished shards are skipped, and since every
+    shard is seeded from ``(seed, shard index)`` the result equals an uninterrupted run.
+    """
+    sampling = sampling or SamplingConfig()
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    prompts = load_prompts(prompts_source, column, split, limit)
+    ids, unique = [], []
+    seen = set()
+    for p in prompts:
+        pid = prompt_id(p)
+        if pid not in seen:
+            seen.add(pid)
+            ids.append(pid)
+            unique.append(p)
+    if len(unique) < len(prompts):
+        logger.warning("dropped %d duplicate prompt(s)", len(prompts) - len(unique))
+    num_shards = -(-len(unique) // shard_size)
+    source_print = fingerprint(prompts_source) if Path(prompts_source).exists() else prompts_source
+    output = ShardedOutput(
+        out_dir,
+        "sample",
+        settings={**asdict(sampling), "seed": seed, "shard_size": shard_size, "backend": backend,
+                  "column": column, "split": split, "limit": limit},
+        inputs={"prompts": {"source": str(prompts_source), "fingerprint": source_print},
+                "reference_model": str(model_name_or_path)},
+        overwrite=overwrite,
+    )
+    pending = output.my_pending(num_shards)
+    written = 0
+    if pending:
+        generate = _backend(backend, model_name_or_path, sampling)
+        texts = generate.render(unique)
+        for index in tqdm(pending, desc="sampling shards", unit="shard"):
+            lo, hi = index * shard_size, min((index + 1) * shard_size, len(unique))
+            rows = generate(texts[lo:hi], seed=seed * 1_000_003 + index)
+            table = pa.table(
+                {
+                    "prompt_id": [ids[lo + r["batch_prompt"]] for r in rows],
+                    "prompt": [unique[lo + r["batch_prompt"]] for r in rows],
+                    "prompt_text": [texts[lo + r["batch_prompt"]] for r in rows],
+                    "completion": [r["completion"] for r in rows],
+                    "completion_ids": pa.array([r["completion_ids"] for r in rows], pa.list_(pa.int32())),
+                    "sample_idx": pa.array([r["sample_idx"] for r in rows], pa.int32()),
+                    "ref_logp": [r["ref_logp"] for r in rows],
+                    "num_tokens": pa.array([r["num_tokens"] for r in rows], pa.int32()),
+                    "finished": [r["finished"] for r in rows],
+                }
+            )
+            output.write(index, table)
+            written += 1
+    complete = output.complete(num_shards)
+    return SampleResult(Path(out_dir), len(unique), num_shards, written, complete)
+
+
+class _TransformersBackend:
+    def __init__(self, model_name_or_path: str, sampling: SamplingConfig):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+            self.model = AutoModelForCausalLM.from_pretrained(model_name_or_path)
+        except OSError as err:
+            raise DataError(
+                f"cannot load reference model {model_name_or_path!r}: {err}. If this machine is offline, pass a local "
+                "folder."
+            ) from err
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
+        self.model.to(device).eval()
+        self.sampling = sampling
+
+    def render(self, prompts: list) -> list[str]:
+        texts = [render_prompt(self.tokenizer, p) for p in prompts]
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if context:
+            budget = context - self.sampling.max_new_tokens
+            lengths = [len(self.tokenizer(t)["input_ids"]) for t in texts]
+            too_long = [i for i, n in enumerate(lengths) if n > budget]
+            if too_long:
+                raise DataError(
+                    f"{len(too_long)} prompt(s) do not fit the model's context of {context} tokens with "
+                    f"max_new_tokens={self.sampling.max_new_tokens}: rows {too_long[:5]} "
+                    f"({[lengths[i] for i in too_long[:5]]} tokens)"
+                )
+        return texts
+
+    def __call__(self, texts: list[str], seed: int) -> list[dict]:
+        return sample_completions(self.model, self.tokenizer, texts, self.sampling, seed)
+
+
+class _VLLMBackend(_TransformersBackend):
+    """vLLM for the generation (GPU machines); log-probs come from vLLM's own cumulative log-probs."""
+
+    def __init__(self, model_name_or_path: str, sampling: SamplingConfig):
+        try:
+            from vllm import LLM
+        except ImportError as err:
+            raise DataError("backend 'vllm' needs the vllm package (pip install 'ctrl-offline[gpu]')") from err
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+        self.model = type("Config", (), {"config": AutoConfig.from_pretrained(model_name_or_path)})()
+        self.llm = LLM(model=model_name_or_path)
+        self.sampling = sampling
+
+    def __call__(self, texts: list[str], seed: int) -> list[dict]:
+        from vllm import SamplingParams
+
+        s = self.sampling
+        params = SamplingParams(n=s.k, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or -1,
+                                max_tokens=s.max_new_tokens, seed=seed, logprobs=0)
+        rows = []
+        for i, request in enumerate(self.llm.generate(texts, params, use_tqdm=False)):
+            for j, out in enumerate(request.outputs):
+                rows.append({"batch_prompt": i, "sample_idx": j, "completion": out.text,
+                             "completion_ids": list(out.token_ids), "ref_logp": float(out.cumulative_logprob),
+                             "num_tokens": len(out.token_ids), "finished": out.finish_reason == "stop"})
+        return rows
+
+
+def _backend(name: str, model_name_or_path: str, sampling: SamplingConfig):
+    if name == "transformers":
+        return _TransformersBackend(model_name_or_path, sampling)
+    if name == "vllm":
+        return _VLLMBackend(model_name_or_path, sampling)
+    raise ValueError(f"unknown sampling backend {name!r}; choose 'transformers' or 'vllm'")
