@@ -1,0 +1,155 @@
+"""The ``build`` stage: calibrated samples in, a training set out (DESIGN.md §3).
+
+Formats, each a `datasets` folder (``datasets.load_from_disk``) that TRL's DPO trainer and the
+project's trainers read without conversion:
+
+* ``pairs``      prompt, chosen, rejected, target_margin, label, weight, ref_chosen_logps, ref_rejected_logps
+* ``pointwise``  prompt, completion, target, ref_logp
+* ``weights``    prompt, completion, weight, ref_logp
+
+``prompt`` is the text the reference model saw (chat template applied), so the trainer
+tokenises exactly what was sampled and the stored reference log-probs stay valid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ..io import DataError, atomic_output_dir, fingerprint, read_table, require_columns
+from ..synthesis import make_pairs, pointwise_targets, sft_weights
+from ..transforms import family_has_t, get_transform
+from .calibrate import CALIBRATED_FILE
+
+__all__ = ["BuildResult", "build_dataset", "FORMATS", "BUILD_METADATA"]
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("pairs", "pointwise", "weights")
+BUILD_METADATA = "ctrl_build.json"
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out_dir: Path
+    format: str
+    num_rows: int
+    transform: str
+    t: float | None
+    beta: float
+
+
+def _choose_transform(transform, t, beta, inference, n, kl):
+    """(Transform, β, planner row or None): given outright, or planned for (inference, N, KL)."""
+    planned = None
+    if inference is not None or n is not None or kl is not None:
+        if None in (inference, n, kl):
+            raise ValueError("the planner needs all of --inference, --n and --kl")
+        from ..planner import plan
+
+        families = (transform,) if transform else ("identity", "log", "exp", "negexp")
+        result = plan(inference, n, kl, families=families)
+        planned = result.best()
+        if t is not None or beta is not None:
+            raise ValueError("give either t/beta or --inference/--n/--kl, not both")
+        return get_transform(planned.transform, planned.t), planned.beta, planned
+    if transform is None or beta is None:
+        raise ValueError("give --transform and --beta (and --t for exp/negexp), or --inference/--n/--kl to plan them")
+    if family_has_t(transform) and t is None:
+        raise ValueError(f"transform {transform!r} needs --t")
+    return get_transform(transform, t), float(beta), planned
+
+
+def build_dataset(
+    calibrated: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    format: str = "pairs",
+    transform: str | None = None,
+    t: float | None = None,
+    beta: float | None = None,
+    inference: str | None = None,
+    n: int | None = None,
+    kl: float | None = None,
+    strategy: str = "all",
+    pairs_per_prompt: int | None = None,
+    log_partition: str = "empirical",
+    keep_unfinished: bool = False,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> BuildResult:
+    """Build a training set from a calibrate output (folder or ``calibrated.parquet``)."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
+    phi, beta, planned = _choose_transform(transform, t, beta, inference, n, kl)
+    path = Path(calibrated)
+    if path.is_dir() and (path / CALIBRATED_FILE).exists():
+        path = path / CALIBRATED_FILE
+    table = read_table(path)
+    require_columns(table, ["prompt_id", "prompt", "completion", "u"], f"calibrated input {path}")
+    prompt_col = "prompt_text" if "prompt_text" in table.column_names else "prompt"
+    if "finished" in table.column_names and not keep_unfinished:
+        finished = np.asarray(table["finished"].to_numpy(zero_copy_only=False), dtype=bool)
+        if not finished.all():
+            # The trainer appends EOS to every response: a completion cut at max_new_tokens has no
+            # stored log-prob for that EOS, so its reference log-prob would be wrong.
+            logger.warning("left out %d completion(s) that hit max_new_tokens before EOS", int((~finished).sum()))
+            table = table.filter(pa.array(finished))
+    ids = table["prompt_id"].to_numpy(zero_copy_only=False)
+    u = table["u"].to_numpy()
+    prompts = np.asarray(table[prompt_col].to_pylist(), dtype=object)
+    completions = np.asarray(table["completion"].to_pylist(), dtype=object)
+    ref = table["ref_logp"].to_numpy() if "ref_logp" in table.column_names else None
+
+    if format == "pairs":
+        pairs = make_pairs(ids, u, phi, beta, strategy=strategy, pairs_per_prompt=pairs_per_prompt, seed=seed)
+        columns = {
+            "prompt_id": ids[pairs.chosen],
+            "prompt": prompts[pairs.chosen],
+            "chosen": completions[pairs.chosen],
+            "rejected": completions[pairs.rejected],
+            "target_margin": pairs.target_margin,
+            "label": pairs.label,
+            "weight": pairs.weight,
+            "u_chosen": u[pairs.chosen],
+            "u_rejected": u[pairs.rejected],
+        }
+        if ref is not None:
+            columns["ref_chosen_logps"] = ref[pairs.chosen]
+            columns["ref_rejected_logps"] = ref[pairs.rejected]
+    else:
+        columns = {"prompt_id": ids, "prompt": prompts, "completion": completions, "u": u}
+        if format == "pointwise":
+            columns["target"] = pointwise_targets(ids, u, phi, beta, log_partition=log_partition)
+        else:
+            columns["weight"] = sft_weights(ids, u, phi, beta)
+        if ref is not None:
+            columns["ref_logp"] = ref
+
+    import datasets
+
+    dataset = datasets.Dataset.from_dict({k: list(v) if v.dtype == object else v for k, v in columns.items()})
+    metadata = {
+        "stage": "build",
+        "format": format,
+        "transform": phi.name,
+        "t": phi.t,
+        "beta": beta,
+        "planner": None if planned is None else {"inference": inference, "n": n, "kl": kl, "row": vars(planned)},
+        "strategy": strategy if format == "pairs" else None,
+        "pairs_per_prompt": pairs_per_prompt,
+        "log_partition": log_partition if format == "pointwise" else None,
+        "seed": seed,
+        "inputs": {"calibrated": {"path": str(path), "fingerprint": fingerprint(path)}},
+        "num_rows": len(dataset),
+    }
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        dataset.save_to_disk(str(tmp))
+        (tmp / BUILD_METADATA).write_text(json.dumps(metadata, indent=2, default=str))
+    return BuildResult(Path(out_dir), format, len(dataset), phi.name, phi.t, beta)

@@ -1,0 +1,210 @@
+"""End to end on CPU: tiny LM and tiny reward model, 20 prompts, K = 4: sample → score → calibrate → build."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from datasets import load_from_disk
+
+from ctrl_offline.io import read_table
+from data_tools.cli import main
+from tiny_models import WORDS, build_tiny_model, build_tiny_reward_model, build_tokenizer
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    rng = np.random.default_rng(0)
+    prompts = [" ".join(rng.choice(WORDS, size=rng.integers(2, 6))) for _ in range(20)]
+    with open(root / "prompts.jsonl", "w") as f:
+        for p in prompts:
+            f.write(json.dumps({"prompt": p}) + "\n")
+    return {
+        "root": root,
+        "prompts": root / "prompts.jsonl",
+        "model": build_tiny_model(root / "lm", hidden=64),
+        "rm": build_tiny_reward_model(root / "rm"),
+    }
+
+
+def cli(*args):
+    return main([str(a) for a in args])
+
+
+def sample_args(assets, out):
+    return ["sample", assets["prompts"], "--model", assets["model"], "--out", out, "--k", K, "--max-new-tokens", 8,
+            "--shard-size", 4, "--batch-size", 4, "--seed", 3]
+
+
+@pytest.fixture(scope="module")
+def pipeline(assets):
+    root = assets["root"]
+    assert cli(*sample_args(assets, root / "samples")) == 0
+    assert cli("score", root / "samples", "--reward", f"rm={assets['rm']}",
+               "--reward", "words=tiny_models:word_count_reward", "--out", root / "scored") == 0
+    assert cli("calibrate", root / "scored", "--out", root / "calib") == 0
+    assert cli("build", root / "calib", "--format", "pairs", "--inference", "bon", "--n", 4, "--kl", 0.5,
+               "--keep-unfinished", "--out", root / "pairs") == 0
+    assert cli("build", root / "calib", "--format", "pointwise", "--transform", "exp", "--t", 3, "--beta", 5,
+               "--keep-unfinished", "--out", root / "pointwise") == 0
+    return root
+
+
+def test_samples_have_the_documented_columns_and_logps(pipeline, assets):
+    samples = read_table(pipeline / "samples").to_pandas()
+    assert len(samples) == 20 * K and samples.prompt_id.nunique() == 20
+    assert {"prompt_id", "prompt", "prompt_text", "completion", "completion_ids", "sample_idx", "ref_logp",
+            "num_tokens", "finished"} <= set(samples.columns)
+    assert sorted(samples.groupby("prompt_id").sample_idx.apply(sorted).iloc[0]) == list(range(K))
+    assert (samples.num_tokens == samples.completion_ids.apply(len)).all()
+    # ref_logp is the teacher-forced log-prob of exactly the sampled ids under the reference.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(assets["model"]).eval()
+    tok = build_tokenizer()
+    for _, row in samples.head(6).iterrows():
+        prompt_ids = tok(row.prompt_text)["input_ids"]
+        ids = torch.tensor([prompt_ids + list(row.completion_ids)])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        expected = logp[len(prompt_ids) - 1:].gather(1, ids[0, len(prompt_ids):, None]).sum().item()
+        assert row.ref_logp == pytest.approx(expected, abs=1e-3)
+
+
+def test_scores_calibration_and_builds(pipeline):
+    scored = read_table(pipeline / "scored").to_pandas()
+    assert {"reward", "reward_rm", "reward_words"} <= set(scored.columns)
+    np.testing.assert_array_equal(scored.reward, scored.reward_rm)
+    np.testing.assert_array_equal(scored.reward_words, scored.completion.str.split().apply(len))
+
+    calibrated = pq.read_table(pipeline / "calib" / "calibrated.parquet").to_pandas()
+    assert len(calibrated) == 20 * K and calibrated.u.between(0, 1).all()
+    # Leave-one-out mid-rank within each prompt: u = (rank − 1)/(K − 1).
+    rank = calibrated.groupby("prompt_id").reward.rank(method="average")
+    np.testing.assert_allclose(calibrated.u, (rank - 1) / (K - 1))
+
+    pairs = load_from_disk(str(pipeline / "pairs"))
+    assert {"prompt", "chosen", "rejected", "target_margin", "label", "weight", "ref_chosen_logps",
+            "ref_rejected_logps"} <= set(pairs.column_names)
+    ties = calibrated.groupby("prompt_id").u.apply(lambda s: sum(a == b for i, a in enumerate(s) for b in list(s)[i + 1:]))
+    assert len(pairs) == 20 * K * (K - 1) // 2 - ties.sum()  # all pairs but the tied ones
+    assert all(m > 0 for m in pairs["target_margin"]) and all(0.5 < p <= 1 for p in pairs["label"])
+    meta = json.loads((pipeline / "pairs" / "ctrl_build.json").read_text())
+    assert meta["transform"] == "exp" and meta["planner"]["inference"] == "bon"
+
+    pointwise = load_from_disk(str(pipeline / "pointwise"))
+    assert {"prompt", "completion", "target", "ref_logp"} <= set(pointwise.column_names)
+    assert len(pointwise) == 20 * K
+
+
+def test_inspect_summarises_each_stage(pipeline, capsys, tmp_path):
+    for stage in ("samples", "scored", "calib", "pairs"):
+        assert cli("inspect", pipeline / stage) == 0
+        out = capsys.readouterr().out
+        assert "rows" in out
+    assert cli("inspect", pipeline / "calib", "--json", "--plot", tmp_path / "calib.png") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["prompts"] == 20 and summary["k"]["min"] == K and sum(summary["u_histogram"]) == 20 * K
+    assert (tmp_path / "calib.png").exists()
+
+
+def test_pairs_feed_trl_and_the_ctrl_trainer_unchanged(pipeline, assets, tmp_path):
+    from trl import DPOConfig, DPOTrainer
+
+    from ctrl_offline.config import CTRLConfig
+    from ctrl_offline.modeling import ModelLoadingConfig, load_policy
+    from ctrl_offline.trainer import CTRLTrainer
+
+    pairs = load_from_disk(str(pipeline / "pairs")).select(range(8))
+    tok = build_tokenizer()
+    common = dict(use_cpu=True, max_steps=1, per_device_train_batch_size=4, report_to="none", save_strategy="no",
+                  gradient_checkpointing=False, bf16=False)
+    model, lora = load_policy(ModelLoadingConfig(str(assets["model"]), load_in_4bit=False, gradient_checkpointing=False))
+    trl = DPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path / "trl"), **common), train_dataset=pairs,
+                     processing_class=tok, peft_config=lora)
+    assert math.isfinite(trl.train().training_loss)
+    model, lora = load_policy(ModelLoadingConfig(str(assets["model"]), load_in_4bit=False, gradient_checkpointing=False))
+    ours = CTRLTrainer(model, CTRLConfig(output_dir=str(tmp_path / "ours"), beta=0.5, **common), pairs,
+                       processing_class=tok, peft_config=lora)
+    assert ours.uses_stored_ref_logps
+    assert math.isfinite(ours.train().training_loss)
+
+
+def test_a_killed_sample_run_resumes_to_the_same_rows(assets, tmp_path):
+    reference = tmp_path / "uninterrupted"
+    assert cli(*sample_args(assets, reference)) == 0
+
+    resumed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), str(Path(__file__).parent)])}
+    proc = subprocess.Popen([sys.executable, "-m", "data_tools", *map(str, sample_args(assets, resumed))], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (resumed / "shard-00000.parquet").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = sorted(p.name for p in resumed.glob("shard-*.parquet"))
+    assert 1 <= len(done_before) < 5, "the run should have been killed mid-way"
+    assert cli(*sample_args(assets, resumed)) == 0
+    manifest = json.loads((resumed / "_manifest.json").read_text())
+    assert manifest["complete"]
+    a = read_table(reference).to_pandas().sort_values(["prompt_id", "sample_idx"]).reset_index(drop=True)
+    b = read_table(resumed).to_pandas().sort_values(["prompt_id", "sample_idx"]).reset_index(drop=True)
+    assert a.drop(columns=["completion_ids"]).equals(b.drop(columns=["completion_ids"]))
+    assert [list(x) for x in a.completion_ids] == [list(x) for x in b.completion_ids]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--k", "1"], "K must be at least 2"),
+        (["--column", "text"], "lack column 'text'"),
+        (["--model", "/nonexistent/model"], "cannot load reference model"),
+    ],
+)
+def test_sample_bad_input(assets, tmp_path, capsys, args, message):
+    # argparse keeps the last value of a repeated option, so appending overrides the defaults.
+    assert cli("sample", assets["prompts"], "--model", assets["model"], "--out", tmp_path / "s", *args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_empty_prompts_and_settings_changes_are_refused(assets, tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "the cat"}\n{"prompt": "  "}\n')
+    assert cli("sample", tmp_path / "p.jsonl", "--model", assets["model"], "--out", tmp_path / "s") == 2
+    assert "empty prompt" in capsys.readouterr().err
+    out = tmp_path / "s2"
+    assert cli(*sample_args(assets, out)[:-2], "--limit", 4) == 0
+    assert cli(*sample_args(assets, out)[:-2], "--limit", 4, "--k", 3) == 2
+    assert "different settings" in capsys.readouterr().err
+
+
+def test_reward_model_with_a_multi_output_head_is_refused(assets, tmp_path, capsys):
+    bad = build_tiny_reward_model(tmp_path / "rm3", num_labels=3)
+    samples = assets["root"] / "samples"
+    assert cli("score", samples, "--reward", bad, "--out", tmp_path / "x") == 2
+    assert "3-output head (weight shape (3, 32))" in capsys.readouterr().err
+
+
+def test_mixed_models_are_refused_unless_forced(pipeline, assets, tmp_path, capsys):
+    import shutil
+
+    assert cli("score", pipeline / "samples", "--reward", "tiny_models:word_count_reward", "--out",
+               tmp_path / "other") == 0
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(pipeline / "scored" / "shard-00000.parquet", mixed / "shard-00000.parquet")
+    shutil.copy(tmp_path / "other" / "shard-00001.parquet", mixed / "shard-00001.parquet")
+    assert cli("calibrate", mixed, "--out", tmp_path / "c") == 2
+    assert "mixes outputs of different models" in capsys.readouterr().err
+    assert cli("calibrate", mixed, "--out", tmp_path / "c", "--force") == 0
