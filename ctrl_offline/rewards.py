@@ -21,7 +21,8 @@ __all__ = ["RewardModel", "load_reward", "reward_name"]
 class RewardModel:
     """A ``AutoModelForSequenceClassification`` reward model with one output (the score)."""
 
-    def __init__(self, name_or_path: str, batch_size: int = 16, max_length: int | None = None):
+    def __init__(self, name_or_path: str, batch_size: int = 16, max_length: int | None = None,
+                 device: str | None = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         try:
@@ -42,7 +43,7 @@ class RewardModel:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         self.batch_size = batch_size
         self.max_length = max_length
@@ -100,8 +101,8 @@ def reward_name(spec: str) -> tuple[str, str]:
     return base.replace("-", "_").replace(".", "_"), spec
 
 
-def load_reward(spec: str, batch_size: int = 16) -> Callable:
+def load_reward(spec: str, batch_size: int = 16, device: str | None = None) -> Callable:
     """A callable ``(prompts, completions) -> np.ndarray`` for a reward model path/id or ``module:function``."""
     if ":" in spec and not os.path.exists(spec):
         return _load_function(spec)
-    return RewardModel(spec, batch_size=batch_size)
+    return RewardModel(spec, batch_size=batch_size, device=device)

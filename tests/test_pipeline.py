@@ -165,6 +165,24 @@ def test_a_killed_sample_run_resumes_to_the_same_rows(assets, tmp_path):
     assert [list(x) for x in a.completion_ids] == [list(x) for x in b.completion_ids]
 
 
+def test_processes_split_the_shards_and_merge(assets, tmp_path, monkeypatch):
+    # What `accelerate launch` / torchrun do: each process sees its RANK and WORLD_SIZE.
+    reference = tmp_path / "one"
+    assert cli(*sample_args(assets, reference)) == 0
+    split = tmp_path / "two"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert cli(*sample_args(assets, split)) == 0
+    assert sorted(p.name for p in split.glob("shard-*")) == ["shard-00001.parquet", "shard-00003.parquet"]
+    assert not json.loads((split / "_manifest.json").read_text())["complete"]
+    monkeypatch.setenv("RANK", "0")
+    assert cli(*sample_args(assets, split)) == 0
+    assert json.loads((split / "_manifest.json").read_text())["complete"]
+    a = read_table(reference).to_pandas().sort_values(["prompt_id", "sample_idx"]).reset_index(drop=True)
+    b = read_table(split).to_pandas().sort_values(["prompt_id", "sample_idx"]).reset_index(drop=True)
+    assert a.drop(columns=["completion_ids"]).equals(b.drop(columns=["completion_ids"]))
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -30,6 +30,15 @@ def process_rank() -> tuple[int, int]:
     return rank, world
 
 
+def process_device() -> str:
+    """This process's device: its own GPU under a multi-GPU launch, else cuda:0 or the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
 def _write_json_atomic(path: Path, payload: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "w") as f:
@@ -60,12 +69,9 @@ class ShardedOutput:
             shutil.rmtree(self.out_dir)
         elif self.out_dir.exists() and any(self.out_dir.iterdir()) and not path.exists() and not overwrite:
             raise DataError(f"output folder {self.out_dir} is not empty and holds no resumable run (pass --overwrite)")
-        if rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            if not path.exists():
-                _write_json_atomic(path, {**self.manifest, "complete": False})
-        else:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if not path.exists():  # every process may write it: the content is the same, the write atomic
+            _write_json_atomic(path, {**self.manifest, "complete": False})
 
     def shard_path(self, index: int) -> Path:
         return self.out_dir / f"shard-{index:05d}.parquet"

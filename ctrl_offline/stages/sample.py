@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..generation import SamplingConfig, prompt_id, render_prompt, sample_completions
 from ..io import DataError, fingerprint
-from ._shards import ShardedOutput
+from ._shards import ShardedOutput, process_device
 
 __all__ = ["SampleResult", "load_prompts", "sample_prompts"]
 
@@ -155,8 +155,7 @@ class _TransformersBackend:
             ) from err
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
-        self.model.to(device).eval()
+        self.model.to(process_device()).eval()
         self.sampling = sampling
 
     def render(self, prompts: list) -> list[str]:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..io import DataError, fingerprint, read_table, require_columns
 from ..rewards import load_reward, reward_name
-from ._shards import MANIFEST, ShardedOutput
+from ._shards import MANIFEST, ShardedOutput, process_device
 
 __all__ = ["ScoreResult", "score_samples"]
 
@@ -64,7 +64,7 @@ def score_samples(
     pending = [i for i in output.my_pending(max(indices) + 1) if i in set(indices)]
     written = 0
     if pending:
-        scorers = [(name, load_reward(spec, batch_size)) for name, spec in named]
+        scorers = [(name, load_reward(spec, batch_size, process_device())) for name, spec in named]
         for index in tqdm(pending, desc="scoring shards", unit="shard"):
             table = read_table(samples_dir / f"shard-{index:05d}.parquet")
             require_columns(table, ["prompt_id", "prompt", "completion", "sample_idx"], f"sample shard {index}")
