@@ -177,6 +177,7 @@ def hill_estimate(rewards, k: int | None = None, statistic: str = "hill") -> np.
     span = np.where(hi > lo, hi - lo, 1.0)
     norm = np.where(valid, (r - lo) / span, -np.inf)
     ordered = -np.sort(-norm, axis=1)  # descending, missing last
+    ordered = np.where(np.isfinite(ordered), ordered, 0.0)  # masked out below; keeps the logs finite
     kk = np.floor(np.sqrt(n)).astype(int) if k is None else np.full(len(n), int(k))
     if k is not None and k < 1:
         raise ValueError(f"k must be ≥ 1, got {k}")
@@ -184,10 +185,7 @@ def hill_estimate(rewards, k: int | None = None, statistic: str = "hill") -> np.
     cols = np.arange(r.shape[1])[None, :]
     top = cols < kk[:, None]
     anchor = np.take_along_axis(ordered, np.minimum(kk, r.shape[1] - 1)[:, None], axis=1)
-    if statistic == "hill":
-        terms = np.log1p(np.where(top, ordered, 0.0)) - np.log1p(np.where(np.isfinite(anchor), anchor, 0.0))
-    else:
-        terms = np.where(top, ordered, 0.0) - np.where(np.isfinite(anchor), anchor, 0.0)
+    terms = np.log1p(ordered) - np.log1p(anchor) if statistic == "hill" else ordered - anchor
     kappa = np.where(top, terms, 0.0).sum(axis=1) / kk
     return np.where(n >= 2, np.maximum(kappa, 0.0), 0.0)
 
