@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingConfig", "prompt_id", "render_prompt", "sample_completions", "sequence_logps"]
+__all__ = ["SamplingConfig", "prompt_id", "render_prompt", "sample_completions", "sequence_logps", "completion_logps"]
 
 
 @dataclass
@@ -119,3 +119,29 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], config: Sampli
                 }
             )
     return rows
+
+
+@torch.no_grad()
+def completion_logps(model, tokenizer, prompt_texts: list[str], completion_ids: list[list[int]],
+                     batch_size: int = 16) -> list[float]:
+    """Σ log π(completion ids | prompt text) under ``model``, for given (prompt, completion ids) rows."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = []
+    for i in range(0, len(prompt_texts), batch_size):
+        prompts = [tokenizer(t)["input_ids"] for t in prompt_texts[i : i + batch_size]]
+        comps = completion_ids[i : i + batch_size]
+        rows = [p + list(c) for p, c in zip(prompts, comps)]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        target = torch.zeros_like(ids, dtype=torch.float32)
+        for j, (p, r) in enumerate(zip(prompts, rows)):
+            ids[j, : len(r)] = torch.tensor(r)
+            attention[j, : len(r)] = 1
+            target[j, len(p) : len(r)] = 1.0
+        ids, attention, target = ids.to(device), attention.to(device), target.to(device)
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+        out.extend((logp * target[:, 1:]).sum(dim=1).tolist())
+    return out

@@ -138,6 +138,32 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--overwrite", action="store_true")
     bu.set_defaults(func=_run_build)
 
+    ev = stages.add_parser("eval", help="inference-time win rates of a policy against its reference",
+                           description="Draw N candidates from the policy (base + adapter) and the reference on held-out "
+                           "prompts, score them, and report win rates of T(policy) over T(reference) for each selector "
+                           "and N, the standard win rate, the calibrated-reward shortcut and KL, with plots.",
+                           epilog="example:\n  ctrl-data eval heldout.jsonl --model ./base --adapter ./ctrl-bon4 "
+                           "--reward ./rm --n 1 2 4 8 --selectors bon won bot --out report/",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("prompts", help="held-out prompts (file, datasets folder or Hub id)")
+    ev.add_argument("--model", required=True, help="base (reference) model")
+    ev.add_argument("--adapter", help="PEFT adapter folder of the aligned policy (omit to evaluate the base)")
+    ev.add_argument("--reward", required=True, help="reward model id/folder or module:function")
+    ev.add_argument("--out", required=True, help="report folder")
+    ev.add_argument("--n", nargs="+", type=_positive_int, default=[1, 2, 4])
+    ev.add_argument("--selectors", nargs="+", default=["bon", "won"],
+                    choices=["bon", "won", "soft_bon", "rbon", "itp", "bot"])
+    ev.add_argument("--column", default="prompt")
+    ev.add_argument("--limit", type=_positive_int)
+    ev.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    ev.add_argument("--lam", type=_positive_float, default=0.1, help="λ of soft-BoN and Best-of-Tails")
+    ev.add_argument("--beta", type=_positive_float, default=0.1, help="β of RBoN and ITP")
+    ev.add_argument("--kappa0", type=_positive_float, default=0.1, help="κ₀ of Best-of-Tails")
+    ev.add_argument("--train-data", help="training set, to warn about evaluation prompts seen in training")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--overwrite", action="store_true")
+    ev.set_defaults(func=_run_eval)
+
     ins = stages.add_parser("inspect", help="summary of any stage's output",
                             description="Rows, prompts, K, reward stats, the calibration histogram and metadata.")
     ins.add_argument("path", help="output folder or Parquet file of any stage")
@@ -221,6 +247,21 @@ def _run_build(args) -> int:
     t = "" if result.t is None else f" t={result.t:.4g}"
     print(f"built {result.num_rows:,} {result.format} rows with {result.transform}{t} beta={result.beta:.4g}: "
           f"{result.out_dir}")
+    return 0
+
+
+def _run_eval(args) -> int:
+    from ctrl_offline.stages.evaluate import evaluate_policy
+
+    result = evaluate_policy(args.prompts, args.out, args.model, args.reward, adapter=args.adapter, n=tuple(args.n),
+                             selectors=tuple(args.selectors), column=args.column, limit=args.limit,
+                             max_new_tokens=args.max_new_tokens, lam=args.lam, beta=args.beta, kappa0=args.kappa0,
+                             seed=args.seed, train_data=args.train_data, overwrite=args.overwrite)
+    report = result.report
+    print(f"KL(π‖π_ref) ≈ {report['kl']['value']:.4f}   standard win rate {report['standard_win_rate']['value']:.3f}")
+    for row in report["win_rates"]:
+        print(f"  {row['selector']:>8}-{row['n']:<3} win rate {row['value']:.3f}  [{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
+    print(f"report: {result.out_dir / 'report.md'}")
     return 0
 
 

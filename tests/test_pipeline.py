@@ -97,15 +97,17 @@ def test_scores_calibration_and_builds(pipeline):
     pairs = load_from_disk(str(pipeline / "pairs"))
     assert {"prompt", "chosen", "rejected", "target_margin", "label", "weight", "ref_chosen_logps",
             "ref_rejected_logps"} <= set(pairs.column_names)
-    ties = calibrated.groupby("prompt_id").u.apply(lambda s: sum(a == b for i, a in enumerate(s) for b in list(s)[i + 1:]))
-    assert len(pairs) == 20 * K * (K - 1) // 2 - ties.sum()  # all pairs but the tied ones
+    usable = calibrated[calibrated.completion.str.strip() != ""]  # empty completions are left out
+    ties = usable.groupby("prompt_id").u.apply(lambda s: sum(a == b for i, a in enumerate(s) for b in list(s)[i + 1:]))
+    sizes = usable.groupby("prompt_id").size()
+    assert len(pairs) == (sizes * (sizes - 1) // 2).sum() - ties.sum()  # all pairs but the tied ones
     assert all(m > 0 for m in pairs["target_margin"]) and all(0.5 < p <= 1 for p in pairs["label"])
     meta = json.loads((pipeline / "pairs" / "ctrl_build.json").read_text())
     assert meta["transform"] == "exp" and meta["planner"]["inference"] == "bon"
 
     pointwise = load_from_disk(str(pipeline / "pointwise"))
     assert {"prompt", "completion", "target", "ref_logp"} <= set(pointwise.column_names)
-    assert len(pointwise) == 20 * K
+    assert len(pointwise) == len(usable)
 
 
 def test_inspect_summarises_each_stage(pipeline, capsys, tmp_path):
@@ -226,3 +228,56 @@ def test_mixed_models_are_refused_unless_forced(pipeline, assets, tmp_path, caps
     assert cli("calibrate", mixed, "--out", tmp_path / "c") == 2
     assert "mixes outputs of different models" in capsys.readouterr().err
     assert cli("calibrate", mixed, "--out", tmp_path / "c", "--force") == 0
+
+
+def test_eval_reports_win_rates_kl_and_plots(pipeline, assets, tmp_path, capsys):
+    from ctrl_offline.config import CTRLConfig
+    from ctrl_offline.modeling import ModelLoadingConfig, load_policy
+    from ctrl_offline.trainer import CTRLTrainer
+
+    model, lora = load_policy(ModelLoadingConfig(str(assets["model"]), load_in_4bit=False, gradient_checkpointing=False))
+    args = CTRLConfig(output_dir=str(tmp_path / "t"), use_cpu=True, max_steps=4, per_device_train_batch_size=8,
+                      learning_rate=2e-2, report_to="none", save_strategy="no", gradient_checkpointing=False,
+                      beta=0.5)
+    trainer = CTRLTrainer(model, args, load_from_disk(str(pipeline / "pairs")), processing_class=build_tokenizer(),
+                          peft_config=lora)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the cat", "why is it good", "tell me"]))
+    code = cli("eval", heldout, "--model", assets["model"], "--adapter", tmp_path / "adapter", "--reward",
+               f"rm={assets['rm']}", "--n", 1, 2, 4, "--selectors", "bon", "won", "bot", "itp", "--max-new-tokens", 6,
+               "--train-data", pipeline / "pairs", "--out", tmp_path / "report")
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert {(r["selector"], r["n"]) for r in report["win_rates"]} == {(s, n) for s in ("bon", "won", "bot", "itp")
+                                                                       for n in (1, 2, 4)}
+    for row in report["win_rates"]:
+        assert 0 <= row["ci_low"] <= row["value"] <= row["ci_high"] <= 1
+    assert math.isfinite(report["kl"]["value"])
+    assert report["prompts"]["overlap_with_training"] == 0
+    for name in ("report.md", "win_rate_vs_kl.png", "calibration_hist.png", "win_rate_vs_n.png", "samples.parquet"):
+        assert (tmp_path / "report" / name).exists(), name
+
+    # The reference against itself: the KL estimate is 0 up to float32 rounding (the two log-probs come
+    # from differently padded batches of the same model).
+    code = cli("eval", heldout, "--model", assets["model"], "--reward", "tiny_models:word_count_reward", "--n", 2,
+               "--out", tmp_path / "self")
+    assert code == 0
+    self_report = json.loads((tmp_path / "self" / "report.json").read_text())
+    assert abs(self_report["kl"]["value"]) < 1e-4
+
+
+def test_eval_refuses_n_beyond_candidates_and_bad_selector_settings(assets, tmp_path, capsys):
+    from ctrl_offline.evaluation import inference_win_rate
+
+    with pytest.raises(ValueError, match="larger than the candidates available"):
+        inference_win_rate(np.zeros((2, 3)), np.zeros((2, 3)), "bon", 4)
+    heldout = tmp_path / "p.jsonl"
+    heldout.write_text('{"prompt": "the cat"}\n')
+    with pytest.raises(SystemExit) as exc:  # argparse rejects it before any work
+        cli("eval", heldout, "--model", assets["model"], "--reward", "tiny_models:word_count_reward",
+            "--kappa0", "0", "--out", tmp_path / "r")
+    assert exc.value.code == 2
+    assert "must be a finite number > 0" in capsys.readouterr().err

@@ -101,6 +101,11 @@ def build_dataset(
             # stored log-prob for that EOS, so its reference log-prob would be wrong.
             logger.warning("left out %d completion(s) that hit max_new_tokens before EOS", int((~finished).sum()))
             table = table.filter(pa.array(finished))
+    nonempty = np.array([bool(c and c.strip()) for c in table["completion"].to_pylist()], dtype=bool)
+    if not nonempty.all():
+        # The trainers refuse empty responses (nothing to score token by token).
+        logger.warning("left out %d empty completion(s)", int((~nonempty).sum()))
+        table = table.filter(pa.array(nonempty))
     ids = table["prompt_id"].to_numpy(zero_copy_only=False)
     u = table["u"].to_numpy()
     prompts = np.asarray(table[prompt_col].to_pylist(), dtype=object)
