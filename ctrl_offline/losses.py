@@ -6,7 +6,7 @@ minimised exactly there (given enough data and capacity):
 
 * ``pointwise_loss``  (Φ(Ĉ) − β log Z − β ρ)²                 one response at a time
 * ``distill_loss``    (β(ρ₁ − ρ₂) − (Φ₁ − Φ₂))²               pairwise reward distillation
-* ``dpo_loss``        −[p log σ(βΔρ) + (1−p) log σ(−βΔρ)],  p = σ((Φ₁ − Φ₂)/β)   soft labels
+* ``dpo_loss``        −[p log σ(βΔρ) + (1−p) log σ(−βΔρ)],  p = σ(Φ₁ − Φ₂)   soft labels
 * ``ipo_loss``        (Δρ − (Φ₁ − Φ₂)/β)²                      IPO with the transformed margin
 * ``weighted_sft_loss``  −w·log π_θ(y|x), w ∝ exp(Φ(Ĉ)/β) within a prompt
 
@@ -37,9 +37,13 @@ SINGLE_LOSSES = ("pointwise", "weighted_sft")
 LOSS_TYPES = PAIR_LOSSES + SINGLE_LOSSES
 
 
-def soft_label(target_margin: torch.Tensor, beta: float) -> torch.Tensor:
-    """Bradley–Terry probability that the first response wins: σ((Φ₁ − Φ₂)/β)."""
-    return torch.sigmoid(target_margin / beta)
+def soft_label(target_margin: torch.Tensor) -> torch.Tensor:
+    """Bradley–Terry probability that the first response wins: σ(Φ₁ − Φ₂).
+
+    DPO's implicit reward is β·ρ, so its Bradley–Terry optimum σ(β(ρ₁ − ρ₂)) = σ(Φ₁ − Φ₂) is
+    exactly β·ρ = Φ − β log Z, the tilted policy (Φ in the units of β, as the planner's β is).
+    """
+    return torch.sigmoid(target_margin)
 
 
 def dpo_loss(

@@ -5,7 +5,8 @@ prompt). Inputs are the calibrated rows of the ``build`` stage: a prompt id and 
 per response; outputs index those rows.
 
 * pairs: ``target_margin`` = Φ(u_chosen) − Φ(u_rejected) ≥ 0 and the Bradley–Terry soft label
-  ``label`` = σ(target_margin / β), whose optimum is the tilted policy π* ∝ π_ref·exp(Φ/β);
+  ``label`` = σ(target_margin), whose DPO optimum β(ρ₁ − ρ₂) = Φ₁ − Φ₂ is the tilted policy
+  π* ∝ π_ref·exp(Φ/β);
 * pointwise: ``target`` = Φ(u) − β·log Z (β ρ's value at π*);
 * weights: w ∝ exp(Φ(u)/β) within each prompt (reward-weighted regression).
 """
@@ -133,7 +134,7 @@ def make_pairs(prompt_ids, u, transform: Transform | str, beta: float, *, strate
     chosen, rejected = chosen[order], rejected[order]
     margin = phi[chosen] - phi[rejected]
     return Pairs(chosen=chosen, rejected=rejected, target_margin=margin,
-                 label=1.0 / (1.0 + np.exp(-margin / beta)), weight=np.ones(len(chosen)))
+                 label=1.0 / (1.0 + np.exp(-margin)), weight=np.ones(len(chosen)))
 
 
 def _group_log_mean_exp(codes: np.ndarray, x: np.ndarray):

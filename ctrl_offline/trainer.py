@@ -180,7 +180,7 @@ class CTRLTrainer(_MetricsMixin, DPOTrainer):
         rejected_ratio = rejected_logps - inputs["ref_rejected_logps"].to(logps.dtype)
         beta, kind = self.args.beta, self.args.ctrl_loss
         if kind == "dpo":
-            label = inputs["label"] if "label" in inputs else soft_label(inputs["target_margin"], beta)
+            label = inputs["label"] if "label" in inputs else soft_label(inputs["target_margin"])
             per_pair = dpo_loss(chosen_ratio, rejected_ratio, beta, label.to(logps.dtype))
         elif kind == "dpo_hard":
             per_pair = dpo_loss(chosen_ratio, rejected_ratio, beta, 1.0)
