@@ -103,7 +103,12 @@ def regularized_best_of_n(rewards, ref_logps, beta: float) -> np.ndarray:
 
 
 def _power_distribution(r, valid, scale, exponent):
-    """N·p_i = [scale·(r_i − η)]_+^exponent with η found by bisection so Σp = 1 (per row)."""
+    """N·p_i = [scale·(r_i − η)]_+^exponent with η found by bisection so Σp = 1 (per row).
+
+    ``scale`` and ``exponent`` are scalars or one value per row.
+    """
+    scale = np.broadcast_to(np.asarray(scale, dtype=float), (r.shape[0],))
+    exponent = np.broadcast_to(np.asarray(exponent, dtype=float), (r.shape[0],))[:, None]
     n = valid.sum(axis=1)
     rmax = np.where(valid, r, -np.inf).max(axis=1)
     rmin = np.where(valid, r, np.inf).min(axis=1)
@@ -113,7 +118,7 @@ def _power_distribution(r, valid, scale, exponent):
     safe_r = np.where(valid, r, 0.0)
 
     def log_mass(eta):
-        gap = scale * (safe_r - eta[:, None])
+        gap = scale[:, None] * (safe_r - eta[:, None])
         with np.errstate(divide="ignore"):
             logs = np.where(valid & (gap > 0), exponent * np.log(np.maximum(gap, 1e-300)), -np.inf)
         top = logs.max(axis=1)
@@ -155,8 +160,9 @@ def tsallis_selection(rewards, alpha, lam: float) -> np.ndarray:
     near_one = alpha < 1 + 1e-9
     if near_one.any():
         probs[near_one] = soft_best_of_n(np.where(valid[near_one], r[near_one], np.nan), lam)
-    for a in np.unique(alpha[~near_one]):  # rows sharing an α are solved together
-        rows = (alpha == a) & ~near_one
+    rows = ~near_one
+    if rows.any():
+        a = alpha[rows]
         probs[rows] = _power_distribution(r[rows], valid[rows], (a - 1) / (a * lam), 1.0 / (a - 1))
     return probs
 

@@ -179,7 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES_PLAN,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    pl.add_argument("--inference", required=True, choices=["bon", "won"], help="best-of-N or worst-of-N")
+    pl.add_argument("--inference", required=True, choices=["bon", "won", "soft_bon", "itp", "bot"],
+                    help="best-of-N or worst-of-N (closed forms); soft_bon, itp or bot (Best-of-Tails) are simulated "
+                    "on --tables")
+    pl.add_argument("--tables", help="calibration tables (calibrate output) for the simulated selectors")
+    pl.add_argument("--lam", type=_positive_float, default=0.1, help="λ of soft_bon / bot (simulated selectors)")
+    pl.add_argument("--beta-selector", type=_positive_float, default=0.1, help="β of itp (simulated selectors)")
     pl.add_argument("--n", required=True, type=_positive_int, help="number of candidates N")
     pl.add_argument("--kl", required=True, type=_positive_float, help="KL budget in nats")
     pl.add_argument("--transforms", nargs="+", default=None, help="families to tune (default: identity log exp negexp)")
@@ -294,13 +299,20 @@ def _format_plan(plan) -> str:
 def _run_plan(args) -> int:
     from ctrl_offline.planner import DEFAULT_FAMILIES, DEFAULT_T_RANGE, plan
 
-    result = plan(
-        args.inference,
-        args.n,
-        args.kl,
-        families=tuple(args.transforms or DEFAULT_FAMILIES),
-        t_range=tuple(args.t_range or DEFAULT_T_RANGE),
-    )
+    families = tuple(args.transforms or DEFAULT_FAMILIES)
+    if args.inference in ("bon", "won"):
+        result = plan(args.inference, args.n, args.kl, families=families,
+                      t_range=tuple(args.t_range or DEFAULT_T_RANGE))
+    else:
+        if not args.tables:
+            raise ValueError(f"--inference {args.inference} looks at raw rewards: give --tables (a calibrate output)")
+        if args.plot:
+            raise ValueError("--plot draws the closed-form curves of bon/won; simulated selectors have no curve yet")
+        from ctrl_offline.simulation import plan_by_simulation
+        from ctrl_offline.stages.calibrate import load_tables
+
+        result = plan_by_simulation(load_tables(args.tables), args.inference, args.n, args.kl, families=families,
+                                    lam=args.lam, beta=args.beta_selector)
     if args.plot:
         from ctrl_offline.plotting import plot_plan
 

@@ -207,3 +207,17 @@ def test_console_script_runs_as_a_module():
                            "--json"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["n"] == 2
+
+
+def test_plan_simulates_raw_reward_selectors_on_tables(tmp_path, capsys):
+    frame = scored_frame(prompts=40, k=16)
+    frame.to_parquet(tmp_path / "scored.parquet")
+    assert main(["calibrate", str(tmp_path / "scored.parquet"), "--out", str(tmp_path / "calib")]) == 0
+    capsys.readouterr()
+    assert main(["plan", "--inference", "bot", "--n", "4", "--kl", "0.5", "--json"]) == 2
+    assert "give --tables" in capsys.readouterr().err
+    assert main(["plan", "--inference", "bot", "--n", "4", "--kl", "0.5", "--tables", str(tmp_path / "calib"),
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["inference"] == "bot" and len(result["rows"]) == 4
+    assert all(0.5 < r["win_rate"] < 1 for r in result["rows"])

@@ -1,0 +1,78 @@
+"""Planning for selectors that look at raw rewards, by simulation on the quantile tables (DESIGN.md §2.3).
+
+Best-of-N and worst-of-N depend on rewards only through their order, so their win rates have
+closed forms in calibrated space. Soft best-of-N, regularised BoN, ITP and Best-of-Tails look at
+the reward *values* (their gaps, their tails), which differ from prompt to prompt. Here the
+reward distribution of each prompt under π_ref is its stored quantile table (inverse-CDF
+sampling, linear between order statistics); the tilted policy's rewards are the same quantile
+function at u drawn from the tilted density f. Win rates of T(π*) over T(π_ref) are then
+estimated by Monte Carlo over prompts, with common random numbers across candidates (t, β) so
+the search over t is smooth.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .calibration import CalibrationTables
+from .evaluation import pairwise_win_matrix
+from .planner import Plan, PlanRow, solve_beta
+from .selection import select
+from .theory import _inverse_cdf_table, kl_divergence, standard_win_rate
+from .transforms import Transform, family_has_t, get_transform
+
+__all__ = ["quantile_rewards", "simulated_win_rate", "plan_by_simulation"]
+
+
+def quantile_rewards(tables: CalibrationTables, codes: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Q_x(u): each prompt's reward quantile at u, linear between its sorted reference rewards."""
+    codes = np.asarray(codes)
+    k = tables.k[codes]
+    k = k.reshape(k.shape + (1,) * (u.ndim - k.ndim))
+    start = tables.offsets[codes].reshape(k.shape)
+    position = u * (k - 1)
+    lower = np.minimum(np.floor(position).astype(np.int64), k - 1)
+    upper = np.minimum(lower + 1, k - 1)
+    frac = position - lower
+    return (1 - frac) * tables.rewards[start + lower] + frac * tables.rewards[start + upper]
+
+
+def simulated_win_rate(tables: CalibrationTables, transform: Transform | str, beta: float, selector: str, n: int, *,
+                       prompts: int = 4000, seed: int = 0, **selector_args) -> float:
+    """Predicted win rate of T(π*) over T(π_ref) for a raw-reward selector, on the stored tables."""
+    transform = get_transform(transform)
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, len(tables), size=prompts)
+    u_ref = rng.random((prompts, n))
+    # Common random numbers: the policy's u are the tilted quantiles of fixed uniforms.
+    q = np.random.default_rng(seed + 1).random((prompts, n))
+    u_pol = np.interp(q, *_inverse_cdf_table(transform, beta))
+    r_pol, r_ref = quantile_rewards(tables, codes, u_pol), quantile_rewards(tables, codes, u_ref)
+    p = select(r_pol, selector, **selector_args).probs
+    s = select(r_ref, selector, **selector_args).probs
+    return float(np.einsum("bi,bij,bj->b", p, pairwise_win_matrix(r_pol, r_ref), s).mean())
+
+
+def plan_by_simulation(tables: CalibrationTables, selector: str, n: int, kl: float, *,
+                       families: tuple[str, ...] = ("identity", "log", "exp", "negexp"),
+                       t_grid: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0),
+                       prompts: int = 4000, seed: int = 0, **selector_args) -> Plan:
+    """For each family, the β meeting the KL budget and (exp/negexp) the t on ``t_grid`` that maximises
+    the simulated win rate of ``selector`` with N candidates."""
+    if not (isinstance(kl, (int, float)) and math.isfinite(kl) and kl > 0):
+        raise ValueError(f"the KL budget must be > 0, got {kl}")
+    rows = []
+    for name in families:
+        candidates = [get_transform(name, t) for t in t_grid] if family_has_t(name) else [get_transform(name)]
+        best = None
+        for transform in candidates:
+            beta = solve_beta(transform, kl)
+            rate = simulated_win_rate(tables, transform, beta, selector, n, prompts=prompts, seed=seed,
+                                      **selector_args)
+            if best is None or rate > best.win_rate:
+                best = PlanRow(transform=transform.name, t=transform.t, beta=beta, kl=kl_divergence(transform, beta),
+                               win_rate=rate, standard_win_rate=standard_win_rate(transform, beta))
+        rows.append(best)
+    return Plan(inference=selector, n=int(n), kl=float(kl), rows=rows)
