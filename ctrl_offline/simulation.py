@@ -40,8 +40,12 @@ def quantile_rewards(tables: CalibrationTables, codes: np.ndarray, u: np.ndarray
 
 
 def simulated_win_rate(tables: CalibrationTables, transform: Transform | str, beta: float, selector: str, n: int, *,
-                       prompts: int = 4000, seed: int = 0, **selector_args) -> float:
-    """Predicted win rate of T(π*) over T(π_ref) for a raw-reward selector, on the stored tables."""
+                       prompts: int = 4000, seed: int = 0, selector_args: dict | None = None) -> float:
+    """Predicted win rate of T(π*) over T(π_ref) for a raw-reward selector, on the stored tables.
+
+    ``selector_args`` go to :func:`ctrl_offline.selection.select` (``lam``, ``beta``, ``kappa0``, ``k``).
+    """
+    selector_args = selector_args or {}
     transform = get_transform(transform)
     rng = np.random.default_rng(seed)
     codes = rng.integers(0, len(tables), size=prompts)
@@ -58,7 +62,7 @@ def simulated_win_rate(tables: CalibrationTables, transform: Transform | str, be
 def plan_by_simulation(tables: CalibrationTables, selector: str, n: int, kl: float, *,
                        families: tuple[str, ...] = ("identity", "log", "exp", "negexp"),
                        t_grid: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0),
-                       prompts: int = 4000, seed: int = 0, **selector_args) -> Plan:
+                       prompts: int = 4000, seed: int = 0, selector_args: dict | None = None) -> Plan:
     """For each family, the β meeting the KL budget and (exp/negexp) the t on ``t_grid`` that maximises
     the simulated win rate of ``selector`` with N candidates."""
     if not (isinstance(kl, (int, float)) and math.isfinite(kl) and kl > 0):
@@ -70,7 +74,7 @@ def plan_by_simulation(tables: CalibrationTables, selector: str, n: int, kl: flo
         for transform in candidates:
             beta = solve_beta(transform, kl)
             rate = simulated_win_rate(tables, transform, beta, selector, n, prompts=prompts, seed=seed,
-                                      **selector_args)
+                                      selector_args=selector_args)
             if best is None or rate > best.win_rate:
                 best = PlanRow(transform=transform.name, t=transform.t, beta=beta, kl=kl_divergence(transform, beta),
                                win_rate=rate, standard_win_rate=standard_win_rate(transform, beta))

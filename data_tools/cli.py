@@ -312,7 +312,7 @@ def _run_plan(args) -> int:
         from ctrl_offline.stages.calibrate import load_tables
 
         result = plan_by_simulation(load_tables(args.tables), args.inference, args.n, args.kl, families=families,
-                                    lam=args.lam, beta=args.beta_selector)
+                                    selector_args={"lam": args.lam, "beta": args.beta_selector})
     if args.plot:
         from ctrl_offline.plotting import plot_plan
 

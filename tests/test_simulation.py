@@ -36,7 +36,7 @@ def test_order_based_selectors_match_the_closed_forms(tables, selector, closed):
 
 
 def test_plan_for_best_of_tails(tables):
-    result = plan_by_simulation(tables, "bot", 8, 0.5, prompts=3000, lam=0.1)
+    result = plan_by_simulation(tables, "bot", 8, 0.5, prompts=3000, selector_args={"lam": 0.1})
     assert [r.transform for r in result.rows] == ["identity", "log", "exp", "negexp"]
     assert all(r.kl == pytest.approx(0.5, rel=1e-6) and 0.5 < r.win_rate < 1 for r in result.rows)
     assert result.inference == "bot"
