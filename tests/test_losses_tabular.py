@@ -17,7 +17,6 @@ import torch
 from ctrl_offline.losses import distill_loss, dpo_loss, ipo_loss, pointwise_loss, soft_label, weighted_sft_loss
 from ctrl_offline.transforms import get_transform
 
-torch.set_default_dtype(torch.float64)
 
 PROMPTS, RESPONSES = 3, 16
 # β per transform, so that π* is far from π_ref (Φ's scale differs: exp's Φ = e^{tu} reaches e^t).
@@ -47,7 +46,7 @@ def population_loss(kind: str, log_policy, log_ref, phi, beta, rewards=None):
     if kind in ("dpo", "ipo", "distill", "dpo_hard"):
         r1, r2 = rho[:, :, None].expand(-1, -1, RESPONSES), rho[:, None, :].expand(-1, RESPONSES, -1)
         margin = phi[:, :, None] - phi[:, None, :]
-        pair_weight = ref[:, :, None] * ref[:, None, :] * (1 - torch.eye(RESPONSES))
+        pair_weight = ref[:, :, None] * ref[:, None, :] * (1 - torch.eye(RESPONSES, dtype=ref.dtype))
         if kind == "dpo":
             losses = dpo_loss(r1, r2, beta, soft_label(margin))
         elif kind == "dpo_hard":
@@ -116,8 +115,8 @@ def test_loss_values_by_hand():
 
 
 def test_gradients_vanish_at_the_targets():
-    beta, margin = 0.5, torch.tensor([0.3, -0.2])
-    rho1 = torch.tensor([0.1, 0.0], requires_grad=True)
+    beta, margin = 0.5, torch.tensor([0.3, -0.2], dtype=torch.float64)
+    rho1 = torch.tensor([0.1, 0.0], dtype=torch.float64, requires_grad=True)
     rho2 = (rho1.detach() - margin / beta).requires_grad_(True)  # β(ρ₁ − ρ₂) = margin exactly
     for loss_fn in (lambda a, b: dpo_loss(a, b, beta, soft_label(margin)),
                     lambda a, b: ipo_loss(a, b, beta, margin),
