@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--log-partition", default="empirical", choices=["empirical", "continuous"],
                     help="normaliser of pointwise targets (default: empirical, exact for the data at hand)")
     bu.add_argument("--keep-unfinished", action="store_true", help="keep completions cut before EOS")
+    bu.add_argument("--tokenizer", help="tokenizer to check stored reference log-probs with (default: the reference "
+                    "model recorded at sampling)")
     bu.add_argument("--seed", type=int, default=0)
     bu.add_argument("--overwrite", action="store_true")
     bu.set_defaults(func=_run_build)
@@ -248,7 +250,8 @@ def _run_build(args) -> int:
     result = build_dataset(args.calibrated, args.out, format=args.format, transform=args.transform, t=args.t,
                            beta=args.beta, inference=args.inference, n=args.n, kl=args.kl, strategy=args.strategy,
                            pairs_per_prompt=args.pairs_per_prompt, log_partition=args.log_partition,
-                           keep_unfinished=args.keep_unfinished, seed=args.seed, overwrite=args.overwrite)
+                           keep_unfinished=args.keep_unfinished, tokenizer=args.tokenizer, seed=args.seed,
+                           overwrite=args.overwrite)
     t = "" if result.t is None else f" t={result.t:.4g}"
     print(f"built {result.num_rows:,} {result.format} rows with {result.transform}{t} beta={result.beta:.4g}: "
           f"{result.out_dir}")

@@ -25,7 +25,7 @@ K = 4
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     rng = np.random.default_rng(0)
-    prompts = [" ".join(rng.choice(WORDS, size=rng.integers(2, 6))) for _ in range(20)]
+    prompts = [" ".join(rng.choice(WORDS, size=rng.integers(2, 6))) + " " for _ in range(20)]
     with open(root / "prompts.jsonl", "w") as f:
         for p in prompts:
             f.write(json.dumps({"prompt": p}) + "\n")
@@ -95,8 +95,7 @@ def test_scores_calibration_and_builds(pipeline):
     np.testing.assert_allclose(calibrated.u, (rank - 1) / (K - 1))
 
     pairs = load_from_disk(str(pipeline / "pairs"))
-    assert {"prompt", "chosen", "rejected", "target_margin", "label", "weight", "ref_chosen_logps",
-            "ref_rejected_logps"} <= set(pairs.column_names)
+    assert {"prompt", "chosen", "rejected", "target_margin", "label", "weight"} <= set(pairs.column_names)
     usable = calibrated[calibrated.completion.str.strip() != ""]  # empty completions are left out
     ties = usable.groupby("prompt_id").u.apply(lambda s: sum(a == b for i, a in enumerate(s) for b in list(s)[i + 1:]))
     sizes = usable.groupby("prompt_id").size()
@@ -106,8 +105,40 @@ def test_scores_calibration_and_builds(pipeline):
     assert meta["transform"] == "exp" and meta["planner"]["inference"] == "bon"
 
     pointwise = load_from_disk(str(pipeline / "pointwise"))
-    assert {"prompt", "completion", "target", "ref_logp"} <= set(pointwise.column_names)
+    assert {"prompt", "completion", "target"} <= set(pointwise.column_names)
     assert len(pointwise) == len(usable)
+
+
+def test_stored_reference_logps_are_verified_against_the_trainer_tokenisation(pipeline, tmp_path, caplog):
+    import logging
+
+    import pyarrow as pa
+
+    # The random tiny model samples <pad>/<unk> mid-text and stops at max_new_tokens, which no
+    # re-tokenisation reproduces: the build must have left the stored values out.
+    assert not json.loads((pipeline / "pairs" / "ctrl_build.json").read_text())["stored_ref_logps"]
+    tok = build_tokenizer()
+    table = pq.read_table(pipeline / "calib" / "calibrated.parquet")
+    table = table.filter(pa.array([bool(c.strip()) for c in table["completion"].to_pylist()]))
+    # Rows whose ids are exactly what the trainer will tokenise: the stored values are kept ...
+    ids = [tok(p + c + tok.eos_token)["input_ids"][len(tok(p)["input_ids"]):]
+           for p, c in zip(table["prompt_text"].to_pylist(), table["completion"].to_pylist())]
+    table = table.set_column(table.column_names.index("completion_ids"), "completion_ids",
+                             pa.array(ids, pa.list_(pa.int32())))
+    for name, variant in {"clean": table,
+                          # ... and a prompt glued to its completion re-tokenises differently: left out.
+                          "glued": table.set_column(table.column_names.index("prompt_text"), "prompt_text",
+                                                    pa.array([p.rstrip() for p in table["prompt_text"].to_pylist()]))
+                          }.items():
+        (tmp_path / name).mkdir()
+        pq.write_table(variant.replace_schema_metadata(table.schema.metadata), tmp_path / name / "calibrated.parquet")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert cli("build", tmp_path / name, "--format", "pairs", "--transform", "identity", "--beta", 0.1,
+                       "--keep-unfinished", "--out", tmp_path / f"pairs-{name}") == 0
+        columns = load_from_disk(str(tmp_path / f"pairs-{name}")).column_names
+        assert ("ref_chosen_logps" in columns) == (name == "clean")
+        assert ("do not re-tokenise to their sampled ids" in caplog.text) == (name == "glued")
 
 
 def test_inspect_summarises_each_stage(pipeline, capsys, tmp_path):
@@ -139,7 +170,8 @@ def test_pairs_feed_trl_and_the_ctrl_trainer_unchanged(pipeline, assets, tmp_pat
     model, lora = load_policy(ModelLoadingConfig(str(assets["model"]), load_in_4bit=False, gradient_checkpointing=False))
     ours = CTRLTrainer(model, CTRLConfig(output_dir=str(tmp_path / "ours"), beta=0.5, **common), pairs,
                        processing_class=tok, peft_config=lora)
-    assert ours.uses_stored_ref_logps
+    stored = json.loads((pipeline / "pairs" / "ctrl_build.json").read_text())["stored_ref_logps"]
+    assert ours.uses_stored_ref_logps == stored
     assert math.isfinite(ours.train().training_loss)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..io import DataError, atomic_output_dir, fingerprint, read_table, require_columns
+from ..io import DataError, atomic_output_dir, fingerprint, read_metadata, read_table, require_columns
 from ..synthesis import make_pairs, pointwise_targets, sft_weights
 from ..transforms import family_has_t, get_transform
 from .calibrate import CALIBRATED_FILE
@@ -66,6 +66,35 @@ def _choose_transform(transform, t, beta, inference, n, kl):
     return get_transform(transform, t), float(beta), planned
 
 
+def _verified_ref_logps(ref: np.ndarray, table: pa.Table, prompt_col: str, tokenizer_path: str | None):
+    """``ref`` if re-tokenising prompt + completion + EOS, as TRL does, gives back the sampled ids, else None."""
+    if "completion_ids" not in table.column_names or not tokenizer_path:
+        logger.warning("cannot check the stored reference log-probs against the trainer's tokenisation (no "
+                       "completion_ids or tokenizer); they are kept as they are")
+        return ref
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    except OSError as err:
+        raise DataError(f"cannot load tokenizer {tokenizer_path!r} to check reference log-probs: {err}") from err
+    eos = tok.eos_token or ""
+    prompts, completions = table[prompt_col].to_pylist(), table["completion"].to_pylist()
+    sampled = table["completion_ids"].to_pylist()
+    mismatched = 0
+    for prompt, completion, ids in zip(prompts, completions, sampled):
+        prompt_ids = tok(prompt)["input_ids"]
+        full = tok(prompt + completion + (eos if not completion.endswith(eos) else ""))["input_ids"]
+        mismatched += full != prompt_ids + list(ids)
+    if mismatched:
+        logger.warning(
+            "%d of %d completions do not re-tokenise to their sampled ids, so their stored reference log-probs would "
+            "mis-state the log-ratios; the reference log-probs are left out and the trainer computes them once",
+            mismatched, len(prompts))
+        return None
+    return ref
+
+
 def build_dataset(
     calibrated: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -81,10 +110,16 @@ def build_dataset(
     pairs_per_prompt: int | None = None,
     log_partition: str = "empirical",
     keep_unfinished: bool = False,
+    tokenizer: str | None = None,
     seed: int = 0,
     overwrite: bool = False,
 ) -> BuildResult:
-    """Build a training set from a calibrate output (folder or ``calibrated.parquet``)."""
+    """Build a training set from a calibrate output (folder or ``calibrated.parquet``).
+
+    Stored reference log-probs are kept only if the trainer's tokenisation reproduces the sampled
+    token ids (checked with ``tokenizer``, by default the reference model's recorded at sampling);
+    otherwise they are left out, with a warning, and the trainer computes them once before training.
+    """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
     phi, beta, planned = _choose_transform(transform, t, beta, inference, n, kl)
@@ -111,6 +146,9 @@ def build_dataset(
     prompts = np.asarray(table[prompt_col].to_pylist(), dtype=object)
     completions = np.asarray(table["completion"].to_pylist(), dtype=object)
     ref = table["ref_logp"].to_numpy() if "ref_logp" in table.column_names else None
+    tokenizer = tokenizer or read_metadata(path).get("reference_model")
+    if ref is not None:
+        ref = _verified_ref_logps(ref, table, prompt_col, tokenizer)
 
     if format == "pairs":
         pairs = make_pairs(ids, u, phi, beta, strategy=strategy, pairs_per_prompt=pairs_per_prompt, seed=seed)
@@ -151,6 +189,7 @@ def build_dataset(
         "pairs_per_prompt": pairs_per_prompt,
         "log_partition": log_partition if format == "pointwise" else None,
         "seed": seed,
+        "stored_ref_logps": ref is not None,
         "inputs": {"calibrated": {"path": str(path), "fingerprint": fingerprint(path)}},
         "num_rows": len(dataset),
     }

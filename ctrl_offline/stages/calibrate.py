@@ -134,6 +134,7 @@ def calibrate_scored(
     k = ref_tables.k
     metadata = {
         "stage": "calibrate",
+        "reference_model": inputs["scored"]["metadata"].get("inputs", {}).get("reference_model"),
         "settings": settings,
         "inputs": inputs,
         "num_rows": int(data.num_rows),
@@ -181,11 +182,14 @@ def _check_single_provenance(path: Path) -> None:
 
 
 def _upstream(path: Path) -> dict:
-    """Metadata the previous stage recorded, so the chain of stages stays traceable."""
-    if path.is_file():
+    """Metadata the previous stage recorded (its first file's, for a folder), so the chain stays traceable."""
+    files = [path] if path.is_file() else sorted(p for p in path.glob("*.parquet") if not p.name.startswith((".", "_")))
+    for f in files[:1]:
         try:
-            return read_metadata(path)
+            meta = read_metadata(f)
         except (OSError, pa.ArrowException, ValueError):
             return {}
+        meta.pop("shard", None)
+        return meta
     return {}
 
