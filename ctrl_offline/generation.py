@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingConfig", "prompt_id", "render_prompt", "sample_completions", "sequence_logps", "completion_logps"]
+__all__ = ["SamplingConfig", "load_causal_lm", "prompt_id", "render_prompt", "sample_completions", "sequence_logps", "completion_logps"]
 
 
 @dataclass
@@ -36,6 +36,27 @@ class SamplingConfig:
             raise ValueError("max_new_tokens, batch_size and logp_batch_size must be positive")
         if not self.temperature > 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError("temperature must be > 0, top_p in (0, 1], top_k ≥ 0")
+
+
+def load_causal_lm(name_or_path: str, adapter: str | None = None, device: str | None = None):
+    """(model in eval mode, tokenizer with a pad token) from a Hub id or local folder, + a PEFT adapter.
+
+    Raises ``OSError`` naming the model, with a hint for offline machines, when it cannot be loaded.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path)
+    except OSError as err:
+        raise OSError(f"cannot load model {name_or_path!r}: {err}. If this machine is offline, pass a local folder.") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval(), tokenizer
 
 
 def prompt_id(prompt) -> str:

@@ -22,10 +22,18 @@ import pyarrow as pa
 
 from ..calibration import build_tables, calibrate
 from ..evaluation import calibrated_shortcut, inference_win_rate, kl_estimate, standard_win_rate
-from ..generation import SamplingConfig, completion_logps, prompt_id, render_prompt, sample_completions
+from ..generation import (
+    SamplingConfig,
+    completion_logps,
+    load_causal_lm,
+    prompt_id,
+    render_prompt,
+    sample_completions,
+)
 from ..io import DataError, atomic_output_dir, read_table
 from ..rewards import load_reward, reward_name
 from ..selection import SELECTORS
+from ._shards import process_device
 from .sample import load_prompts
 
 __all__ = ["EvalResult", "evaluate_policy"]
@@ -50,25 +58,6 @@ def _overlap(prompt_ids: list[str], train_data: str | None) -> int:
     else:
         raise DataError(f"training data {train_data} has neither prompt_id nor prompt to compare with")
     return sum(p in seen for p in prompt_ids)
-
-
-def _load_models(model_name_or_path: str, adapter: str | None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(model_name_or_path)
-    except OSError as err:
-        raise DataError(f"cannot load model {model_name_or_path!r}: {err}. If offline, pass a local folder.") from err
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    from ._shards import process_device
-
-    return model.to(process_device()).eval(), tokenizer
 
 
 def _draw(model, tokenizer, texts, sampling, seed, reference: bool):
@@ -118,7 +107,7 @@ def evaluate_policy(
     if overlap:
         logger.warning("%d of %d evaluation prompts also appear in the training data", overlap, len(ids))
     k = max(max(n), 2)
-    model, tokenizer = _load_models(model_name_or_path, adapter)
+    model, tokenizer = load_causal_lm(model_name_or_path, adapter, device=process_device())
     texts = [render_prompt(tokenizer, p) for p in prompts]
     sampling = SamplingConfig(k=k, max_new_tokens=max_new_tokens)
     policy = _draw(model, tokenizer, texts, sampling, seed, reference=False)

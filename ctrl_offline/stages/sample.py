@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from ..generation import SamplingConfig, prompt_id, render_prompt, sample_completions
+from ..generation import SamplingConfig, load_causal_lm, prompt_id, render_prompt, sample_completions
 from ..io import DataError, fingerprint
 from ._shards import ShardedOutput, process_device
 
@@ -143,19 +143,7 @@ def sample_prompts(
 
 class _TransformersBackend:
     def __init__(self, model_name_or_path: str, sampling: SamplingConfig):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-            self.model = AutoModelForCausalLM.from_pretrained(model_name_or_path)
-        except OSError as err:
-            raise DataError(
-                f"cannot load reference model {model_name_or_path!r}: {err}. If this machine is offline, pass a local "
-                "folder."
-            ) from err
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model.to(process_device()).eval()
+        self.model, self.tokenizer = load_causal_lm(model_name_or_path, device=process_device())
         self.sampling = sampling
 
     def render(self, prompts: list) -> list[str]:
