@@ -314,3 +314,49 @@ def test_eval_refuses_n_beyond_candidates_and_bad_selector_settings(assets, tmp_
             "--kappa0", "0", "--out", tmp_path / "r")
     assert exc.value.code == 2
     assert "must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_disk_full_mid_shard_leaves_no_corrupt_shard(assets, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import pyarrow.parquet as pq_module
+
+    real_write = pq_module.write_table
+    calls = {"n": 0}
+
+    def failing_write(table, where, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second shard: write part of the file, then the disk is full
+            Path(where).write_bytes(b"PAR1 partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(table, where, *args, **kwargs)
+
+    monkeypatch.setattr(pq_module, "write_table", failing_write)
+    out = tmp_path / "s"
+    assert cli(*sample_args(assets, out)) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["_manifest.json", "shard-00000.parquet"]  # no partial file
+    monkeypatch.setattr(pq_module, "write_table", real_write)
+    assert cli(*sample_args(assets, out)) == 0  # and the re-run completes
+    assert len(list(out.glob("shard-*.parquet"))) == 5
+
+
+def test_prompt_longer_than_the_context_is_named(assets, tmp_path, capsys):
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "the cat"}) + "\n" + json.dumps({"prompt": " ".join(["cat"] * 200)}) + "\n")
+    assert cli("sample", long, "--model", assets["model"], "--out", tmp_path / "s", "--max-new-tokens", 8) == 2
+    err = capsys.readouterr().err
+    assert "do not fit the model's context of 128 tokens" in err and "rows [1]" in err
+
+
+def test_eval_counts_prompts_seen_in_training(pipeline, assets, tmp_path, caplog):
+    import logging
+
+    from ctrl_offline.stages.evaluate import evaluate_policy
+
+    with caplog.at_level(logging.WARNING):
+        result = evaluate_policy(str(assets["prompts"]), tmp_path / "r", str(assets["model"]),
+                                 "tiny_models:word_count_reward", n=(2,), limit=5, max_new_tokens=4,
+                                 train_data=str(pipeline / "calib" / "calibrated.parquet"), num_boot=50)
+    assert result.report["prompts"]["overlap_with_training"] == 5
+    assert "5 of 5 evaluation prompts also appear in the training data" in caplog.text
