@@ -12,13 +12,11 @@ the search over t is smooth.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .calibration import CalibrationTables
 from .evaluation import pairwise_win_matrix
-from .planner import Plan, PlanRow, solve_beta
+from .planner import Plan, PlanRow, _check_budget, solve_beta
 from .selection import select
 from .theory import _inverse_cdf_table, kl_divergence, standard_win_rate
 from .transforms import Transform, family_has_t, get_transform
@@ -65,8 +63,7 @@ def plan_by_simulation(tables: CalibrationTables, selector: str, n: int, kl: flo
                        prompts: int = 4000, seed: int = 0, selector_args: dict | None = None) -> Plan:
     """For each family, the β meeting the KL budget and (exp/negexp) the t on ``t_grid`` that maximises
     the simulated win rate of ``selector`` with N candidates."""
-    if not (isinstance(kl, (int, float)) and math.isfinite(kl) and kl > 0):
-        raise ValueError(f"the KL budget must be > 0, got {kl}")
+    kl = _check_budget(kl)
     rows = []
     for name in families:
         candidates = [get_transform(name, t) for t in t_grid] if family_has_t(name) else [get_transform(name)]
