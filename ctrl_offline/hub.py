@@ -1,0 +1,131 @@
+"""Pushing an aligned adapter to the Hugging Face Hub with a model card.
+
+The token comes from the standard ``huggingface_hub`` login (``HF_TOKEN`` or ``hf auth login``);
+it is checked before any work starts and never printed or written anywhere. An adapter trained
+from a local folder records that folder as its base model; the pushed copy names the Hub id
+instead, so ``AutoPeftModelForCausalLM.from_pretrained(repo)`` works for anyone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["ModelCardInfo", "render_model_card", "push_adapter", "HubError"]
+
+
+class HubError(RuntimeError):
+    """A push that cannot start (no token, bad folder) or that the Hub refused."""
+
+
+@dataclass
+class ModelCardInfo:
+    """What the card reports; every field is optional except the base model."""
+
+    base_model: str
+    dataset: str | None = None
+    k: int | None = None
+    reward_model: str | None = None
+    transform: str | None = None
+    t: float | None = None
+    beta: float | None = None
+    inference: str | None = None
+    n: int | None = None
+    win_rates: list[dict] = field(default_factory=list)  # rows of an eval report's "win_rates"
+    kl: float | None = None
+    plots: list[str] = field(default_factory=list)  # image files in the adapter folder to show
+    command: str | None = None
+
+
+def render_model_card(info: ModelCardInfo, repo_id: str) -> str:
+    """A Markdown model card with Hub metadata (base model, dataset, tags)."""
+    meta = {"base_model": info.base_model, "library_name": "peft",
+            "tags": ["ctrl-offline", "trl", "dpo", "lora", "inference-aware-alignment"]}
+    if info.dataset:
+        meta["datasets"] = [info.dataset]
+    header = "---\n" + "\n".join(f"{k}: {json.dumps(v)}" for k, v in meta.items()) + "\n---\n"
+    procedure = {"bon": "best-of-N", "won": "worst-of-N"}.get(info.inference or "", info.inference or "plain sampling")
+    lines = [
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        f"A LoRA adapter for [`{info.base_model}`](https://huggingface.co/{info.base_model}) aligned with "
+        "[ctrl-offline](https://github.com/) for "
+        f"**{procedure}{'' if info.n is None else f' with N = {info.n}'}** decoding: offline KL-regularised "
+        "alignment on a calibrated and transformed reward (InfAlign-CTRL).",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| base model | `{info.base_model}` |",
+    ]
+    for label, value in (("dataset", info.dataset), ("reference samples per prompt (K)", info.k),
+                         ("reward model", info.reward_model), ("transform", info.transform),
+                         ("t", info.t), ("β", info.beta)):
+        if value is not None:
+            lines.append(f"| {label} | `{value}` |")
+    if info.win_rates or info.kl is not None:
+        lines += ["", "## Evaluation", ""]
+        if info.kl is not None:
+            lines.append(f"KL(π ‖ π_ref) ≈ {info.kl:.4f} nats.\n")
+        if info.win_rates:
+            lines += ["| selector | N | win rate vs reference | 95% CI |", "|---|---|---|---|"]
+            lines += [f"| {r['selector']} | {r['n']} | {r['value']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] |"
+                      for r in info.win_rates]
+    for plot in info.plots:
+        lines += ["", f"![{Path(plot).stem}]({Path(plot).name})"]
+    if info.command:
+        lines += ["", "## Reproduce", "", "```bash", info.command, "```"]
+    lines += ["", "## Use", "", "```python", "from peft import AutoPeftModelForCausalLM", "",
+              f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")', "```", ""]
+    return header + "\n".join(lines)
+
+
+def _token(token: str | None) -> str:
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise HubError("no Hugging Face token: run `hf auth login` or set HF_TOKEN before pushing")
+    return token
+
+
+def push_adapter(adapter_dir: str | os.PathLike, repo_id: str, info: ModelCardInfo, *, private: bool = True,
+                 revision: str | None = None, dataset_dir: str | os.PathLike | None = None,
+                 token: str | None = None, commit_message: str = "Upload CTRL adapter") -> str:
+    """Upload the PEFT adapter folder (with tokenizer files, plots and a model card); returns the commit URL.
+
+    ``dataset_dir`` (optional) is pushed to a dataset repo of the same name. The token is resolved
+    first, so a missing login fails before any file is staged or any request is made.
+    """
+    token = _token(token)
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise HubError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "adapter"
+        shutil.copytree(adapter_dir, staged)
+        for plot in info.plots:
+            shutil.copy(plot, staged / Path(plot).name)
+        config = json.loads((staged / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = info.base_model  # not the local folder it was trained from
+        (staged / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        (staged / "README.md").write_text(render_model_card(info, repo_id))
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=str(staged), revision=revision,
+                                       commit_message=commit_message)
+            if dataset_dir is not None:
+                api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+                api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(dataset_dir),
+                                  commit_message="Upload the calibrated training set")
+        except Exception as err:  # network or Hub errors: say where, never echo the token
+            raise HubError(f"pushing to {repo_id!r} failed: {type(err).__name__}: {err}") from err
+    return str(getattr(commit, "commit_url", commit))

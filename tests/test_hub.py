@@ -1,0 +1,86 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ctrl_offline.hub import HubError, ModelCardInfo, push_adapter, render_model_card
+from hub_standin import StandInHub
+
+TESTS = Path(__file__).parent
+
+
+def make_adapter(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/tmp/local/base",
+                                                            "peft_type": "LORA", "r": 16}))
+    (folder / "adapter_model.safetensors").write_bytes(b"\x00" * 128)
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+PUSH = """
+import json, sys
+from ctrl_offline.hub import ModelCardInfo, push_adapter
+info = ModelCardInfo(base_model="HuggingFaceTB/SmolLM2-135M-Instruct", dataset="Anthropic/hh-rlhf", k=8,
+                     reward_model="rm", transform="exp", t=12.6, beta=9.5e4, inference="bon", n=4, kl=0.42,
+                     win_rates=[{"selector": "bon", "n": 4, "value": 0.61, "ci_low": 0.55, "ci_high": 0.67}],
+                     command="accelerate launch recipes/hh_bon.py --config recipes/configs/hh_bon.yaml")
+print(push_adapter(sys.argv[1], "me/ctrl-bon4", info, private=True, revision=sys.argv[2] or None))
+"""
+
+
+def run_push(adapter, hub_url, token, revision=""):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env.update(HF_ENDPOINT=hub_url, HF_HUB_DISABLE_TELEMETRY="1", HF_HOME=str(adapter.parent / "hf_home"),
+               PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]))
+    env.pop("HF_HUB_OFFLINE", None)  # the stand-in is local: requests to it are allowed
+    if token:
+        env["HF_TOKEN"] = token
+    return subprocess.run([sys.executable, "-c", PUSH, str(adapter), revision], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_push_uploads_adapter_card_and_fixed_base_model(tmp_path):
+    adapter = make_adapter(tmp_path / "adapter")
+    with StandInHub() as hub:
+        proc = run_push(adapter, hub.url, "hf_secret_token_123", revision="v1")
+        assert proc.returncode == 0, proc.stderr
+        files = hub.committed_files()
+        paths = [r["path"] for r in hub.requests]
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md"} <= set(files)
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    card = files["README.md"].decode()
+    assert 'base_model: "HuggingFaceTB/SmolLM2-135M-Instruct"' in card and "| t | `12.6` |" in card
+    assert "| bon | 4 | 0.610 | [0.550, 0.670] |" in card and "accelerate launch recipes/hh_bon.py" in card
+    assert "/api/repos/create" in paths[0] and any("/branch/v1" in p for p in paths)
+    assert any("/commit/v1" in p for p in paths)
+    # The token authenticates the requests and appears nowhere else: not in output, not in files.
+    assert all(r["auth"] == "Bearer hf_secret_token_123" for r in hub.requests if r["method"] == "POST")
+    assert "hf_secret_token_123" not in proc.stdout + proc.stderr
+    assert all(b"hf_secret_token_123" not in content for content in files.values())
+    # The local adapter folder is left as it was.
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "/tmp/local/base"
+
+
+def test_push_without_a_token_fails_before_any_request(tmp_path):
+    adapter = make_adapter(tmp_path / "adapter")
+    with StandInHub() as hub:
+        proc = run_push(adapter, hub.url, token=None)
+        assert proc.returncode != 0
+        assert "no Hugging Face token" in proc.stderr
+        assert hub.requests == []
+
+
+def test_push_refuses_a_folder_without_an_adapter(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "x")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(HubError, match="not a PEFT adapter folder"):
+        push_adapter(tmp_path / "empty", "me/x", ModelCardInfo(base_model="b"))
+
+
+def test_card_without_evaluation():
+    card = render_model_card(ModelCardInfo(base_model="org/base"), "me/plain")
+    assert card.startswith("---\nbase_model: \"org/base\"") and "## Evaluation" not in card
