@@ -242,9 +242,9 @@ def test_empty_prompts_and_settings_changes_are_refused(assets, tmp_path, capsys
     assert "different settings" in capsys.readouterr().err
 
 
-def test_reward_model_with_a_multi_output_head_is_refused(assets, tmp_path, capsys):
+def test_reward_model_with_a_multi_output_head_is_refused(pipeline, tmp_path, capsys):
     bad = build_tiny_reward_model(tmp_path / "rm3", num_labels=3)
-    samples = assets["root"] / "samples"
+    samples = pipeline / "samples"
     assert cli("score", samples, "--reward", bad, "--out", tmp_path / "x") == 2
     assert "3-output head (weight shape (3, 32))" in capsys.readouterr().err
 
