@@ -69,6 +69,11 @@ def _check_finite(dataset, columns, what: str) -> None:
                 raise TrainingDataError(f"{what}: NaN, infinite or missing {column!r} in {_rows(bad)}")
 
 
+def _named(train_dataset, eval_dataset) -> dict:
+    """The datasets to validate, by the argument names the messages use."""
+    return {"train_dataset": train_dataset, **({"eval_dataset": eval_dataset} if eval_dataset is not None else {})}
+
+
 class _CarryColumns:
     """Wraps a TRL collator so the per-example float columns reach ``compute_loss``."""
 
@@ -119,9 +124,7 @@ class CTRLTrainer(_MetricsMixin, DPOTrainer):
                  peft_config=None, **kwargs):
         if not isinstance(args, CTRLConfig):
             raise TypeError(f"args must be a CTRLConfig, got {type(args).__name__}")
-        datasets = {"train_dataset": train_dataset}
-        if eval_dataset is not None:
-            datasets["eval_dataset"] = eval_dataset
+        datasets = _named(train_dataset, eval_dataset)
         for name, dataset in datasets.items():
             self._validate(dataset, args, name)
         stored = all(all(c in d.column_names for c in REF_PAIR_COLUMNS) for d in datasets.values())
@@ -206,9 +209,7 @@ class CTRLPointwiseTrainer(_MetricsMixin, SFTTrainer):
                  peft_config=None, **kwargs):
         if not isinstance(args, CTRLPointwiseConfig):
             raise TypeError(f"args must be a CTRLPointwiseConfig, got {type(args).__name__}")
-        datasets = {"train_dataset": train_dataset}
-        if eval_dataset is not None:
-            datasets["eval_dataset"] = eval_dataset
+        datasets = _named(train_dataset, eval_dataset)
         for name, dataset in datasets.items():
             needed = ["prompt", "completion", "target" if args.ctrl_loss == "pointwise" else "weight"]
             _check_columns(dataset, needed, f"{name} for ctrl_loss={args.ctrl_loss!r}")
