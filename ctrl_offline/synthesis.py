@@ -1,18 +1,30 @@
 """Training targets from calibrated rewards (DESIGN.md §2.4, §3): pairs, pointwise targets, weights.
 
-Pure numpy, vectorised over prompts (group arithmetic on integer prompt codes, no loop per
-prompt). Inputs are the calibrated rows of the ``build`` stage: a prompt id and Ĉ = u ∈ [0, 1]
-per response; outputs index those rows.
+Pure numpy (pandas for hashing prompt ids), vectorised over prompts: prompt ids become integer
+codes in order of first appearance and every per-prompt quantity is group arithmetic on those
+codes (sorts, ``bincount``, ``repeat``/``cumsum``), so millions of rows need no loop per prompt.
+The inputs are the calibrated rows of the ``build`` stage, one per response: a prompt id and
+Ĉ = u ∈ [0, 1]. The outputs index, or align with, those rows.
 
-* pairs: ``target_margin`` = Φ(u_chosen) − Φ(u_rejected) ≥ 0 and the Bradley–Terry soft label
-  ``label`` = σ(target_margin), whose DPO optimum β(ρ₁ − ρ₂) = Φ₁ − Φ₂ is the tilted policy
-  π* ∝ π_ref·exp(Φ/β);
-* pointwise: ``target`` = Φ(u) − β·log Z (β ρ's value at π*);
-* weights: w ∝ exp(Φ(u)/β) within each prompt (reward-weighted regression).
+With ρ = log π_θ − log π_ref, the tilted policy π* ∝ π_ref·exp(Φ(Ĉ)/β) is the unique solution of
+β·ρ(x, y) = Φ(Ĉ(x, y)) − β·log Z, so
+
+* pairs: ``target_margin`` = Φ(u_chosen) − Φ(u_rejected) = β(ρ*₁ − ρ*₂) ≥ 0 (the IPO and
+  distillation target) and the Bradley–Terry soft label ``label`` = σ(target_margin) =
+  σ(β(ρ*₁ − ρ*₂)), which is exactly what ``losses.dpo_loss`` (logits β·Δρ) is fitted to at π*;
+* pointwise: ``target`` = Φ(u) − β·log Z = β·ρ* (``losses.pointwise_loss``);
+* weights: w ∝ exp(Φ(u)/β) within each prompt (``losses.weighted_sft_loss``).
+
+>>> import numpy as np
+>>> pairs = make_pairs(["a", "a", "b", "b"], [0.0, 1.0, 0.5, 0.5], "identity", 0.5)
+>>> pairs.chosen.tolist(), pairs.rejected.tolist(), pairs.target_margin.tolist()
+([1], [0], [1.0])
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,19 +32,35 @@ import pandas as pd
 
 from .transforms import Transform, get_transform
 
-__all__ = ["SynthesisError", "Pairs", "PAIR_STRATEGIES", "make_pairs", "pointwise_targets", "sft_weights",
-           "log_partition_gap"]
+__all__ = [
+    "SynthesisError",
+    "Pairs",
+    "PAIR_STRATEGIES",
+    "LOG_PARTITIONS",
+    "make_pairs",
+    "pointwise_targets",
+    "sft_weights",
+    "log_partition_gap",
+]
 
 PAIR_STRATEGIES = ("all", "best_vs_rest", "best_vs_worst", "sampled")
+LOG_PARTITIONS = ("empirical", "continuous")
+
+_SHOW = 5  # offending rows / prompts named in an error message
 
 
 class SynthesisError(ValueError):
-    """Bad input to target synthesis; the message names the offending rows."""
+    """Bad input to target synthesis; the message names the offending rows or prompts."""
 
 
 @dataclass(frozen=True)
 class Pairs:
-    """Row indices of chosen/rejected responses with their targets (one entry per pair)."""
+    """Preference pairs within prompts, one entry per pair (arrays of equal length).
+
+    ``chosen`` / ``rejected``: row indices into the input arrays; ``target_margin``:
+    Φ(u_chosen) − Φ(u_rejected) ≥ 0; ``label``: the soft label σ(target_margin) (Φ in the units
+    of β — see :func:`make_pairs`); ``weight``: per-pair weight, 1.0.
+    """
 
     chosen: np.ndarray
     rejected: np.ndarray
@@ -44,151 +72,338 @@ class Pairs:
         return len(self.chosen)
 
 
-def _prepare(prompt_ids, u, transform, beta):
-    u = np.asarray(u, dtype=float)
+# -- validation -----------------------------------------------------------------------------------
+def _plain(value):
+    """numpy scalars as Python values, so messages read 'p1' and 3 rather than np.str_('p1')."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _name_some(values, what: str) -> str:
+    values = list(values)
+    shown = ", ".join(repr(_plain(v)) for v in values[:_SHOW])
+    more = f" and {len(values) - _SHOW} more" if len(values) > _SHOW else ""
+    return f"{what} {shown}{more}"
+
+
+def _rows_and_prompts(mask: np.ndarray, prompt_ids: np.ndarray) -> str:
+    """'rows 3, 7 (prompt_id 'p1', 'p2')': the offending rows and their prompts, the first few of each."""
+    rows = np.flatnonzero(mask)
+    return f"{_name_some(rows, 'rows')} ({_name_some(pd.unique(prompt_ids[rows]), 'prompt_id')})"
+
+
+def _transform(transform) -> Transform:
+    try:
+        return get_transform(transform)
+    except (TypeError, ValueError) as err:
+        raise SynthesisError(str(err)) from None
+
+
+def _check_beta(beta) -> float:
+    try:
+        value = float(beta)
+    except (TypeError, ValueError):
+        raise SynthesisError(f"beta must be a finite number > 0, got {beta!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise SynthesisError(f"beta must be a finite number > 0, got {beta!r}")
+    return value
+
+
+def _prepare(prompt_ids, u, transform, beta, *, allow_minus_inf: bool = False):
+    """Validated (codes, unique prompt ids, u, Φ(u), β, transform).
+
+    ``codes`` number the prompts 0, 1, … in order of first appearance (``uniques[code]``).
+    """
     prompt_ids = np.asarray(prompt_ids)
+    try:
+        u = np.asarray(u, dtype=float)
+    except (TypeError, ValueError):
+        raise SynthesisError("calibrated values u must be numbers") from None
     if u.ndim != 1 or prompt_ids.shape != u.shape:
-        raise SynthesisError(f"prompt ids and u must be 1-D arrays of one length, got {prompt_ids.shape} and {u.shape}")
-    bad = ~((u >= 0) & (u <= 1))  # also catches NaN
+        raise SynthesisError(
+            f"prompt ids and u must be 1-D arrays of one length, got shapes {prompt_ids.shape} and {u.shape}"
+        )
+    beta = _check_beta(beta)
+    transform = _transform(transform)
+    codes, uniques = pd.factorize(prompt_ids)
+    if np.any(codes < 0):
+        missing = np.flatnonzero(codes < 0)
+        raise SynthesisError(
+            f"{len(missing)} row(s) have a missing prompt id (None/NaN): {_name_some(missing, 'rows')}"
+        )
+    bad = ~((u >= 0) & (u <= 1))  # NaN fails both comparisons
     if bad.any():
-        rows = np.flatnonzero(bad)
-        raise SynthesisError(f"{len(rows)} calibrated value(s) are NaN or outside [0, 1]: rows {rows[:5].tolist()}")
-    if not (np.isfinite(beta) and beta > 0):
-        raise SynthesisError(f"beta must be finite and > 0, got {beta!r}")
-    codes, _ = pd.factorize(prompt_ids)
-    phi = get_transform(transform).phi(u) if isinstance(transform, str) else transform.phi(u)
-    return codes.astype(np.int64), u, np.asarray(phi, dtype=float)
+        raise SynthesisError(
+            f"{int(bad.sum())} calibrated value(s) u are NaN or outside [0, 1]: {_rows_and_prompts(bad, prompt_ids)}"
+        )
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        phi = np.asarray(transform.phi(u), dtype=float)
+    bad = ~np.isfinite(phi)
+    if allow_minus_inf:
+        bad &= phi != -np.inf
+    if bad.any():
+        raise SynthesisError(
+            f"transform {transform.spec!r} gives a non-finite Φ(u) for {int(bad.sum())} row(s): "
+            f"{_rows_and_prompts(bad, prompt_ids)}, u = {u[bad][:_SHOW].tolist()}. The tilted policy gives such "
+            "responses zero (or unbounded) weight, so no finite margin or target exists; drop those rows or use "
+            "a transform that is finite on [0, 1] (log has Φ(0) = −∞)"
+        )
+    return codes.astype(np.int64), np.asarray(uniques), u, phi, beta, transform
 
 
-def _group_layout(codes: np.ndarray):
-    """Rows sorted by (prompt code, row index), with each group's start and size."""
+# -- group arithmetic -----------------------------------------------------------------------------
+def _group_layout(codes: np.ndarray, n_groups: int):
+    """Rows sorted by (prompt code, row index), each group's start and size, each row's rank in its group."""
     order = np.argsort(codes, kind="stable")
-    sizes = np.bincount(codes)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    return order, starts, sizes
+    sizes = np.bincount(codes, minlength=n_groups)
+    starts = np.cumsum(sizes) - sizes
+    local = np.arange(len(codes)) - np.repeat(starts, sizes)  # position of each sorted row in its group
+    rank_of_row = np.empty(len(codes), dtype=np.int64)
+    rank_of_row[order] = local
+    return order, sizes, local, rank_of_row
 
 
-def _all_pairs(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every unordered pair (i < j in group order) of rows sharing a prompt."""
-    order, starts, sizes = _group_layout(codes)
-    n = len(codes)
-    local = np.arange(n) - np.repeat(starts, sizes)  # position of each sorted row within its group
-    later = np.repeat(sizes, sizes) - 1 - local  # partners after it in the group
-    first = np.repeat(np.arange(n), later)
+def _all_pairs(codes: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every unordered pair (a, b), a < b, of rows sharing a prompt, in (prompt, a, b) order.
+
+    With the rows of each prompt laid out contiguously, the row at position i of a group of size
+    n pairs with the n − 1 − i rows after it: repeat i that many times and add 1, 2, … to it.
+    """
+    order, sizes, local, _ = _group_layout(codes, n_groups)
+    later = np.repeat(sizes, sizes) - 1 - local  # partners after each sorted row
+    first = np.repeat(np.arange(len(codes)), later)
     block_start = np.repeat(np.cumsum(later) - later, later)
     second = first + 1 + (np.arange(len(first)) - block_start)
     return order[first], order[second]
 
 
 def _extreme_per_group(codes: np.ndarray, u: np.ndarray, best: bool) -> np.ndarray:
-    """Row of the largest (or smallest) u per prompt, ties to the lowest row index; in code order."""
-    key = -u if best else u
-    order = np.lexsort((np.arange(len(u)), key, codes))
+    """Row of the largest (or smallest) u of each prompt, ties to the lowest row index; in code order."""
+    order = np.lexsort((np.arange(len(u)), -u if best else u, codes))
     first = np.ones(len(u), dtype=bool)
     first[1:] = codes[order][1:] != codes[order][:-1]
     return order[first]
 
 
-def make_pairs(prompt_ids, u, transform: Transform | str, beta: float, *, strategy: str = "all",
-               pairs_per_prompt: int | None = None, drop_ties: bool = True, seed: int = 0) -> Pairs:
+def _rank_in_group(sorted_codes: np.ndarray) -> np.ndarray:
+    """0, 1, 2, … within each run of equal codes of an array sorted by code."""
+    n = len(sorted_codes)
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = sorted_codes[1:] != sorted_codes[:-1]
+    return np.arange(n) - np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+
+
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective, well-mixed hash of uint64 values (wrapping arithmetic)."""
+    x = np.asarray(x, dtype=np.uint64).copy()
+    x ^= x >> np.uint64(30)
+    x *= _M1
+    x ^= x >> np.uint64(27)
+    x *= _M2
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def _group_log_mean_exp(codes: np.ndarray, n_groups: int, x: np.ndarray):
+    """Stable per-group log-mean-exp: (max of x per group, exp(x − max) per row, mean of it per group)."""
+    top = np.full(n_groups, -np.inf)
+    np.maximum.at(top, codes, x)
+    with np.errstate(invalid="ignore"):  # a prompt whose every x is −∞ gives NaN; callers check top
+        shifted = np.exp(x - top[codes])
+    mean = np.bincount(codes, weights=shifted, minlength=n_groups) / np.bincount(codes, minlength=n_groups)
+    return top, shifted, mean
+
+
+# -- public API -----------------------------------------------------------------------------------
+def make_pairs(
+    prompt_ids,
+    u,
+    transform: Transform | str,
+    beta: float,
+    *,
+    strategy: str = "all",
+    pairs_per_prompt: int | None = None,
+    drop_ties: bool = True,
+    seed: int = 0,
+) -> Pairs:
     """Preference pairs within each prompt, oriented so the chosen response has the larger u.
 
-    Strategies: ``all`` (every pair), ``best_vs_rest`` (the top response against each other),
-    ``best_vs_worst`` (one pair per prompt: the familiar hard-label baseline) and ``sampled``
-    (``pairs_per_prompt`` of the prompt's pairs, uniformly without replacement, seeded).
-    ``drop_ties`` skips pairs with equal u; keeping them gives margin 0 and label ½, which the
-    soft-label, IPO and distillation losses can still use.
+    For a pair (1 = chosen, 2 = rejected)::
+
+        target_margin = Φ(u₁) − Φ(u₂)  (≥ 0)         label = σ(target_margin)        weight = 1
+
+    At π*, β(ρ₁ − ρ₂) = Φ(u₁) − Φ(u₂): the margin is the IPO / distillation target and the label is
+    the Bradley–Terry probability σ(β(ρ₁ − ρ₂)) that ``losses.dpo_loss`` (logits β·Δρ) is fitted to,
+    so its optimum is π*. (Φ is in the units of β, as the planner's β is: the label is σ(ΔΦ), not
+    σ(ΔΦ/β).)
+
+    Strategies:
+
+    * ``all`` — every unordered pair of rows of a prompt (K(K−1)/2 for K rows);
+    * ``best_vs_rest`` — the row with the largest u (ties to the lowest row index) against every
+      other row of its prompt (K − 1);
+    * ``best_vs_worst`` — one pair per prompt, largest u against smallest u (ties to the lowest row
+      index): the familiar hard-label baseline, which discards the transform's shape;
+    * ``sampled`` — ``pairs_per_prompt`` of the prompt's ``all`` pairs (after ``drop_ties``), drawn
+      uniformly without replacement (all of them when fewer exist). The draw of a prompt depends
+      only on ``seed``, its prompt id and its own rows (their order and u), not on the other
+      prompts or where the prompt's rows sit in the input: each pair gets a hash key of
+      (seed, prompt id, the pair's positions among the prompt's rows) and the smallest keys win.
+
+    ``drop_ties`` skips pairs with equal u: they carry no preference under hard labels.
+    ``drop_ties=False`` keeps them with margin 0 and label ½ (chosen = the earlier row), which
+    the soft-label DPO, IPO and distillation losses can use (they pull ρ₁ − ρ₂ to 0).
+
+    Output order: by the prompt's first appearance in ``prompt_ids``, then chosen row, then
+    rejected row.
     """
     if strategy not in PAIR_STRATEGIES:
-        raise SynthesisError(f"unknown pair strategy {strategy!r}; choose one of {PAIR_STRATEGIES}")
-    if strategy == "sampled" and (pairs_per_prompt is None or pairs_per_prompt < 1):
-        raise SynthesisError(f"strategy 'sampled' needs pairs_per_prompt ≥ 1, got {pairs_per_prompt!r}")
-    codes, u, phi = _prepare(prompt_ids, u, transform, beta)
+        raise SynthesisError(f"unknown pair strategy {strategy!r}; choose one of {', '.join(PAIR_STRATEGIES)}")
+    if pairs_per_prompt is not None:
+        integral = isinstance(pairs_per_prompt, numbers.Integral) and not isinstance(pairs_per_prompt, bool)
+        if not integral or pairs_per_prompt < 1:
+            raise SynthesisError(f"pairs_per_prompt must be an integer ≥ 1, got {pairs_per_prompt!r}")
+        if strategy != "sampled":
+            raise SynthesisError(f"pairs_per_prompt applies only to strategy 'sampled', not {strategy!r}")
+    elif strategy == "sampled":
+        raise SynthesisError("strategy 'sampled' needs pairs_per_prompt (an integer ≥ 1)")
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise SynthesisError(f"seed must be an integer, got {seed!r}")
+    codes, uniques, u, phi, _, transform = _prepare(prompt_ids, u, transform, beta)
+    n_groups = len(uniques)
+
     if strategy in ("all", "sampled"):
-        a, b = _all_pairs(codes)
+        a, b = _all_pairs(codes, n_groups)
     elif strategy == "best_vs_rest":
+        best_of = np.empty(n_groups, dtype=np.int64)
         best = _extreme_per_group(codes, u, best=True)
-        best_of = np.empty(codes.max() + 1 if len(codes) else 0, dtype=np.int64)
         best_of[codes[best]] = best
-        others = np.flatnonzero(best_of[codes] != np.arange(len(codes)))
-        a, b = best_of[codes[others]], others
+        b = np.flatnonzero(best_of[codes] != np.arange(len(codes)))
+        a = best_of[codes[b]]
     else:
         a, b = _extreme_per_group(codes, u, best=True), _extreme_per_group(codes, u, best=False)
-        keep = a != b
+        keep = a != b  # single-row prompts give no pair
         a, b = a[keep], b[keep]
+
     swap = u[b] > u[a]
     chosen, rejected = np.where(swap, b, a), np.where(swap, a, b)
     if drop_ties:
         distinct = u[chosen] != u[rejected]
         chosen, rejected = chosen[distinct], rejected[distinct]
+
     if strategy == "sampled":
-        keys = np.random.default_rng(seed).random(len(chosen))
-        order = np.lexsort((keys, codes[chosen]))
-        group = codes[chosen][order]
-        new_group = np.ones(len(order), dtype=bool)
-        new_group[1:] = group[1:] != group[:-1]
-        rank = np.arange(len(order)) - np.maximum.accumulate(np.where(new_group, np.arange(len(order)), 0))
-        picked = order[rank < pairs_per_prompt]
+        _, _, _, rank_of_row = _group_layout(codes, n_groups)
+        lo = np.minimum(rank_of_row[chosen], rank_of_row[rejected]).astype(np.uint64)
+        hi = np.maximum(rank_of_row[chosen], rank_of_row[rejected]).astype(np.uint64)
+        salt = _mix64(np.array([int(seed) % 2**64], dtype=np.uint64))[0]
+        prompt_key = _mix64(pd.util.hash_array(uniques) ^ salt)
+        group = codes[chosen]
+        # Distinct (lo, hi) of one prompt get distinct keys (_mix64 is a bijection). One stable
+        # argsort of (prompt code in the high bits, the key's top bits below) orders each prompt's
+        # pairs by key; a collision of the kept bits falls back on the (lo, hi) order.
+        key = _mix64(prompt_key[group] ^ ((lo << np.uint64(32)) | hi))
+        shift = np.uint64(max(int(n_groups - 1).bit_length(), 1))
+        order = np.argsort((group.astype(np.uint64) << (np.uint64(64) - shift)) | (key >> shift), kind="stable")
+        picked = order[_rank_in_group(group[order]) < pairs_per_prompt]
         chosen, rejected = chosen[picked], rejected[picked]
+
     order = np.lexsort((rejected, chosen, codes[chosen]))
     chosen, rejected = chosen[order], rejected[order]
     margin = phi[chosen] - phi[rejected]
-    return Pairs(chosen=chosen, rejected=rejected, target_margin=margin,
-                 label=1.0 / (1.0 + np.exp(-margin)), weight=np.ones(len(chosen)))
+    if np.any(margin < 0):
+        wrong = np.flatnonzero(margin < 0)
+        raise SynthesisError(
+            f"transform {transform.spec!r} is not increasing: Φ(u_chosen) < Φ(u_rejected) for "
+            f"{len(wrong)} pair(s), e.g. rows {chosen[wrong[0]]} (u = {u[chosen[wrong[0]]]}) and "
+            f"{rejected[wrong[0]]} (u = {u[rejected[wrong[0]]]})"
+        )
+    return Pairs(
+        chosen=chosen,
+        rejected=rejected,
+        target_margin=margin,
+        label=1.0 / (1.0 + np.exp(-margin)),  # margin ≥ 0: no overflow
+        weight=np.ones(len(chosen)),
+    )
 
 
-def _group_log_mean_exp(codes: np.ndarray, x: np.ndarray):
-    """Per row: log of the mean of exp(x) over its prompt's rows (stable), and the shifted exponentials."""
-    top = np.full(codes.max() + 1, -np.inf)
-    np.maximum.at(top, codes, x)
-    shifted = np.exp(x - top[codes])
-    sums = np.bincount(codes, weights=shifted)
-    counts = np.bincount(codes)
-    return (top + np.log(sums / counts))[codes], shifted, (sums / counts)[codes]
+def pointwise_targets(
+    prompt_ids, u, transform: Transform | str, beta: float, *, log_partition: str = "empirical"
+) -> np.ndarray:
+    """Per-row regression target Φ(u) − β·log Z, the value of β·ρ* = β·(log π* − log π_ref).
 
+    ``log_partition`` chooses Z:
 
-def pointwise_targets(prompt_ids, u, transform: Transform | str, beta: float, *,
-                      log_partition: str = "empirical") -> np.ndarray:
-    """target = Φ(u) − β·log Z, the value of β·(log π* − log π_ref) at each response.
-
-    ``empirical`` (the default): log Z of each prompt is the log of the mean of exp(Φ(u)/β) over
-    that prompt's rows — exact for the data at hand. Ĉ from K reference samples lives on a grid
-    (steps of 1/(K−1)), so the continuous-limit log Z of §2.3 mis-states the normaliser by an
-    amount that grows with t/β (see ``docs/log_partition.md``); since the offset is shared by
-    every response of the prompt, the pointwise optimum would then raise or lower all sampled
-    responses together instead of tilting between them. ``continuous``: the prompt-independent
-    ``transform.log_partition(beta)``.
+    * ``"empirical"`` (the default): per prompt, Z_x = (1/n_x) Σ_{rows i of x} exp(Φ(u_i)/β),
+      computed as a per-prompt log-sum-exp. The targets are then self-normalised:
+      mean over the prompt's rows of exp(target/β) = 1. This is exact for the data at hand when
+      the rows are the prompt's reference samples: Ĉ from K samples lives on a grid (the
+      leave-one-out values of a tie-free prompt are exactly j/(K−1)), not on Uniform[0, 1], so
+      the continuous log Z mis-states the normaliser by an amount that grows with the sharpness of
+      the tilt (t, 1/β) and shrinks like 1/K (:func:`log_partition_gap`, docs/log_partition.md).
+      That error is an offset shared by every response of the prompt, and it would push the
+      pointwise optimum to raise (or lower) every sampled response together rather than only
+      tilt between them.
+    * ``"continuous"``: the prompt-independent continuous-limit
+      ``transform.log_partition(beta)`` = log ∫₀¹ exp(Φ(v)/β) dv (u ~ Uniform[0, 1]). Use it when
+      the rows are not the prompt's own reference set (e.g. a few fresh policy samples), where a
+      per-prompt mean would be a poor estimate of Z.
     """
-    codes, u, phi = _prepare(prompt_ids, u, transform, beta)
+    if log_partition not in LOG_PARTITIONS:
+        raise SynthesisError(f"log_partition must be one of {', '.join(LOG_PARTITIONS)}, got {log_partition!r}")
+    codes, uniques, u, phi, beta, transform = _prepare(prompt_ids, u, transform, beta)
+    n_groups = len(uniques)
     if log_partition == "continuous":
-        t = get_transform(transform) if isinstance(transform, str) else transform
-        return phi - beta * float(t.log_partition(beta))
-    if log_partition != "empirical":
-        raise SynthesisError(f"log_partition must be 'empirical' or 'continuous', got {log_partition!r}")
+        return phi - beta * float(transform.log_partition(beta))
     if len(u) == 0:
         return phi
-    log_z, _, _ = _group_log_mean_exp(codes, phi / beta)
-    return phi - beta * log_z
+    x = phi / beta
+    top, _, mean = _group_log_mean_exp(codes, n_groups, x)
+    # β·((x − max) − log mean) rather than Φ − β·log Z: no cancellation of two huge numbers when
+    # Φ/β is large (the top row's target is then exactly −β·log mean).
+    return beta * ((x - top[codes]) - np.log(mean)[codes])
 
 
 def sft_weights(prompt_ids, u, transform: Transform | str, beta: float) -> np.ndarray:
-    """w ∝ exp(Φ(u)/β) within each prompt, scaled so each prompt's weights average 1."""
-    codes, u, phi = _prepare(prompt_ids, u, transform, beta)
+    """Reward-weighted-regression weights w_i ∝ exp(Φ(u_i)/β) within each prompt, mean 1 per prompt.
+
+        w_i = exp(Φ(u_i)/β − m_x) / mean_{j in x} exp(Φ(u_j)/β − m_x),   m_x = max_{j in x} Φ(u_j)/β
+
+    (the per-prompt max m_x cancels; subtracting it keeps large Φ/β from overflowing). Φ = −∞
+    (log at u = 0) gives weight 0, as long as the prompt has a row with finite Φ.
+    """
+    codes, uniques, u, phi, beta, transform = _prepare(prompt_ids, u, transform, beta, allow_minus_inf=True)
+    n_groups = len(uniques)
     if len(u) == 0:
         return phi
-    _, shifted, mean = _group_log_mean_exp(codes, phi / beta)
-    return shifted / mean
+    top, shifted, mean = _group_log_mean_exp(codes, n_groups, phi / beta)
+    if np.any(top == -np.inf):
+        dead = np.flatnonzero(top == -np.inf)
+        raise SynthesisError(
+            f"transform {transform.spec!r} gives Φ(u) = −∞ for every row of {len(dead)} prompt(s): "
+            + _name_some(uniques[dead], "prompt_id")
+        )
+    return shifted / mean[codes]
 
 
 def log_partition_gap(transform: Transform | str, beta: float, k: int) -> float:
     """Empirical minus continuous log Z for a tie-free prompt with K reference samples.
 
-    Its leave-one-out values are exactly j/(K−1), j = 0..K−1, so the empirical log Z is
-    log mean_j exp(Φ(j/(K−1))/β).
+    The leave-one-out calibrated values of such a prompt (what ``calibrate_reference`` gives) are
+    exactly the grid j/(K−1), j = 0..K−1, so
+
+        gap = log( (1/K) Σ_j exp(Φ(j/(K−1))/β) ) − log ∫₀¹ exp(Φ(v)/β) dv,
+
+    in nats of Φ/β. Pointwise targets with the continuous normaliser sit β·gap above the
+    empirical ones for every response of such a prompt. The gap → 0 like 1/K.
     """
-    if k < 2:
-        raise SynthesisError(f"K must be at least 2, got {k}")
-    t = get_transform(transform) if isinstance(transform, str) else transform
-    x = t.phi(np.arange(k) / (k - 1)) / beta
-    empirical = x.max() + np.log(np.mean(np.exp(x - x.max())))
-    return float(empirical - t.log_partition(beta))
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 2:
+        raise SynthesisError(f"K must be an integer ≥ 2 (the grid j/(K−1) needs two points), got {k!r}")
+    beta = _check_beta(beta)
+    transform = _transform(transform)
+    with np.errstate(divide="ignore"):
+        x = np.asarray(transform.phi(np.arange(k) / (k - 1)), dtype=float) / beta
+    top = x.max()
+    empirical = top + math.log(np.mean(np.exp(x - top)))
+    return float(empirical - float(transform.log_partition(beta)))
