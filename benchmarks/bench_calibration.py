@@ -31,7 +31,12 @@ from ctrl_offline.calibration import calibrate, calibrate_reference
 def synthetic(n: int, k: int, seed: int):
     rng = np.random.default_rng(seed)
     prompts = n // k
-    hex_ids = np.char.mod("%016x", rng.integers(0, 2**62, size=prompts, dtype=np.int64)).astype(object)
+    raw = np.unique(rng.integers(0, 2**64 - 1, size=prompts, dtype=np.uint64, endpoint=True))
+    while len(raw) < prompts:  # a 64-bit collision among 1M ids is ~3e-8 likely; keep the count exact anyway
+        raw = np.unique(np.concatenate([raw, rng.integers(0, 2**64 - 1, size=prompts - len(raw), dtype=np.uint64,
+                                                          endpoint=True)]))
+    # Object array of str, as pyarrow's string column .to_numpy() gives the pipeline.
+    hex_ids = np.char.mod("%016x", rng.permutation(raw)).astype(object)
     perm = rng.permutation(prompts * k)
     codes = np.repeat(np.arange(prompts), k)[perm]
     ids = hex_ids[codes]
@@ -40,13 +45,19 @@ def synthetic(n: int, k: int, seed: int):
     return ids, sample_idx, rewards
 
 
+def timed(fn):
+    gc.collect()
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
 def best_of(repeats: int, fn):
     times, out = [], None
     for _ in range(repeats):
-        gc.collect()
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
+        out = None
+        seconds, out = timed(fn)
+        times.append(seconds)
     return min(times), out
 
 
@@ -58,8 +69,15 @@ def pandas_baseline(ids, rewards):
 
 def run_size(n: int, k: int, repeats: int, seed: int, with_io: bool) -> dict:
     ids, sample_idx, rewards = synthetic(n, k, seed)
-    ours_s, (tables, u) = best_of(repeats, lambda: calibrate_reference(ids, rewards, sample_idx=sample_idx))
-    pandas_s, expected = best_of(repeats, lambda: pandas_baseline(ids, rewards))
+    # Ours and pandas alternate within each repeat, so a burst of load on the machine hits both alike.
+    ours_times, pandas_times = [], []
+    for _ in range(repeats):
+        tables = u = expected = None
+        seconds, (tables, u) = timed(lambda: calibrate_reference(ids, rewards, sample_idx=sample_idx))
+        ours_times.append(seconds)
+        seconds, expected = timed(lambda: pandas_baseline(ids, rewards))
+        pandas_times.append(seconds)
+    ours_s, pandas_s = min(ours_times), min(pandas_times)
     diff = float(np.max(np.abs(u - expected)))
     if diff > 1e-12:
         raise SystemExit(f"ours and pandas disagree by {diff} at n={n}")
@@ -67,7 +85,7 @@ def run_size(n: int, k: int, repeats: int, seed: int, with_io: bool) -> dict:
     apply_s, _ = best_of(repeats, lambda: calibrate(tables, ids, new_rewards))
     result = {"n": n, "prompts": n // k, "k": k, "seconds": ours_s, "pandas_seconds": pandas_s,
               "ratio_vs_pandas": pandas_s / ours_s, "rows_per_s": n / ours_s, "apply_tables_seconds": apply_s,
-              "max_abs_diff": diff}
+              "max_abs_diff": diff, "ours_all_seconds": ours_times, "pandas_all_seconds": pandas_times}
     if with_io:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -77,7 +95,7 @@ def run_size(n: int, k: int, repeats: int, seed: int, with_io: bool) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             pq.write_table(pa.table({"prompt_id": ids.astype(str), "sample_idx": sample_idx, "reward": rewards}),
                            f"{tmp}/scored.parquet")
-            io_s, _ = best_of(1, lambda: calibrate_scored(f"{tmp}/scored.parquet", f"{tmp}/out", overwrite=True))
+            io_s, _ = best_of(repeats, lambda: calibrate_scored(f"{tmp}/scored.parquet", f"{tmp}/out", overwrite=True))
         result["file_stage_seconds"] = io_s
     del ids, sample_idx, rewards, tables, u, expected, new_rewards
     gc.collect()
@@ -94,6 +112,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()
     results = [run_size(n, args.k, args.repeats, args.seed, args.io) for n in args.sizes]
     print(f"{'samples':>11} {'prompts':>9} {'ours s':>8} {'pandas s':>9} {'speed-up':>9} {'rows/s':>12} "
           f"{'apply s':>8}" + (f" {'file stage s':>13}" if args.io else ""))
@@ -109,7 +128,9 @@ def main() -> None:
             "n": largest["n"],
             "results": results,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
-                        "pandas": pd.__version__, "platform": platform.platform()},
+                        "pandas": pd.__version__, "platform": platform.platform(),
+                        # 1-minute load average before and after: > 0 means other work shared the cores
+                        "loadavg_1min_before": load_before[0], "loadavg_1min_after": os.getloadavg()[0]},
             "date": datetime.date.today().isoformat(),
             "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         }))
