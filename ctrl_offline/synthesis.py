@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from .calibration import _SHOW, _name_some  # the same message format as calibration's errors
 from .transforms import Transform, get_transform
 
 __all__ = [
@@ -46,7 +47,6 @@ __all__ = [
 PAIR_STRATEGIES = ("all", "best_vs_rest", "best_vs_worst", "sampled")
 LOG_PARTITIONS = ("empirical", "continuous")
 
-_SHOW = 5  # offending rows / prompts named in an error message
 
 
 class SynthesisError(ValueError):
@@ -73,18 +73,6 @@ class Pairs:
 
 
 # -- validation -----------------------------------------------------------------------------------
-def _plain(value):
-    """numpy scalars as Python values, so messages read 'p1' and 3 rather than np.str_('p1')."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _name_some(values, what: str) -> str:
-    values = list(values)
-    shown = ", ".join(repr(_plain(v)) for v in values[:_SHOW])
-    more = f" and {len(values) - _SHOW} more" if len(values) > _SHOW else ""
-    return f"{what} {shown}{more}"
-
-
 def _rows_and_prompts(mask: np.ndarray, prompt_ids: np.ndarray) -> str:
     """'rows 3, 7 (prompt_id 'p1', 'p2')': the offending rows and their prompts, the first few of each."""
     rows = np.flatnonzero(mask)
