@@ -48,8 +48,10 @@ def bootstrap_mean(per_prompt: np.ndarray, num_boot: int = 2000, level: float = 
     draws = rng.integers(0, len(per_prompt), size=(num_boot, len(per_prompt)))
     means = per_prompt[draws].mean(axis=1)
     tail = (1 - level) / 2
-    return Estimate(float(per_prompt.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail)),
-                    len(per_prompt))
+    # A mean lies in [min, max]; clipping removes the summation's last-bit rounding.
+    lo, hi = per_prompt.min(), per_prompt.max()
+    low, high = np.clip(np.quantile(means, [tail, 1 - tail]), lo, hi)
+    return Estimate(float(np.clip(per_prompt.mean(), lo, hi)), float(low), float(high), len(per_prompt))
 
 
 def pairwise_win_matrix(policy_rewards: np.ndarray, reference_rewards: np.ndarray) -> np.ndarray:
@@ -79,7 +81,8 @@ def inference_win_rate(policy_rewards, reference_rewards, selector: str, n: int,
     pol = select(r, selector, **selector_args, **extra_p)
     ref = select(s, selector, **selector_args, **extra_q)
     w = np.nan_to_num(pairwise_win_matrix(r, s))
-    per_prompt = np.einsum("bi,bij,bj->b", pol.probs, w, ref.probs)
+    # A probability: clip the float rounding of the weighted sum (it can land at 1 + 2e-16).
+    per_prompt = np.clip(np.einsum("bi,bij,bj->b", pol.probs, w, ref.probs), 0.0, 1.0)
     empty = (pol.probs.sum(axis=1) == 0) | (ref.probs.sum(axis=1) == 0)
     per_prompt = np.where(empty, np.nan, per_prompt)
     est = bootstrap_mean(per_prompt, num_boot=num_boot, rng=rng)

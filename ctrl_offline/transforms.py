@@ -32,6 +32,8 @@ from ._special import log_int_exp_over_s, log_int_negexp_over_s
 
 __all__ = [
     "Transform",
+    "Rescaled",
+    "unit_scale",
     "Identity",
     "Log",
     "Exp",
@@ -248,6 +250,39 @@ class FunctionTransform(Transform):
         u = np.asarray(u, dtype=float)
         out = self._fn(u, self.t) if self.has_t else self._fn(u)
         return np.broadcast_to(np.asarray(out, dtype=float), u.shape)
+
+
+class Rescaled(Transform):
+    """Φ/s at β/s: the same tilted policy π* ∝ π_ref·exp(Φ/β), with Φ in other units.
+
+    Training sets are written with Φ rescaled to span 1 on [0, 1] (see :func:`unit_scale`): for
+    exp/negexp at large t, Φ spans e^t and a soft label σ(ΔΦ) would be 0 or 1 in float64.
+    """
+
+    def __init__(self, base: Transform, scale: float):
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be finite and > 0, got {scale!r}")
+        self.base, self.scale = base, float(scale)
+        self.name, self.has_t, self.t = base.name, base.has_t, base.t
+
+    def phi(self, u):
+        return self.base.phi(u) / self.scale
+
+    def _gap(self, u, beta):
+        return self.base._gap(u, beta * self.scale)
+
+    def _log_cumulative_excess(self, u, beta):
+        return self.base._log_cumulative_excess(u, beta * self.scale)
+
+    def __repr__(self) -> str:
+        return f"Rescaled({self.base!r}, scale={self.scale:g})"
+
+
+def unit_scale(transform: Transform) -> float:
+    """Φ(1) − Φ(0), the span of Φ on [0, 1]; 1 when it is infinite (log) or not positive."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        span = float(transform.phi(np.ones(1))[0] - transform.phi(np.zeros(1))[0])
+    return span if math.isfinite(span) and span > 0 else 1.0
 
 
 def _check_increasing(transform: Transform) -> None:

@@ -6,11 +6,13 @@ import pytest
 
 from ctrl_offline.transforms import (
     FunctionTransform,
+    Rescaled,
     Transform,
     available_transforms,
     family_has_t,
     get_transform,
     register_transform,
+    unit_scale,
 )
 
 mp.mp.dps = 30
@@ -158,3 +160,22 @@ def test_bad_transforms_and_parameters_are_refused():
         get_transform("identity").log_partition(0.0)
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
         get_transform("identity").log_cdf(1.5, 1.0)
+
+
+@pytest.mark.parametrize("spec", ["identity", "exp:12.6", "negexp:8", "log"])
+def test_rescaled_transform_keeps_the_tilted_policy(spec):
+    """Φ/s at β/s is the same π*: same density and CDF; Φ/s spans exactly 1 for finite families."""
+    name, _, t = spec.partition(":")
+    base = get_transform(name, float(t) if t else None)
+    scale = unit_scale(base)
+    scaled = Rescaled(base, scale)
+    u = np.linspace(0.01, 1, 50)
+    for beta in (0.05, 1.0, 3e4):
+        np.testing.assert_allclose(scaled.log_density(u, beta / scale), base.log_density(u, beta), rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(scaled.log_cdf(u, beta / scale), base.log_cdf(u, beta), rtol=1e-10, atol=1e-10)
+    if spec != "log":
+        assert scaled.phi(np.array([1.0]))[0] - scaled.phi(np.array([0.0]))[0] == pytest.approx(1.0)
+    else:
+        assert scale == 1.0
+    with pytest.raises(ValueError, match="scale"):
+        Rescaled(base, 0.0)

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from ..io import DataError, atomic_output_dir, fingerprint, read_metadata, read_table, require_columns
 from ..synthesis import make_pairs, pointwise_targets, sft_weights
-from ..transforms import family_has_t, get_transform
+from ..transforms import Rescaled, family_has_t, get_transform, unit_scale
 from .calibrate import CALIBRATED_FILE
 
 __all__ = ["BuildResult", "build_dataset", "FORMATS", "BUILD_METADATA"]
@@ -122,7 +122,10 @@ def build_dataset(
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
-    phi, beta, planned = _choose_transform(transform, t, beta, inference, n, kl)
+    phi, planner_beta, planned = _choose_transform(transform, t, beta, inference, n, kl)
+    # Same π*, Φ in units where it spans 1: keeps soft labels σ(ΔΦ) and IPO targets in range.
+    scale = unit_scale(phi)
+    phi, beta = Rescaled(phi, scale), planner_beta / scale
     path = Path(calibrated)
     if path.is_dir() and (path / CALIBRATED_FILE).exists():
         path = path / CALIBRATED_FILE
@@ -183,7 +186,9 @@ def build_dataset(
         "format": format,
         "transform": phi.name,
         "t": phi.t,
-        "beta": beta,
+        "beta": beta,  # the trainer's β (Φ rescaled by phi_scale)
+        "phi_scale": scale,
+        "unscaled_beta": planner_beta,
         "planner": None if planned is None else {"inference": inference, "n": n, "kl": kl, "row": vars(planned)},
         "strategy": strategy if format == "pairs" else None,
         "pairs_per_prompt": pairs_per_prompt,
