@@ -45,11 +45,14 @@ def load_causal_lm(name_or_path: str, adapter: str | None = None, device: str | 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .embedded import load_error_message, resolve_model
+
+    path = resolve_model(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
     except OSError as err:
-        raise OSError(f"cannot load model {name_or_path!r}: {err}. If this machine is offline, pass a local folder.") from err
+        raise OSError(load_error_message("model", name_or_path, err)) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if adapter:

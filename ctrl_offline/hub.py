@@ -83,7 +83,8 @@ def render_model_card(info: ModelCardInfo, repo_id: str) -> str:
     return header + "\n".join(lines)
 
 
-def _token(token: str | None) -> str:
+def resolve_token(token: str | None = None) -> str:
+    """The explicit token, else the standard login's; HubError before any work when there is none."""
     from huggingface_hub import get_token
 
     token = token or get_token()
@@ -100,7 +101,7 @@ def push_adapter(adapter_dir: str | os.PathLike, repo_id: str, info: ModelCardIn
     ``dataset_dir`` (optional) is pushed to a dataset repo of the same name. The token is resolved
     first, so a missing login fails before any file is staged or any request is made.
     """
-    token = _token(token)
+    token = resolve_token(token)
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").exists():
         raise HubError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")

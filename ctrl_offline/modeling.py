@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .embedded import load_error_message, resolve_model
+
 __all__ = ["ModelLoadingConfig", "QuantizationUnavailable", "load_policy", "lora_config", "bitsandbytes_available"]
 
 logger = logging.getLogger(__name__)
@@ -110,11 +112,9 @@ def load_policy(config: ModelLoadingConfig):
     if not quantised and config.torch_dtype != "auto":
         kwargs["dtype"] = getattr(torch, config.torch_dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(config.model_name_or_path), **kwargs)
     except OSError as err:
-        raise OSError(
-            f"cannot load model {config.model_name_or_path!r}: {err}. If this machine is offline, pass a local folder."
-        ) from err
+        raise OSError(load_error_message("model", config.model_name_or_path, err)) from err
     if quantised:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     elif config.gradient_checkpointing:

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .embedded import load_error_message
+
 __all__ = ["RewardModel", "load_reward", "reward_name"]
 
 
@@ -29,9 +31,7 @@ class RewardModel:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
             self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
         except OSError as err:
-            raise ValueError(
-                f"cannot load reward model {name_or_path!r}: {err}. If this machine is offline, pass a local folder."
-            ) from err
+            raise ValueError(load_error_message("reward model", name_or_path, err)) from err
         outputs = self.model.config.num_labels
         if outputs != 1:
             shape = next((tuple(p.shape) for n, p in self.model.named_parameters()
@@ -101,8 +101,14 @@ def reward_name(spec: str) -> tuple[str, str]:
     return base.replace("-", "_").replace(".", "_"), spec
 
 
+#: Short names for rewards that ship with the project.
+BUILTIN_REWARDS = {"vader": "ctrl_offline.embedded:vader_sentiment"}
+
+
 def load_reward(spec: str, batch_size: int = 16, device: str | None = None) -> Callable:
-    """A callable ``(prompts, completions) -> np.ndarray`` for a reward model path/id or ``module:function``."""
+    """A callable ``(prompts, completions) -> np.ndarray`` for a reward model path/id, ``module:function``
+    or a built-in name (``vader``)."""
+    spec = BUILTIN_REWARDS.get(spec, spec)
     if ":" in spec and not os.path.exists(spec):
         return _load_function(spec)
     return RewardModel(spec, batch_size=batch_size, device=device)

@@ -100,3 +100,9 @@ def _describe_change(old, new, key: str) -> str:
         diff = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         return f"{key} " + ", ".join(diff[:4])
     return f"{key}: {old!r} → {new!r}"
+
+
+def is_complete(out_dir: str | os.PathLike) -> bool:
+    """Whether ``out_dir`` holds a finished sharded run (every shard written)."""
+    path = Path(out_dir) / MANIFEST
+    return path.exists() and bool(json.loads(path.read_text()).get("complete"))

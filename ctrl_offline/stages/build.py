@@ -75,7 +75,9 @@ def _verified_ref_logps(ref: np.ndarray, table: pa.Table, prompt_col: str, token
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(tokenizer_path)
+        from ..embedded import resolve_model
+
+        tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer_path))
     except OSError as err:
         raise DataError(f"cannot load tokenizer {tokenizer_path!r} to check reference log-probs: {err}") from err
     eos = tok.eos_token or ""

@@ -175,6 +175,9 @@ class _VLLMBackend(_TransformersBackend):
             raise DataError("backend 'vllm' needs the vllm package (pip install 'ctrl-offline[gpu]')") from err
         from transformers import AutoConfig, AutoTokenizer
 
+        from ..embedded import resolve_model
+
+        model_name_or_path = resolve_model(model_name_or_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
         self.model = type("Config", (), {"config": AutoConfig.from_pretrained(model_name_or_path)})()
         self.llm = LLM(model=model_name_or_path)

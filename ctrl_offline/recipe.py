@@ -1,0 +1,383 @@
+"""The whole CTRL pipeline as one resumable run: prompts → sample → score → calibrate → plan/build
+→ train → evaluate → push.
+
+Configured like TRL / alignment-handbook scripts: dataclasses parsed from a YAML file
+(``--config``) with command-line overrides. Every stage writes its own folder under
+``output_dir`` atomically and is skipped when that folder exists, so a killed run picks up
+where it stopped (sampling and scoring also resume shard by shard, training from its last
+checkpoint). A run folder remembers its config; running another config into it is refused
+unless ``--overwrite``.
+
+Under ``accelerate launch`` with several processes, sampling and scoring split the prompts by
+rank, training runs data-parallel (or ZeRO/FSDP, from the accelerate config), and the
+single-process stages (calibrate, build, evaluate, push) run on the main process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import CTRLConfig, CTRLPointwiseConfig
+from .hub import HubError
+from .io import DataError
+from .modeling import ModelLoadingConfig
+from .trainer import TrainingDataError
+
+__all__ = ["ModelArguments", "RecipeConfig", "RecipeError", "parse_recipe_args", "run_recipe", "main"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "recipe_config.json"
+# Settings that change where results go or how they are logged, not the results themselves.
+_NOT_RESULT_SETTINGS = {
+    "output_dir", "logging_dir", "overwrite", "push_to_hub", "hub_model_id", "hub_private_repo", "hub_revision",
+    "hub_token", "hub_strategy", "report_to", "logging_steps", "logging_first_step", "run_name", "disable_tqdm",
+    "push_dataset", "save_steps", "save_total_limit", "resume_from_checkpoint", "dataloader_num_workers",
+}
+
+
+class RecipeError(RuntimeError):
+    """A run that cannot start: bad config, a run folder holding another config, no Hub token."""
+
+
+@dataclass
+class RecipeConfig:
+    """What to align for, on which data, with which reward (the model and trainer have their own)."""
+
+    dataset_name: str = field(default="Anthropic/hh-rlhf", metadata={
+        "help": "Hub id or local folder in the hh-rlhf layout (<subset>/{train,test}.jsonl); embedded:hh-tiny ships here."})
+    dataset_subsets: list[str] = field(default_factory=lambda: ["helpful-base"], metadata={
+        "help": "hh-rlhf subsets (data_dir) to draw prompts from."})
+    train_split: str = field(default="train", metadata={"help": "Split the training prompts come from."})
+    eval_split: str = field(default="test", metadata={"help": "Split the held-out evaluation prompts come from."})
+    num_train_prompts: int = field(default=2000, metadata={"help": "Training prompts (unique, in dataset order)."})
+    num_eval_prompts: int = field(default=200, metadata={"help": "Held-out evaluation prompts."})
+    reward_model: str = field(default="OpenAssistant/reward-model-deberta-v3-large-v2", metadata={
+        "help": "Reward: a single-score reward model (Hub id/folder), module:function, or `vader`."})
+    num_samples: int = field(default=8, metadata={"help": "K, reference samples per prompt."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Longest sampled completion, in tokens."})
+    sampling_batch_size: int = field(default=8, metadata={"help": "Prompts per generate call."})
+    inference: str = field(default="bon", metadata={"help": "Inference-time procedure aligned for: bon or won."})
+    inference_n: int = field(default=4, metadata={"help": "N of best-of-N / worst-of-N."})
+    kl_budget: float = field(default=0.5, metadata={"help": "KL(π‖π_ref) budget in nats; the planner picks t and β."})
+    transform: str | None = field(default=None, metadata={
+        "help": "Transform family (identity, log, exp, negexp); default: the planner's best for the procedure."})
+    data_format: str = field(default="pairs", metadata={"help": "pairs (DPO/IPO/distill) or pointwise."})
+    pair_strategy: str = field(default="all", metadata={"help": "all, best_vs_rest, best_vs_worst or sampled."})
+    pairs_per_prompt: int | None = field(default=None, metadata={"help": "Pairs per prompt for pair_strategy=sampled."})
+    keep_unfinished: bool = field(default=False, metadata={
+        "help": "Train on completions cut at max_new_tokens too (their EOS was never sampled)."})
+    eval_n: list[int] = field(default_factory=lambda: [1, 2, 4], metadata={"help": "N values evaluated."})
+    eval_selectors: list[str] = field(default_factory=lambda: ["bon", "won"], metadata={
+        "help": "Selectors evaluated (bon, won, soft_bon, rbon, itp, tsallis, bot)."})
+    push_dataset: bool = field(default=False, metadata={"help": "With --push_to_hub, also push the built dataset."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a run folder that holds another config."})
+
+    def __post_init__(self):
+        if self.inference not in ("bon", "won"):
+            raise RecipeError(f"inference must be 'bon' or 'won', got {self.inference!r}")
+        if self.data_format not in ("pairs", "pointwise"):
+            raise RecipeError(f"data_format must be 'pairs' or 'pointwise', got {self.data_format!r}")
+        for name in ("num_train_prompts", "num_eval_prompts", "inference_n", "max_new_tokens", "sampling_batch_size"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.num_samples < 2:
+            raise RecipeError(f"num_samples (K) must be ≥ 2, got {self.num_samples}")
+        if not self.kl_budget > 0:
+            raise RecipeError(f"kl_budget must be > 0, got {self.kl_budget}")
+
+
+# -- configuration --------------------------------------------------------------------------------
+# The training config already has these two; the model's values are taken from it.
+_FROM_TRAINING = ("gradient_checkpointing", "trust_remote_code")
+
+
+def _copy_field(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING:
+        return field(default_factory=f.default_factory, metadata=f.metadata)
+    if f.default is not dataclasses.MISSING:
+        return field(default=f.default, metadata=f.metadata)
+    return field(metadata=f.metadata)
+
+
+#: ModelLoadingConfig without the fields the training config owns (one parser cannot hold both).
+ModelArguments = dataclasses.make_dataclass(
+    "ModelArguments",
+    [(f.name, f.type, _copy_field(f)) for f in dataclasses.fields(ModelLoadingConfig) if f.name not in _FROM_TRAINING],
+)
+
+
+def model_loading_config(model_args, training_args) -> ModelLoadingConfig:
+    return ModelLoadingConfig(**dataclasses.asdict(model_args),
+                              **{name: getattr(training_args, name) for name in _FROM_TRAINING})
+
+
+def _field_names(types) -> list[str]:
+    return [f.name for t in types for f in dataclasses.fields(t) if f.init]
+
+
+def _unknown_key_message(keys: list[str], known: list[str], where: str) -> str:
+    lines = []
+    for key in keys:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        lines.append(f"unknown config key {key!r} {where}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    return "\n".join(lines)
+
+
+def parse_recipe_args(argv: list[str] | None = None, defaults: dict | None = None):
+    """(RecipeConfig, ModelArguments, CTRLConfig) from ``--config file.yaml`` and flags.
+
+    ``defaults`` are the script's own defaults (a YAML file and the command line override them).
+    An unknown key, in the file or on the command line, is named with the closest known key.
+    """
+    from trl import TrlParser
+
+    types = (RecipeConfig, ModelArguments, CTRLConfig)
+    parser = TrlParser(types)
+    parser.allow_abbrev = False  # --num_sample must not silently mean --num_samples
+    known = _field_names(types)
+    if defaults:
+        parser.set_defaults_with_config(**defaults)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv and argv.index("--config") + 1 >= len(argv):
+        raise RecipeError("--config needs a YAML file")
+    where = f"in {argv[argv.index('--config') + 1]}" if "--config" in argv else ""
+    try:
+        *configs, from_file, from_cli = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True)
+    except FileNotFoundError as err:
+        raise RecipeError(f"config file not found: {err.filename}") from err
+    unknown_file = [s[2:] for s in from_file[::2]]
+    unknown_cli = [s[2:].split("=")[0] for s in from_cli if s.startswith("--")]
+    if unknown_file or unknown_cli or [s for s in from_cli if not s.startswith("--")]:
+        message = "\n".join(m for m in (_unknown_key_message(unknown_file, known, where),
+                                         _unknown_key_message(unknown_cli, known, "on the command line")) if m)
+        raise RecipeError(message or f"unexpected arguments: {from_cli}")
+    return tuple(configs)
+
+
+def _result_settings(recipe, model_args, training_args) -> dict:
+    settings = {"recipe": dataclasses.asdict(recipe), "model": dataclasses.asdict(model_args),
+                "training": {f.name: getattr(training_args, f.name) for f in dataclasses.fields(training_args)
+                             if f.init}}
+    cleaned = {}
+    for group, values in settings.items():
+        cleaned[group] = {k: v for k, v in values.items() if k not in _NOT_RESULT_SETTINGS}
+    return json.loads(json.dumps(cleaned, default=str))
+
+
+def _check_run_folder(run_dir: Path, settings: dict, overwrite: bool) -> None:
+    saved = run_dir / CONFIG_FILE
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        changed = [f"{group}.{key}: {old.get(group, {}).get(key)!r} → {settings[group].get(key)!r}"
+                   for group in settings for key in sorted(set(old.get(group, {})) | set(settings[group]))
+                   if old.get(group, {}).get(key) != settings[group].get(key)]
+        if changed and not overwrite:
+            shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
+            raise RecipeError(f"{run_dir} holds a run with a different config ({shown}). "
+                              "Use another --output_dir, or --overwrite to replace it.")
+        if changed:
+            logger.warning("--overwrite: removing the run in %s (its config differs)", run_dir)
+            shutil.rmtree(run_dir)
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise RecipeError(f"{run_dir} is not empty and holds no recipe run; use another --output_dir or --overwrite")
+    elif run_dir.exists() and overwrite:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(settings, indent=2))
+
+
+# -- the run --------------------------------------------------------------------------------------
+def _stage(name: str, done: bool):
+    if done:
+        logger.info("[%s] done already, skipped", name)
+    else:
+        logger.info("[%s] running", name)
+    return not done
+
+
+def _write_prompts(path: Path, prompts: list) -> None:
+    from .io import atomic_output_dir
+
+    with atomic_output_dir(path, overwrite=False) as tmp:
+        with open(tmp / "prompts.jsonl", "w", encoding="utf-8") as f:
+            for p in prompts:
+                f.write(json.dumps({"prompt": p}) + "\n")
+
+
+def _train(recipe, model_args, training_args, data_dir: Path, adapter_dir: Path, beta: float) -> None:
+    from datasets import load_from_disk
+
+    from transformers import AutoTokenizer
+
+    from .embedded import resolve_model
+    from .modeling import load_policy
+    from .trainer import CTRLPointwiseTrainer, CTRLTrainer
+
+    dataset = load_from_disk(str(data_dir))
+    model, lora = load_policy(model_loading_config(model_args, training_args))
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_args.model_name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    shared = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(training_args) if f.init}
+    shared.update(output_dir=str(data_dir.parent / "train"), beta=beta, push_to_hub=False)
+    if recipe.data_format == "pairs":
+        args = CTRLConfig(**shared)
+        trainer_cls = CTRLTrainer
+    else:
+        names = {f.name for f in dataclasses.fields(CTRLPointwiseConfig) if f.init}
+        args = CTRLPointwiseConfig(**{k: v for k, v in shared.items() if k in names and k != "ctrl_loss"})
+        trainer_cls = CTRLPointwiseTrainer
+    trainer = trainer_cls(model, args, dataset, processing_class=tokenizer, peft_config=lora)
+    checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    if trainer.accelerator.is_main_process:
+        from .io import atomic_output_dir
+
+        with atomic_output_dir(adapter_dir, overwrite=False) as tmp:
+            trainer.save_model(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+    trainer.accelerator.wait_for_everyone()
+
+
+def run_recipe(recipe: RecipeConfig, model_args, training_args: CTRLConfig,
+               command: str | None = None) -> dict:
+    """Run (or resume) the pipeline into ``training_args.output_dir``; returns the evaluation report."""
+    from accelerate import PartialState
+
+    from .generation import SamplingConfig
+    from .hh import hh_prompts
+    from .stages.build import build_dataset
+    from .stages.calibrate import calibrate_scored
+    from .stages.evaluate import evaluate_policy
+    from .stages._shards import is_complete
+    from .stages.sample import sample_prompts
+    from .stages.score import score_samples
+
+    state = PartialState()
+    run_dir = Path(training_args.output_dir)
+    if training_args.push_to_hub:
+        from .hub import resolve_token
+
+        if not training_args.hub_model_id:
+            raise RecipeError("--push_to_hub needs --hub_model_id (the repo to push to)")
+        resolve_token(training_args.hub_token)  # no token: fail now, not after hours of work
+    settings = _result_settings(recipe, model_args, training_args)
+    if state.is_main_process:
+        _check_run_folder(run_dir, settings, recipe.overwrite)
+    state.wait_for_everyone()
+    started = time.perf_counter()
+    model = model_args.model_name_or_path
+
+    prompts_dir = run_dir / "prompts"
+    if state.is_main_process and _stage("prompts", (prompts_dir / "eval" / "prompts.jsonl").exists()):
+        train = hh_prompts(recipe.dataset_name, recipe.dataset_subsets, recipe.train_split, recipe.num_train_prompts)
+        held_out = hh_prompts(recipe.dataset_name, recipe.dataset_subsets, recipe.eval_split, recipe.num_eval_prompts)
+        if not train or not held_out:
+            raise RecipeError(f"no prompts in {recipe.dataset_name} ({recipe.dataset_subsets}) for the train or eval split")
+        _write_prompts(prompts_dir / "train", train)
+        _write_prompts(prompts_dir / "eval", held_out)
+    state.wait_for_everyone()
+
+    sampling = SamplingConfig(k=recipe.num_samples, max_new_tokens=recipe.max_new_tokens,
+                              batch_size=recipe.sampling_batch_size)
+    # sample/score resume shard by shard and split shards across ranks themselves.
+    if _stage("sample", is_complete(run_dir / "samples")):
+        sample_prompts(str(prompts_dir / "train" / "prompts.jsonl"), run_dir / "samples", model, sampling=sampling,
+                       seed=training_args.seed)
+    state.wait_for_everyone()
+    if _stage("score", is_complete(run_dir / "scored")):
+        score_samples(run_dir / "samples", run_dir / "scored", [recipe.reward_model])
+    state.wait_for_everyone()
+
+    data_dir = run_dir / "data"
+    if state.is_main_process:
+        if _stage("calibrate", (run_dir / "calibrated").exists()):
+            calibrate_scored(run_dir / "scored", run_dir / "calibrated")
+        if _stage("build", data_dir.exists()):
+            build_dataset(run_dir / "calibrated", data_dir, format=recipe.data_format, transform=recipe.transform,
+                          inference=recipe.inference, n=recipe.inference_n, kl=recipe.kl_budget,
+                          strategy=recipe.pair_strategy, pairs_per_prompt=recipe.pairs_per_prompt,
+                          keep_unfinished=recipe.keep_unfinished, seed=training_args.seed)
+    state.wait_for_everyone()
+    build_info = json.loads((data_dir / "ctrl_build.json").read_text())
+
+    adapter_dir = run_dir / "adapter"
+    if _stage("train", (adapter_dir / "adapter_config.json").exists()):
+        _train(recipe, model_args, training_args, data_dir, adapter_dir, build_info["beta"])
+
+    eval_dir = run_dir / "eval"
+    report = None
+    if state.is_main_process:
+        if _stage("evaluate", (eval_dir / "report.json").exists()):
+            evaluate_policy(str(prompts_dir / "eval" / "prompts.jsonl"), eval_dir, model, recipe.reward_model,
+                            adapter=str(adapter_dir), n=tuple(recipe.eval_n), selectors=tuple(recipe.eval_selectors),
+                            max_new_tokens=recipe.max_new_tokens, seed=training_args.seed,
+                            train_data=str(data_dir), transform=build_info["transform"], t=build_info["t"])
+        report = json.loads((eval_dir / "report.json").read_text())
+        report["build"] = {k: build_info.get(k) for k in ("transform", "t", "beta", "unscaled_beta", "num_rows")}
+        if training_args.push_to_hub:
+            _push(recipe, model_args, training_args, run_dir, report, command)
+        logger.info("run finished in %.0f s: %s", time.perf_counter() - started, run_dir)
+    state.wait_for_everyone()
+    return report
+
+
+def _push(recipe, model_args, training_args, run_dir: Path, report: dict, command: str | None) -> None:
+    from .hub import ModelCardInfo, push_adapter
+
+    adapter_dir = run_dir / "adapter"
+    for png in (run_dir / "eval").glob("*.png"):
+        shutil.copy(png, adapter_dir / png.name)
+    info = ModelCardInfo(
+        base_model=model_args.model_name_or_path, dataset=f"{recipe.dataset_name} ({', '.join(recipe.dataset_subsets)})",
+        k=recipe.num_samples, reward_model=recipe.reward_model, transform=report["build"]["transform"],
+        t=report["build"]["t"], beta=report["build"]["beta"], inference=recipe.inference, n=recipe.inference_n,
+        win_rates=report["win_rates"], kl=report["kl"]["value"], plots=sorted(p.name for p in adapter_dir.glob("*.png")),
+        command=command)
+    url = push_adapter(adapter_dir, training_args.hub_model_id, info, private=bool(training_args.hub_private_repo),
+                       revision=getattr(training_args, "hub_revision", None),
+                       dataset_dir=run_dir / "data" if recipe.push_dataset else None, token=training_args.hub_token)
+    logger.info("pushed: %s", url)
+
+
+def summary(report: dict) -> str:
+    """Before/after table: the reference against itself wins 0.5 by definition."""
+    lines = [f"{'procedure':<10} {'reference':>9} {'aligned':>8}   95% CI"]
+    for row in report["win_rates"]:
+        lines.append(f"{row['selector'] + '-' + str(row['n']):<10} {0.5:>9.3f} {row['value']:>8.3f}   "
+                     f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
+    kl = report["kl"]
+    build = report.get("build", {})
+    t = "" if build.get("t") is None else f" t={build['t']:.3g}"
+    lines.append(f"KL(aligned ‖ reference) = {kl['value']:.3f} nats [{kl['ci_low']:.3f}, {kl['ci_high']:.3f}]"
+                 f"   transform {build.get('transform')}{t}, β={build.get('beta', float('nan')):.3g}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, defaults: dict | None = None) -> int:
+    """Entry point of ``recipes/*.py``: parse, run, print the before/after summary."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        recipe, model_args, training_args = parse_recipe_args(argv, defaults)
+        command = " ".join([Path(sys.argv[0]).name] + list(sys.argv[1:] if argv is None else argv))
+        report = run_recipe(recipe, model_args, training_args, command=command)
+    except (RecipeError, HubError, DataError, TrainingDataError, OSError, ValueError) as err:
+        # Input and environment problems: one line, no traceback from deep inside a library.
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if report is not None:
+        print(summary(report))
+        print(f"adapter: {Path(training_args.output_dir) / 'adapter'}   report: "
+              f"{Path(training_args.output_dir) / 'eval' / 'report.md'}")
+    return 0

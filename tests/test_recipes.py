@@ -1,0 +1,125 @@
+"""The recipes (recipes/hh_bon.py, hh_won.py): config parsing, the resumable run, refusals, push checks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ctrl_offline.hh import EMBEDDED_HH, dialogue_to_messages, hh_prompts
+from ctrl_offline.recipe import RecipeError, main, parse_recipe_args
+from tiny_models import build_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_BON = ROOT / "recipes" / "configs" / "hh_bon_tiny.yaml"
+TINY_WON = ROOT / "recipes" / "configs" / "hh_won_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory):
+    """A tiny random Llama whose tokenizer has a (minimal) chat template, as HH prompts are chats."""
+    from transformers import AutoTokenizer
+
+    path = build_tiny_model(tmp_path_factory.mktemp("recipe") / "model", hidden=32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_args(model, out, *extra):
+    """The tiny config on the tiny random model: seconds instead of minutes."""
+    return ["--config", str(TINY_BON), "--output_dir", str(out), "--model_name_or_path", str(model),
+            "--reward_model", "tiny_models:word_count_reward", "--keep_unfinished", "true",
+            "--num_train_prompts", "6", "--num_eval_prompts", "4", "--max_new_tokens", "6", "--max_steps", "2",
+            *map(str, extra)]
+
+
+def test_hh_dialogues_become_chat_prompts():
+    text = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Name a fruit.\n\nAssistant: An apple."
+    assert dialogue_to_messages(text) == [
+        {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Name a fruit."}]
+    with pytest.raises(ValueError, match="not an HH dialogue"):
+        dialogue_to_messages("just text")
+    prompts = hh_prompts(EMBEDDED_HH, ["helpful-base", "harmless-base"], "test")
+    assert len(prompts) == 24 and all(p[-1]["role"] == "user" for p in prompts)
+    assert any(len(p) == 3 for p in prompts)  # multi-turn prompts keep the earlier turns
+    assert len(hh_prompts(EMBEDDED_HH, ["helpful-base"], "train", limit=5)) == 5
+
+
+def test_offline_hub_dataset_says_how_to_use_a_local_copy():
+    with pytest.raises(OSError) as info:
+        hh_prompts("Anthropic/hh-rlhf", ["helpful-base"], "train", limit=2)
+    assert "offline" in str(info.value) and "local folder" in str(info.value) and EMBEDDED_HH in str(info.value)
+
+
+def test_yaml_and_command_line_overrides_and_unknown_keys(tmp_path):
+    recipe, model, training = parse_recipe_args(["--config", str(TINY_WON), "--output_dir", str(tmp_path),
+                                                 "--learning_rate", "0.01", "--eval_n", "1", "8"])
+    assert (recipe.inference, recipe.transform, recipe.dataset_subsets) == ("won", "negexp", ["harmless-base"])
+    assert model.model_name_or_path == "embedded:smollm2" and model.load_in_4bit is False
+    assert training.learning_rate == 0.01 and recipe.eval_n == [1, 8]  # the command line wins over the file
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY_BON.read_text() + "lerning_rate: 0.1\n")
+    with pytest.raises(RecipeError, match=r"unknown config key 'lerning_rate' in .*bad.yaml; did you mean 'learning_rate'\?"):
+        parse_recipe_args(["--config", str(bad)])
+    with pytest.raises(RecipeError, match=r"'num_sample' on the command line; did you mean 'num_samples'\?"):
+        parse_recipe_args(["--config", str(TINY_BON), "--num_sample", "4"])
+    with pytest.raises(RecipeError, match="inference must be 'bon' or 'won'"):
+        parse_recipe_args(["--config", str(TINY_BON), "--inference", "median"])
+
+
+def test_recipe_runs_end_to_end_then_resumes_and_guards_its_folder(tiny_chat_model, tmp_path, capsys, caplog):
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_chat_model, out)) == 0
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert {(r["selector"], r["n"]) for r in report["win_rates"]} == {(s, n) for s in ("bon", "won") for n in (1, 2, 4)}
+    assert json.loads((out / "data" / "ctrl_build.json").read_text())["transform"] == "exp"  # planned for BoN-4
+    assert report["prompts"]["overlap_with_training"] == 0
+    printed = capsys.readouterr().out
+    assert "bon-4" in printed and "KL(aligned" in printed
+
+    # Same config again: every stage is skipped and nothing is rewritten.
+    adapter_time = (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ctrl_offline.recipe"):
+        assert main(tiny_args(tiny_chat_model, out)) == 0
+    skipped = {r.getMessage().split("]")[0].lstrip("[") for r in caplog.records if "skipped" in r.getMessage()}
+    assert skipped == {"prompts", "sample", "score", "calibrate", "build", "train", "evaluate"}
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == adapter_time
+
+    # Another config into the same folder: refused, naming what changed, unless --overwrite.
+    assert main(tiny_args(tiny_chat_model, out, "--learning_rate", "0.5")) == 2
+    err = capsys.readouterr().err
+    assert "different config" in err and "learning_rate" in err and "--overwrite" in err
+    assert main(tiny_args(tiny_chat_model, out, "--learning_rate", "0.5", "--overwrite", "true")) == 0
+    assert json.loads((out / "recipe_config.json").read_text())["training"]["learning_rate"] == 0.5
+
+
+def test_push_without_a_token_fails_before_any_work(tiny_chat_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no stored login either
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_chat_model, out, "--push_to_hub", "true", "--hub_model_id", "me/ctrl")) == 2
+    assert "no Hugging Face token" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config,script", [(TINY_BON, "hh_bon.py"), (TINY_WON, "hh_won.py")])
+def test_tiny_config_on_the_embedded_model_under_accelerate(config, script, tmp_path):
+    """The documented CPU run, as users launch it: accelerate, the embedded SmolLM2, VADER (minutes)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(ROOT / "recipes" / "accelerate" / "cpu.yaml"), str(ROOT / "recipes" / script),
+                           "--config", str(config), "--output_dir", str(out)],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "adapter" / "adapter_config.json").exists()
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert report["kl"]["value"] == report["kl"]["value"] and "KL(aligned" in proc.stdout
