@@ -202,7 +202,7 @@ def evaluate(run: Path, info: dict, eval_prompts, ref_rewards, args) -> dict:
     for selector in ("bon", "won"):
         result[selector] = inference_win_rate(rewards, ref_rewards, selector, args.n)
         # What the theory promises a CTRL policy of this transform at the KL actually reached.
-        if info["transform"] in ("exp", "negexp", "identity") and kl["value"] > 1e-3:
+        if not run.name.startswith("raw_") and kl["value"] > 1e-3:
             phi = get_transform(info["transform"], info["t"])
             result[selector]["predicted"] = float(predicted_win_rate(phi, solve_beta(phi, kl["value"]), selector, args.n))
     cache.write_text(json.dumps(result, indent=2))
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
     parser.add_argument("--pairs-per-prompt", type=int, default=1, help="sampled pairs per prompt (CTRL pairs)")
     parser.add_argument("--rows-per-prompt", type=int, default=2, help="rows per prompt (pointwise)")
     parser.add_argument("--epochs", type=float, default=1)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--kl", type=float, nargs="+", default=[0.1, 0.5], help="KL budgets of the planned methods")
     parser.add_argument("--dpo-beta", type=float, nargs="+", default=[0.5, 0.1], help="β of the raw DPO baseline")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))

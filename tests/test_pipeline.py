@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from datasets import load_from_disk
@@ -113,8 +114,6 @@ def test_scores_calibration_and_builds(pipeline):
 def test_stored_reference_logps_are_verified_against_the_trainer_tokenisation(pipeline, tmp_path, caplog):
     import logging
 
-    import pyarrow as pa
-
     # The random tiny model samples <pad>/<unk> mid-text and stops at max_new_tokens, which no
     # re-tokenisation reproduces: the build must have left the stored values out.
     assert not json.loads((pipeline / "pairs" / "ctrl_build.json").read_text())["stored_ref_logps"]
@@ -140,6 +139,18 @@ def test_stored_reference_logps_are_verified_against_the_trainer_tokenisation(pi
         columns = load_from_disk(str(tmp_path / f"pairs-{name}")).column_names
         assert ("ref_chosen_logps" in columns) == (name == "clean")
         assert ("do not re-tokenise to their sampled ids" in caplog.text) == (name == "glued")
+
+
+def test_build_without_finished_completions_says_why(pipeline, capsys, tmp_path):
+    # Every completion cut at max_new_tokens: nothing left to train on.
+    table = pq.read_table(pipeline / "calib" / "calibrated.parquet")
+    cut = table.set_column(table.column_names.index("finished"), "finished", pa.array([False] * table.num_rows))
+    (tmp_path / "cut").mkdir()
+    pq.write_table(cut.replace_schema_metadata(table.schema.metadata), tmp_path / "cut" / "calibrated.parquet")
+    assert cli("build", tmp_path / "cut", "--format", "pairs", "--transform", "identity", "--beta", 0.1,
+               "--out", tmp_path / "empty") == 2
+    err = capsys.readouterr().err
+    assert "no usable completions" in err and "--keep-unfinished" in err and not (tmp_path / "empty").exists()
 
 
 def test_inspect_summarises_each_stage(pipeline, capsys, tmp_path):

@@ -146,6 +146,9 @@ def build_dataset(
         # The trainers refuse empty responses (nothing to score token by token).
         logger.warning("left out %d empty completion(s)", int((~nonempty).sum()))
         table = table.filter(pa.array(nonempty))
+    if table.num_rows == 0:
+        raise DataError(f"no usable completions left in {path}: every one was cut at max_new_tokens or empty. "
+                        "Sample with a larger max_new_tokens, or pass keep_unfinished (--keep-unfinished).")
     ids = table["prompt_id"].to_numpy(zero_copy_only=False)
     u = table["u"].to_numpy()
     prompts = np.asarray(table[prompt_col].to_pylist(), dtype=object)
