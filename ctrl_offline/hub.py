@@ -37,7 +37,7 @@ class ModelCardInfo:
     n: int | None = None
     win_rates: list[dict] = field(default_factory=list)  # rows of an eval report's "win_rates"
     kl: float | None = None
-    plots: list[str] = field(default_factory=list)  # image files in the adapter folder to show
+    plots: list[str] = field(default_factory=list)  # image files to upload beside the adapter and show
     command: str | None = None
 
 

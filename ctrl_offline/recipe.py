@@ -241,12 +241,15 @@ def _train(recipe, model_args, training_args, data_dir: Path, adapter_dir: Path,
     trainer = trainer_cls(model, args, dataset, processing_class=tokenizer, peft_config=lora)
     checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    # Every rank calls save_model (ZeRO-3 and FSDP gather the weights collectively); the folder
+    # appears under its final name only once complete.
+    staging = adapter_dir.with_name(adapter_dir.name + ".partial")
+    trainer.save_model(str(staging))
     if trainer.accelerator.is_main_process:
-        from .io import atomic_output_dir
-
-        with atomic_output_dir(adapter_dir, overwrite=False) as tmp:
-            trainer.save_model(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(staging))
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        staging.rename(adapter_dir)
     trainer.accelerator.wait_for_everyone()
 
 
@@ -316,20 +319,19 @@ def run_recipe(recipe: RecipeConfig, model_args, training_args: CTRLConfig,
     if _stage("train", (adapter_dir / "adapter_config.json").exists()):
         _train(recipe, model_args, training_args, data_dir, adapter_dir, build_info["beta"])
 
+    if not state.is_main_process:
+        return None  # evaluation and push are single-process: no barrier left to wait at
     eval_dir = run_dir / "eval"
-    report = None
-    if state.is_main_process:
-        if _stage("evaluate", (eval_dir / "report.json").exists()):
-            evaluate_policy(str(prompts_dir / "eval" / "prompts.jsonl"), eval_dir, model, recipe.reward_model,
-                            adapter=str(adapter_dir), n=tuple(recipe.eval_n), selectors=tuple(recipe.eval_selectors),
-                            max_new_tokens=recipe.max_new_tokens, seed=training_args.seed,
-                            train_data=str(data_dir), transform=build_info["transform"], t=build_info["t"])
-        report = json.loads((eval_dir / "report.json").read_text())
-        report["build"] = {k: build_info.get(k) for k in ("transform", "t", "beta", "unscaled_beta", "num_rows")}
-        if training_args.push_to_hub:
-            _push(recipe, model_args, training_args, run_dir, report, command)
-        logger.info("run finished in %.0f s: %s", time.perf_counter() - started, run_dir)
-    state.wait_for_everyone()
+    if _stage("evaluate", (eval_dir / "report.json").exists()):
+        evaluate_policy(str(prompts_dir / "eval" / "prompts.jsonl"), eval_dir, model, recipe.reward_model,
+                        adapter=str(adapter_dir), n=tuple(recipe.eval_n), selectors=tuple(recipe.eval_selectors),
+                        max_new_tokens=recipe.max_new_tokens, seed=training_args.seed,
+                        train_data=str(data_dir), transform=build_info["transform"], t=build_info["t"])
+    report = json.loads((eval_dir / "report.json").read_text())
+    report["build"] = {k: build_info.get(k) for k in ("transform", "t", "beta", "unscaled_beta", "num_rows")}
+    if training_args.push_to_hub:
+        _push(recipe, model_args, training_args, run_dir, report, command)
+    logger.info("run finished in %.0f s: %s", time.perf_counter() - started, run_dir)
     return report
 
 
@@ -337,13 +339,11 @@ def _push(recipe, model_args, training_args, run_dir: Path, report: dict, comman
     from .hub import ModelCardInfo, push_adapter
 
     adapter_dir = run_dir / "adapter"
-    for png in (run_dir / "eval").glob("*.png"):
-        shutil.copy(png, adapter_dir / png.name)
     info = ModelCardInfo(
         base_model=model_args.model_name_or_path, dataset=f"{recipe.dataset_name} ({', '.join(recipe.dataset_subsets)})",
         k=recipe.num_samples, reward_model=recipe.reward_model, transform=report["build"]["transform"],
         t=report["build"]["t"], beta=report["build"]["beta"], inference=recipe.inference, n=recipe.inference_n,
-        win_rates=report["win_rates"], kl=report["kl"]["value"], plots=sorted(p.name for p in adapter_dir.glob("*.png")),
+        win_rates=report["win_rates"], kl=report["kl"]["value"], plots=sorted(str(p) for p in (run_dir / "eval").glob("*.png")),
         command=command)
     url = push_adapter(adapter_dir, training_args.hub_model_id, info, private=bool(training_args.hub_private_repo),
                        revision=getattr(training_args, "hub_revision", None),

@@ -123,3 +123,30 @@ def test_tiny_config_on_the_embedded_model_under_accelerate(config, script, tmp_
     assert (out / "adapter" / "adapter_config.json").exists()
     report = json.loads((out / "eval" / "report.json").read_text())
     assert report["kl"]["value"] == report["kl"]["value"] and "KL(aligned" in proc.stdout
+
+
+def test_recipe_pushes_the_finished_run_to_the_hub(tiny_chat_model, tmp_path):
+    """Push settings do not change results: a finished run re-launched with --push_to_hub only pushes."""
+    from hub_standin import StandInHub
+
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_chat_model, out)) == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE")}
+    tests = Path(__file__).parent
+    env.update(HF_TOKEN="hf_recipe_secret", HF_HOME=str(tmp_path / "hf_home"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(tests)]))
+    with StandInHub() as hub:
+        env["HF_ENDPOINT"] = hub.url
+        proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "hh_bon.py"),
+                               *tiny_args(tiny_chat_model, out, "--push_to_hub", "true", "--hub_model_id", "me/ctrl-tiny",
+                                          "--push_dataset", "true")],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        files = hub.committed_files()
+    card = files["README.md"].decode()
+    assert "adapter_config.json" in files and any(name.endswith(".png") for name in files)
+    assert "| bon | 4 |" in card and "vader" not in card and "tiny_models:word_count_reward" in card
+    assert "hh_bon.py" in card  # the reproducing command
+    assert any(name.endswith(".arrow") for name in files)  # the dataset went up too
+    assert "hf_recipe_secret" not in proc.stdout + proc.stderr
+    assert "[train] done already, skipped" in proc.stderr
