@@ -2,13 +2,14 @@
 
     python benchmarks/bench_sampling.py            # CPU here; the GPU when there is one
     python benchmarks/bench_sampling.py --json     # last line: one JSON object
+    python benchmarks/bench_sampling.py --model embedded:smollm2 --prompts 16   # the real 135M model
 
 Sampling: ``ctrl_offline.generation.sample_completions`` (batched prompts, K return sequences per
 generate call, KV cache, left padding, plus the teacher-forced reference log-probs) against the
 plain loop a user writes — one ``generate`` call per prompt and sample, log-probs from the
 returned scores. Scoring: ``RewardModel`` (length-sorted batches) against one forward per
-completion. Same random Llama / reward model built from configs, same prompts, same seed and
-token budget, measured one after the other in one run.
+completion. Same model (a random Llama built from a config, or ``--model``) and reward model,
+same prompts, same seed and token budget, measured one after the other in one run.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--model", default=None,
+                        help="a real model instead of the random Llama, e.g. embedded:smollm2 (chat prompts)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -61,10 +64,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(build_tiny_model(Path(tmp) / "lm", hidden=args.hidden,
-                                                                      layers=4)).eval()
-        model.config.max_position_embeddings = 512
-        tokenizer = build_tokenizer()
+        if args.model:
+            from ctrl_offline.generation import load_causal_lm, render_prompt
+
+            model, tokenizer = load_causal_lm(args.model, device="cpu")
+            topics = ["tea", "rain", "a bus", "a park", "music", "bread", "a cat", "winter"]
+            prompts = [render_prompt(tokenizer, f"Write one sentence about {topics[i % len(topics)]} ({i}).")
+                       for i in range(args.prompts)]
+        else:
+            model = AutoModelForCausalLM.from_pretrained(build_tiny_model(Path(tmp) / "lm", hidden=args.hidden,
+                                                                          layers=4)).eval()
+            model.config.max_position_embeddings = 512
+            tokenizer = build_tokenizer()
         config = SamplingConfig(k=args.k, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
 
         start = time.perf_counter()

@@ -138,6 +138,7 @@ def parse_recipe_args(argv: list[str] | None = None, defaults: dict | None = Non
     ``defaults`` are the script's own defaults (a YAML file and the command line override them).
     An unknown key, in the file or on the command line, is named with the closest known key.
     """
+    import yaml
     from trl import TrlParser
 
     types = (RecipeConfig, ModelArguments, CTRLConfig)
@@ -155,6 +156,8 @@ def parse_recipe_args(argv: list[str] | None = None, defaults: dict | None = Non
             argv, return_remaining_strings=True, separate_remaining_strings=True)
     except FileNotFoundError as err:
         raise RecipeError(f"config file not found: {err.filename}") from err
+    except yaml.YAMLError as err:
+        raise RecipeError(f"config file {where[3:]} is not valid YAML: {err}") from err
     unknown_file = [s[2:] for s in from_file[::2]]
     unknown_cli = [s[2:].split("=")[0] for s in from_cli if s.startswith("--")]
     if unknown_file or unknown_cli or [s for s in from_cli if not s.startswith("--")]:

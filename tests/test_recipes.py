@@ -68,6 +68,10 @@ def test_yaml_and_command_line_overrides_and_unknown_keys(tmp_path):
         parse_recipe_args(["--config", str(bad)])
     with pytest.raises(RecipeError, match=r"'num_sample' on the command line; did you mean 'num_samples'\?"):
         parse_recipe_args(["--config", str(TINY_BON), "--num_sample", "4"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("eval_n: [1, 2\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        parse_recipe_args(["--config", str(broken)])
     with pytest.raises(RecipeError, match="inference must be 'bon' or 'won'"):
         parse_recipe_args(["--config", str(TINY_BON), "--inference", "median"])
 
