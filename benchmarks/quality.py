@@ -19,7 +19,7 @@ For each: BoN-4 and WoN-4 win rates against the reference (bootstrap CIs over pr
 standard win rate, KL(π‖π_ref), and the theory's prediction for a CTRL policy at the measured
 KL. Every stage is cached under --out, so a killed run resumes.
 
-    python benchmarks/quality.py --out runs/quality --json      # ~1 h on 2 CPU cores at the default size
+    python benchmarks/quality.py --out runs/quality --json      # ~85 min on 2 CPU cores at the default size
 """
 
 from __future__ import annotations
@@ -209,6 +209,21 @@ def evaluate(run: Path, info: dict, eval_prompts, ref_rewards, args) -> dict:
     return result
 
 
+def at_matched_kl(results: list[dict], selector: str, kl: float) -> dict[str, float]:
+    """Each method's win rate at ``kl``, linearly interpolated along its measured frontier.
+
+    Only inside the KL range a method actually reached: extrapolating a two-point frontier
+    would invent numbers.
+    """
+    matched = {}
+    for method in METHODS:
+        rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["kl"]["value"])
+        x = [r["kl"]["value"] for r in rows]
+        if len(rows) >= 2 and x[0] <= kl <= x[-1]:
+            matched[method] = float(np.interp(kl, x, [r[selector]["value"] for r in rows]))
+    return matched
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -248,8 +263,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rows-per-prompt", type=int, default=2, help="rows per prompt (pointwise)")
     parser.add_argument("--epochs", type=float, default=1)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--kl", type=float, nargs="+", default=[0.1, 0.5], help="KL budgets of the planned methods")
-    parser.add_argument("--dpo-beta", type=float, nargs="+", default=[0.5, 0.1], help="β of the raw DPO baseline")
+    parser.add_argument("--kl", type=float, nargs="+", default=[0.1, 0.5, 2.0], help="KL budgets of the planned methods")
+    parser.add_argument("--dpo-beta", type=float, nargs="+", default=[20.0, 5.0, 2.0, 0.5, 0.1], help="β of the raw DPO baseline")
+    parser.add_argument("--match-kl", type=float, nargs="+", default=[0.3, 0.5, 1.0],
+                        help="KL values at which to compare the methods' frontiers")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -284,10 +301,20 @@ def main(argv=None) -> int:
             cells.append(f"{s['predicted']:.3f}" if "predicted" in s else "-")
         print(f"{r['method']:<16} {key + '=' + format(value, 'g'):>10} {r['kl']['value']:>6.3f} {cells[0]:>22} {cells[1]:>6} "
               f"{cells[2]:>22} {cells[3]:>6} {r['standard']['value']:>8.3f}")
+    print("\nwin rate at matched KL (linear along each method's measured frontier; '-' = outside its range)")
+    print(f"{'method':<16} " + " ".join(f"{s.upper() + '-4 @KL ' + format(k, 'g'):>14}" for s in ("bon", "won")
+                                         for k in args.match_kl))
+    matched = {(s, k): at_matched_kl(results, s, k) for s in ("bon", "won") for k in args.match_kl}
+    for method in args.methods:
+        cells = [matched[s, k].get(method) for s in ("bon", "won") for k in args.match_kl]
+        print(f"{method:<16} " + " ".join(f"{c:>14.3f}" if c is not None else f"{'-':>14}" for c in cells))
     print(f"total {time.perf_counter() - started:.0f} s; plot {out / 'frontier.png'}")
     if args.json:
-        print(json.dumps({"config": vars(args), "results": results}, default=str))
-    (out / "results.json").write_text(json.dumps({"config": vars(args), "results": results}, indent=2, default=str))
+        print(json.dumps({"config": vars(args), "results": results,
+                          "matched_kl": {f"{s}@{k:g}": v for (s, k), v in matched.items()}}, default=str))
+    (out / "results.json").write_text(json.dumps({"config": vars(args), "results": results,
+                                                  "matched_kl": {f"{s}@{k:g}": v for (s, k), v in matched.items()}},
+                                                 indent=2, default=str))
     return 0
 
 
