@@ -22,13 +22,19 @@ import numpy as np
 from scipy import optimize
 
 from .theory import INFERENCE_PROCEDURES, inference_win_rate, kl_divergence, standard_win_rate
-from .transforms import Transform, family_has_t, get_transform
+from .transforms import Transform, family_has_t, get_transform, unit_scale
 
-__all__ = ["PlanRow", "Plan", "solve_beta", "plan", "tradeoff_curve", "DEFAULT_FAMILIES"]
+__all__ = ["PlanRow", "Plan", "solve_beta", "plan", "tradeoff_curve", "trainable_beta", "DEFAULT_FAMILIES",
+           "MIN_TRAINABLE_BETA"]
 
 DEFAULT_FAMILIES = ("identity", "log", "exp", "negexp")
 DEFAULT_T_RANGE = (0.01, 40.0)
 _MAX_KL = 25.0  # beyond this the tilted densities are narrower than double precision resolves
+# Smallest β, on the scale where Φ spans 1 (what the trainers see), at which a plan can be trained.
+# The DPO and pointwise gradients scale with β; below ~1e-3 the per-parameter LoRA gradients of a
+# small model fall to Adam's ε (1e-8) and the adapter does not move (measured: negexp t = 40 at
+# KL 2 planned β = 5.5e-16, gradient norm 1e-15, KL after training 0).
+MIN_TRAINABLE_BETA = 1e-3
 
 
 @dataclass(frozen=True)
@@ -101,12 +107,27 @@ def _row(transform: Transform, inference: str, n: int, kl: float) -> PlanRow:
     )
 
 
-def _best_t(name: str, inference: str, n: int, kl: float, t_range: tuple[float, float]) -> PlanRow:
+def trainable_beta(transform: Transform, beta: float) -> float:
+    """β on the scale where Φ spans 1 on [0, 1] — the β the trainers get from ``ctrl-data build``."""
+    return beta / unit_scale(transform)
+
+
+def _best_t(name: str, inference: str, n: int, kl: float, t_range: tuple[float, float],
+            min_beta: float) -> PlanRow:
     lo, hi = math.log(t_range[0]), math.log(t_range[1])
-    objective = lambda log_t: -_row(get_transform(name, math.exp(log_t)), inference, n, kl).win_rate  # noqa: E731
+
+    def objective(log_t: float) -> float:
+        transform = get_transform(name, math.exp(log_t))
+        row = _row(transform, inference, n, kl)
+        # Untrainable t scores worse than any real plan (win rates lie in [0, 1]).
+        return -row.win_rate if trainable_beta(transform, row.beta) >= min_beta else 1.0
+
     grid = np.linspace(lo, hi, 17)
     scores = [objective(x) for x in grid]
     i = int(np.argmin(scores))
+    if scores[i] >= 1.0:
+        raise ValueError(f"no t in {t_range} gives {name} a trainable β (≥ {min_beta:g} with Φ spanning 1) at "
+                         f"KL {kl:g}; lower the KL budget, narrow t_range or pass a smaller min_beta")
     left, right = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
     refined = optimize.minimize_scalar(objective, bounds=(left, right), method="bounded", options={"xatol": 1e-4})
     best_log_t = refined.x if refined.fun <= scores[i] else grid[i]
@@ -119,11 +140,14 @@ def plan(
     kl: float,
     families: tuple[str, ...] = DEFAULT_FAMILIES,
     t_range: tuple[float, float] = DEFAULT_T_RANGE,
+    min_beta: float = MIN_TRAINABLE_BETA,
 ) -> Plan:
     """Tune every transform family for ``inference`` ('bon' or 'won') with N candidates.
 
     Families with a parameter t get the t in ``t_range`` that maximises the predicted
-    inference-time win rate under the budget; each row reports the β that meets it.
+    inference-time win rate under the budget among the t whose β, with Φ rescaled to span 1,
+    is at least ``min_beta`` (smaller β cannot be trained; 0 turns the guard off); each row
+    reports the β that meets the budget for the raw Φ.
     """
     if inference not in INFERENCE_PROCEDURES:
         raise ValueError(f"unknown inference procedure {inference!r}; choose one of {INFERENCE_PROCEDURES}")
@@ -135,7 +159,7 @@ def plan(
     rows = []
     for name in families:
         if family_has_t(name):
-            rows.append(_best_t(name, inference, int(n), kl, t_range))
+            rows.append(_best_t(name, inference, int(n), kl, t_range, min_beta))
         else:
             rows.append(_row(get_transform(name), inference, int(n), kl))
     return Plan(inference=inference, n=int(n), kl=kl, rows=rows)

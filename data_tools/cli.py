@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--transforms", nargs="+", default=None, help="families to tune (default: identity log exp negexp)")
     pl.add_argument("--t-range", nargs=2, type=_positive_float, default=None, metavar=("LOW", "HIGH"),
                     help="search range of t for exp/negexp (default 0.01 40)")
+    pl.add_argument("--min-beta", type=float, default=None,
+                    help="smallest trainable β with Φ rescaled to span 1 (default 1e-3; 0 turns the guard off)")
     pl.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     pl.add_argument("--plot", metavar="FILE.png", help="draw win rate vs KL for the planned transforms")
     pl.set_defaults(func=_run_plan)
@@ -300,12 +302,13 @@ def _format_plan(plan) -> str:
 
 
 def _run_plan(args) -> int:
-    from ctrl_offline.planner import DEFAULT_FAMILIES, DEFAULT_T_RANGE, plan
+    from ctrl_offline.planner import DEFAULT_FAMILIES, DEFAULT_T_RANGE, MIN_TRAINABLE_BETA, plan
 
     families = tuple(args.transforms or DEFAULT_FAMILIES)
     if args.inference in ("bon", "won"):
         result = plan(args.inference, args.n, args.kl, families=families,
-                      t_range=tuple(args.t_range or DEFAULT_T_RANGE))
+                      t_range=tuple(args.t_range or DEFAULT_T_RANGE),
+                      min_beta=MIN_TRAINABLE_BETA if args.min_beta is None else args.min_beta)
     else:
         if not args.tables:
             raise ValueError(f"--inference {args.inference} looks at raw rewards: give --tables (a calibrate output)")

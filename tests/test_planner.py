@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from ctrl_offline.planner import plan, solve_beta, tradeoff_curve
+from ctrl_offline.planner import MIN_TRAINABLE_BETA, plan, solve_beta, trainable_beta, tradeoff_curve
 from ctrl_offline.theory import inference_win_rate, kl_divergence
 from ctrl_offline.transforms import get_transform
 
@@ -88,3 +88,16 @@ def test_plan_to_dict_is_the_cli_json_shape(bon_plan):
 def test_bad_plan_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         plan(**kwargs)
+
+
+def test_plans_keep_beta_trainable():
+    # Unguarded, worst-of-4 at KL 2 rides negexp to the top of the t range with β ≈ 1e-16: exact
+    # in theory, but the gradients then vanish and training does nothing.
+    unguarded = {r.transform: r for r in plan("won", 4, 2.0, min_beta=0).rows}["negexp"]
+    assert trainable_beta(get_transform("negexp", unguarded.t), unguarded.beta) < 1e-10
+    guarded = {r.transform: r for r in plan("won", 4, 2.0).rows}["negexp"]
+    assert trainable_beta(get_transform("negexp", guarded.t), guarded.beta) >= MIN_TRAINABLE_BETA * (1 - 1e-9)
+    assert kl_divergence(get_transform("negexp", guarded.t), guarded.beta) == pytest.approx(2.0, rel=1e-8)
+    assert guarded.win_rate <= unguarded.win_rate
+    with pytest.raises(ValueError, match="trainable"):
+        plan("won", 4, 2.0, families=("negexp",), t_range=(20.0, 40.0))
