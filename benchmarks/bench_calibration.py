@@ -8,6 +8,10 @@ pipeline uses), K samples each, rows shuffled, rewards rounded to 2 decimals (ma
 Ours: ``calibrate_reference`` (leave-one-out mid-rank u and the tables). Baseline: what a user
 would write in pandas, ``(groupby.rank(method="average") − 1) / (group size − 1)``, DataFrame
 construction included. Both outputs are checked equal.
+
+Applying the tables to n new rewards: ``calibrate`` (bisection inside each prompt's sorted table)
+against the concatenate-and-sort approach it replaced (``pd.Index.get_indexer`` for the ids, the
+tables and the new rows sorted together by (prompt, reward), run-length counts), outputs checked equal.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from ctrl_offline.calibration import calibrate, calibrate_reference
+from ctrl_offline.calibration import _group_sort, _midrank_counts, calibrate, calibrate_reference
 
 
 def synthetic(n: int, k: int, seed: int):
@@ -67,6 +71,17 @@ def pandas_baseline(ids, rewards):
     return ((groups.rank(method="average") - 1) / (groups.transform("size") - 1)).to_numpy()
 
 
+def concat_sort_baseline(tables, ids, rewards):
+    """Ĉ of new rewards by sorting them together with the tables (the pre-bisection ``calibrate``)."""
+    codes = pd.Index(tables.prompt_ids).get_indexer(ids)
+    table_codes = np.repeat(np.arange(len(tables)), tables.k)
+    all_codes = np.concatenate([table_codes, codes])
+    all_rewards = np.concatenate([tables.rewards, rewards])
+    is_table = np.concatenate([np.ones(len(table_codes), bool), np.zeros(len(codes), bool)])
+    less, equal = _midrank_counts(all_codes, all_rewards, _group_sort(all_codes, all_rewards), is_table)
+    return (less[~is_table] + 0.5 * equal[~is_table]) / tables.k[codes]
+
+
 def run_size(n: int, k: int, repeats: int, seed: int, with_io: bool) -> dict:
     ids, sample_idx, rewards = synthetic(n, k, seed)
     # Ours and pandas alternate within each repeat, so a burst of load on the machine hits both alike.
@@ -82,9 +97,19 @@ def run_size(n: int, k: int, repeats: int, seed: int, with_io: bool) -> dict:
     if diff > 1e-12:
         raise SystemExit(f"ours and pandas disagree by {diff} at n={n}")
     new_rewards = np.round(np.random.default_rng(seed + 1).normal(size=len(rewards)), 2)
-    apply_s, _ = best_of(repeats, lambda: calibrate(tables, ids, new_rewards))
+    apply_times, sort_times = [], []
+    for _ in range(repeats):
+        applied = by_sort = None
+        seconds, applied = timed(lambda: calibrate(tables, ids, new_rewards))
+        apply_times.append(seconds)
+        seconds, by_sort = timed(lambda: concat_sort_baseline(tables, ids, new_rewards))
+        sort_times.append(seconds)
+    if not np.array_equal(applied, by_sort):
+        raise SystemExit(f"calibrate and the concatenate-and-sort baseline disagree at n={n}")
+    apply_s, sort_s = min(apply_times), min(sort_times)
     result = {"n": n, "prompts": n // k, "k": k, "seconds": ours_s, "pandas_seconds": pandas_s,
               "ratio_vs_pandas": pandas_s / ours_s, "rows_per_s": n / ours_s, "apply_tables_seconds": apply_s,
+              "apply_sort_baseline_seconds": sort_s, "apply_ratio_vs_sort": sort_s / apply_s,
               "max_abs_diff": diff, "ours_all_seconds": ours_times, "pandas_all_seconds": pandas_times}
     if with_io:
         import pyarrow as pa
@@ -97,7 +122,7 @@ def run_size(n: int, k: int, repeats: int, seed: int, with_io: bool) -> dict:
                            f"{tmp}/scored.parquet")
             io_s, _ = best_of(repeats, lambda: calibrate_scored(f"{tmp}/scored.parquet", f"{tmp}/out", overwrite=True))
         result["file_stage_seconds"] = io_s
-    del ids, sample_idx, rewards, tables, u, expected, new_rewards
+    del ids, sample_idx, rewards, tables, u, expected, new_rewards, applied, by_sort
     gc.collect()
     return result
 
@@ -115,10 +140,11 @@ def main() -> None:
     load_before = os.getloadavg()
     results = [run_size(n, args.k, args.repeats, args.seed, args.io) for n in args.sizes]
     print(f"{'samples':>11} {'prompts':>9} {'ours s':>8} {'pandas s':>9} {'speed-up':>9} {'rows/s':>12} "
-          f"{'apply s':>8}" + (f" {'file stage s':>13}" if args.io else ""))
+          f"{'apply s':>8} {'by sort s':>10} {'speed-up':>9}" + (f" {'file stage s':>13}" if args.io else ""))
     for r in results:
         print(f"{r['n']:>11,} {r['prompts']:>9,} {r['seconds']:>8.2f} {r['pandas_seconds']:>9.2f} "
-              f"{r['ratio_vs_pandas']:>8.2f}x {r['rows_per_s']:>12,.0f} {r['apply_tables_seconds']:>8.2f}"
+              f"{r['ratio_vs_pandas']:>8.2f}x {r['rows_per_s']:>12,.0f} {r['apply_tables_seconds']:>8.2f} "
+              f"{r['apply_sort_baseline_seconds']:>10.2f} {r['apply_ratio_vs_sort']:>8.2f}x"
               + (f" {r['file_stage_seconds']:>13.2f}" if args.io else ""))
     largest = max(results, key=lambda r: r["n"])
     if args.json:

@@ -11,7 +11,8 @@ A prompt's quantile table is the sorted array of its K reference rewards.
 
 Everything here is vectorised over all prompts at once: prompt ids are hashed (pandas), the
 rewards sorted once grouped by prompt, then run-length arithmetic gives every count, so
-millions of prompts need no Python loop.
+millions of prompts need no Python loop. Applying tables to new rewards needs no sort: each
+reward is bisected into its prompt's already sorted table, all rows in the same few passes.
 
 >>> import numpy as np
 >>> tables, u = calibrate_reference(np.array([7, 7, 7]), np.array([1.0, 1.0, 2.0]))
@@ -80,7 +81,19 @@ class CalibrationTables:
 
     def codes_of(self, prompt_ids) -> np.ndarray:
         """Row index of each id in these tables; raises naming the ids that have no table."""
-        codes = self._index.get_indexer(np.asarray(prompt_ids))
+        prompt_ids = np.asarray(prompt_ids)
+        if len(prompt_ids) < len(self.prompt_ids):
+            codes = self._index.get_indexer(prompt_ids)
+        else:
+            # Bulk lookups: hashing tables and queries together in one factorize is ~2x faster than
+            # Index.get_indexer (4.7 s vs 9.8 s for 10M string ids against 1M tables). The table ids
+            # are unique, so they take codes 0..n-1 in order and any larger code is an unknown id.
+            both = [self.prompt_ids, prompt_ids]
+            if prompt_ids.dtype != self.prompt_ids.dtype:  # so 7 and "7" stay different ids
+                both = [ids.astype(object) for ids in both]
+            codes, _ = pd.factorize(np.concatenate(both))
+            codes = codes[len(self.prompt_ids) :]
+            codes[codes >= len(self.prompt_ids)] = -1
         missing = codes < 0
         if missing.any():
             absent = pd.unique(np.asarray(prompt_ids)[missing])
@@ -202,6 +215,27 @@ def _midrank_counts(codes: np.ndarray, rewards: np.ndarray, order: np.ndarray, i
     return less, equal
 
 
+def _search_sorted_segments(values, start, end, targets, *, side: str) -> np.ndarray:
+    """``np.searchsorted`` of each target in its own sorted segment ``values[start:end]``.
+
+    One vectorised bisection over all targets at once, deciding the position bit by bit from
+    the largest power of two down: ceil(log2(K + 1)) passes for tables of at most K entries,
+    so applying tables costs O(n log K) and never sorts the n new rows.
+    """
+    pos = start.copy()
+    longest = int((end - start).max()) if len(start) else 0
+    step = 1 << (longest.bit_length() - 1) if longest else 0
+    while step:
+        candidate = pos + step
+        inside = candidate <= end
+        # A candidate past the end probes a real entry (any will do): it is dropped below.
+        probe = values[np.minimum(candidate, len(values)) - 1]
+        inside &= (probe < targets) if side == "left" else (probe <= targets)
+        pos = np.where(inside, candidate, pos)
+        step >>= 1
+    return pos
+
+
 def build_tables(prompt_ids, rewards, *, sample_idx=None, min_k: int = 2) -> CalibrationTables:
     """Per-prompt quantile tables from scored reference samples.
 
@@ -255,18 +289,10 @@ def calibrate(tables: CalibrationTables, prompt_ids, rewards, *, leave_one_out=F
     """
     prompt_ids, rewards = _check_inputs(prompt_ids, rewards)
     codes = tables.codes_of(prompt_ids) if len(rewards) else np.empty(0, dtype=np.int64)
-    table_codes = np.repeat(np.arange(len(tables)), tables.k)
-    all_codes = np.concatenate([table_codes, codes])
-    all_rewards = np.concatenate([tables.rewards, rewards])
-    is_table = np.concatenate([np.ones(len(table_codes), bool), np.zeros(len(codes), bool)])
-    # Only the prompts being queried matter; keep the sort small when few are.
-    used = np.zeros(len(tables), dtype=bool)
-    used[codes] = True
-    keep = np.concatenate([used[table_codes], np.ones(len(codes), bool)])
-    all_codes, all_rewards, is_table = all_codes[keep], all_rewards[keep], is_table[keep]
-    order = _group_sort(all_codes, all_rewards)
-    less, equal = _midrank_counts(all_codes, all_rewards, order, is_table)
-    less, equal = less[~is_table], equal[~is_table]
+    start, end = tables.offsets[codes], tables.offsets[codes + 1]
+    first_not_below = _search_sorted_segments(tables.rewards, start, end, rewards, side="left")
+    first_above = _search_sorted_segments(tables.rewards, start, end, rewards, side="right")
+    less, equal = first_not_below - start, first_above - first_not_below
     k = tables.k[codes]
     loo = np.broadcast_to(np.asarray(leave_one_out, dtype=bool), rewards.shape)
     if loo.any():

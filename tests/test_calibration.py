@@ -47,14 +47,29 @@ def test_reference_matches_definition_with_ties_and_leave_one_out(seed):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_new_responses_match_definition(seed):
+@pytest.mark.parametrize("queries", [5, 300])  # fewer ids than tables, and a bulk lookup
+@pytest.mark.parametrize("k_range", [(2, 9), (2, 70)])  # 3 to 7 bisection passes
+def test_new_responses_match_definition(seed, queries, k_range):
     rng = np.random.default_rng(seed)
-    ids, rewards = random_reference(rng)
+    ids, rewards = random_reference(rng, k_range=k_range)
     tables = build_tables(ids, rewards)
-    q_ids = rng.choice(np.unique(ids), 300)
-    q_rewards = rng.integers(-1, 7, size=300).astype(float)
+    q_ids = rng.choice(np.unique(ids), queries)
+    q_rewards = rng.integers(-1, 7, size=queries).astype(float)
     u = calibrate(tables, q_ids, q_rewards)
     np.testing.assert_allclose(u, brute_force(ids, rewards, q_ids, q_rewards, leave_one_out=False), atol=1e-15)
+
+
+def test_single_sample_tables_and_rewards_at_the_ends():
+    tables = CalibrationTables.from_lists(["one", "two"], [[1.0], [1.0, 2.0]])
+    u = calibrate(tables, ["one"] * 3 + ["two"] * 4, [0.0, 1.0, 5.0, 0.0, 1.0, 2.0, 3.0])
+    assert u.tolist() == [0.0, 0.5, 1.0, 0.0, 0.25, 0.75, 1.0]
+
+
+def test_ids_of_another_type_do_not_match():
+    tables = build_tables(np.array([7, 7, 8, 8]), np.array([0.0, 1.0, 2.0, 3.0]))
+    with pytest.raises(CalibrationError, match="prompt_id '7'"):
+        calibrate(tables, np.array(["7"] * 5), np.zeros(5))
+    assert calibrate(tables, np.array([7, 8, 8, 7, 7]), np.full(5, 2.0)).tolist() == [1.0, 0.25, 0.25, 1.0, 1.0]
 
 
 def test_tables_are_sorted_reference_rewards():
