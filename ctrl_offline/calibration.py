@@ -126,7 +126,16 @@ class CalibrationTables:
         if not index.is_unique:
             dup = pd.unique(prompt_ids[index.duplicated()])
             raise CalibrationError("duplicate calibration tables for " + _name_some(dup, "prompt_id"))
-        return cls(prompt_ids, offsets, rewards[_group_sort(codes, rewards)])
+        if not _sorted_within(offsets, rewards):  # tables read back from disk already are
+            rewards = rewards[_group_sort(codes, rewards)]
+        return cls(prompt_ids, offsets, rewards)
+
+
+def _sorted_within(offsets: np.ndarray, rewards: np.ndarray) -> bool:
+    """Whether every CSR segment of ``rewards`` is ascending (one O(n) pass, no sort)."""
+    descending = np.diff(rewards) < 0
+    descending[offsets[1:-1] - 1] = False  # a step from one table into the next does not count
+    return not descending.any()
 
 
 def _factorize(prompt_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

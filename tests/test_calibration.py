@@ -159,6 +159,15 @@ def test_tables_round_trip_through_lists():
         np.testing.assert_array_equal(again.table(pid), tables.table(pid))
 
 
+def test_from_flat_sorts_only_inside_each_table():
+    # Tables in descending order of their values are each sorted: nothing may move between them.
+    tables = CalibrationTables.from_flat(["hi", "lo"], [0, 2, 4], [5.0, 6.0, 1.0, 2.0])
+    assert tables.rewards.tolist() == [5.0, 6.0, 1.0, 2.0]
+    unsorted = CalibrationTables.from_flat(["hi", "lo"], [0, 2, 4], [6.0, 5.0, 1.0, 2.0])
+    assert unsorted.rewards.tolist() == [5.0, 6.0, 1.0, 2.0]
+    assert calibrate(unsorted, ["hi", "lo"], [5.5, 1.5]).tolist() == [0.5, 0.5]
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_rewards_are_named(bad):
     ids = np.array(["p1", "p1", "p2", "p2"])
