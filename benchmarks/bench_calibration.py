@@ -65,6 +65,19 @@ def best_of(repeats: int, fn):
     return min(times), out
 
 
+def alternating(repeats: int, ours, baseline):
+    """Time ours and the baseline in turn within each repeat, so a burst of load on the machine
+    hits both alike. Returns both lists of seconds and the last output of each."""
+    ours_times, baseline_times, ours_out, baseline_out = [], [], None, None
+    for _ in range(repeats):
+        ours_out = baseline_out = None  # free the last repeat's outputs before timing again
+        seconds, ours_out = timed(ours)
+        ours_times.append(seconds)
+        seconds, baseline_out = timed(baseline)
+        baseline_times.append(seconds)
+    return ours_times, baseline_times, ours_out, baseline_out
+
+
 def pandas_baseline(ids, rewards):
     frame = pd.DataFrame({"prompt_id": ids, "reward": rewards})
     groups = frame.groupby("prompt_id", sort=False)["reward"]
@@ -84,26 +97,16 @@ def concat_sort_baseline(tables, ids, rewards):
 
 def run_size(n: int, k: int, repeats: int, seed: int, with_io: bool) -> dict:
     ids, sample_idx, rewards = synthetic(n, k, seed)
-    # Ours and pandas alternate within each repeat, so a burst of load on the machine hits both alike.
-    ours_times, pandas_times = [], []
-    for _ in range(repeats):
-        tables = u = expected = None
-        seconds, (tables, u) = timed(lambda: calibrate_reference(ids, rewards, sample_idx=sample_idx))
-        ours_times.append(seconds)
-        seconds, expected = timed(lambda: pandas_baseline(ids, rewards))
-        pandas_times.append(seconds)
+    ours_times, pandas_times, (tables, u), expected = alternating(
+        repeats, lambda: calibrate_reference(ids, rewards, sample_idx=sample_idx),
+        lambda: pandas_baseline(ids, rewards))
     ours_s, pandas_s = min(ours_times), min(pandas_times)
     diff = float(np.max(np.abs(u - expected)))
     if diff > 1e-12:
         raise SystemExit(f"ours and pandas disagree by {diff} at n={n}")
     new_rewards = np.round(np.random.default_rng(seed + 1).normal(size=len(rewards)), 2)
-    apply_times, sort_times = [], []
-    for _ in range(repeats):
-        applied = by_sort = None
-        seconds, applied = timed(lambda: calibrate(tables, ids, new_rewards))
-        apply_times.append(seconds)
-        seconds, by_sort = timed(lambda: concat_sort_baseline(tables, ids, new_rewards))
-        sort_times.append(seconds)
+    apply_times, sort_times, applied, by_sort = alternating(
+        repeats, lambda: calibrate(tables, ids, new_rewards), lambda: concat_sort_baseline(tables, ids, new_rewards))
     if not np.array_equal(applied, by_sort):
         raise SystemExit(f"calibrate and the concatenate-and-sort baseline disagree at n={n}")
     apply_s, sort_s = min(apply_times), min(sort_times)
@@ -146,7 +149,8 @@ def main() -> None:
     load_before = os.getloadavg()
     results = [run_size(n, args.k, args.repeats, args.seed, args.io) for n in args.sizes]
     print(f"{'samples':>11} {'prompts':>9} {'ours s':>8} {'pandas s':>9} {'speed-up':>9} {'rows/s':>12} "
-          f"{'apply s':>8} {'by sort s':>10} {'speed-up':>9}" + (f" {'file stage s':>13} {'apply stage s':>14}" if args.io else ""))
+          f"{'apply s':>8} {'by sort s':>10} {'speed-up':>9}"
+          + (f" {'file stage s':>13} {'apply stage s':>14}" if args.io else ""))
     for r in results:
         print(f"{r['n']:>11,} {r['prompts']:>9,} {r['seconds']:>8.2f} {r['pandas_seconds']:>9.2f} "
               f"{r['ratio_vs_pandas']:>8.2f}x {r['rows_per_s']:>12,.0f} {r['apply_tables_seconds']:>8.2f} "

@@ -96,7 +96,7 @@ class CalibrationTables:
             codes[codes >= len(self.prompt_ids)] = -1
         missing = codes < 0
         if missing.any():
-            absent = pd.unique(np.asarray(prompt_ids)[missing])
+            absent = pd.unique(prompt_ids[missing])
             raise CalibrationError(
                 f"{len(absent)} prompt(s) have no calibration table: " + _name_some(absent, "prompt_id")
             )
@@ -302,7 +302,7 @@ def calibrate(tables: CalibrationTables, prompt_ids, rewards, *, leave_one_out=F
     first_not_below = _search_sorted_segments(tables.rewards, start, end, rewards, side="left")
     first_above = _search_sorted_segments(tables.rewards, start, end, rewards, side="right")
     less, equal = first_not_below - start, first_above - first_not_below
-    k = tables.k[codes]
+    k = end - start
     loo = np.broadcast_to(np.asarray(leave_one_out, dtype=bool), rewards.shape)
     if loo.any():
         orphan = loo & (equal == 0)
