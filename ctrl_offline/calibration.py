@@ -30,7 +30,7 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
-__all__ = ["CalibrationError", "CalibrationTables", "build_tables", "calibrate", "calibrate_reference"]
+__all__ = ["CalibrationError", "CalibrationTables", "build_tables", "calibrate", "calibrate_reference", "rank_counts"]
 
 _SHOW = 5  # offending ids named in an error message
 
@@ -289,6 +289,24 @@ def calibrate_reference(
     return tables, (less + 0.5 * (equal - 1)) / (k - 1)
 
 
+def rank_counts(tables: CalibrationTables, prompt_ids, rewards) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(below, equal, k) of each reward in its prompt's table: the number of the prompt's K
+    reference rewards strictly below it, equal to it, and K itself. ``calibrate`` is
+    ``(below + ½·equal) / k``; estimators that need more than Ĉ (the calibrated shortcut in
+    :mod:`ctrl_offline.evaluation`) start from the counts.
+    """
+    prompt_ids, rewards = _check_inputs(prompt_ids, rewards)
+    return _rank_counts(tables, prompt_ids, rewards)
+
+
+def _rank_counts(tables: CalibrationTables, prompt_ids: np.ndarray, rewards: np.ndarray):
+    codes = tables.codes_of(prompt_ids) if len(rewards) else np.empty(0, dtype=np.int64)
+    start, end = tables.offsets[codes], tables.offsets[codes + 1]
+    first_not_below = _search_sorted_segments(tables.rewards, start, end, rewards, side="left")
+    first_above = _search_sorted_segments(tables.rewards, start, end, rewards, side="right")
+    return first_not_below - start, first_above - first_not_below, end - start
+
+
 def calibrate(tables: CalibrationTables, prompt_ids, rewards, *, leave_one_out=False) -> np.ndarray:
     """Ĉ of scored responses against existing tables.
 
@@ -297,12 +315,7 @@ def calibrate(tables: CalibrationTables, prompt_ids, rewards, *, leave_one_out=F
     comparison. Raises if such a reward is not in the table, or a prompt has no table.
     """
     prompt_ids, rewards = _check_inputs(prompt_ids, rewards)
-    codes = tables.codes_of(prompt_ids) if len(rewards) else np.empty(0, dtype=np.int64)
-    start, end = tables.offsets[codes], tables.offsets[codes + 1]
-    first_not_below = _search_sorted_segments(tables.rewards, start, end, rewards, side="left")
-    first_above = _search_sorted_segments(tables.rewards, start, end, rewards, side="right")
-    less, equal = first_not_below - start, first_above - first_not_below
-    k = end - start
+    less, equal, k = _rank_counts(tables, prompt_ids, rewards)
     loo = np.broadcast_to(np.asarray(leave_one_out, dtype=bool), rewards.shape)
     if loo.any():
         orphan = loo & (equal == 0)

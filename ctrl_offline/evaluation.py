@@ -6,11 +6,23 @@ reference); the prompt's win probability is the exact expectation
 
     w(x) = Σ_ij p_i q_j (1[r_i > s_j] + ½·1[r_i = s_j]),
 
-averaged over prompts, with a percentile bootstrap over prompts for the interval. The
-calibrated-reward shortcut replaces the reference's fresh samples by its quantile tables:
-with the policy candidates' calibrated rewards u, best-of-N wins with probability
-max(u)^N and worst-of-N with 1 − (1 − min(u))^N (the reference's best/worst of N calibrated
-values has CDF u^N / 1 − (1 − u)^N). KL(π‖π_ref) is estimated by the mean log-ratio of the
+averaged over prompts, with a percentile bootstrap over prompts for the interval.
+
+The calibrated-reward shortcut replaces the reference's N fresh candidates by the prompt's K
+stored reference rewards (its calibration table), taking the reference's N candidates to be N
+distinct draws out of the K, every one of the C(K, N) subsets equally likely. For the policy's
+pick r (its best of N candidates for best-of-N, its worst for worst-of-N), with b of the K
+stored rewards strictly below r, e equal to it and a = K − b − e above it:
+
+    best-of-N   P(ref best-of-N < r)  + ½·P(ref best-of-N = r)  = [C(b, N) + ½·(C(b+e, N) − C(b, N))] / C(K, N)
+    worst-of-N  P(ref worst-of-N > r) + ½·P(ref worst-of-N = r) = [C(a, N) + ½·(C(a+e, N) − C(a, N))] / C(K, N)
+    standard    (b + ½·e) / K = Ĉ, averaged over the policy's N candidates
+
+Because b ~ Binomial(K, F(r)) and E[C(b, N)] / C(K, N) = F(r)^N (a factorial moment), these are
+unbiased for the win rate against the reference's fresh best-/worst-of-N; the older form
+max(Ĉ)^N is not (a policy equal to its reference scores 0.600 at K = N = 4 instead of ½). The
+derivation is in docs/evaluation_shortcut.md. N ≤ K is required: N reference candidates cannot
+be drawn from fewer stored rewards. KL(π‖π_ref) is estimated by the mean log-ratio of the
 policy's own samples.
 """
 
@@ -20,10 +32,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .calibration import CalibrationTables, rank_counts
 from .selection import select
 
 __all__ = ["Estimate", "pairwise_win_matrix", "inference_win_rate", "standard_win_rate", "calibrated_shortcut",
-           "kl_estimate", "bootstrap_mean"]
+           "calibrated_shortcut_per_prompt", "kl_estimate", "bootstrap_mean"]
 
 
 @dataclass(frozen=True)
@@ -98,21 +111,64 @@ def standard_win_rate(policy_rewards, reference_rewards, *, num_boot: int = 2000
     return bootstrap_mean(per_prompt, num_boot=num_boot, rng=rng)
 
 
-def calibrated_shortcut(policy_u, n: int, *, num_boot: int = 2000, rng=0) -> dict:
-    """Win rates predicted from the policy candidates' calibrated rewards against the reference tables."""
-    u = np.asarray(policy_u, dtype=float)
-    if n > u.shape[1]:
-        raise ValueError(f"N = {n} is larger than the candidates available ({u.shape[1]})")
-    u = u[:, :n]
-    with np.errstate(invalid="ignore"):
-        best, worst = np.nanmax(u, axis=1), np.nanmin(u, axis=1)
-        mean = np.nanmean(u, axis=1)
-    return {
-        "n": n,
-        "standard": bootstrap_mean(mean, num_boot=num_boot, rng=rng).to_dict(),
-        "bon": bootstrap_mean(best**n, num_boot=num_boot, rng=rng).to_dict(),
-        "won": bootstrap_mean(1 - (1 - worst) ** n, num_boot=num_boot, rng=rng).to_dict(),
-    }
+def _subset_fraction(j: np.ndarray, k: np.ndarray, n: int) -> np.ndarray:
+    """C(j, n) / C(k, n) for 0 ≤ j ≤ k, n ≤ k, as Π_{i<n} (j − i)/(k − i): no overflow at large K."""
+    i = np.arange(n)
+    j = np.asarray(j, dtype=float)[..., None]
+    k = np.asarray(k, dtype=float)[..., None]
+    return np.prod(np.clip((j - i) / (k - i), 0.0, None), axis=-1)
+
+
+def calibrated_shortcut_per_prompt(policy_rewards, n: int, *, tables: CalibrationTables, prompt_ids) -> dict:
+    """Per-prompt values of :func:`calibrated_shortcut`: ``{"standard", "bon", "won"}`` arrays of one value per row.
+
+    ``policy_rewards`` is a (prompts, candidates) array of the policy's rewards (the first ``n``
+    candidates of each row are used), ``prompt_ids[i]`` names row i's table in ``tables`` (the
+    sorted reference rewards of each prompt, :class:`~ctrl_offline.calibration.CalibrationTables`).
+    """
+    r = np.asarray(policy_rewards, dtype=float)
+    ids = np.asarray(prompt_ids)
+    if r.ndim != 2:
+        raise ValueError(f"policy rewards must be a (prompts, candidates) array, got shape {r.shape}")
+    if ids.shape != (r.shape[0],):
+        raise ValueError(f"prompt_ids must name one table per row of the policy rewards ({r.shape[0]}), "
+                         f"got shape {ids.shape}")
+    if n < 1:
+        raise ValueError(f"N must be ≥ 1, got {n}")
+    if n > r.shape[1]:
+        raise ValueError(f"N = {n} is larger than the candidates available ({r.shape[1]})")
+    r = r[:, :n]
+    below, equal, k = (c.reshape(r.shape) for c in rank_counts(tables, np.repeat(ids, n), r.ravel()))
+    k = k[:, 0]
+    if r.shape[0] and n > k.min():
+        few = k < n
+        shown = ", ".join(repr(p.item() if isinstance(p, np.generic) else p) for p in ids[few][:5])
+        raise ValueError(f"N = {n} is larger than K, the stored reference rewards, of {few.sum()} prompt(s) "
+                         f"(smallest K = {k.min()}; prompt_id {shown}): the reference's best-/worst-of-N cannot be "
+                         "formed from fewer stored samples than N")
+    rows = np.arange(r.shape[0])
+    best, worst = np.argmax(r, axis=1), np.argmin(r, axis=1)
+    b, e = below[rows, best], equal[rows, best]
+    bon = _subset_fraction(b, k, n) + 0.5 * (_subset_fraction(b + e, k, n) - _subset_fraction(b, k, n))
+    a, e = k - below[rows, worst] - equal[rows, worst], equal[rows, worst]
+    won = _subset_fraction(a, k, n) + 0.5 * (_subset_fraction(a + e, k, n) - _subset_fraction(a, k, n))
+    standard = ((below + 0.5 * equal) / k[:, None]).mean(axis=1)
+    return {"standard": standard, "bon": bon, "won": won}
+
+
+def calibrated_shortcut(policy_rewards, n: int, *, tables: CalibrationTables, prompt_ids, num_boot: int = 2000,
+                        rng=0) -> dict:
+    """Win rates of the policy's N candidates against the reference's best-/worst-of-N from its stored rewards.
+
+    Unbiased: the reference's N candidates are N distinct draws out of each prompt's K stored
+    reference rewards (module docstring, docs/evaluation_shortcut.md). ``policy_rewards``:
+    (prompts, candidates), rewards on the scale of the tables; ``prompt_ids``: each row's prompt
+    in ``tables``. Raises ValueError when N exceeds the candidates or any prompt's K. Returns
+    ``{"n", "standard", "bon", "won"}``, each win rate an :class:`Estimate` dict.
+    """
+    values = calibrated_shortcut_per_prompt(policy_rewards, n, tables=tables, prompt_ids=prompt_ids)
+    return {"n": n, **{name: bootstrap_mean(values[name], num_boot=num_boot, rng=rng).to_dict()
+                       for name in ("standard", "bon", "won")}}
 
 
 def kl_estimate(policy_logps, reference_logps, *, num_boot: int = 2000, rng=0) -> Estimate:

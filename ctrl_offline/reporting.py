@@ -34,7 +34,8 @@ def _markdown(report: dict) -> str:
     ]
     for row in report["win_rates"]:
         lines.append(f"| {row['selector']} | {row['n']} | {_pct(row)} | {row['excluded_candidates']} |")
-    lines += ["", "Calibrated-reward shortcut (policy candidates against tables of the reference candidates):", "",
+    lines += ["", "Calibrated-reward shortcut (the policy's N candidates against the reference's best/worst of N drawn "
+              "from its stored candidates; docs/evaluation_shortcut.md):", "",
               "| N | standard | best-of-N | worst-of-N |", "|---|---|---|---|"]
     for row in report["calibrated_shortcut"]:
         lines.append(f"| {row['n']} | {_pct(row['standard'])} | {_pct(row['bon'])} | {_pct(row['won'])} |")

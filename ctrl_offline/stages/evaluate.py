@@ -4,7 +4,8 @@ For held-out prompts it draws ``max(N)`` candidates from the policy (base + adap
 reference (the same base with the adapter disabled, no second copy), scores them, and for every
 selector and every N reuses those samples to report the win rate of T(policy) over
 T(reference) with a bootstrap interval, the standard win rate, the calibrated-reward shortcut
-(policy candidates calibrated against tables built from the reference candidates) and
+(the policy's candidates against the reference's best-/worst-of-N drawn from tables built from the
+reference candidates, docs/evaluation_shortcut.md) and
 KL(π‖π_ref) from the policy samples' log-ratios. Writes ``report.json``, ``report.md``,
 ``samples.parquet`` and three figures.
 """
@@ -149,7 +150,8 @@ def evaluate_policy(
         "selector_settings": {"lambda": lam, "beta": beta, "kappa0": kappa0},
         "win_rates": results,
         "standard_win_rate": standard_win_rate(r_pol, r_ref, num_boot=num_boot, rng=seed).to_dict(),
-        "calibrated_shortcut": [calibrated_shortcut(u_pol, size, num_boot=num_boot, rng=seed) for size in n],
+        "calibrated_shortcut": [calibrated_shortcut(r_pol, size, tables=tables, prompt_ids=ids, num_boot=num_boot,
+                                                    rng=seed) for size in n],
         "kl": kl_estimate(policy_logp, policy_ref_logp, num_boot=num_boot, rng=seed).to_dict(),
         "mean_policy_u": float(u_pol.mean()),
         "transform": {"name": transform, "t": t},
