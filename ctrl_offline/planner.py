@@ -7,6 +7,12 @@ is tuned so as to maximise the predicted inference-time win rate:
 * for families with a shape parameter (exp, negexp), t is chosen by a coarse log-spaced scan
   followed by a bounded 1-D refinement, re-solving β for every candidate t.
 
+With ``k=K`` the plan is *K-aware*: the KL and win rates are those of the tilt that the chosen
+estimator (loss × pair strategy × targets × normaliser) actually trains from K reference samples
+per prompt (:mod:`ctrl_offline.finite_k`, docs/finite_k.md), so β is solved for the trained tilt to
+meet the budget and t maximises the trained win rate; each row also reports ``ideal_win_rate``,
+the K = ∞ tilt's win rate at the same KL.
+
 >>> from ctrl_offline.planner import plan
 >>> result = plan("bon", n=4, kl=0.5)
 >>> [row.transform for row in result.rows]
@@ -21,10 +27,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import optimize
 
+from .finite_k import Estimator, TrainedTilt, trained_tilt
 from .theory import INFERENCE_PROCEDURES, inference_win_rate, kl_divergence, standard_win_rate
 from .transforms import Transform, family_has_t, get_transform, unit_scale
 
-__all__ = ["PlanRow", "Plan", "solve_beta", "plan", "tradeoff_curve", "trainable_beta", "DEFAULT_FAMILIES",
+__all__ = ["PlanRow", "Plan", "solve_beta", "solve_trained_beta", "plan", "tradeoff_curve", "trainable_beta", "DEFAULT_FAMILIES",
            "MIN_TRAINABLE_BETA"]
 
 DEFAULT_FAMILIES = ("identity", "log", "exp", "negexp")
@@ -39,12 +46,28 @@ MIN_TRAINABLE_BETA = 1e-3
 
 @dataclass(frozen=True)
 class PlanRow:
+    """One tuned transform. ``beta`` is for the raw Φ; the trainer's β is ``beta / phi_scale``.
+
+    K-aware rows (``k`` set) report the trained tilt's ``kl``, ``win_rate`` and
+    ``standard_win_rate``, and ``ideal_win_rate``: the K = ∞ tilt's win rate at the same KL.
+    """
+
     transform: str
     t: float | None
     beta: float
     kl: float
     win_rate: float
     standard_win_rate: float
+    ideal_win_rate: float | None = None
+    k: int | None = None
+    phi_scale: float | None = None
+
+    def to_dict(self) -> dict:
+        row = asdict(self)
+        if self.k is None:  # K = ∞: the rows as they have always been
+            for key in ("ideal_win_rate", "k", "phi_scale"):
+                row.pop(key)
+        return row
 
 
 @dataclass(frozen=True)
@@ -53,13 +76,18 @@ class Plan:
     n: int
     kl: float
     rows: list[PlanRow] = field(default_factory=list)
+    k: int | None = None
+    estimator: Estimator | None = None
 
     def best(self) -> PlanRow:
         """The row with the highest predicted inference-time win rate."""
         return max(self.rows, key=lambda row: row.win_rate)
 
     def to_dict(self) -> dict:
-        return {"inference": self.inference, "n": self.n, "kl": self.kl, "rows": [asdict(r) for r in self.rows]}
+        out = {"inference": self.inference, "n": self.n, "kl": self.kl, "rows": [r.to_dict() for r in self.rows]}
+        if self.k is not None:
+            out.update(k=self.k, estimator=self.estimator.to_dict())
+        return out
 
 
 def _check_budget(kl: float) -> float:
@@ -95,7 +123,44 @@ def solve_beta(transform: Transform | str, kl: float) -> float:
     return math.exp(optimize.brentq(gap, lo, hi, xtol=1e-12, rtol=1e-12))
 
 
-def _row(transform: Transform, inference: str, n: int, kl: float) -> PlanRow:
+def solve_trained_beta(transform: Transform | str, kl: float, k: int, estimator: Estimator) -> float:
+    """The raw-Φ β at which the tilt ``estimator`` trains from K samples per prompt has KL ``kl``."""
+    transform, kl = get_transform(transform), _check_budget(kl)
+    gap = lambda log_beta: trained_tilt(transform, math.exp(log_beta), k, estimator).kl() - kl  # noqa: E731
+    # The K = ∞ β is a good centre: finite K changes KL by tens of percent, not orders of magnitude.
+    centre = math.log(solve_beta(transform, kl))
+    lo, hi = centre - 0.5, centre + 0.5
+    for _ in range(40):
+        if gap(lo) > 0:
+            break
+        lo -= 1.0
+    else:
+        reach = trained_tilt(transform, math.exp(lo), k, estimator).kl()
+        raise ValueError(f"KL budget {kl:g} is out of reach for {transform.spec} trained by {estimator.loss} at K={k} "
+                         f"(it saturates near {reach:.3g} nats); lower the budget or raise K")
+    for _ in range(40):
+        if gap(hi) < 0:
+            break
+        hi += 1.0
+    else:
+        raise ValueError(f"KL budget {kl} is too small to resolve for transform {transform.spec!r}")
+    return math.exp(optimize.brentq(gap, lo, hi, xtol=1e-10, rtol=1e-10))
+
+
+def _trained_row(transform: Transform, inference: str, n: int, kl: float, k: int, estimator: Estimator) -> PlanRow:
+    beta = solve_trained_beta(transform, kl, k, estimator)
+    tilt: TrainedTilt = trained_tilt(transform, beta, k, estimator)
+    reached = tilt.kl()
+    ideal = inference_win_rate(transform, solve_beta(transform, reached), inference, n)
+    return PlanRow(transform=transform.name, t=transform.t, beta=beta, kl=reached,
+                   win_rate=tilt.win_rate(inference, n), standard_win_rate=tilt.standard_win_rate(),
+                   ideal_win_rate=ideal, k=k, phi_scale=unit_scale(transform))
+
+
+def _row(transform: Transform, inference: str, n: int, kl: float, k: int | None = None,
+         estimator: Estimator | None = None) -> PlanRow:
+    if k is not None:
+        return _trained_row(transform, inference, n, kl, k, estimator)
     beta = solve_beta(transform, kl)
     return PlanRow(
         transform=transform.name,
@@ -113,12 +178,15 @@ def trainable_beta(transform: Transform, beta: float) -> float:
 
 
 def _best_t(name: str, inference: str, n: int, kl: float, t_range: tuple[float, float],
-            min_beta: float) -> PlanRow:
+            min_beta: float, k: int | None = None, estimator: Estimator | None = None) -> PlanRow:
     lo, hi = math.log(t_range[0]), math.log(t_range[1])
 
     def objective(log_t: float) -> float:
         transform = get_transform(name, math.exp(log_t))
-        row = _row(transform, inference, n, kl)
+        try:
+            row = _row(transform, inference, n, kl, k, estimator)
+        except ValueError:  # this t cannot reach the budget at this K
+            return 1.0
         # Untrainable t scores worse than any real plan (win rates lie in [0, 1]).
         return -row.win_rate if trainable_beta(transform, row.beta) >= min_beta else 1.0
 
@@ -129,9 +197,10 @@ def _best_t(name: str, inference: str, n: int, kl: float, t_range: tuple[float, 
         raise ValueError(f"no t in {t_range} gives {name} a trainable β (≥ {min_beta:g} with Φ spanning 1) at "
                          f"KL {kl:g}; lower the KL budget, narrow t_range or pass a smaller min_beta")
     left, right = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-    refined = optimize.minimize_scalar(objective, bounds=(left, right), method="bounded", options={"xatol": 1e-4})
+    xatol = 1e-4 if k is None else 1e-3  # a trained tilt costs ~10× a closed form; t to 0.1% is plenty
+    refined = optimize.minimize_scalar(objective, bounds=(left, right), method="bounded", options={"xatol": xatol})
     best_log_t = refined.x if refined.fun <= scores[i] else grid[i]
-    return _row(get_transform(name, math.exp(best_log_t)), inference, n, kl)
+    return _row(get_transform(name, math.exp(best_log_t)), inference, n, kl, k, estimator)
 
 
 def plan(
@@ -141,6 +210,12 @@ def plan(
     families: tuple[str, ...] = DEFAULT_FAMILIES,
     t_range: tuple[float, float] = DEFAULT_T_RANGE,
     min_beta: float = MIN_TRAINABLE_BETA,
+    *,
+    k: int | None = None,
+    loss: str = "dpo",
+    strategy: str = "all",
+    targets: str = "loo",
+    log_partition: str = "population",
 ) -> Plan:
     """Tune every transform family for ``inference`` ('bon' or 'won') with N candidates.
 
@@ -148,6 +223,13 @@ def plan(
     inference-time win rate under the budget among the t whose β, with Φ rescaled to span 1,
     is at least ``min_beta`` (smaller β cannot be trained; 0 turns the guard off); each row
     reports the β that meets the budget for the raw Φ.
+
+    ``k=None`` plans the exact tilt (K = ∞). ``k=K`` plans the tilt that ``loss`` trains from K
+    reference samples per prompt (pairs drawn by ``strategy``, node values ``targets``, pointwise
+    normaliser ``log_partition``; see :class:`ctrl_offline.finite_k.Estimator`): the rows' KL and
+    win rates are what the trained policy reaches, and ``ideal_win_rate`` the K = ∞ figure at
+    that KL. A family that cannot meet the budget at this K (``log`` with ``"loo"`` targets, whose
+    rank-0 sample has Φ = −∞; weighted SFT beyond best-of-K's KL) is left out of the rows.
     """
     if inference not in INFERENCE_PROCEDURES:
         raise ValueError(f"unknown inference procedure {inference!r}; choose one of {INFERENCE_PROCEDURES}")
@@ -156,13 +238,26 @@ def plan(
     kl = _check_budget(kl)
     if not (0 < t_range[0] < t_range[1] and math.isfinite(t_range[1])):
         raise ValueError(f"t_range must satisfy 0 < low < high < inf, got {t_range!r}")
-    rows = []
+    estimator = None
+    if k is not None:
+        if isinstance(k, bool) or int(k) != k or k < 2:
+            raise ValueError(f"K must be an integer ≥ 2, got {k!r}")
+        k = int(k)
+        estimator = Estimator(loss=loss, strategy=strategy, targets=targets, log_partition=log_partition)
+    rows, skipped = [], []
     for name in families:
-        if family_has_t(name):
-            rows.append(_best_t(name, inference, int(n), kl, t_range, min_beta))
-        else:
-            rows.append(_row(get_transform(name), inference, int(n), kl))
-    return Plan(inference=inference, n=int(n), kl=kl, rows=rows)
+        try:
+            if family_has_t(name):
+                rows.append(_best_t(name, inference, int(n), kl, t_range, min_beta, k, estimator))
+            else:
+                rows.append(_row(get_transform(name), inference, int(n), kl, k, estimator))
+        except ValueError as err:
+            if k is None:
+                raise
+            skipped.append(f"{name}: {err}")
+    if not rows:
+        raise ValueError("no transform family can be trained to this plan:\n  " + "\n  ".join(skipped))
+    return Plan(inference=inference, n=int(n), kl=kl, rows=rows, k=k, estimator=estimator)
 
 
 def tradeoff_curve(transform: Transform | str, inference: str, n: int, kls) -> np.ndarray:
