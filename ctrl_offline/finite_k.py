@@ -59,6 +59,8 @@ __all__ = [
     "trained_tilt",
     "tilt_from_log_density",
     "ideal_tilt",
+    "population_log_partition",
+    "cell_values",
 ]
 
 ESTIMATOR_LOSSES = ("dpo", "ipo", "distill", "pointwise", "weighted_sft")
@@ -118,13 +120,35 @@ def node_values(transform: Transform | str, beta: float, k: int, targets: str = 
 
 
 def _cell_values(transform: Transform, beta: float, k: int) -> np.ndarray:
-    # v_j = β·[log K + log Z + log(F((j+1)/K) − F(j/K))], every term in log space.
-    edges = np.arange(k + 1) / k
-    log_f = np.asarray(transform.log_cdf(edges, beta), dtype=float)
-    hi, lo = log_f[1:], log_f[:-1]
+    j = np.arange(k)
+    return cell_values(transform, beta, j / k, (j + 1) / k)
+
+
+def cell_values(transform: Transform | str, beta: float, lo, hi) -> np.ndarray:
+    """β·log( ∫_lo^hi e^{Φ/β} / (hi − lo) ): the tilt's mass on the quantile cell [lo, hi] per unit width.
+
+    ``β·[log Z + log(F(hi) − F(lo)) − log(hi − lo)]``, every term in log space (finite for ``log``).
+    """
+    transform = get_transform(transform)
+    lo, hi = np.asarray(lo, float), np.asarray(hi, float)
+    log_hi = np.asarray(transform.log_cdf(hi, beta), dtype=float)
+    log_lo = np.asarray(transform.log_cdf(lo, beta), dtype=float)
     with np.errstate(divide="ignore"):
-        log_mass = hi + np.log(-np.expm1(lo - hi))
-    return beta * (math.log(k) + float(transform.log_partition(beta)) + log_mass)
+        log_mass = log_hi + np.log(-np.expm1(log_lo - log_hi))
+    return beta * (float(transform.log_partition(beta)) + log_mass - np.log(hi - lo))
+
+
+def population_log_partition(transform: Transform | str, beta: float, k: int, targets: str = "loo") -> float:
+    """log ∫₀¹ exp(m(c)/β) dc, m the Bernstein mean of the node values: the pointwise normaliser whose
+    population minimiser is exactly the tilt by m (docs/finite_k.md §3). In the units of ``transform``."""
+    values = node_values(transform, beta, k, targets)
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"transform {get_transform(transform).spec!r} with {targets!r} targets has Φ = −∞ at rank 0; "
+                         "use targets='cell'")
+    nodes, weights = nodes_and_weights()
+    x = _bernstein_mean(values, nodes) / beta
+    top = float(np.max(x))
+    return top + math.log(float(np.sum(weights * np.exp(x - top))))
 
 
 # -- Bernstein machinery ------------------------------------------------------------------------

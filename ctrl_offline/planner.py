@@ -22,7 +22,7 @@ the K = ∞ tilt's win rate at the same KL.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from scipy import optimize
@@ -49,7 +49,8 @@ class PlanRow:
     """One tuned transform. ``beta`` is for the raw Φ; the trainer's β is ``beta / phi_scale``.
 
     K-aware rows (``k`` set) report the trained tilt's ``kl``, ``win_rate`` and
-    ``standard_win_rate``, and ``ideal_win_rate``: the K = ∞ tilt's win rate at the same KL.
+    ``standard_win_rate``, and ``ideal_win_rate``: the family's K = ∞ win rate at the same KL
+    (its own best t), so ``ideal_win_rate − win_rate`` is what finite K costs.
     """
 
     transform: str
@@ -78,6 +79,8 @@ class Plan:
     rows: list[PlanRow] = field(default_factory=list)
     k: int | None = None
     estimator: Estimator | None = None
+    #: Families left out of a K-aware plan, with the reason (``log`` under ``"loo"`` targets, …).
+    skipped: list[str] = field(default_factory=list)
 
     def best(self) -> PlanRow:
         """The row with the highest predicted inference-time win rate."""
@@ -86,7 +89,7 @@ class Plan:
     def to_dict(self) -> dict:
         out = {"inference": self.inference, "n": self.n, "kl": self.kl, "rows": [r.to_dict() for r in self.rows]}
         if self.k is not None:
-            out.update(k=self.k, estimator=self.estimator.to_dict())
+            out.update(k=self.k, estimator=self.estimator.to_dict(), skipped=self.skipped)
         return out
 
 
@@ -150,11 +153,10 @@ def solve_trained_beta(transform: Transform | str, kl: float, k: int, estimator:
 def _trained_row(transform: Transform, inference: str, n: int, kl: float, k: int, estimator: Estimator) -> PlanRow:
     beta = solve_trained_beta(transform, kl, k, estimator)
     tilt: TrainedTilt = trained_tilt(transform, beta, k, estimator)
-    reached = tilt.kl()
-    ideal = inference_win_rate(transform, solve_beta(transform, reached), inference, n)
-    return PlanRow(transform=transform.name, t=transform.t, beta=beta, kl=reached,
+    # ideal_win_rate is filled in by plan(): the family's best K = ∞ win rate at the same KL.
+    return PlanRow(transform=transform.name, t=transform.t, beta=beta, kl=tilt.kl(),
                    win_rate=tilt.win_rate(inference, n), standard_win_rate=tilt.standard_win_rate(),
-                   ideal_win_rate=ideal, k=k, phi_scale=unit_scale(transform))
+                   k=k, phi_scale=unit_scale(transform))
 
 
 def _row(transform: Transform, inference: str, n: int, kl: float, k: int | None = None,
@@ -257,7 +259,13 @@ def plan(
             skipped.append(f"{name}: {err}")
     if not rows:
         raise ValueError("no transform family can be trained to this plan:\n  " + "\n  ".join(skipped))
-    return Plan(inference=inference, n=int(n), kl=kl, rows=rows, k=k, estimator=estimator)
+    if k is not None:
+        # What the same family promises at K = ∞ (its own best t) at the same KL: the cost of finite K.
+        ideal = {row.transform: row.win_rate
+                 for row in plan(inference, n, kl, families=tuple(r.transform for r in rows), t_range=t_range,
+                                 min_beta=min_beta).rows}
+        rows = [replace(row, ideal_win_rate=ideal[row.transform]) for row in rows]
+    return Plan(inference=inference, n=int(n), kl=kl, rows=rows, k=k, estimator=estimator, skipped=skipped)
 
 
 def tradeoff_curve(transform: Transform | str, inference: str, n: int, kls) -> np.ndarray:

@@ -38,6 +38,7 @@ __all__ = [
     "Pairs",
     "PAIR_STRATEGIES",
     "LOG_PARTITIONS",
+    "TARGET_SCHEMES",
     "make_pairs",
     "pointwise_targets",
     "sft_weights",
@@ -45,7 +46,8 @@ __all__ = [
 ]
 
 PAIR_STRATEGIES = ("all", "best_vs_rest", "best_vs_worst", "sampled")
-LOG_PARTITIONS = ("empirical", "continuous")
+LOG_PARTITIONS = ("population", "empirical", "continuous")
+TARGET_SCHEMES = ("loo", "cell")
 
 
 
@@ -96,11 +98,14 @@ def _check_beta(beta) -> float:
     return value
 
 
-def _prepare(prompt_ids, u, transform, beta, *, allow_minus_inf: bool = False):
-    """Validated (codes, unique prompt ids, u, Φ(u), β, transform).
+def _prepare(prompt_ids, u, transform, beta, *, allow_minus_inf: bool = False, targets: str = "loo", k=None):
+    """Validated (codes, unique prompt ids, u, node values, β, transform).
 
-    ``codes`` number the prompts 0, 1, … in order of first appearance (``uniques[code]``).
+    ``codes`` number the prompts 0, 1, … in order of first appearance (``uniques[code]``). The node
+    value of a row is Φ(u) (``targets="loo"``) or the tilt's mass on its quantile cell (``"cell"``).
     """
+    if targets not in TARGET_SCHEMES:
+        raise SynthesisError(f"targets must be one of {', '.join(TARGET_SCHEMES)}, got {targets!r}")
     prompt_ids = np.asarray(prompt_ids)
     try:
         u = np.asarray(u, dtype=float)
@@ -123,8 +128,12 @@ def _prepare(prompt_ids, u, transform, beta, *, allow_minus_inf: bool = False):
         raise SynthesisError(
             f"{int(bad.sum())} calibrated value(s) u are NaN or outside [0, 1]: {_rows_and_prompts(bad, prompt_ids)}"
         )
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        phi = np.asarray(transform.phi(u), dtype=float)
+    codes = codes.astype(np.int64)
+    if targets == "cell":
+        phi = _cell_targets(codes, len(uniques), u, transform, beta, k, prompt_ids)
+    else:
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            phi = np.asarray(transform.phi(u), dtype=float)
     bad = ~np.isfinite(phi)
     if allow_minus_inf:
         bad &= phi != -np.inf
@@ -135,7 +144,44 @@ def _prepare(prompt_ids, u, transform, beta, *, allow_minus_inf: bool = False):
             "responses zero (or unbounded) weight, so no finite margin or target exists; drop those rows or use "
             "a transform that is finite on [0, 1] (log has Φ(0) = −∞)"
         )
-    return codes.astype(np.int64), np.asarray(uniques), u, phi, beta, transform
+    return codes, np.asarray(uniques), u, phi, beta, transform
+
+
+def _samples_per_prompt(codes: np.ndarray, n_groups: int, k, prompt_ids) -> np.ndarray:
+    """K of each row's prompt: ``k`` (an integer or one per row), or the prompt's row count."""
+    if k is None:
+        per_row = np.bincount(codes, minlength=n_groups)[codes]
+    else:
+        per_row = np.broadcast_to(np.asarray(k), codes.shape)
+        if not np.issubdtype(per_row.dtype, np.integer):
+            raise SynthesisError(f"k must be an integer or one integer per row, got {k!r}")
+    small = per_row < 2
+    if small.any():
+        raise SynthesisError(f"cell targets and the population normaliser need K ≥ 2 reference samples per prompt: "
+                             f"{_rows_and_prompts(small, prompt_ids)}")
+    return per_row.astype(np.int64)
+
+
+def _cell_targets(codes, n_groups, u, transform, beta, k, prompt_ids) -> np.ndarray:
+    """The tilt's mass on each row's quantile cell (docs/finite_k.md §5).
+
+    A row of leave-one-out u among K samples with e − 1 others tied to it and b below
+    (u = (b + (e − 1)/2)/(K − 1)) shares the block of cells [b/K, (b + e)/K] with its ties:
+    value β·log(K/e·∫_{b/K}^{(b+e)/K} e^{Φ/β}).
+    """
+    from .finite_k import cell_values
+
+    k_row = _samples_per_prompt(codes, n_groups, k, prompt_ids)
+    # e: rows of the same prompt with the same u (the prompt's reference samples are its rows).
+    _, tie_code = np.unique(np.stack([codes.astype(float), u]), axis=1, return_inverse=True)
+    ties = np.bincount(tie_code.ravel())[tie_code.ravel()]
+    below = np.rint(u * (k_row - 1) - (ties - 1) / 2.0)
+    if np.any(below < 0) or np.any(below + ties > k_row):
+        bad = (below < 0) | (below + ties > k_row)
+        raise SynthesisError(f"u does not look like leave-one-out ranks among K samples for {int(bad.sum())} row(s): "
+                             f"{_rows_and_prompts(bad, prompt_ids)}; cell targets need each prompt's reference "
+                             "samples and their K")
+    return cell_values(transform, beta, below / k_row, (below + ties) / k_row)
 
 
 # -- group arithmetic -----------------------------------------------------------------------------
@@ -215,6 +261,8 @@ def make_pairs(
     pairs_per_prompt: int | None = None,
     drop_ties: bool = True,
     seed: int = 0,
+    targets: str = "loo",
+    k=None,
 ) -> Pairs:
     """Preference pairs within each prompt, oriented so the chosen response has the larger u.
 
@@ -240,6 +288,10 @@ def make_pairs(
       prompts or where the prompt's rows sit in the input: each pair gets a hash key of
       (seed, prompt id, the pair's positions among the prompt's rows) and the smallest keys win.
 
+    ``targets``: the node value Φ stands for — ``"loo"``, Φ(u); ``"cell"``, the tilt's mass on the
+    row's quantile cell among the prompt's K samples (``k``: K, an integer or one per row; default the
+    prompt's row count), finite for ``log`` (docs/finite_k.md §5).
+
     ``drop_ties`` skips pairs with equal u: they carry no preference under hard labels.
     ``drop_ties=False`` keeps them with margin 0 and label ½ (chosen = the earlier row), which
     the soft-label DPO, IPO and distillation losses can use (they pull ρ₁ − ρ₂ to 0).
@@ -259,7 +311,7 @@ def make_pairs(
         raise SynthesisError("strategy 'sampled' needs pairs_per_prompt (an integer ≥ 1)")
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise SynthesisError(f"seed must be an integer, got {seed!r}")
-    codes, uniques, u, phi, _, transform = _prepare(prompt_ids, u, transform, beta)
+    codes, uniques, u, phi, _, transform = _prepare(prompt_ids, u, transform, beta, targets=targets, k=k)
     n_groups = len(uniques)
 
     if strategy in ("all", "sampled"):
@@ -317,22 +369,30 @@ def make_pairs(
 
 
 def pointwise_targets(
-    prompt_ids, u, transform: Transform | str, beta: float, *, log_partition: str = "empirical"
+    prompt_ids, u, transform: Transform | str, beta: float, *, log_partition: str = "population",
+    targets: str = "loo", k=None,
 ) -> np.ndarray:
     """Per-row regression target Φ(u) − β·log Z, the value of β·ρ* = β·(log π* − log π_ref).
 
-    ``log_partition`` chooses Z:
+    ``targets`` and ``k`` as in :func:`make_pairs`. ``log_partition`` chooses Z:
 
-    * ``"empirical"`` (the default): per prompt, Z_x = (1/n_x) Σ_{rows i of x} exp(Φ(u_i)/β),
+    * ``"population"`` (the default): per prompt of K samples, log ∫₀¹ exp(m_K(c)/β) dc with m_K the
+      Bernstein mean of the node values (:func:`ctrl_offline.finite_k.population_log_partition`).
+      A policy that generalises (its log-ratio a function of the response, not of the other samples
+      of its prompt) is fitted to E[Φ(Ĉ) | C] = m_K(C); with this normaliser those targets are
+      already normalised, so the population minimiser is exactly the tilt by m_K, the one
+      ``plan(k=K, loss="pointwise")`` plans (docs/finite_k.md §3). Every other constant leaves the
+      fit constrained: too high a normaliser makes it fit a different shape, too low one has no
+      minimiser at all (the missing mass escapes into a spike; measured KL 1.83 for a 0.5 plan).
+    * ``"empirical"``: per prompt, Z_x = (1/n_x) Σ_{rows i of x} exp(Φ(u_i)/β),
       computed as a per-prompt log-sum-exp. The targets are then self-normalised:
       mean over the prompt's rows of exp(target/β) = 1. This is exact for the data at hand when
       the rows are the prompt's reference samples: Ĉ from K samples lives on a grid (the
       leave-one-out values of a tie-free prompt are exactly j/(K−1)), not on Uniform[0, 1], so
       the continuous log Z mis-states the normaliser by an amount that grows with the sharpness of
       the tilt (t, 1/β) and shrinks like 1/K (:func:`log_partition_gap`, docs/log_partition.md).
-      That error is an offset shared by every response of the prompt, and it would push the
-      pointwise optimum to raise (or lower) every sampled response together rather than only
-      tilt between them.
+      It is right only in the memorising regime, where the policy fits the K stored samples
+      themselves rather than a function of the response.
     * ``"continuous"``: the prompt-independent continuous-limit
       ``transform.log_partition(beta)`` = log ∫₀¹ exp(Φ(v)/β) dv (u ~ Uniform[0, 1]). Use it when
       the rows are not the prompt's own reference set (e.g. a few fresh policy samples), where a
@@ -340,10 +400,16 @@ def pointwise_targets(
     """
     if log_partition not in LOG_PARTITIONS:
         raise SynthesisError(f"log_partition must be one of {', '.join(LOG_PARTITIONS)}, got {log_partition!r}")
-    codes, uniques, u, phi, beta, transform = _prepare(prompt_ids, u, transform, beta)
+    codes, uniques, u, phi, beta, transform = _prepare(prompt_ids, u, transform, beta, targets=targets, k=k)
     n_groups = len(uniques)
     if log_partition == "continuous":
         return phi - beta * float(transform.log_partition(beta))
+    if log_partition == "population":
+        from .finite_k import population_log_partition
+
+        k_row = _samples_per_prompt(codes, n_groups, k, prompt_ids)
+        log_z = {int(size): population_log_partition(transform, beta, int(size), targets) for size in np.unique(k_row)}
+        return phi - beta * np.array([log_z[int(size)] for size in k_row]) if len(k_row) else phi
     if len(u) == 0:
         return phi
     x = phi / beta
@@ -353,7 +419,7 @@ def pointwise_targets(
     return beta * ((x - top[codes]) - np.log(mean)[codes])
 
 
-def sft_weights(prompt_ids, u, transform: Transform | str, beta: float) -> np.ndarray:
+def sft_weights(prompt_ids, u, transform: Transform | str, beta: float, *, targets: str = "loo", k=None) -> np.ndarray:
     """Reward-weighted-regression weights w_i ∝ exp(Φ(u_i)/β) within each prompt, mean 1 per prompt.
 
         w_i = exp(Φ(u_i)/β − m_x) / mean_{j in x} exp(Φ(u_j)/β − m_x),   m_x = max_{j in x} Φ(u_j)/β
@@ -361,7 +427,8 @@ def sft_weights(prompt_ids, u, transform: Transform | str, beta: float) -> np.nd
     (the per-prompt max m_x cancels; subtracting it keeps large Φ/β from overflowing). Φ = −∞
     (log at u = 0) gives weight 0, as long as the prompt has a row with finite Φ.
     """
-    codes, uniques, u, phi, beta, transform = _prepare(prompt_ids, u, transform, beta, allow_minus_inf=True)
+    codes, uniques, u, phi, beta, transform = _prepare(prompt_ids, u, transform, beta, allow_minus_inf=True,
+                                                       targets=targets, k=k)
     n_groups = len(uniques)
     if len(u) == 0:
         return phi

@@ -194,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="search range of t for exp/negexp (default 0.01 40)")
     pl.add_argument("--min-beta", type=float, default=None,
                     help="smallest trainable β with Φ rescaled to span 1 (default 1e-3; 0 turns the guard off)")
+    pl.add_argument("--k", type=_positive_int, default=None,
+                    help="reference samples per prompt: plan the tilt actually trained from K samples "
+                    "(default: the exact tilt, K = ∞)")
+    pl.add_argument("--strategy", default="all", choices=["all", "sampled"],
+                    help="how pairs are drawn (K-aware plans of pair losses; both draw pairs uniformly)")
+    _add_estimator_args(pl)
     pl.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     pl.add_argument("--plot", metavar="FILE.png", help="draw win rate vs KL for the planned transforms")
     pl.set_defaults(func=_run_plan)
@@ -285,6 +291,20 @@ def _run_inspect(args) -> int:
     return 0
 
 
+def _add_estimator_args(parser) -> None:
+    """The estimator a K-aware plan is made for (ctrl_offline.finite_k.Estimator)."""
+    from ctrl_offline.finite_k import ESTIMATOR_LOSSES, POINTWISE_NORMALISERS, TARGET_SCHEMES
+
+    parser.add_argument("--loss", choices=ESTIMATOR_LOSSES, default=None,
+                        help="the trainer's loss the K-aware plan is for (default: dpo for pairs, pointwise for "
+                        "pointwise, weighted_sft for weights)")
+    parser.add_argument("--targets", choices=TARGET_SCHEMES, default="loo",
+                        help="node values: loo = Φ of the leave-one-out calibrated reward; cell = the tilt's mass "
+                        "on the sample's quantile cell (finite for log)")
+    parser.add_argument("--log-partition", choices=POINTWISE_NORMALISERS, default="population",
+                        help="normaliser of pointwise targets (population: right when the policy generalises)")
+
+
 def _format_plan(plan) -> str:
     header = ["transform", "t", "beta", "KL", "standard win rate", f"{plan.inference}-{plan.n} win rate"]
     rows = [
@@ -292,12 +312,23 @@ def _format_plan(plan) -> str:
          f"{r.standard_win_rate:.4f}", f"{r.win_rate:.4f}"]
         for r in plan.rows
     ]
+    if plan.k is not None:
+        header[3:3] = ["trainer beta"]
+        header.append("K=∞ win rate")
+        for cells, r in zip(rows, plan.rows):
+            cells[3:3] = [f"{r.beta / r.phi_scale:.4g}"]
+            cells.append(f"{r.ideal_win_rate:.4f}")
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     best = plan.best()
     out = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
     out.append(f"best for {plan.inference}-{plan.n} at KL {plan.kl:g}: {best.transform}"
                + ("" if best.t is None else f" (t={best.t:.4g})") + f", beta={best.beta:.4g}")
+    if plan.k is not None:
+        est = plan.estimator
+        out.append(f"figures of the tilt {est.loss} trains from K={plan.k} samples per prompt (pairs: {est.strategy}, "
+                   f"targets: {est.targets}); the trainer's β is beta / phi_scale = {best.beta / best.phi_scale:.4g}")
+        out.extend(f"left out: {note}" for note in plan.skipped)
     return "\n".join(out)
 
 
@@ -308,7 +339,9 @@ def _run_plan(args) -> int:
     if args.inference in ("bon", "won"):
         result = plan(args.inference, args.n, args.kl, families=families,
                       t_range=tuple(args.t_range or DEFAULT_T_RANGE),
-                      min_beta=MIN_TRAINABLE_BETA if args.min_beta is None else args.min_beta)
+                      min_beta=MIN_TRAINABLE_BETA if args.min_beta is None else args.min_beta,
+                      k=args.k, loss=args.loss or "dpo", strategy=args.strategy, targets=args.targets,
+                      log_partition=args.log_partition)
     else:
         if not args.tables:
             raise ValueError(f"--inference {args.inference} looks at raw rewards: give --tables (a calibrate output)")

@@ -110,7 +110,8 @@ def test_soft_labels_are_the_bradley_terry_probabilities_of_the_tilted_policy():
     ids, u = rows(9, prompts=8)
     beta = 0.4
     pairs = make_pairs(ids, u, NEGEXP, beta)
-    targets = pointwise_targets(ids, u, NEGEXP, beta)
+    # π* over the stored rows themselves is the memorising regime: the empirical normaliser is exact there.
+    targets = pointwise_targets(ids, u, NEGEXP, beta, log_partition="empirical")
     rho = np.empty(len(u))
     for p in set(ids.tolist()):
         sel = ids == p
@@ -200,8 +201,7 @@ def test_pointwise_targets_both_normalisers(transform, beta):
     ids, u = rows(5)
     continuous = pointwise_targets(ids, u, transform, beta, log_partition="continuous")
     np.testing.assert_allclose(continuous, transform.phi(u) - beta * float(transform.log_partition(beta)), rtol=1e-14)
-    empirical = pointwise_targets(ids, u, transform, beta)
-    np.testing.assert_array_equal(empirical, pointwise_targets(ids, u, transform, beta, log_partition="empirical"))
+    empirical = pointwise_targets(ids, u, transform, beta, log_partition="empirical")
     for p in set(ids.tolist()):
         sel = ids == p
         phi = transform.phi(u[sel])
@@ -216,7 +216,7 @@ def test_pointwise_targets_do_not_overflow_for_sharp_tilts():
     transform, beta = get_transform("exp", 40.0), 1e-3  # Φ/β up to 2e20
     for kind in ("empirical", "continuous"):
         assert np.all(np.isfinite(pointwise_targets(ids, u, transform, beta, log_partition=kind)))
-    empirical = pointwise_targets(ids, u, transform, beta)
+    empirical = pointwise_targets(ids, u, transform, beta, log_partition="empirical")
     for p in set(ids.tolist()):
         assert np.mean(np.exp(empirical[ids == p] / beta)) == pytest.approx(1.0, rel=1e-12)
 
@@ -230,9 +230,52 @@ def test_empirical_minus_continuous_is_the_log_partition_gap_on_calibrated_refer
     np.testing.assert_allclose(np.sort(u.reshape(50, k), axis=1), np.tile(np.arange(k) / (k - 1), (50, 1)))
     for transform in (EXP, NEGEXP, get_transform("identity")):
         shift = pointwise_targets(ids, u, transform, beta, log_partition="continuous") - pointwise_targets(
-            ids, u, transform, beta
+            ids, u, transform, beta, log_partition="empirical"
         )
         np.testing.assert_allclose(shift, beta * log_partition_gap(transform, beta, k), rtol=1e-9, atol=1e-12)
+
+
+def test_population_normaliser_normalises_the_bernstein_mean_of_the_targets():
+    # The default normaliser: with targets T_j = Φ(j/(K−1)) − β·L, the fit a generalising policy makes is
+    # E[T | c] = Σ_j T_j·Binom(j; K−1, c); L is chosen so that ∫ exp(E[T | c]/β) dc = 1 exactly.
+    from scipy import integrate, stats
+
+    rng = np.random.default_rng(3)
+    k, beta = 6, 0.3
+    ids = np.repeat([f"q{i}" for i in range(4)], k)
+    _, u = calibrate_reference(ids, rng.normal(size=len(ids)))
+    for transform in (EXP, NEGEXP, get_transform("identity")):
+        target = pointwise_targets(ids, u, transform, beta)
+        by_rank = np.empty(k)
+        by_rank[np.rint(u[:k] * (k - 1)).astype(int)] = target[:k]
+        mean = lambda c: stats.binom.pmf(np.arange(k), k - 1, c) @ by_rank  # noqa: E731
+        mass, _ = integrate.quad(lambda c: math.exp(mean(c) / beta), 0, 1, epsabs=1e-12, epsrel=1e-12)
+        assert mass == pytest.approx(1.0, rel=1e-9)
+
+
+def test_cell_targets_are_the_tilts_mass_per_cell_and_finite_for_log():
+    rng = np.random.default_rng(4)
+    k, beta = 5, 0.5
+    ids = np.repeat(["a", "b"], k)
+    _, u = calibrate_reference(ids, rng.normal(size=len(ids)))
+    log = get_transform("log")
+    weights = sft_weights(ids, u, log, beta, targets="cell")
+    # log at β: e^{Φ/β} = u^{1/β}, so the cell mass is ∫ v^{1/β} dv over [j/K, (j+1)/K] in closed form.
+    j = np.rint(u * (k - 1))
+    power = 1 + 1 / beta
+    mass = ((j + 1) / k) ** power - (j / k) ** power
+    np.testing.assert_allclose(weights, mass / mass[:k].mean(), rtol=1e-10)
+    # β = 1/(N−1): the weights are the exact best-of-N law over the K stored samples (with replacement).
+    n = 3
+    w = sft_weights(ids, u, log, 1 / (n - 1), targets="cell")
+    np.testing.assert_allclose(w / k, ((j + 1) / k) ** n - (j / k) ** n, rtol=1e-10)
+    assert np.all(np.isfinite(pointwise_targets(ids, u, log, beta, targets="cell")))
+    with pytest.raises(SynthesisError, match="non-finite"):
+        pointwise_targets(ids, u, log, beta)
+    # Ties share their block of cells: two tied rows of four get the mean mass of cells 1 and 2.
+    tied = sft_weights(["p"] * 4, [0.0, 0.5, 0.5, 1.0], "identity", 0.2, targets="cell")
+    assert tied[1] == tied[2]
+    assert tied[0] < tied[1] < tied[3]
 
 
 # -- weighted SFT -------------------------------------------------------------------------------------
