@@ -4,6 +4,12 @@
 ``CTRLPointwiseConfig`` drives :class:`~ctrl_offline.trainer.CTRLPointwiseTrainer` on single
 responses. Both default ``bf16`` to what the machine supports instead of TRL's unconditional
 ``True``, so the same config runs on a CPU and on a GPU.
+
+β travels with the data: ``ctrl-data build`` writes the training targets with Φ rescaled to
+span 1 on [0, 1] and records in the dataset folder's ``ctrl_build.json`` the ``beta`` that goes
+with them (= the planner's raw-Φ β, ``unscaled_beta``, divided by ``phi_scale``, the raw Φ's
+span). ``beta`` defaults to None: the trainer then reads it from that metadata. A ``beta`` given
+anyway must agree with it (relative tolerance 1e-6) unless ``allow_beta_mismatch``.
 """
 
 from __future__ import annotations
@@ -17,9 +23,24 @@ from .losses import PAIR_LOSSES, SINGLE_LOSSES
 
 __all__ = ["CTRLConfig", "CTRLPointwiseConfig"]
 
+_BETA_HELP = (
+    "KL coefficient β of the tilted policy for Φ rescaled to span 1 on [0, 1] (= the planner's raw-Φ β, "
+    "`unscaled_beta`, divided by `phi_scale`). Default: read from the training set's build metadata "
+    "(ctrl_build.json); a value given must agree with it unless allow_beta_mismatch."
+)
+_ALLOW_MISMATCH_HELP = (
+    "Train with the given beta even where it differs from the beta recorded in the training set's build "
+    "metadata (a different tilt of the same targets, not the planned one)."
+)
+
 
 def _bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _check_beta(beta) -> None:
+    if beta is not None and not beta > 0:
+        raise ValueError(f"beta must be > 0 (or None to read it from the build metadata), got {beta!r}")
 
 
 @dataclass
@@ -29,13 +50,17 @@ class CTRLConfig(DPOConfig):
     ``ctrl_loss`` picks the loss on the stored targets: ``dpo`` (soft labels, the default),
     ``dpo_hard`` (the usual DPO on best-vs-worst pairs, the baseline), ``ipo`` (transformed
     margin as target) or ``distill`` (pairwise reward distillation). ``beta`` is the KL
-    coefficient β of the tilted policy, the same β the planner reports.
+    coefficient β of the tilted policy for Φ rescaled to span 1 — the planner's β divided by
+    ``phi_scale``, not the planner's β itself — and by default (None) is read from the
+    training set's build metadata; ``allow_beta_mismatch`` lets a different one through.
     """
 
     ctrl_loss: str = field(
         default="dpo",
         metadata={"help": f"CTRL loss on preference pairs, one of {PAIR_LOSSES}.", "choices": list(PAIR_LOSSES)},
     )
+    beta: float | None = field(default=None, metadata={"help": _BETA_HELP})
+    allow_beta_mismatch: bool = field(default=False, metadata={"help": _ALLOW_MISMATCH_HELP})
     bf16: bool | None = field(
         default=None, metadata={"help": "bf16 mixed precision; defaults to on where the GPU supports it."}
     )
@@ -43,8 +68,7 @@ class CTRLConfig(DPOConfig):
     def __post_init__(self):
         if self.ctrl_loss not in PAIR_LOSSES:
             raise ValueError(f"ctrl_loss must be one of {PAIR_LOSSES}, got {self.ctrl_loss!r}")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
+        _check_beta(self.beta)
         if self.bf16 is None:
             self.bf16 = _bf16_supported() and not self.fp16
         super().__post_init__()
@@ -55,14 +79,17 @@ class CTRLPointwiseConfig(SFTConfig):
     r"""Config of the pointwise CTRL trainer. All of [`trl.SFTConfig`] plus:
 
     ``ctrl_loss``: ``pointwise`` (regress β·ρ onto ``target`` = Φ(Ĉ) − β log Z) or
-    ``weighted_sft`` (−``weight``·log π(y|x)). ``beta`` is the KL coefficient β.
+    ``weighted_sft`` (−``weight``·log π(y|x); β is already in the weights). ``beta`` is the KL
+    coefficient β for Φ rescaled to span 1, read from the build metadata by default, as in
+    :class:`CTRLConfig`.
     """
 
     ctrl_loss: str = field(
         default="pointwise",
         metadata={"help": f"CTRL loss on single responses, one of {SINGLE_LOSSES}.", "choices": list(SINGLE_LOSSES)},
     )
-    beta: float = field(default=0.1, metadata={"help": "KL coefficient β of the tilted policy."})
+    beta: float | None = field(default=None, metadata={"help": _BETA_HELP})
+    allow_beta_mismatch: bool = field(default=False, metadata={"help": _ALLOW_MISMATCH_HELP})
     precompute_ref_batch_size: int | None = field(
         default=None, metadata={"help": "Batch size of the one-off reference pass when `ref_logp` is absent."}
     )
@@ -73,8 +100,7 @@ class CTRLPointwiseConfig(SFTConfig):
     def __post_init__(self):
         if self.ctrl_loss not in SINGLE_LOSSES:
             raise ValueError(f"ctrl_loss must be one of {SINGLE_LOSSES}, got {self.ctrl_loss!r}")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
+        _check_beta(self.beta)
         if self.bf16 is None:
             self.bf16 = _bf16_supported() and not self.fp16
         super().__post_init__()

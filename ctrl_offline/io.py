@@ -31,9 +31,14 @@ __all__ = [
     "read_metadata",
     "atomic_output_dir",
     "fingerprint",
+    "BUILD_INFO_FILE",
+    "read_build_info",
 ]
 
 METADATA_KEY = b"ctrl_offline"
+#: The metadata `ctrl-data build` writes beside a training set (transform, t, ``beta``, ``phi_scale``,
+#: ``unscaled_beta``, ...); the same name as ``ctrl_offline.stages.build.BUILD_METADATA``.
+BUILD_INFO_FILE = "ctrl_build.json"
 
 
 class DataError(ValueError):
@@ -140,3 +145,47 @@ def fingerprint(path: str | os.PathLike) -> str:
         st = f.stat()
         digest.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     return digest.hexdigest()[:16]
+
+
+def _build_folders(source) -> list[Path]:
+    """Folders that may hold a build's metadata: the folder itself, or those of a dataset's Arrow files."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        return [path.parent if path.is_file() else path]  # the folder, or a file in it
+    files = getattr(source, "cache_files", None) or []
+    # A dataset loaded with `load_from_disk` (and any select/map/filter/shuffle of it) is backed by
+    # Arrow files inside the saved folder; an in-memory dataset has none.
+    return list(dict.fromkeys(Path(f["filename"]).parent for f in files if "filename" in f))
+
+
+def read_build_info(source) -> dict | None:
+    """The metadata ``ctrl-data build`` recorded beside a training set, or None when there is none.
+
+    ``source`` is a build output folder, or a ``datasets.Dataset`` loaded from one with
+    ``load_from_disk`` (found through the Arrow files backing it, so a ``select``/``map``/``filter``
+    of it still finds it). An in-memory dataset (``Dataset.from_dict``) has no metadata. Its keys
+    include ``beta`` (the trainer's β, for Φ rescaled to span 1 on [0, 1]), ``phi_scale`` (the span
+    of the raw Φ on [0, 1]) and ``unscaled_beta`` (= beta × phi_scale, the β for the raw Φ that the
+    planner reports). Raises DataError for an unreadable file, or a dataset drawn from several
+    build folders that disagree on β; the returned dict also names its ``path``.
+    """
+    found = []
+    for folder in _build_folders(source):
+        path = folder / BUILD_INFO_FILE
+        if not path.is_file():
+            continue
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise DataError(f"cannot read the build metadata {path}: {err}") from err
+        if not isinstance(info, dict):
+            raise DataError(f"the build metadata {path} is not a JSON object")
+        found.append({**info, "path": str(path)})
+    if not found:
+        return None
+    keys = ("beta", "phi_scale", "unscaled_beta")
+    differing = [i for i in found[1:] if any(i.get(k) != found[0].get(k) for k in keys)]
+    if differing:
+        shown = "; ".join(f"{i['path']}: beta={i.get('beta')}" for i in [found[0], *differing])
+        raise DataError(f"the dataset's files come from build folders with different β ({shown})")
+    return found[0]

@@ -10,6 +10,12 @@ when ``ref_chosen_logps`` and ``ref_rejected_logps`` are stored (recorded at sam
 no reference forward pass runs at all; otherwise TRL computes them once, batched, before
 training. Pointwise rows (``prompt``, ``completion``, ``target`` or ``weight``, ``ref_logp``)
 need one sequence per example instead of two.
+
+β travels with the data: given a training set loaded from a ``ctrl-data build`` folder
+(``load_from_disk``) and no ``beta``, the trainers take the ``beta`` recorded in its
+``ctrl_build.json`` (the β for Φ rescaled to span 1, which the stored targets were built with).
+A ``beta`` that contradicts it is refused — naming the raw-Φ β when that is what was passed —
+unless ``allow_beta_mismatch``; an in-memory dataset without metadata needs ``beta``.
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ from trl import DPOTrainer, SFTTrainer
 from trl.trainer.utils import use_adapter
 
 from .config import CTRLConfig, CTRLPointwiseConfig
+from .io import read_build_info
 from .losses import distill_loss, dpo_loss, ipo_loss, pointwise_loss, soft_label, weighted_sft_loss
 
-__all__ = ["CTRLTrainer", "CTRLPointwiseTrainer", "TrainingDataError"]
+__all__ = ["CTRLTrainer", "CTRLPointwiseTrainer", "TrainingDataError", "resolve_beta"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +79,64 @@ def _check_finite(dataset, columns, what: str) -> None:
 def _named(train_dataset, eval_dataset) -> dict:
     """The datasets to validate, by the argument names the messages use."""
     return {"train_dataset": train_dataset, **({"eval_dataset": eval_dataset} if eval_dataset is not None else {})}
+
+
+def _same(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=0.0)
+
+
+def resolve_beta(args, train_dataset, eval_dataset=None, *, required: bool = True) -> dict | None:
+    """Set ``args.beta`` from the training set's build metadata, or check the given one against it.
+
+    Returns the build metadata (:func:`ctrl_offline.io.read_build_info`) of ``train_dataset``, or
+    None when it has none. Raises ValueError when ``args.beta`` contradicts the metadata's
+    ``beta`` (relative tolerance 1e-6; saying so when the value passed is the raw-Φ
+    ``unscaled_beta``) unless ``args.allow_beta_mismatch``, and when there is neither a ``beta``
+    nor metadata to read one from (unless not ``required``: a loss that does not use β). A β read
+    from metadata is marked as such, so the same ``args`` can serve another training set.
+    """
+    info = read_build_info(train_dataset)
+    recorded = [(name, i) for name, i in (("train_dataset", info),
+                                          ("eval_dataset", read_build_info(eval_dataset) if eval_dataset is not None
+                                           else None)) if i is not None and i.get("beta") is not None]
+    passed = None if getattr(args, "_beta_read_from", None) else args.beta
+    given = passed
+    if given is None:
+        if not recorded and not required:
+            args.beta = None
+            return info
+        if not recorded:
+            raise ValueError(
+                "beta is needed: the training set has no build metadata (ctrl_build.json) to read it from. Load it "
+                "with datasets.load_from_disk from a `ctrl-data build` folder, or pass beta (the β for Φ rescaled to "
+                "span 1, that build records: the planner's β divided by phi_scale).")
+        given = float(recorded[0][1]["beta"])
+        logger.info("beta=%.6g from %s", given, recorded[0][1]["path"])
+        args._beta_read_from = recorded[0][1]["path"]
+    for name, meta in recorded:
+        beta = float(meta["beta"])
+        if _same(given, beta):
+            continue
+        where = f"{name}'s build metadata {meta['path']}"
+        if passed is None:  # read from the training set, contradicted by the evaluation set's
+            message = f"the training set's beta={given!r} differs from beta={beta!r} in the {where}"
+        else:
+            message = f"beta={given!r} was passed, but the {where} records beta={beta!r}"
+        scale, raw = meta.get("phi_scale"), meta.get("unscaled_beta")
+        if passed is not None and raw is not None and scale is not None and _same(given, float(raw)):
+            message += (f". You passed the raw-Φ β (unscaled_beta={raw!r}, what the planner prints); the trainer "
+                        f"needs the β for Φ rescaled to span 1: beta = unscaled_beta / phi_scale = {raw:.6g} / "
+                        f"{scale:.6g} = {beta!r}")
+        elif scale is not None:
+            message += f" (the β for Φ rescaled by phi_scale={scale:.6g}; the raw-Φ β is unscaled_beta={raw!r})"
+        if not args.allow_beta_mismatch:
+            raise ValueError(message + ". Leave beta unset to use the recorded one, or set allow_beta_mismatch=True "
+                             "to train with the given beta anyway.")
+        logger.warning("%s; training with beta=%r anyway (allow_beta_mismatch)", message, given)
+    if passed is not None:
+        args._beta_read_from = None
+    args.beta = given
+    return info
 
 
 class _CarryColumns:
@@ -127,6 +192,7 @@ class CTRLTrainer(_MetricsMixin, DPOTrainer):
         datasets = _named(train_dataset, eval_dataset)
         for name, dataset in datasets.items():
             self._validate(dataset, args, name)
+        self.build_info = resolve_beta(args, train_dataset, eval_dataset)
         stored = all(all(c in d.column_names for c in REF_PAIR_COLUMNS) for d in datasets.values())
         # Stored reference log-probs: TRL must not recompute them; absent: TRL computes them once, batched.
         args.precompute_ref_log_probs = not stored
@@ -215,6 +281,8 @@ class CTRLPointwiseTrainer(_MetricsMixin, SFTTrainer):
             _check_columns(dataset, needed, f"{name} for ctrl_loss={args.ctrl_loss!r}")
             _check_text(dataset, ["prompt", "completion"], name)
             _check_finite(dataset, POINTWISE_EXTRA_COLUMNS, name)
+        # weighted_sft's weights already hold β: it needs none to train.
+        self.build_info = resolve_beta(args, train_dataset, eval_dataset, required=args.ctrl_loss == "pointwise")
         args.completion_only_loss = True
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, peft_config=peft_config, **kwargs)

@@ -1,5 +1,6 @@
 """The real trainers, end to end on a tiny model built from a config (CPU, a few steps each)."""
 
+import json
 import logging
 import math
 
@@ -262,3 +263,102 @@ def test_training_resumes_from_its_last_checkpoint(tiny_path, tokenizer, tmp_pat
     resumed.train(resume_from_checkpoint=True)
     assert CountSteps.steps == [3, 4]  # picked up after step 2 instead of starting over
     assert [h["step"] for h in resumed.state.log_history if "loss" in h] == [1, 2, 3, 4]
+
+
+# -- β travels with the data --------------------------------------------------------------------------------
+BUILD_INFO = {"stage": "build", "transform": "exp", "t": 12.6, "beta": 0.37, "phi_scale": 2.5e3, "unscaled_beta": 925.0}
+
+
+def build_folder(tmp_path, rows, info=BUILD_INFO, name="pairs"):
+    """A training set saved as `ctrl-data build` saves it: a datasets folder with ctrl_build.json beside the data."""
+    from datasets import load_from_disk
+
+    from ctrl_offline.stages.build import BUILD_METADATA
+
+    folder = tmp_path / name
+    Dataset.from_dict(rows).save_to_disk(str(folder))
+    (folder / BUILD_METADATA).write_text(json.dumps(info))
+    return load_from_disk(str(folder))
+
+
+def test_read_build_info_follows_a_loaded_dataset(tmp_path):
+    from ctrl_offline.io import read_build_info
+
+    data = build_folder(tmp_path, pair_rows())
+    for source in (tmp_path / "pairs", str(tmp_path / "pairs" / "ctrl_build.json"), data, data.select([3, 1]),
+                   data.shuffle(seed=0), data.filter(lambda row: row["weight"] > 1)):
+        info = read_build_info(source)
+        assert (info["beta"], info["phi_scale"], info["unscaled_beta"]) == (0.37, 2.5e3, 925.0), source
+    assert read_build_info(Dataset.from_dict(pair_rows())) is None
+    assert read_build_info(tmp_path) is None
+
+
+@pytest.mark.parametrize("cls,trainer_cls,rows,loss", [(CTRLConfig, CTRLTrainer, pair_rows, "dpo"),
+                                                       (CTRLPointwiseConfig, CTRLPointwiseTrainer, pointwise_rows,
+                                                        "pointwise")])
+def test_trainers_read_beta_from_the_build_metadata(cls, trainer_cls, rows, loss, tiny_path, tokenizer, tmp_path):
+    data = build_folder(tmp_path, rows())
+    args = config(cls, tmp_path, beta=None, ctrl_loss=loss, max_steps=1)
+    assert args.beta is None
+    model, lora = load_policy(ModelLoadingConfig(tiny_path, load_in_4bit=False, gradient_checkpointing=False))
+    trainer = trainer_cls(model, args, data, processing_class=tokenizer, peft_config=lora)
+    assert trainer.args.beta == 0.37 and trainer.build_info["unscaled_beta"] == 925.0
+    assert math.isfinite(trainer.train().training_loss)
+    # The same β given explicitly is confirmed, not refused (relative tolerance 1e-6).
+    model, lora = load_policy(ModelLoadingConfig(tiny_path, load_in_4bit=False, gradient_checkpointing=False))
+    trainer = trainer_cls(model, config(cls, tmp_path, beta=0.37 * (1 + 1e-8), ctrl_loss=loss), data,
+                          processing_class=tokenizer, peft_config=lora)
+    assert trainer.args.beta == pytest.approx(0.37)
+
+
+def test_a_contradicting_beta_is_refused(tiny_path, tokenizer, tmp_path, caplog):
+    data = build_folder(tmp_path, pair_rows())
+    model, lora = load_policy(ModelLoadingConfig(tiny_path, load_in_4bit=False, gradient_checkpointing=False))
+    with pytest.raises(ValueError, match=r"beta=0\.5 was passed.*records beta=0\.37") as err:
+        CTRLTrainer(model, config(CTRLConfig, tmp_path, beta=0.5), data, processing_class=tokenizer, peft_config=lora)
+    assert "raw-Φ β (unscaled_beta" not in str(err.value) and "allow_beta_mismatch" in str(err.value)
+    # The planner's raw-Φ β (unscaled_beta): the message says so and gives the β the trainer needs.
+    with pytest.raises(ValueError, match=r"beta=925\.0 was passed.*records beta=0\.37") as err:
+        CTRLPointwiseTrainer(model, config(CTRLPointwiseConfig, tmp_path, beta=925.0),
+                             build_folder(tmp_path, pointwise_rows(), name="pointwise"), processing_class=tokenizer,
+                             peft_config=lora)
+    assert "You passed the raw-Φ β (unscaled_beta=925.0" in str(err.value)
+    assert "unscaled_beta / phi_scale = 925 / 2500 = 0.37" in str(err.value)
+    # allow_beta_mismatch lets it through, with a warning.
+    with caplog.at_level(logging.WARNING, logger="ctrl_offline.trainer"):
+        trainer = CTRLTrainer(model, config(CTRLConfig, tmp_path, beta=0.5, allow_beta_mismatch=True), data,
+                              processing_class=tokenizer, peft_config=lora)
+    assert trainer.args.beta == 0.5 and trainer.beta == 0.5
+    assert "training with beta=0.5 anyway (allow_beta_mismatch)" in caplog.text
+
+
+def test_beta_is_needed_without_metadata(tiny_path, tokenizer, tmp_path):
+    model, lora = load_policy(ModelLoadingConfig(tiny_path, load_in_4bit=False, gradient_checkpointing=False))
+    for cls, trainer_cls, rows in ((CTRLConfig, CTRLTrainer, pair_rows),
+                                   (CTRLPointwiseConfig, CTRLPointwiseTrainer, pointwise_rows)):
+        with pytest.raises(ValueError, match=r"beta is needed: the training set has no build metadata"):
+            trainer_cls(model, config(cls, tmp_path, beta=None), Dataset.from_dict(rows()), processing_class=tokenizer,
+                        peft_config=lora)
+    # weighted SFT's weights already hold β: it trains without one.
+    trainer = CTRLPointwiseTrainer(model, config(CTRLPointwiseConfig, tmp_path, beta=None, ctrl_loss="weighted_sft"),
+                                   Dataset.from_dict(pointwise_rows()), processing_class=tokenizer, peft_config=lora)
+    assert trainer.args.beta is None
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        CTRLConfig(output_dir=str(tmp_path), beta=0.0)
+
+
+def test_arguments_that_read_beta_serve_another_training_set(tmp_path):
+    from ctrl_offline.trainer import resolve_beta
+
+    args = config(CTRLConfig, tmp_path, beta=None)
+    resolve_beta(args, build_folder(tmp_path, pair_rows(), name="a"))
+    assert args.beta == 0.37
+    resolve_beta(args, build_folder(tmp_path, pair_rows(), {**BUILD_INFO, "beta": 0.2}, name="b"))
+    assert args.beta == 0.2  # read again, not taken for a β the user passed
+    with pytest.raises(ValueError, match="beta is needed"):
+        resolve_beta(args, Dataset.from_dict(pair_rows()))
+    # An evaluation set built with another β contradicts the training set's.
+    args = config(CTRLConfig, tmp_path, beta=None)
+    with pytest.raises(ValueError, match=r"training set's beta=0\.37 differs from beta=0\.2 in the eval_dataset"):
+        resolve_beta(args, build_folder(tmp_path, pair_rows(), name="c"),
+                     build_folder(tmp_path, pair_rows(), {**BUILD_INFO, "beta": 0.2}, name="d"))
