@@ -32,13 +32,19 @@ class ModelCardInfo:
     reward_model: str | None = None
     transform: str | None = None
     t: float | None = None
-    beta: float | None = None
+    beta: float | None = None  # the trainer's β, for Φ rescaled to span 1 on [0, 1] (ctrl_build.json's beta)
+    phi_scale: float | None = None  # the span of the raw Φ on [0, 1], by which Φ was divided
+    unscaled_beta: float | None = None  # beta × phi_scale: the same policy's β for the raw Φ (the planner's)
     inference: str | None = None
     n: int | None = None
     win_rates: list[dict] = field(default_factory=list)  # rows of an eval report's "win_rates"
     kl: float | None = None
     plots: list[str] = field(default_factory=list)  # image files to upload beside the adapter and show
     command: str | None = None
+
+
+def _number(value: float | None) -> str | None:
+    return None if value is None else f"{value:.4g}"
 
 
 def render_model_card(info: ModelCardInfo, repo_id: str) -> str:
@@ -61,11 +67,20 @@ def render_model_card(info: ModelCardInfo, repo_id: str) -> str:
         "|---|---|",
         f"| base model | `{info.base_model}` |",
     ]
+    unscaled_beta = info.unscaled_beta
+    if unscaled_beta is None and info.beta is not None and info.phi_scale is not None:
+        unscaled_beta = info.beta * info.phi_scale
     for label, value in (("dataset", info.dataset), ("reference samples per prompt (K)", info.k),
                          ("reward model", info.reward_model), ("transform", info.transform),
-                         ("t", info.t), ("β", info.beta)):
+                         ("t", info.t), ("β (`beta`, for Φ rescaled to span 1)", _number(info.beta)),
+                         ("Φ scale (`phi_scale`)", _number(info.phi_scale)),
+                         ("raw-Φ β (`unscaled_beta`)", _number(unscaled_beta))):
         if value is not None:
             lines.append(f"| {label} | `{value}` |")
+    if info.beta is not None and info.phi_scale is not None:
+        lines += ["", "The policy is π ∝ π_ref·exp(Φ(u)/β) on the calibrated reward u: `beta` is β for Φ divided by "
+                  "`phi_scale` so that it spans 1 on [0, 1] (what the trainer used), and `unscaled_beta` = beta × "
+                  "phi_scale is the same policy's β for the raw Φ (what the planner reports)."]
     if info.win_rates or info.kl is not None:
         lines += ["", "## Evaluation", ""]
         if info.kl is not None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .config import CTRLConfig, CTRLPointwiseConfig
 from .hub import HubError
-from .io import DataError
+from .io import BUILD_INFO_FILE, DataError, read_build_info
 from .modeling import ModelLoadingConfig
 from .trainer import TrainingDataError
 
@@ -217,7 +217,7 @@ def _write_prompts(path: Path, prompts: list) -> None:
                 f.write(json.dumps({"prompt": p}) + "\n")
 
 
-def _train(recipe, model_args, training_args, data_dir: Path, adapter_dir: Path, beta: float) -> None:
+def _train(recipe, model_args, training_args, data_dir: Path, adapter_dir: Path) -> None:
     from datasets import load_from_disk
 
     from transformers import AutoTokenizer
@@ -233,7 +233,8 @@ def _train(recipe, model_args, training_args, data_dir: Path, adapter_dir: Path,
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     shared = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(training_args) if f.init}
-    shared.update(output_dir=str(data_dir.parent / "train"), beta=beta, push_to_hub=False)
+    # No beta here: the trainer reads it from data_dir's ctrl_build.json (a --beta given is checked against it).
+    shared.update(output_dir=str(data_dir.parent / "train"), push_to_hub=False)
     if recipe.data_format == "pairs":
         args = CTRLConfig(**shared)
         trainer_cls = CTRLTrainer
@@ -265,7 +266,7 @@ def run_recipe(recipe: RecipeConfig, model_args, training_args: CTRLConfig,
     from .hh import hh_prompts
     from .stages.build import build_dataset
     from .stages.calibrate import calibrate_scored
-    from .stages.evaluate import evaluate_policy
+    from .stages.evaluate import BUILD_REPORT_KEYS, evaluate_policy
     from .stages._shards import is_complete
     from .stages.sample import sample_prompts
     from .stages.score import score_samples
@@ -316,11 +317,13 @@ def run_recipe(recipe: RecipeConfig, model_args, training_args: CTRLConfig,
                           strategy=recipe.pair_strategy, pairs_per_prompt=recipe.pairs_per_prompt,
                           keep_unfinished=recipe.keep_unfinished, seed=training_args.seed)
     state.wait_for_everyone()
-    build_info = json.loads((data_dir / "ctrl_build.json").read_text())
+    build_info = read_build_info(data_dir)
+    if build_info is None:
+        raise DataError(f"{data_dir} holds no build metadata ({BUILD_INFO_FILE}): remove the folder to rebuild it")
 
     adapter_dir = run_dir / "adapter"
     if _stage("train", (adapter_dir / "adapter_config.json").exists()):
-        _train(recipe, model_args, training_args, data_dir, adapter_dir, build_info["beta"])
+        _train(recipe, model_args, training_args, data_dir, adapter_dir)
 
     if not state.is_main_process:
         return None  # evaluation and push are single-process: no barrier left to wait at
@@ -329,9 +332,11 @@ def run_recipe(recipe: RecipeConfig, model_args, training_args: CTRLConfig,
         evaluate_policy(str(prompts_dir / "eval" / "prompts.jsonl"), eval_dir, model, recipe.reward_model,
                         adapter=str(adapter_dir), n=tuple(recipe.eval_n), selectors=tuple(recipe.eval_selectors),
                         max_new_tokens=recipe.max_new_tokens, seed=training_args.seed,
-                        train_data=str(data_dir), transform=build_info["transform"], t=build_info["t"])
+                        train_data=str(data_dir), transform=build_info["transform"], t=build_info["t"],
+                        build_info=build_info)
     report = json.loads((eval_dir / "report.json").read_text())
-    report["build"] = {k: build_info.get(k) for k in ("transform", "t", "beta", "unscaled_beta", "num_rows")}
+    if not report.get("build"):  # a report written before evaluate recorded the build
+        report["build"] = {k: build_info.get(k) for k in BUILD_REPORT_KEYS}
     if training_args.push_to_hub:
         _push(recipe, model_args, training_args, run_dir, report, command)
     logger.info("run finished in %.0f s: %s", time.perf_counter() - started, run_dir)
@@ -345,7 +350,8 @@ def _push(recipe, model_args, training_args, run_dir: Path, report: dict, comman
     info = ModelCardInfo(
         base_model=model_args.model_name_or_path, dataset=f"{recipe.dataset_name} ({', '.join(recipe.dataset_subsets)})",
         k=recipe.num_samples, reward_model=recipe.reward_model, transform=report["build"]["transform"],
-        t=report["build"]["t"], beta=report["build"]["beta"], inference=recipe.inference, n=recipe.inference_n,
+        t=report["build"]["t"], beta=report["build"]["beta"], phi_scale=report["build"].get("phi_scale"),
+        unscaled_beta=report["build"].get("unscaled_beta"), inference=recipe.inference, n=recipe.inference_n,
         win_rates=report["win_rates"], kl=report["kl"]["value"], plots=sorted(str(p) for p in (run_dir / "eval").glob("*.png")),
         command=command)
     url = push_adapter(adapter_dir, training_args.hub_model_id, info, private=bool(training_args.hub_private_repo),
@@ -360,11 +366,11 @@ def summary(report: dict) -> str:
     for row in report["win_rates"]:
         lines.append(f"{row['selector'] + '-' + str(row['n']):<10} {0.5:>9.3f} {row['value']:>8.3f}   "
                      f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
+    from .reporting import describe_build
+
     kl = report["kl"]
-    build = report.get("build", {})
-    t = "" if build.get("t") is None else f" t={build['t']:.3g}"
     lines.append(f"KL(aligned ‖ reference) = {kl['value']:.3f} nats [{kl['ci_low']:.3f}, {kl['ci_high']:.3f}]"
-                 f"   transform {build.get('transform')}{t}, β={build.get('beta', float('nan')):.3g}")
+                 f"   transform {describe_build(report.get('build') or {})}")
     return "\n".join(lines)
 
 

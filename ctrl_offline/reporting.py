@@ -7,10 +7,37 @@ from pathlib import Path
 
 import numpy as np
 
-from .planner import plan, tradeoff_curve
-from .transforms import get_transform
+__all__ = ["write_report", "describe_beta", "describe_build"]
 
-__all__ = ["write_report"]
+
+def _short(x: float, digits: int) -> str:
+    """``x`` to ``digits`` significant digits, exponents written 2.9e5 rather than 2.9e+05."""
+    text = f"{x:.{digits}g}"
+    if "e" in text:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}e{int(exponent)}"
+    return text
+
+
+def describe_beta(beta: float | None, phi_scale: float | None = None, unscaled_beta: float | None = None) -> str:
+    """``β=0.31 (Φ rescaled by 2.9e5; raw-Φ β=9.5e4)``: the trainer's β (for Φ rescaled to span 1 on [0, 1])
+    and, when Φ was rescaled, the scale and the β of the raw Φ (``unscaled_beta``, what the planner prints)."""
+    if beta is None:
+        return "β=?"
+    text = f"β={_short(beta, 3)}"
+    if phi_scale is None:
+        return text
+    if phi_scale == 1:
+        return text + " (Φ spans 1: not rescaled)"
+    raw = beta * phi_scale if unscaled_beta is None else unscaled_beta
+    return text + f" (Φ rescaled by {_short(phi_scale, 2)}; raw-Φ β={_short(raw, 2)})"
+
+
+def describe_build(build: dict) -> str:
+    """``exp t=12.6, β=0.31 (Φ rescaled by 2.9e5; raw-Φ β=9.5e4)`` from a build's metadata."""
+    t = "" if build.get("t") is None else f" t={build['t']:.3g}"
+    return (f"{build.get('transform')}{t}, "
+            + describe_beta(build.get("beta"), build.get("phi_scale"), build.get("unscaled_beta")))
 
 
 def _pct(est: dict) -> str:
@@ -28,6 +55,7 @@ def _markdown(report: dict) -> str:
         f"- KL(π‖π_ref) estimate: {report['kl']['value']:.4f} nats "
         f"[{report['kl']['ci_low']:.4f}, {report['kl']['ci_high']:.4f}]",
         f"- standard win rate: {_pct(report['standard_win_rate'])}",
+        *([f"- trained on: transform {describe_build(report['build'])}"] if report.get("build") else []),
         "",
         "| selector | N | win rate vs reference (95% CI) | excluded candidates |",
         "|---|---|---|---|",
@@ -60,6 +88,9 @@ def write_report(report: dict, policy_u: np.ndarray, folder: str | os.PathLike) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from .planner import plan, tradeoff_curve
+    from .transforms import get_transform
 
     folder = Path(folder)
     (folder / "report.md").write_text(_markdown(report))

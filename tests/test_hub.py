@@ -25,7 +25,8 @@ PUSH = """
 import json, sys
 from ctrl_offline.hub import ModelCardInfo, push_adapter
 info = ModelCardInfo(base_model="HuggingFaceTB/SmolLM2-135M-Instruct", dataset="Anthropic/hh-rlhf", k=8,
-                     reward_model="rm", transform="exp", t=12.6, beta=9.5e4, inference="bon", n=4, kl=0.42,
+                     reward_model="rm", transform="exp", t=12.6, beta=0.31, phi_scale=3.07e5, unscaled_beta=9.5e4,
+                     inference="bon", n=4, kl=0.42,
                      win_rates=[{"selector": "bon", "n": 4, "value": 0.61, "ci_low": 0.55, "ci_high": 0.67}],
                      command="accelerate launch recipes/hh_bon.py --config recipes/configs/hh_bon.yaml")
 print(push_adapter(sys.argv[1], "me/ctrl-bon4", info, private=True, revision=sys.argv[2] or None))
@@ -54,6 +55,7 @@ def test_push_uploads_adapter_card_and_fixed_base_model(tmp_path):
     assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     card = files["README.md"].decode()
     assert 'base_model: "HuggingFaceTB/SmolLM2-135M-Instruct"' in card and "| t | `12.6` |" in card
+    assert "| β (`beta`, for Φ rescaled to span 1) | `0.31` |" in card and "| raw-Φ β (`unscaled_beta`) | `9.5e+04` |" in card
     assert "| bon | 4 | 0.610 | [0.550, 0.670] |" in card and "accelerate launch recipes/hh_bon.py" in card
     assert "/api/repos/create" in paths[0] and any("/branch/v1" in p for p in paths)
     assert any("/commit/v1" in p for p in paths)
@@ -84,3 +86,15 @@ def test_push_refuses_a_folder_without_an_adapter(tmp_path, monkeypatch):
 def test_card_without_evaluation():
     card = render_model_card(ModelCardInfo(base_model="org/base"), "me/plain")
     assert card.startswith("---\nbase_model: \"org/base\"") and "## Evaluation" not in card
+
+
+def test_card_shows_both_betas_and_the_scale():
+    card = render_model_card(ModelCardInfo(base_model="org/base", transform="exp", t=12.6, beta=0.31, phi_scale=3.07e5,
+                                           unscaled_beta=9.5e4), "me/ctrl")
+    assert "| β (`beta`, for Φ rescaled to span 1) | `0.31` |" in card
+    assert "| Φ scale (`phi_scale`) | `3.07e+05` |" in card
+    assert "| raw-Φ β (`unscaled_beta`) | `9.5e+04` |" in card
+    assert "`unscaled_beta` = beta × phi_scale is the same policy's β for the raw Φ" in card
+    # Without unscaled_beta it follows from the other two.
+    card = render_model_card(ModelCardInfo(base_model="org/base", beta=0.5, phi_scale=4.0), "me/ctrl")
+    assert "| raw-Φ β (`unscaled_beta`) | `2` |" in card

@@ -180,10 +180,11 @@ def test_pairs_feed_trl_and_the_ctrl_trainer_unchanged(pipeline, assets, tmp_pat
                      processing_class=tok, peft_config=lora)
     assert math.isfinite(trl.train().training_loss)
     model, lora = load_policy(ModelLoadingConfig(str(assets["model"]), load_in_4bit=False, gradient_checkpointing=False))
-    ours = CTRLTrainer(model, CTRLConfig(output_dir=str(tmp_path / "ours"), beta=0.5, **common), pairs,
+    ours = CTRLTrainer(model, CTRLConfig(output_dir=str(tmp_path / "ours"), **common), pairs,
                        processing_class=tok, peft_config=lora)
-    stored = json.loads((pipeline / "pairs" / "ctrl_build.json").read_text())["stored_ref_logps"]
-    assert ours.uses_stored_ref_logps == stored
+    build = json.loads((pipeline / "pairs" / "ctrl_build.json").read_text())
+    assert ours.uses_stored_ref_logps == build["stored_ref_logps"]
+    assert ours.args.beta == build["beta"]  # read from the build folder the pairs were loaded from
     assert math.isfinite(ours.train().training_loss)
 
 
@@ -281,8 +282,7 @@ def test_eval_reports_win_rates_kl_and_plots(pipeline, assets, tmp_path, capsys)
 
     model, lora = load_policy(ModelLoadingConfig(str(assets["model"]), load_in_4bit=False, gradient_checkpointing=False))
     args = CTRLConfig(output_dir=str(tmp_path / "t"), use_cpu=True, max_steps=4, per_device_train_batch_size=8,
-                      learning_rate=2e-2, report_to="none", save_strategy="no", gradient_checkpointing=False,
-                      beta=0.5)
+                      learning_rate=2e-2, report_to="none", save_strategy="no", gradient_checkpointing=False)
     trainer = CTRLTrainer(model, args, load_from_disk(str(pipeline / "pairs")), processing_class=build_tokenizer(),
                           peft_config=lora)
     trainer.train()

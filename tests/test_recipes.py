@@ -78,14 +78,23 @@ def test_yaml_and_command_line_overrides_and_unknown_keys(tmp_path):
 
 def test_recipe_runs_end_to_end_then_resumes_and_guards_its_folder(tiny_chat_model, tmp_path, capsys, caplog):
     out = tmp_path / "run"
-    assert main(tiny_args(tiny_chat_model, out)) == 0
+    with caplog.at_level("INFO", logger="ctrl_offline.trainer"):
+        assert main(tiny_args(tiny_chat_model, out)) == 0
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     report = json.loads((out / "eval" / "report.json").read_text())
     assert {(r["selector"], r["n"]) for r in report["win_rates"]} == {(s, n) for s in ("bon", "won") for n in (1, 2, 4)}
-    assert json.loads((out / "data" / "ctrl_build.json").read_text())["transform"] == "exp"  # planned for BoN-4
+    build = json.loads((out / "data" / "ctrl_build.json").read_text())
+    assert build["transform"] == "exp"  # planned for BoN-4
     assert report["prompts"]["overlap_with_training"] == 0
     printed = capsys.readouterr().out
     assert "bon-4" in printed and "KL(aligned" in printed
+    # β travels with the data: the trainer read it from the build, and the summary and report give both βs.
+    assert f"beta={build['beta']:.6g} from {out / 'data' / 'ctrl_build.json'}" in caplog.text
+    assert {k: report["build"][k] for k in ("beta", "phi_scale", "unscaled_beta")} == \
+        {k: build[k] for k in ("beta", "phi_scale", "unscaled_beta")}
+    assert build["unscaled_beta"] == pytest.approx(build["beta"] * build["phi_scale"])
+    assert f"β={build['beta']:.3g} (Φ rescaled by " in printed and "; raw-Φ β=" in printed
+    assert "Φ rescaled by" in (out / "eval" / "report.md").read_text()
 
     # Same config again: every stage is skipped and nothing is rewritten.
     adapter_time = (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
@@ -102,6 +111,12 @@ def test_recipe_runs_end_to_end_then_resumes_and_guards_its_folder(tiny_chat_mod
     assert "different config" in err and "learning_rate" in err and "--overwrite" in err
     assert main(tiny_args(tiny_chat_model, out, "--learning_rate", "0.5", "--overwrite", "true")) == 0
     assert json.loads((out / "recipe_config.json").read_text())["training"]["learning_rate"] == 0.5
+
+    # The planner's raw-Φ β passed to the trainer is refused, saying which β the trainer needs.
+    capsys.readouterr()
+    assert main(tiny_args(tiny_chat_model, tmp_path / "raw", "--beta", build["unscaled_beta"])) == 2
+    err = capsys.readouterr().err
+    assert "You passed the raw-Φ β (unscaled_beta" in err and f"records beta={build['beta']!r}" in err
 
 
 def test_push_without_a_token_fails_before_any_work(tiny_chat_model, tmp_path, monkeypatch, capsys):
@@ -151,6 +166,7 @@ def test_recipe_pushes_the_finished_run_to_the_hub(tiny_chat_model, tmp_path):
     assert "adapter_config.json" in files and any(name.endswith(".png") for name in files)
     assert "| bon | 4 |" in card and "vader" not in card and "tiny_models:word_count_reward" in card
     assert "hh_bon.py" in card  # the reproducing command
+    assert "| β (`beta`, for Φ rescaled to span 1) |" in card and "| raw-Φ β (`unscaled_beta`) |" in card
     assert any(name.endswith(".arrow") for name in files)  # the dataset went up too
     assert "hf_recipe_secret" not in proc.stdout + proc.stderr
     assert "[train] done already, skipped" in proc.stderr

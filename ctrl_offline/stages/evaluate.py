@@ -37,7 +37,10 @@ from ..selection import SELECTORS
 from ._shards import process_device
 from .sample import load_prompts
 
-__all__ = ["EvalResult", "evaluate_policy"]
+__all__ = ["EvalResult", "evaluate_policy", "BUILD_REPORT_KEYS"]
+
+#: What a report records of the training set's build metadata (one name per quantity, as there).
+BUILD_REPORT_KEYS = ("transform", "t", "beta", "phi_scale", "unscaled_beta", "num_rows")
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +94,14 @@ def evaluate_policy(
     t: float | None = None,
     num_boot: int = 2000,
     overwrite: bool = False,
+    build_info: dict | None = None,
 ) -> EvalResult:
-    """Evaluate ``adapter`` on ``model_name_or_path`` (or the base itself when no adapter is given)."""
+    """Evaluate ``adapter`` on ``model_name_or_path`` (or the base itself when no adapter is given).
+
+    ``beta`` is the selectors' β (regularised best-of-N, ITP), not the training β. ``build_info``
+    (optional, the training set's ``ctrl_build.json``) is recorded in the report under ``build``:
+    transform, t, the trainer's ``beta``, ``phi_scale`` and the raw-Φ ``unscaled_beta``.
+    """
     n = tuple(sorted(set(int(x) for x in n)))
     if not n or n[0] < 1:
         raise ValueError(f"N must be positive integers, got {n}")
@@ -155,6 +164,7 @@ def evaluate_policy(
         "kl": kl_estimate(policy_logp, policy_ref_logp, num_boot=num_boot, rng=seed).to_dict(),
         "mean_policy_u": float(u_pol.mean()),
         "transform": {"name": transform, "t": t},
+        "build": None if build_info is None else {k: build_info.get(k) for k in BUILD_REPORT_KEYS},
     }
     samples = pa.table({
         "side": ["policy"] * len(policy) + ["reference"] * len(reference),
