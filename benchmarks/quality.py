@@ -129,6 +129,7 @@ def train(method: str, setting: float, calibrated: Path, run: Path, args) -> dic
 
     from ctrl_offline.config import CTRLConfig, CTRLPointwiseConfig
     from ctrl_offline.embedded import resolve_model
+    from ctrl_offline.io import read_build_info
     from ctrl_offline.modeling import ModelLoadingConfig, load_policy
     from ctrl_offline.stages.build import build_dataset
     from ctrl_offline.trainer import CTRLPointwiseTrainer, CTRLTrainer
@@ -160,13 +161,14 @@ def train(method: str, setting: float, calibrated: Path, run: Path, args) -> dic
             dataset = dataset.select(sorted(keep))
         dataset.save_to_disk(str(run / "data"))
         (run / "data" / "ctrl_build.json").write_text((run / "full_data" / "ctrl_build.json").read_text())
-    info = json.loads((run / "data" / "ctrl_build.json").read_text())
+    info = read_build_info(run / "data")
     adapter = run / "adapter"
     if not (adapter / "adapter_config.json").exists():
         model, lora = load_policy(ModelLoadingConfig(args.model, load_in_4bit=False, gradient_checkpointing=False,
                                                      lora_r=16, lora_alpha=32, lora_dropout=0.0))
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
-        common = dict(output_dir=str(run / "train"), beta=info["beta"], learning_rate=args.lr,
+        # No beta: the trainers read it from run/data's ctrl_build.json (the β for the rescaled Φ).
+        common = dict(output_dir=str(run / "train"), learning_rate=args.lr,
                       num_train_epochs=args.epochs, per_device_train_batch_size=8, logging_steps=4,
                       save_strategy="no", report_to="none", seed=0, max_length=256, disable_tqdm=True)
         if fmt == "pairs":
@@ -284,7 +286,8 @@ def main(argv=None) -> int:
             info = train(method, setting, calibrated, run, args)
             result = evaluate(run, info, eval_prompts, ref_rewards, args)
             result.update(method=method, setting={METHODS[method][3]: setting}, transform=info["transform"],
-                          t=info["t"], beta=info["beta"])
+                          t=info["t"], beta=info["beta"], phi_scale=info.get("phi_scale"),
+                          unscaled_beta=info.get("unscaled_beta"))
             results.append(result)
             logger.info("%s %s: KL %.3f  BoN-4 %.3f  WoN-4 %.3f  standard %.3f  (%.0f s)", method, setting,
                         result["kl"]["value"], result["bon"]["value"], result["won"]["value"],
