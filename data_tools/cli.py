@@ -131,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--kl", type=_positive_float, help="KL budget (with --inference)")
     bu.add_argument("--strategy", default="all", choices=["all", "best_vs_rest", "best_vs_worst", "sampled"])
     bu.add_argument("--pairs-per-prompt", type=_positive_int, help="with --strategy sampled")
-    bu.add_argument("--log-partition", default="empirical", choices=["empirical", "continuous"],
-                    help="normaliser of pointwise targets (default: empirical, exact for the data at hand)")
+    _add_estimator_args(bu)
+    bu.add_argument("--k-infinity", action="store_true",
+                    help="plan the exact K = ∞ tilt instead of the one trained from the K samples per prompt")
     bu.add_argument("--keep-unfinished", action="store_true", help="keep completions cut before EOS")
     bu.add_argument("--tokenizer", help="tokenizer to check stored reference log-probs with (default: the reference "
                     "model recorded at sampling)")
@@ -258,11 +259,13 @@ def _run_build(args) -> int:
     result = build_dataset(args.calibrated, args.out, format=args.format, transform=args.transform, t=args.t,
                            beta=args.beta, inference=args.inference, n=args.n, kl=args.kl, strategy=args.strategy,
                            pairs_per_prompt=args.pairs_per_prompt, log_partition=args.log_partition,
+                           targets=args.targets, loss=args.loss, k_aware=not args.k_infinity,
                            keep_unfinished=args.keep_unfinished, tokenizer=args.tokenizer, seed=args.seed,
                            overwrite=args.overwrite)
     t = "" if result.t is None else f" t={result.t:.4g}"
-    print(f"built {result.num_rows:,} {result.format} rows with {result.transform}{t} beta={result.beta:.4g}: "
-          f"{result.out_dir}")
+    print(f"built {result.num_rows:,} {result.format} rows with {result.transform}{t} beta={result.beta:.4g} "
+          f"(the trainer's β, Φ rescaled by phi_scale={result.phi_scale:.4g}; unscaled_beta={result.unscaled_beta:.4g}"
+          + ("" if result.k is None else f"; planned for K={result.k}") + f"): {result.out_dir}")
     return 0
 
 

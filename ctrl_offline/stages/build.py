@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 
 from ..io import DataError, atomic_output_dir, fingerprint, read_metadata, read_table, require_columns
@@ -43,10 +44,21 @@ class BuildResult:
     transform: str
     t: float | None
     beta: float
+    phi_scale: float = 1.0
+    unscaled_beta: float | None = None
+    k: int | None = None  # K the plan was made for (None: given outright or planned at K = ∞)
 
 
-def _choose_transform(transform, t, beta, inference, n, kl):
-    """(Transform, β, planner row or None): given outright, or planned for (inference, N, KL)."""
+#: The loss a K-aware plan is made for when none is named: the format's natural trainer.
+DEFAULT_PLAN_LOSS = {"pairs": "dpo", "pointwise": "pointwise", "weights": "weighted_sft"}
+
+
+def _choose_transform(transform, t, beta, inference, n, kl, k=None, estimator=None):
+    """(Transform, β, planner row or None): given outright, or planned for (inference, N, KL).
+
+    With ``k`` the plan is K-aware: β and t are those at which ``estimator`` trained from K samples
+    per prompt meets the budget (docs/finite_k.md).
+    """
     planned = None
     if inference is not None or n is not None or kl is not None:
         if None in (inference, n, kl):
@@ -54,7 +66,14 @@ def _choose_transform(transform, t, beta, inference, n, kl):
         from ..planner import plan
 
         families = (transform,) if transform else ("identity", "log", "exp", "negexp")
-        result = plan(inference, n, kl, families=families)
+        if k is None:
+            result = plan(inference, n, kl, families=families)
+        else:
+            result = plan(inference, n, kl, families=families, k=k, loss=estimator.loss,
+                          strategy=estimator.strategy, targets=estimator.targets,
+                          log_partition=estimator.log_partition)
+            for note in result.skipped:
+                logger.info("K-aware plan left out %s", note)
         planned = result.best()
         if t is not None or beta is not None:
             raise ValueError("give either t/beta or --inference/--n/--kl, not both")
@@ -110,7 +129,10 @@ def build_dataset(
     kl: float | None = None,
     strategy: str = "all",
     pairs_per_prompt: int | None = None,
-    log_partition: str = "empirical",
+    log_partition: str = "population",
+    targets: str = "loo",
+    loss: str | None = None,
+    k_aware: bool = True,
     keep_unfinished: bool = False,
     tokenizer: str | None = None,
     seed: int = 0,
@@ -121,18 +143,42 @@ def build_dataset(
     Stored reference log-probs are kept only if the trainer's tokenisation reproduces the sampled
     token ids (checked with ``tokenizer``, by default the reference model's recorded at sampling);
     otherwise they are left out, with a warning, and the trainer computes them once before training.
+
+    Planned builds (``inference``/``n``/``kl``) are K-aware by default: K is the number of reference
+    samples per prompt in the calibrated input, and t and β are chosen so that the tilt ``loss``
+    (default: dpo for pairs, pointwise for pointwise, weighted_sft for weights) actually trains
+    from K samples meets the KL budget (docs/finite_k.md). ``k_aware=False`` plans the exact
+    K = ∞ tilt instead. ``targets`` (``"loo"`` or ``"cell"``) and ``log_partition`` are the node
+    values and the pointwise normaliser (:mod:`ctrl_offline.synthesis`).
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
-    phi, planner_beta, planned = _choose_transform(transform, t, beta, inference, n, kl)
-    # Same π*, Φ in units where it spans 1: keeps soft labels σ(ΔΦ) and IPO targets in range.
-    scale = unit_scale(phi)
-    phi, beta = Rescaled(phi, scale), planner_beta / scale
     path = Path(calibrated)
     if path.is_dir() and (path / CALIBRATED_FILE).exists():
         path = path / CALIBRATED_FILE
     table = read_table(path)
     require_columns(table, ["prompt_id", "prompt", "completion", "u"], f"calibrated input {path}")
+    # K of each prompt: its reference samples in the calibrated input, before any row is left out
+    # below (the u were ranked among all of them).
+    all_ids = table["prompt_id"].to_numpy(zero_copy_only=False)
+    codes, _ = pd.factorize(all_ids)
+    k_of_row = np.bincount(codes)[codes]
+    k_plan = int(np.bincount(k_of_row).argmax()) if len(k_of_row) else None
+    planned_k, estimator = None, None
+    if k_aware and inference is not None and k_plan is not None and k_plan >= 2:
+        from ..finite_k import THEORY_STRATEGIES, Estimator
+
+        if format == "pairs" and strategy not in THEORY_STRATEGIES:
+            logger.warning("no finite-K theory for pair strategy %r: planning the exact K = ∞ tilt", strategy)
+        else:
+            estimator = Estimator(loss=loss or DEFAULT_PLAN_LOSS[format], strategy=strategy, targets=targets,
+                                  log_partition=log_partition)
+            planned_k = k_plan
+    phi, planner_beta, planned = _choose_transform(transform, t, beta, inference, n, kl, planned_k, estimator)
+    # Same π*, Φ in units where it spans 1: keeps soft labels σ(ΔΦ) and IPO targets in range.
+    scale = unit_scale(phi)
+    phi, beta = Rescaled(phi, scale), planner_beta / scale
+    table = table.append_column("_k", pa.array(k_of_row.astype(np.int64)))
     prompt_col = "prompt_text" if "prompt_text" in table.column_names else "prompt"
     if "finished" in table.column_names and not keep_unfinished:
         finished = np.asarray(table["finished"].to_numpy(zero_copy_only=False), dtype=bool)
@@ -151,6 +197,7 @@ def build_dataset(
                         "Sample with a larger max_new_tokens, or pass keep_unfinished (--keep-unfinished).")
     ids = table["prompt_id"].to_numpy(zero_copy_only=False)
     u = table["u"].to_numpy()
+    k_row = table["_k"].to_numpy()
     prompts = np.asarray(table[prompt_col].to_pylist(), dtype=object)
     completions = np.asarray(table["completion"].to_pylist(), dtype=object)
     ref = table["ref_logp"].to_numpy() if "ref_logp" in table.column_names else None
@@ -159,7 +206,8 @@ def build_dataset(
         ref = _verified_ref_logps(ref, table, prompt_col, tokenizer)
 
     if format == "pairs":
-        pairs = make_pairs(ids, u, phi, beta, strategy=strategy, pairs_per_prompt=pairs_per_prompt, seed=seed)
+        pairs = make_pairs(ids, u, phi, beta, strategy=strategy, pairs_per_prompt=pairs_per_prompt, seed=seed,
+                           targets=targets, k=k_row)
         columns = {
             "prompt_id": ids[pairs.chosen],
             "prompt": prompts[pairs.chosen],
@@ -177,9 +225,10 @@ def build_dataset(
     else:
         columns = {"prompt_id": ids, "prompt": prompts, "completion": completions, "u": u}
         if format == "pointwise":
-            columns["target"] = pointwise_targets(ids, u, phi, beta, log_partition=log_partition)
+            columns["target"] = pointwise_targets(ids, u, phi, beta, log_partition=log_partition, targets=targets,
+                                                  k=k_row)
         else:
-            columns["weight"] = sft_weights(ids, u, phi, beta)
+            columns["weight"] = sft_weights(ids, u, phi, beta, targets=targets, k=k_row)
         if ref is not None:
             columns["ref_logp"] = ref
 
@@ -194,7 +243,11 @@ def build_dataset(
         "beta": beta,  # the trainer's β (Φ rescaled by phi_scale)
         "phi_scale": scale,
         "unscaled_beta": planner_beta,
-        "planner": None if planned is None else {"inference": inference, "n": n, "kl": kl, "row": vars(planned)},
+        "planner": None if planned is None else {
+            "inference": inference, "n": n, "kl": kl, "row": planned.to_dict(), "k": planned_k,
+            "estimator": None if estimator is None else estimator.to_dict()},
+        "k": k_plan,
+        "targets": targets,
         "strategy": strategy if format == "pairs" else None,
         "pairs_per_prompt": pairs_per_prompt,
         "log_partition": log_partition if format == "pointwise" else None,
@@ -206,4 +259,4 @@ def build_dataset(
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         dataset.save_to_disk(str(tmp))
         (tmp / BUILD_METADATA).write_text(json.dumps(metadata, indent=2, default=str))
-    return BuildResult(Path(out_dir), format, len(dataset), phi.name, phi.t, beta)
+    return BuildResult(Path(out_dir), format, len(dataset), phi.name, phi.t, beta, scale, planner_beta, planned_k)
