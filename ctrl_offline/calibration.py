@@ -1,4 +1,4 @@
-"""Per-prompt calibration of rewards against reference samples (DESIGN.md §2.1).
+"""Per-prompt calibration of rewards against reference samples (docs/theory.md §1).
 
 The calibrated reward of a response y to prompt x is its win rate against the reference
 policy on that prompt, estimated from the K stored reference rewards r_1..r_K (mid-rank

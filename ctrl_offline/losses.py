@@ -1,4 +1,4 @@
-"""Offline CTRL losses as pure functions of per-sequence log-probabilities (DESIGN.md §2.4).
+"""Offline CTRL losses as pure functions of per-sequence log-probabilities (docs/theory.md §4).
 
 With ρ(x, y) = log π_θ(y|x) − log π_ref(y|x), the tilted policy π* ∝ π_ref·exp(Φ(C)/β) is the
 unique solution of β·ρ(x, y) = Φ(C(x, y)) − β·log Z for every response. Each loss below is

@@ -1,4 +1,4 @@
-"""Choosing the transform, t and β for an inference procedure and a KL budget (DESIGN.md §2.3).
+"""Choosing the transform, t and β for an inference procedure and a KL budget (docs/theory.md §3).
 
 For a target procedure (best-of-N or worst-of-N) and a budget KL(π*‖π_ref) = κ, each family
 is tuned so as to maximise the predicted inference-time win rate:

@@ -1,4 +1,4 @@
-"""Inference-time selectors over N candidates, vectorised over a batch of prompts (DESIGN.md §2.5).
+"""Inference-time selectors over N candidates, vectorised over a batch of prompts (docs/selector_planning.md).
 
 Each selector maps rewards of shape ``(B, N)`` (and reference log-probs where needed) to a
 selection distribution ``probs`` of the same shape; :func:`choose` turns it into indices,

@@ -1,4 +1,4 @@
-"""Planning for selectors that look at raw rewards, by simulation on the quantile tables (DESIGN.md §2.3).
+"""Planning for selectors that look at raw rewards, by simulation on the quantile tables (docs/theory.md §3).
 
 Best-of-N and worst-of-N depend on rewards only through their order, so their win rates have
 closed forms in calibrated space. Soft best-of-N, regularised BoN, ITP and Best-of-Tails look at

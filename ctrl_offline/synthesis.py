@@ -1,4 +1,4 @@
-"""Training targets from calibrated rewards (DESIGN.md §2.4, §3): pairs, pointwise targets, weights.
+"""Training targets from calibrated rewards (docs/theory.md §4–5, docs/finite_k.md): pairs, pointwise targets, weights.
 
 Pure numpy (pandas for hashing prompt ids), vectorised over prompts: prompt ids become integer
 codes in order of first appearance and every per-prompt quantity is group arithmetic on those

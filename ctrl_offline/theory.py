@@ -1,4 +1,4 @@
-"""Exact properties of the tilted policy π* ∝ π_ref·exp(Φ(C)/β) (DESIGN.md §2.3).
+"""Exact properties of the tilted policy π* ∝ π_ref·exp(Φ(C)/β) (docs/theory.md §3).
 
 Under π_ref the calibrated reward u = C(x, y) is Uniform[0, 1] on every prompt, so every
 quantity below depends on (Φ, β) only, not on the prompt or the model:

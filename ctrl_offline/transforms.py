@@ -1,4 +1,4 @@
-"""Reward transforms Φ applied to calibrated rewards u ∈ [0, 1] (DESIGN.md §2.2–2.3).
+"""Reward transforms Φ applied to calibrated rewards u ∈ [0, 1] (docs/theory.md §2–3).
 
 CTRL's target policy is π*(y|x) ∝ π_ref(y|x)·exp(Φ(C(x,y))/β). Under π_ref the calibrated
 reward is Uniform[0, 1], so the whole tilt is described by the density of u under π*:

@@ -1,4 +1,4 @@
-"""The tabular testbed (DESIGN.md §2.4): each offline loss, trained to convergence, solves CTRL exactly.
+"""The tabular testbed (docs/theory.md §4): each offline loss, trained to convergence, solves CTRL exactly.
 
 No language model can tell whether a loss has the right optimum — it never reaches it. A *tabular*
 policy can: one free logit per response over a small finite response set per prompt, so every
@@ -41,7 +41,7 @@ CTRL_LOSSES = ("dpo", "ipo", "distill", "pointwise", "weighted_sft")
 # Φ = −e^{−tu} span less than 1, while exp's Φ = e^{tu} spans [1, e^t] ≈ [1, 20] at t = 3.
 SETTINGS = {"identity": (None, 0.1), "exp": (3.0, 2.0), "negexp": (3.0, 0.1)}
 TRANSFORMS = tuple(SETTINGS)
-SPEC_TV = 0.02  # the specification (DESIGN.md §2.4); observed values are ~1e-7 or below
+SPEC_TV = 0.02  # the specification (docs/theory.md §4); observed values are ~1e-7 or below
 ASSERT_TV = 1e-5
 
 

@@ -1,4 +1,4 @@
-"""Pipeline stages: each reads the previous stage's files and writes its own (DESIGN.md §1).
+"""Pipeline stages: each reads the previous stage's files and writes its own (README.md, "The main job").
 
 ``sample`` → ``score`` → ``calibrate`` → ``build``, and ``inspect`` for any of their outputs.
 Import the stage modules directly (``ctrl_offline.stages.sample`` …) or through the lazy

@@ -1,4 +1,4 @@
-"""The ``build`` stage: calibrated samples in, a training set out (DESIGN.md §3).
+"""The ``build`` stage: calibrated samples in, a training set out (docs/theory.md §5).
 
 Formats, each a `datasets` folder (``datasets.load_from_disk``) that TRL's DPO trainer and the
 project's trainers read without conversion:

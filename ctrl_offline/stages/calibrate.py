@@ -1,6 +1,6 @@
 """The ``calibrate`` stage: scored samples in, quantile tables and calibrated rows out.
 
-Output layout under ``out_dir`` (DESIGN.md §3):
+Output layout under ``out_dir`` (docs/theory.md §5):
 
 * ``tables.parquet``      one row per prompt: ``prompt_id``, ``ref_rewards`` (sorted list)
 * ``calibrated.parquet``  every input row and column, plus ``u`` (Ĉ ∈ [0, 1])

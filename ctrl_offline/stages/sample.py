@@ -1,6 +1,6 @@
 """The ``sample`` stage: prompts in, K reference completions per prompt out (sharded, resumable).
 
-Rows (DESIGN.md §3): ``prompt_id`` (hash of the prompt), ``prompt`` (as given), ``prompt_text``
+Rows (docs/theory.md §5): ``prompt_id`` (hash of the prompt), ``prompt`` (as given), ``prompt_text``
 (what the model saw: the chat template applied), ``completion``, ``completion_ids``,
 ``sample_idx``, ``ref_logp`` (Σ log π_ref of the completion tokens, EOS included),
 ``num_tokens``, ``finished`` (ended with EOS).
