@@ -269,18 +269,18 @@ def _solve_dpo_fixed_point(values: np.ndarray, scale: float) -> tuple[np.ndarray
     return x, h * scale
 
 
-def _lagrangian_fit(log_target: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """ρ minimising ∫(T − βρ)² subject to ∫e^ρ = 1, with T/β = ``log_target`` on the rule's nodes.
+def _lagrangian_q(log_target: np.ndarray, weights: np.ndarray) -> float:
+    """q of the ρ minimising ∫(T − βρ)² subject to ∫e^ρ = 1, with T/β = ``log_target`` on the rule's nodes.
 
     Stationarity gives ρ = T/β − w, w·e^w = q·e^{T/β}; q is found so that ∫e^ρ = ∫w/q = 1
-    (docs/finite_k.md §3).
+    (docs/finite_k.md §3). ρ anywhere is then T/β − W(q·e^{T/β}).
     """
     def mass(q: float) -> float:
         return float(np.sum(weights * np.exp(log_target - _w_of(q, log_target))))
 
     base = mass(0.0)
     if abs(base - 1.0) < 1e-14:
-        return log_target
+        return 0.0
     if base > 1.0:
         lo, hi = 0.0, 1e-300
         while mass(hi) > 1.0:
@@ -296,8 +296,7 @@ def _lagrangian_fit(log_target: np.ndarray, weights: np.ndarray) -> np.ndarray:
         )
     from scipy.optimize import brentq
 
-    q = brentq(lambda v: mass(v) - 1.0, lo, hi, xtol=1e-300, rtol=1e-14, maxiter=500)
-    return log_target - _w_of(q, log_target)
+    return brentq(lambda v: mass(v) - 1.0, lo, hi, xtol=1e-300, rtol=1e-14, maxiter=500)
 
 
 def _w_of(q: float, z: np.ndarray) -> np.ndarray:
@@ -437,16 +436,8 @@ def trained_tilt(transform: Transform | str, beta: float, k: int, estimator: Est
     else:
         log_norm = float(unit.log_partition(unit_beta))
     nodes, weights = nodes_and_weights()
-    rho = _lagrangian_fit(mean(nodes) - log_norm, weights)
-    # ρ is defined pointwise by the same equation; evaluate it anywhere through its q.
-    q_fit = _recover_q(mean(nodes) - log_norm, rho)
+    q_fit = _lagrangian_q(mean(nodes) - log_norm, weights)
     return TrainedTilt(lambda u: (mean(u) - log_norm) - _w_of(q_fit, mean(u) - log_norm), label)
-
-
-def _recover_q(z: np.ndarray, rho: np.ndarray) -> float:
-    w = z - rho
-    i = int(np.argmax(np.abs(w)))
-    return 0.0 if w[i] == 0 else float(w[i] * math.exp(w[i] - z[i]))
 
 
 def _log_bernstein_exp(log_w: np.ndarray, u) -> np.ndarray:

@@ -105,49 +105,52 @@ def _beta_scale(transform: Transform) -> float:
     return spread if math.isfinite(spread) and spread > 0 else 1.0
 
 
+def _root_in_log_beta(gap, centre: float, half_width: float, step: float, tries: int, tol: float,
+                      unreachable, too_small) -> float:
+    """β with gap(log β) = 0, gap decreasing: widen [centre ∓ half_width] by ``step`` until it brackets, then Brent.
+
+    ``unreachable(lo)`` / ``too_small()`` give the error raised when no bracket is found.
+    """
+    lo, hi = centre - half_width, centre + half_width
+    for _ in range(tries):
+        if gap(lo) > 0:
+            break
+        lo -= step
+    else:
+        raise unreachable(lo)
+    for _ in range(tries):
+        if gap(hi) < 0:
+            break
+        hi += step
+    else:
+        raise too_small()
+    return math.exp(optimize.brentq(gap, lo, hi, xtol=tol, rtol=tol))
+
+
 def solve_beta(transform: Transform | str, kl: float) -> float:
     """The β at which KL(π*‖π_ref) equals ``kl`` for this transform."""
     transform, kl = get_transform(transform), _check_budget(kl)
-    gap = lambda log_beta: kl_divergence(transform, math.exp(log_beta)) - kl  # noqa: E731
-    centre = math.log(_beta_scale(transform))
-    lo, hi = centre - 1.0, centre + 1.0
-    for _ in range(60):
-        if gap(lo) > 0:
-            break
-        lo -= 2.0
-    else:
-        raise ValueError(f"KL budget {kl} is out of reach for transform {transform.spec!r}")
-    for _ in range(60):
-        if gap(hi) < 0:
-            break
-        hi += 2.0
-    else:
-        raise ValueError(f"KL budget {kl} is too small to resolve for transform {transform.spec!r}")
-    return math.exp(optimize.brentq(gap, lo, hi, xtol=1e-12, rtol=1e-12))
+    return _root_in_log_beta(
+        lambda log_beta: kl_divergence(transform, math.exp(log_beta)) - kl,
+        math.log(_beta_scale(transform)), 1.0, 2.0, 60, 1e-12,
+        lambda lo: ValueError(f"KL budget {kl} is out of reach for transform {transform.spec!r}"),
+        lambda: ValueError(f"KL budget {kl} is too small to resolve for transform {transform.spec!r}"))
 
 
 def solve_trained_beta(transform: Transform | str, kl: float, k: int, estimator: Estimator) -> float:
     """The raw-Φ β at which the tilt ``estimator`` trains from K samples per prompt has KL ``kl``."""
     transform, kl = get_transform(transform), _check_budget(kl)
-    gap = lambda log_beta: trained_tilt(transform, math.exp(log_beta), k, estimator).kl() - kl  # noqa: E731
-    # The K = ∞ β is a good centre: finite K changes KL by tens of percent, not orders of magnitude.
-    centre = math.log(solve_beta(transform, kl))
-    lo, hi = centre - 0.5, centre + 0.5
-    for _ in range(40):
-        if gap(lo) > 0:
-            break
-        lo -= 1.0
-    else:
+
+    def unreachable(lo: float) -> ValueError:
         reach = trained_tilt(transform, math.exp(lo), k, estimator).kl()
-        raise ValueError(f"KL budget {kl:g} is out of reach for {transform.spec} trained by {estimator.loss} at K={k} "
-                         f"(it saturates near {reach:.3g} nats); lower the budget or raise K")
-    for _ in range(40):
-        if gap(hi) < 0:
-            break
-        hi += 1.0
-    else:
-        raise ValueError(f"KL budget {kl} is too small to resolve for transform {transform.spec!r}")
-    return math.exp(optimize.brentq(gap, lo, hi, xtol=1e-10, rtol=1e-10))
+        return ValueError(f"KL budget {kl:g} is out of reach for {transform.spec} trained by {estimator.loss} at "
+                          f"K={k} (it saturates near {reach:.3g} nats); lower the budget or raise K")
+
+    # The K = ∞ β is a good centre: finite K changes KL by tens of percent, not orders of magnitude.
+    return _root_in_log_beta(
+        lambda log_beta: trained_tilt(transform, math.exp(log_beta), k, estimator).kl() - kl,
+        math.log(solve_beta(transform, kl)), 0.5, 1.0, 40, 1e-10, unreachable,
+        lambda: ValueError(f"KL budget {kl} is too small to resolve for transform {transform.spec!r}"))
 
 
 def _trained_row(transform: Transform, inference: str, n: int, kl: float, k: int, estimator: Estimator) -> PlanRow:
