@@ -44,6 +44,25 @@ EXAMPLES_PLAN = """examples:
 """
 
 
+EXAMPLES_EVAL = """examples:
+  ctrl-data eval heldout.jsonl --model ./base --adapter ./ctrl-bon4 --reward ./rm --n 1 2 4 8 --selectors bon won bot --out report/
+  ctrl-data eval heldout.jsonl --model ./base --adapter ./ctrl-bon4 --reward ./rm --n 1 4 \\
+      --policy-samples 16 --reference-samples 16 --reference-pool pool/ --out report-a/
+      win rates averaged over every N-subset of 16 policy and 16 reference samples per prompt; the
+      reference samples are drawn once into pool/ and read back by later runs on the same prompts
+  ctrl-data eval heldout.jsonl --model ./base --adapter ./ctrl-exp --reward ./rm --n 1 4 \\
+      --policy-samples 16 --reference-pool pool/ --out report-b/
+  ctrl-data compare report-a/ report-b/
+      A − B per selector and N with a paired bootstrap interval over the prompts
+"""
+
+EXAMPLES_COMPARE = """examples:
+  ctrl-data compare report-a/ report-b/
+  ctrl-data compare report-a/ report-b/ --json
+Both reports must cover the same prompts (ideally against the same --reference-pool).
+"""
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -142,12 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     bu.set_defaults(func=_run_build)
 
     ev = stages.add_parser("eval", help="inference-time win rates of a policy against its reference",
-                           description="Draw N candidates from the policy (base + adapter) and the reference on held-out "
-                           "prompts, score them, and report win rates of T(policy) over T(reference) for each selector "
-                           "and N, the standard win rate, the calibrated-reward shortcut and KL, with plots.",
-                           epilog="example:\n  ctrl-data eval heldout.jsonl --model ./base --adapter ./ctrl-bon4 "
-                           "--reward ./rm --n 1 2 4 8 --selectors bon won bot --out report/",
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           description="Draw m candidates per prompt from the policy (base + adapter) and M from the "
+                           "reference (or read them from a shared reference pool) on held-out prompts, score them, and "
+                           "report win rates of T(policy) over T(reference) for each selector and N — averaged over "
+                           "every N-subset of both sides (a U-statistic) —, the standard win rate, the calibrated-reward "
+                           "shortcut and KL, with plots and per-prompt values for `ctrl-data compare`.",
+                           epilog=EXAMPLES_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("prompts", help="held-out prompts (file, datasets folder or Hub id)")
     ev.add_argument("--model", required=True, help="base (reference) model")
     ev.add_argument("--adapter", help="PEFT adapter folder of the aligned policy (omit to evaluate the base)")
@@ -163,9 +182,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--beta", type=_positive_float, default=0.1, help="β of RBoN and ITP")
     ev.add_argument("--kappa0", type=_positive_float, default=0.1, help="κ₀ of Best-of-Tails")
     ev.add_argument("--train-data", help="training set, to warn about evaluation prompts seen in training")
+    ev.add_argument("--policy-samples", type=_positive_int, metavar="M_POLICY",
+                    help="samples per prompt from the policy, ≥ max(N) (default max(N))")
+    ev.add_argument("--reference-samples", type=_positive_int, metavar="M_REF",
+                    help="samples per prompt from the reference, ≥ max(N) (default max(N), or all of a reused pool's)")
+    ev.add_argument("--reference-pool", metavar="DIR",
+                    help="shared reference samples: read when DIR holds a pool for the same prompts, model, reward "
+                    "and --max-new-tokens; drawn and written there when DIR does not exist")
+    ev.add_argument("--max-subsets", type=_positive_int, default=None,
+                    help="N-subsets per prompt enumerated for soft_bon/itp/bot before random subsets are used "
+                    "(default 1000)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--overwrite", action="store_true")
     ev.set_defaults(func=_run_eval)
+
+    co = stages.add_parser("compare", help="paired comparison of two eval reports on the same prompts",
+                           description="Per selector and N: value A, value B and A − B with a paired bootstrap "
+                           "interval over prompts, plus the standard win rate and KL of each (from the reports' "
+                           "per_prompt.parquet).", epilog=EXAMPLES_COMPARE,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    co.add_argument("a", help="report folder A (ctrl-data eval --out)")
+    co.add_argument("b", help="report folder B, on the same prompts")
+    co.add_argument("--num-boot", type=_positive_int, default=2000, help="bootstrap resamples (default 2000)")
+    co.add_argument("--seed", type=int, default=0)
+    co.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    co.set_defaults(func=_run_compare)
 
     ins = stages.add_parser("inspect", help="summary of any stage's output",
                             description="Rows, prompts, K, reward stats, the calibration histogram and metadata.")
@@ -275,12 +316,27 @@ def _run_eval(args) -> int:
     result = evaluate_policy(args.prompts, args.out, args.model, args.reward, adapter=args.adapter, n=tuple(args.n),
                              selectors=tuple(args.selectors), column=args.column, limit=args.limit,
                              max_new_tokens=args.max_new_tokens, lam=args.lam, beta=args.beta, kappa0=args.kappa0,
-                             seed=args.seed, train_data=args.train_data, overwrite=args.overwrite)
+                             seed=args.seed, train_data=args.train_data, overwrite=args.overwrite,
+                             policy_samples=args.policy_samples, reference_samples=args.reference_samples,
+                             reference_pool=args.reference_pool,
+                             **({} if args.max_subsets is None else {"max_subsets": args.max_subsets}))
     report = result.report
-    print(f"KL(π‖π_ref) ≈ {report['kl']['value']:.4f}   standard win rate {report['standard_win_rate']['value']:.3f}")
+    print(f"KL(π‖π_ref) ≈ {report['kl']['value']:.4f}   standard win rate {report['standard_win_rate']['value']:.3f}"
+          f"   ({report['policy_samples']} policy × {report['reference_samples']} reference samples per prompt)")
     for row in report["win_rates"]:
         print(f"  {row['selector']:>8}-{row['n']:<3} win rate {row['value']:.3f}  [{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
+    pool = report.get("reference_pool")
+    if pool:
+        print(f"reference pool: {pool['path']} ({'reused' if pool['reused'] else 'written'})")
     print(f"report: {result.out_dir / 'report.md'}")
+    return 0
+
+
+def _run_compare(args) -> int:
+    from ctrl_offline.stages.compare import compare_reports, format_comparison
+
+    result = compare_reports(args.a, args.b, num_boot=args.num_boot, seed=args.seed)
+    print(json.dumps(result, default=str) if args.json else format_comparison(result))
     return 0
 
 

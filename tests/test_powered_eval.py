@@ -175,3 +175,149 @@ def test_paired_bootstrap_difference():
     assert est.ci_high - est.ci_low < 0.2 * (unpaired.ci_high - unpaired.ci_low)
     a[3] = np.nan
     assert paired_bootstrap_difference(a, b, num_boot=50).num_prompts == 199
+
+
+# --------------------------------------------------------------------------------------------------
+# The eval stage on a tiny model: null run, reference pool, paired comparison, CLI.
+# --------------------------------------------------------------------------------------------------
+
+REWARD = "tiny_models:word_count_reward"
+
+
+def letter_count_reward(prompts, completions):
+    """Another deterministic reward (a pool scored with one reward must not serve another)."""
+    return [float(len(c)) for c in completions]
+
+
+@pytest.fixture(autouse=True)
+def no_figures(request, monkeypatch):
+    """The stage tests skip report.md and the figures (the planner's curves take half a minute on a small CPU)."""
+    if "tiny" in request.fixturenames:
+        import ctrl_offline.reporting
+
+        monkeypatch.setattr(ctrl_offline.reporting, "write_report", lambda report, policy_u, folder: None)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tiny_models import WORDS, build_tiny_model
+
+    root = tmp_path_factory.mktemp("powered")
+    rng = np.random.default_rng(1)
+    prompts = [" ".join(rng.choice(WORDS, size=rng.integers(2, 5))) + f" {i}" for i in range(16)]
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return {"root": root, "prompts": str(root / "prompts.jsonl"), "model": str(build_tiny_model(root / "lm"))}
+
+
+def evaluate(tiny, out, **kwargs):
+    from ctrl_offline.stages.evaluate import evaluate_policy
+
+    args = {"n": (1, 2, 4), "selectors": ("bon", "won", "itp"), "max_new_tokens": 6, "num_boot": 400,
+            "policy_samples": 8, "reference_samples": 8, **kwargs}
+    return evaluate_policy(tiny["prompts"], out, tiny["model"], kwargs.pop("reward", REWARD),
+                           **{k: v for k, v in args.items() if k != "reward"})
+
+
+def test_null_run_every_interval_contains_one_half(tiny):
+    # The policy is the reference (no adapter): 16 prompts × 8 policy × 8 reference samples.
+    result = evaluate(tiny, tiny["root"] / "null", seed=3)
+    report = result.report
+    assert (report["policy_samples"], report["reference_samples"], report["estimator"]) == (8, 8, "u_statistic")
+    assert len(report["win_rates"]) == 9
+    for row in [*report["win_rates"], report["standard_win_rate"]]:
+        assert row["ci_low"] <= 0.5 <= row["ci_high"], row
+        assert row["num_prompts"] == 16
+    methods = {(r["selector"], r["n"]): r["method"] for r in report["win_rates"]}
+    assert methods[("bon", 4)] == "closed_form" and methods[("itp", 4)] == "all_subsets"
+    assert abs(report["kl"]["value"]) < 1e-4
+    per_prompt = pq_read(result.out_dir / "per_prompt.parquet")
+    assert set(per_prompt.metric) == {"win_rate", "standard_win_rate", "kl"} and per_prompt.prompt_id.nunique() == 16
+    bon4 = per_prompt[(per_prompt.metric == "win_rate") & (per_prompt.selector == "bon") & (per_prompt.n == 4)]
+    assert bon4.value.mean() == pytest.approx(next(r for r in report["win_rates"]
+                                                   if (r["selector"], r["n"]) == ("bon", 4))["value"])
+
+
+def pq_read(path):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pandas()
+
+
+def test_reference_pool_is_written_then_reused(tiny, monkeypatch):
+    import ctrl_offline.stages.evaluate as stage
+    from ctrl_offline.io import DataError, read_metadata
+
+    pool = tiny["root"] / "pool"
+    first = evaluate(tiny, tiny["root"] / "a", reference_pool=pool, seed=0)
+    assert first.report["reference_pool"] == {"path": str(pool), "reused": False}
+    assert read_metadata(pool / "pool.parquet")["samples_per_prompt"] == 8
+    pooled = pq_read(pool / "pool.parquet")
+    assert len(pooled) == 16 * 8
+
+    drawn = []
+    real_draw = stage._draw
+    monkeypatch.setattr(stage, "_draw", lambda *a, reference, **k: drawn.append(reference) or real_draw(
+        *a, reference=reference, **k))
+    second = evaluate(tiny, tiny["root"] / "b", reference_pool=pool, seed=5, reference_samples=None)
+    assert drawn == [False]  # only the policy was sampled
+    assert second.report["reference_pool"]["reused"] and second.report["reference_samples"] == 8
+    ref_a = pq_read(tiny["root"] / "a" / "samples.parquet").query("side == 'reference'")
+    ref_b = pq_read(tiny["root"] / "b" / "samples.parquet").query("side == 'reference'")
+    np.testing.assert_array_equal(ref_a.reward.to_numpy(), ref_b.reward.to_numpy())
+    assert list(ref_a.completion) == list(ref_b.completion)
+    # Fewer reference samples than the pool holds: the first M of each prompt.
+    third = evaluate(tiny, tiny["root"] / "c", reference_pool=pool, reference_samples=4, n=(1, 4))
+    assert third.report["reference_samples"] == 4 and drawn == [False, False]
+
+    with pytest.raises(DataError, match="holds other prompts"):
+        evaluate(tiny, tiny["root"] / "x", reference_pool=pool, limit=12)
+    with pytest.raises(DataError, match="reward"):
+        evaluate(tiny, tiny["root"] / "x", reference_pool=pool, reward="test_powered_eval:letter_count_reward")
+    with pytest.raises(DataError, match="max_new_tokens"):
+        evaluate(tiny, tiny["root"] / "x", reference_pool=pool, max_new_tokens=5)
+    with pytest.raises(DataError, match="fewer than the 16 reference samples"):
+        evaluate(tiny, tiny["root"] / "x", reference_pool=pool, reference_samples=16)
+    with pytest.raises(ValueError, match="policy_samples must be an integer ≥ max\\(N\\) = 4"):
+        evaluate(tiny, tiny["root"] / "x", policy_samples=3)
+    assert not (tiny["root"] / "x").exists()
+
+
+def test_compare_pairs_two_reports_on_the_same_prompts(tiny, capsys):
+    from ctrl_offline.io import DataError
+    from ctrl_offline.stages.compare import compare_reports
+    from data_tools.cli import main
+
+    root = tiny["root"]
+    code = main(["eval", tiny["prompts"], "--model", tiny["model"], "--reward", REWARD, "--n", "1", "4",
+                 "--selectors", "bon", "won", "--max-new-tokens", "6", "--policy-samples", "8",
+                 "--reference-pool", str(root / "cli-pool"), "--seed", "1", "--out", str(root / "cli-a")])
+    assert code == 0, capsys.readouterr().err
+    code = main(["eval", tiny["prompts"], "--model", tiny["model"], "--reward", REWARD, "--n", "1", "4",
+                 "--selectors", "bon", "won", "--max-new-tokens", "6", "--policy-samples", "8",
+                 "--reference-pool", str(root / "cli-pool"), "--seed", "2", "--out", str(root / "cli-b")])
+    out = capsys.readouterr().out
+    assert code == 0 and "reference pool: " in out and "(reused)" in out and "8 policy × 4 reference" in out
+
+    result = compare_reports(root / "cli-a", root / "cli-b", num_boot=300)
+    assert result["num_prompts"] == 16
+    names = [(r["metric"], r["selector"], r["n"]) for r in result["rows"]]
+    assert names == [("win_rate", s, n) for s in ("bon", "won") for n in (1, 4)] + [
+        ("standard_win_rate", None, 1), ("kl", None, None)]
+    for row in result["rows"]:
+        d = row["difference"]
+        assert d["value"] == pytest.approx(row["value_a"] - row["value_b"])
+        assert d["ci_low"] <= d["value"] <= d["ci_high"]
+        if row["metric"] != "kl":  # both are the reference itself: no difference
+            assert d["ci_low"] <= 0 <= d["ci_high"]
+
+    assert main(["compare", str(root / "cli-a"), str(root / "cli-b")]) == 0
+    text = capsys.readouterr().out
+    assert "bon-4" in text and "paired CI" in text and "KL" in text
+    assert main(["compare", str(root / "cli-a"), str(root / "cli-b"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_prompts"] == 16
+
+    evaluate(tiny, root / "fewer", limit=12, n=(1, 4), selectors=("bon",))
+    with pytest.raises(DataError, match="not evaluations of the same prompts"):
+        compare_reports(root / "cli-a", root / "fewer")
+    assert main(["compare", str(root / "cli-a"), str(root / "fewer")]) == 2
+    assert "same prompts" in capsys.readouterr().err

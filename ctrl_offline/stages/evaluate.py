@@ -1,13 +1,15 @@
 """The ``eval`` stage: inference-time win rates of an aligned policy against its reference.
 
-For held-out prompts it draws ``max(N)`` candidates from the policy (base + adapter) and from the
-reference (the same base with the adapter disabled, no second copy), scores them, and for every
-selector and every N reuses those samples to report the win rate of T(policy) over
-T(reference) with a bootstrap interval, the standard win rate, the calibrated-reward shortcut
-(the policy's candidates against the reference's best-/worst-of-N drawn from tables built from the
-reference candidates, docs/evaluation_shortcut.md) and
-KL(π‖π_ref) from the policy samples' log-ratios. Writes ``report.json``, ``report.md``,
-``samples.parquet`` and three figures.
+For held-out prompts it draws m candidates from the policy (base + adapter) and M from the
+reference (the same base with the adapter disabled, no second copy) — or reads the M reference
+candidates from a shared reference pool drawn earlier for the same prompts —, scores them, and
+for every selector and every N ≤ min(m, M) reports the win rate of T(policy) over T(reference)
+averaged over every N-subset of both sides (the U-statistic, docs/evaluation.md) with a bootstrap
+interval, the standard win rate, the calibrated-reward shortcut (the policy's candidates against
+the reference's best-/worst-of-N drawn from tables built from the reference candidates,
+docs/evaluation_shortcut.md) and KL(π‖π_ref) from the policy samples' log-ratios. Writes
+``report.json``, ``report.md``, ``samples.parquet``, ``per_prompt.parquet`` (the per-prompt values
+``ctrl-data compare`` pairs) and three figures.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ import numpy as np
 import pyarrow as pa
 
 from ..calibration import build_tables, calibrate
-from ..evaluation import calibrated_shortcut, inference_win_rate, kl_estimate, standard_win_rate
+from ..evaluation import (
+    MAX_SUBSETS,
+    bootstrap_mean,
+    calibrated_shortcut,
+    kl_estimate,
+    u_statistic_per_prompt,
+    u_statistic_win_rate,
+)
 from ..generation import (
     SamplingConfig,
     completion_logps,
@@ -31,13 +40,18 @@ from ..generation import (
     render_prompt,
     sample_completions,
 )
-from ..io import DataError, atomic_output_dir, read_table
+from ..io import DataError, atomic_output_dir, read_metadata, read_table, write_parquet
 from ..rewards import load_reward, reward_name
 from ..selection import SELECTORS
 from ._shards import process_device
 from .sample import load_prompts
 
-__all__ = ["EvalResult", "evaluate_policy", "BUILD_REPORT_KEYS"]
+__all__ = ["EvalResult", "evaluate_policy", "BUILD_REPORT_KEYS", "POOL_FILE", "PER_PROMPT_FILE"]
+
+#: The reference pool's table inside a ``reference_pool`` folder.
+POOL_FILE = "pool.parquet"
+#: The per-prompt values of an evaluation (what ``ctrl-data compare`` pairs), beside ``report.json``.
+PER_PROMPT_FILE = "per_prompt.parquet"
 
 #: What a report records of the training set's build metadata (one name per quantity, as there).
 BUILD_REPORT_KEYS = ("transform", "t", "beta", "phi_scale", "unscaled_beta", "num_rows")
@@ -73,6 +87,89 @@ def _draw(model, tokenizer, texts, sampling, seed, reference: bool):
     return rows
 
 
+def _identity(name: str) -> str:
+    """A model or reward as a pool records it: local paths made absolute, Hub ids and module:function as given."""
+    return str(Path(name).resolve()) if os.path.exists(name) else name
+
+
+def _pool_settings(model_name_or_path: str, reward: str, max_new_tokens: int) -> dict:
+    label, spec = reward_name(reward)
+    return {"model": _identity(model_name_or_path), "reward": _identity(spec), "reward_name": label,
+            "max_new_tokens": int(max_new_tokens)}
+
+
+def _read_pool(pool: Path, ids: list[str], settings: dict, samples: int | None) -> dict | None:
+    """The reference pool's samples for ``ids`` ({prompt_id: rows sorted by sample_idx}), or None when absent.
+
+    Raises DataError when the pool was made for other prompts, another reference model or
+    reward, another ``max_new_tokens`` or holds fewer than ``samples`` samples per prompt.
+    """
+    path = pool / POOL_FILE
+    if not path.is_file():
+        if pool.exists() and (not pool.is_dir() or any(pool.iterdir())):
+            raise DataError(f"reference pool {pool} exists but holds no {POOL_FILE}: pass an empty or new folder")
+        return None
+    meta = read_metadata(path)
+    if meta.get("stage") != "reference_pool":
+        raise DataError(f"{path} is not a reference pool (written by stage {meta.get('stage')!r})")
+    for key, what in (("model", "reference model"), ("reward", "reward"), ("max_new_tokens", "max_new_tokens")):
+        if meta.get(key) != settings[key]:
+            raise DataError(f"reference pool {pool} was drawn with {what} {meta.get(key)!r}, this evaluation uses "
+                            f"{settings[key]!r}: pass another --reference-pool folder")
+    table = read_table(path, columns=["prompt_id", "sample_idx", "completion", "reward", "ref_logp"]).to_pandas()
+    wanted, held = set(ids), set(table.prompt_id)
+    if wanted != held:
+        raise DataError(f"reference pool {pool} holds other prompts: {len(wanted - held)} of this evaluation's "
+                        f"{len(wanted)} prompts are missing from it and {len(held - wanted)} of its {len(held)} are "
+                        "not evaluated (the pool must be drawn for the same prompts; pass another --reference-pool)")
+    counts = table.groupby("prompt_id").size()
+    if samples is not None and counts.min() < samples:
+        raise DataError(f"reference pool {pool} has {counts.min()} samples for some prompt, fewer than the "
+                        f"{samples} reference samples asked for")
+    table = table.sort_values(["prompt_id", "sample_idx"], kind="stable")
+    return {pid: group for pid, group in table.groupby("prompt_id", sort=False)}
+
+
+def _write_pool(pool: Path, ids: list[str], rows: list[dict], rewards: np.ndarray, settings: dict, seed: int,
+                samples: int) -> None:
+    """Write the reference samples of each distinct prompt to ``pool/pool.parquet`` (atomically)."""
+    first = {}
+    for i, pid in enumerate(ids):
+        first.setdefault(pid, i)
+    keep = [j for j, r in enumerate(rows) if first[ids[r["batch_prompt"]]] == r["batch_prompt"]]
+    table = pa.table({
+        "prompt_id": [ids[rows[j]["batch_prompt"]] for j in keep],
+        "sample_idx": [rows[j]["sample_idx"] for j in keep],
+        "completion": [rows[j]["completion"] for j in keep],
+        "reward": np.asarray(rewards, dtype=float)[keep],
+        "ref_logp": [rows[j]["ref_logp"] for j in keep],
+        "num_tokens": [rows[j]["num_tokens"] for j in keep],
+        "finished": [rows[j]["finished"] for j in keep],
+    })
+    with atomic_output_dir(pool) as tmp:
+        write_parquet(table, tmp / POOL_FILE, {"stage": "reference_pool", **settings, "samples_per_prompt": samples,
+                                               "num_prompts": len(first), "seed": seed})
+
+
+def _per_prompt_table(ids: list[str], win_rates: list[dict], standard: np.ndarray, kl: np.ndarray) -> pa.Table:
+    """Long table of per-prompt values: metric (win_rate, standard_win_rate, kl), selector, n, value."""
+    cols = {"prompt_id": [], "prompt_index": [], "metric": [], "selector": [], "n": [], "value": []}
+
+    def add(metric, selector, n, values):
+        cols["prompt_id"] += list(ids)
+        cols["prompt_index"] += list(range(len(ids)))
+        cols["metric"] += [metric] * len(ids)
+        cols["selector"] += [selector] * len(ids)
+        cols["n"] += [n] * len(ids)
+        cols["value"] += [float(v) for v in values]
+
+    for row in win_rates:
+        add("win_rate", row["selector"], row["n"], row["per_prompt"])
+    add("standard_win_rate", None, 1, standard)
+    add("kl", None, None, kl)
+    return pa.table({**cols, "selector": pa.array(cols["selector"], pa.string()), "n": pa.array(cols["n"], pa.int64())})
+
+
 def evaluate_policy(
     prompts_source: str,
     out_dir: str | os.PathLike,
@@ -95,12 +192,26 @@ def evaluate_policy(
     num_boot: int = 2000,
     overwrite: bool = False,
     build_info: dict | None = None,
+    policy_samples: int | None = None,
+    reference_samples: int | None = None,
+    reference_pool: str | os.PathLike | None = None,
+    max_subsets: int = MAX_SUBSETS,
 ) -> EvalResult:
     """Evaluate ``adapter`` on ``model_name_or_path`` (or the base itself when no adapter is given).
 
     ``beta`` is the selectors' β (regularised best-of-N, ITP), not the training β. ``build_info``
     (optional, the training set's ``ctrl_build.json``) is recorded in the report under ``build``:
     transform, t, the trainer's ``beta``, ``phi_scale`` and the raw-Φ ``unscaled_beta``.
+
+    ``policy_samples`` (m) and ``reference_samples`` (M), each ≥ max(N) (default max(N), at least
+    2), are the samples drawn per prompt from each side; every win rate is the U-statistic over all
+    N-subsets of the m and M samples (:func:`~ctrl_offline.evaluation.u_statistic_win_rate`,
+    docs/evaluation.md). ``reference_pool`` names a folder shared by evaluations on the same
+    prompts: when it holds a pool for the same prompts (by prompt_id), reference model, reward and
+    ``max_new_tokens`` with at least M samples per prompt, its samples are used instead of drawing
+    the reference again (M defaults to all of them); when it does not exist, the M reference
+    samples are drawn, scored and written there. A pool that does not match is a DataError.
+    ``max_subsets`` caps the N-subsets enumerated per prompt for the adaptive selectors.
     """
     n = tuple(sorted(set(int(x) for x in n)))
     if not n or n[0] < 1:
@@ -111,17 +222,37 @@ def evaluate_policy(
     for name, value in (("lambda", lam), ("beta", beta), ("kappa0", kappa0)):
         if not value > 0:
             raise ValueError(f"{name} must be > 0, got {value}")
+    for name, value in (("policy_samples", policy_samples), ("reference_samples", reference_samples)):
+        if value is not None and (int(value) != value or value < max(max(n), 2)):
+            raise ValueError(f"{name} must be an integer ≥ max(N) = {max(n)} (and ≥ 2), got {value}")
+    m = int(policy_samples) if policy_samples is not None else max(max(n), 2)
     prompts = load_prompts(prompts_source, column, limit=limit)
     ids = [prompt_id(p) for p in prompts]
     overlap = _overlap(ids, train_data)
     if overlap:
         logger.warning("%d of %d evaluation prompts also appear in the training data", overlap, len(ids))
-    k = max(max(n), 2)
+    settings = _pool_settings(model_name_or_path, reward, max_new_tokens)
+    pool_dir = None if reference_pool is None else Path(reference_pool)
+    pooled = None if pool_dir is None else _read_pool(pool_dir, ids, settings, reference_samples)
+    if pooled is not None:
+        big_m = int(reference_samples) if reference_samples is not None else min(len(g) for g in pooled.values())
+        if big_m < max(n):
+            raise DataError(f"reference pool {pool_dir} has {big_m} samples per prompt, fewer than max(N) = {max(n)}")
+        logger.info("reusing the reference pool %s (%d samples per prompt)", pool_dir, big_m)
+    else:
+        big_m = int(reference_samples) if reference_samples is not None else max(max(n), 2)
+
     model, tokenizer = load_causal_lm(model_name_or_path, adapter, device=process_device())
     texts = [render_prompt(tokenizer, p) for p in prompts]
-    sampling = SamplingConfig(k=k, max_new_tokens=max_new_tokens)
-    policy = _draw(model, tokenizer, texts, sampling, seed, reference=False)
-    reference = _draw(model, tokenizer, texts, sampling, seed + 1, reference=True)
+    policy = _draw(model, tokenizer, texts, SamplingConfig(k=m, max_new_tokens=max_new_tokens), seed, reference=False)
+    score = load_reward(reward_name(reward)[1])
+    if pooled is None:
+        reference = _draw(model, tokenizer, texts, SamplingConfig(k=big_m, max_new_tokens=max_new_tokens), seed + 1,
+                          reference=True)
+    else:
+        reference = [{"batch_prompt": i, "sample_idx": int(row.sample_idx), "completion": row.completion,
+                      "ref_logp": float(row.ref_logp), "reward": float(row.reward)}
+                     for i, pid in enumerate(ids) for row in pooled[pid].head(big_m).itertuples()]
 
     # Log-probs of the policy's samples under both models (for the KL estimate); `ref_logp` of a
     # sample drawn from the policy is its policy log-prob.
@@ -131,34 +262,48 @@ def evaluate_policy(
 
     with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
         policy_under_ref = completion_logps(model, tokenizer, policy_texts, policy_ids)
-    policy_logp = np.array([r["ref_logp"] for r in policy]).reshape(len(prompts), k)
-    policy_ref_logp = np.array(policy_under_ref).reshape(len(prompts), k)
+    policy_logp = np.array([r["ref_logp"] for r in policy]).reshape(len(prompts), m)
+    policy_ref_logp = np.array(policy_under_ref).reshape(len(prompts), m)
 
-    score = load_reward(reward_name(reward)[1])
-    all_prompts = [prompts[r["batch_prompt"]] for r in policy + reference]
-    rewards = score(all_prompts, [r["completion"] for r in policy + reference])
-    r_pol = rewards[: len(policy)].reshape(len(prompts), k)
-    r_ref = rewards[len(policy):].reshape(len(prompts), k)
-    ref_ref_logp = np.array([r["ref_logp"] for r in reference]).reshape(len(prompts), k)
+    scored = policy if pooled is not None else policy + reference
+    rewards = score([prompts[r["batch_prompt"]] for r in scored], [r["completion"] for r in scored])
+    r_pol = rewards[: len(policy)].reshape(len(prompts), m)
+    if pooled is None:
+        ref_rewards = rewards[len(policy):]
+        if pool_dir is not None:
+            _write_pool(pool_dir, ids, reference, ref_rewards, settings, seed + 1, big_m)
+            logger.info("wrote the reference pool %s", pool_dir)
+    else:
+        ref_rewards = np.array([r["reward"] for r in reference])
+    rewards = np.concatenate([r_pol.ravel(), ref_rewards])
+    r_ref = ref_rewards.reshape(len(prompts), big_m)
+    ref_ref_logp = np.array([r["ref_logp"] for r in reference]).reshape(len(prompts), big_m)
 
-    tables = build_tables(np.repeat(ids, k), r_ref.ravel())
-    u_pol = calibrate(tables, np.repeat(ids, k), r_pol.ravel()).reshape(len(prompts), k)
+    tables = build_tables(np.repeat(ids, big_m), r_ref.ravel())
+    u_pol = calibrate(tables, np.repeat(ids, m), r_pol.ravel()).reshape(len(prompts), m)
 
     results = []
     for selector in selectors:
         for size in n:
-            results.append(inference_win_rate(
-                r_pol, r_ref, selector, size, policy_ref_logps=policy_ref_logp, reference_ref_logps=ref_ref_logp,
-                lam=lam, beta=beta, kappa0=kappa0, num_boot=num_boot, rng=seed))
+            results.append(u_statistic_win_rate(
+                r_pol, r_ref, size, selector, policy_ref_logps=policy_ref_logp, reference_ref_logps=ref_ref_logp,
+                max_subsets=max_subsets, lam=lam, beta=beta, kappa0=kappa0, num_boot=num_boot, rng=seed))
+    standard = u_statistic_per_prompt(r_pol, r_ref, 1)  # every policy sample against every reference sample
+    kl_per_prompt = (policy_logp - policy_ref_logp).mean(axis=1)
     report = {
         "model": model_name_or_path,
         "adapter": adapter,
         "reward": reward,
         "prompts": {"source": str(prompts_source), "count": len(prompts), "overlap_with_training": overlap},
-        "candidates_per_side": k,
+        "candidates_per_side": m if m == big_m else f"{m} policy / {big_m} reference",
+        "policy_samples": m,
+        "reference_samples": big_m,
+        "reference_pool": None if pool_dir is None else {"path": str(pool_dir), "reused": pooled is not None},
+        "estimator": "u_statistic",
+        "max_subsets": max_subsets,
         "selector_settings": {"lambda": lam, "beta": beta, "kappa0": kappa0},
-        "win_rates": results,
-        "standard_win_rate": standard_win_rate(r_pol, r_ref, num_boot=num_boot, rng=seed).to_dict(),
+        "win_rates": [{k: v for k, v in row.items() if k != "per_prompt"} for row in results],
+        "standard_win_rate": bootstrap_mean(standard, num_boot=num_boot, rng=seed).to_dict(),
         "calibrated_shortcut": [calibrated_shortcut(r_pol, size, tables=tables, prompt_ids=ids, num_boot=num_boot,
                                                     rng=seed) for size in n],
         "kl": kl_estimate(policy_logp, policy_ref_logp, num_boot=num_boot, rng=seed).to_dict(),
@@ -174,11 +319,13 @@ def evaluate_policy(
         "reward": rewards,
         "u": np.concatenate([u_pol.ravel(), np.full(len(reference), np.nan)]),
     })
-    from ..io import write_parquet
+    per_prompt = _per_prompt_table(ids, results, standard, kl_per_prompt)
     from ..reporting import write_report
 
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         write_parquet(samples, tmp / "samples.parquet", {"stage": "eval"})
+        write_parquet(per_prompt, tmp / PER_PROMPT_FILE, {"stage": "eval", "reward": reward,
+                                                           "model": model_name_or_path, "adapter": adapter})
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
         write_report(report, u_pol.ravel(), tmp)
     return EvalResult(Path(out_dir), report)
