@@ -69,6 +69,19 @@ def _load(params: dict[str, torch.nn.Parameter], under: dict[str, torch.Tensor],
         p.copy_((a + alpha * (b - a)).to(device=p.device, dtype=p.dtype))
 
 
+def _same_on_every_rank(estimate: KLEstimate, model) -> KLEstimate:
+    """Rank 0's estimate everywhere, so that all ranks stop (and bisect) alike."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return estimate
+    device = next(model.parameters()).device if dist.get_backend() == "nccl" else torch.device("cpu")
+    values = torch.tensor([estimate.value, estimate.stderr, float(estimate.num_samples)], dtype=torch.float64,
+                          device=device)
+    dist.broadcast(values, src=0)
+    return KLEstimate(float(values[0]), float(values[1]), int(values[2]))
+
+
 class KLBudgetCallback(TrainerCallback):
     """Stops training when KL(π‖π_ref) reaches ``budget`` and leaves weights that spend it.
 
@@ -86,8 +99,8 @@ class KLBudgetCallback(TrainerCallback):
     was stopped, or its last estimate was over the budget); ``final`` is the KL of the weights
     left in the model. A run that ends under budget logs a warning saying how far it got.
 
-    Every rank of a data-parallel run estimates alike (same prompts, same seed) and so decides
-    alike. Parameters sharded by ZeRO-3 or FSDP are not supported.
+    In a data-parallel run every rank estimates and then takes rank 0's estimate, so all ranks
+    stop and bisect alike. Parameters sharded by ZeRO-3 or FSDP are not supported.
     """
 
     def __init__(self, budget: float, estimate_kl: Callable[[torch.nn.Module], KLEstimate], *,
@@ -127,6 +140,7 @@ class KLBudgetCallback(TrainerCallback):
             model.train(was_training)
         if not isinstance(estimate, KLEstimate):
             raise TypeError(f"estimate_kl must return a KLEstimate, got {type(estimate).__name__}")
+        estimate = _same_on_every_rank(estimate, model)
         entry = {"step": state.global_step, "kl": estimate.value, "stderr": estimate.stderr}
         log = {"kl": estimate.value, "kl_stderr": estimate.stderr}
         if alpha is not None:

@@ -8,6 +8,11 @@ where it stopped (sampling and scoring also resume shard by shard, training from
 checkpoint). A run folder remembers its config; running another config into it is refused
 unless ``--overwrite``.
 
+Training is held to ``kl_budget`` (``hold_kl``, on by default): every ``kl_every_n_steps`` steps
+the adapter's KL(π‖π_ref) is estimated on held-out prompts, and training stops where it reaches
+the budget, leaving weights bisected back to it (:mod:`ctrl_offline.kl_budget`); the estimates
+and the KL left go to ``train/kl_budget.json`` and the run summary.
+
 Under ``accelerate launch`` with several processes, sampling and scoring split the prompts by
 rank, training runs data-parallel (or ZeRO/FSDP, from the accelerate config), and the
 single-process stages (calibrate, build, evaluate, push) run on the main process.
@@ -19,6 +24,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import math
 import shutil
 import sys
 import time
@@ -36,6 +42,7 @@ __all__ = ["ModelArguments", "RecipeConfig", "RecipeError", "parse_recipe_args",
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "recipe_config.json"
+KL_BUDGET_FILE = "kl_budget.json"  # in the train folder: the KL held to the budget while training
 # Settings that change where results go or how they are logged, not the results themselves.
 _NOT_RESULT_SETTINGS = {
     "output_dir", "logging_dir", "overwrite", "push_to_hub", "hub_model_id", "hub_private_repo", "hub_revision",
@@ -68,6 +75,12 @@ class RecipeConfig:
     inference: str = field(default="bon", metadata={"help": "Inference-time procedure aligned for: bon or won."})
     inference_n: int = field(default=4, metadata={"help": "N of best-of-N / worst-of-N."})
     kl_budget: float = field(default=0.5, metadata={"help": "KL(π‖π_ref) budget in nats; the planner picks t and β."})
+    hold_kl: bool = field(default=True, metadata={
+        "help": "Stop training when the adapter's KL reaches kl_budget, estimated on held-out prompts "
+                "(docs/kl_budget.md)."})
+    kl_eval_prompts: int = field(default=16, metadata={"help": "Held-out prompts of the KL estimate (hold_kl)."})
+    kl_eval_samples: int = field(default=4, metadata={"help": "Policy samples per prompt of the KL estimate."})
+    kl_every_n_steps: int = field(default=10, metadata={"help": "Optimizer steps between KL estimates."})
     transform: str | None = field(default=None, metadata={
         "help": "Transform family (identity, log, exp, negexp); default: the planner's best for the procedure."})
     data_format: str = field(default="pairs", metadata={"help": "pairs (DPO/IPO/distill) or pointwise."})
@@ -86,13 +99,14 @@ class RecipeConfig:
             raise RecipeError(f"inference must be 'bon' or 'won', got {self.inference!r}")
         if self.data_format not in ("pairs", "pointwise"):
             raise RecipeError(f"data_format must be 'pairs' or 'pointwise', got {self.data_format!r}")
-        for name in ("num_train_prompts", "num_eval_prompts", "inference_n", "max_new_tokens", "sampling_batch_size"):
+        for name in ("num_train_prompts", "num_eval_prompts", "inference_n", "max_new_tokens", "sampling_batch_size",
+                     "kl_eval_prompts", "kl_eval_samples", "kl_every_n_steps"):
             if getattr(self, name) < 1:
                 raise RecipeError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.num_samples < 2:
             raise RecipeError(f"num_samples (K) must be ≥ 2, got {self.num_samples}")
-        if not self.kl_budget > 0:
-            raise RecipeError(f"kl_budget must be > 0, got {self.kl_budget}")
+        if not (self.kl_budget > 0 and math.isfinite(self.kl_budget)):
+            raise RecipeError(f"kl_budget must be a finite KL > 0 in nats, got {self.kl_budget}")
 
 
 # -- configuration --------------------------------------------------------------------------------
@@ -217,6 +231,61 @@ def _write_prompts(path: Path, prompts: list) -> None:
                 f.write(json.dumps({"prompt": p}) + "\n")
 
 
+def _read_prompts(path: Path) -> list:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["prompt"] for line in f if line.strip()]
+
+
+def _kl_prompts(recipe, prompts_dir: Path) -> tuple[list, str]:
+    """The prompts of the KL estimate while training, and where they come from.
+
+    The train split's prompts past the training ones, less any evaluation prompt: neither trained
+    on nor evaluated on. A split with fewer than 2 of those (the embedded hh-tiny, all 36 of whose
+    prompts the tiny config trains on) leaves the first training prompts, with a warning.
+    """
+    from .generation import prompt_id
+    from .hh import hh_prompts
+
+    train = _read_prompts(prompts_dir / "train" / "prompts.jsonl")
+    evaluated = _read_prompts(prompts_dir / "eval" / "prompts.jsonl")
+    taken = {prompt_id(p) for p in train + evaluated}
+    pool = hh_prompts(recipe.dataset_name, recipe.dataset_subsets, recipe.train_split,
+                      len(train) + len(evaluated) + recipe.kl_eval_prompts)
+    held_out = [p for p in pool if prompt_id(p) not in taken][: recipe.kl_eval_prompts]
+    if len(held_out) >= 2:
+        if len(held_out) < recipe.kl_eval_prompts:
+            logger.warning("only %d held-out prompts for the KL estimate (kl_eval_prompts=%d)", len(held_out),
+                           recipe.kl_eval_prompts)
+        return held_out, f"{recipe.train_split} split, past the training prompts"
+    logger.warning("no held-out prompts left in the %s split past the %d training prompts: the KL held to the budget "
+                   "is estimated on the first %d training prompts", recipe.train_split, len(train),
+                   min(len(train), recipe.kl_eval_prompts))
+    return train[: recipe.kl_eval_prompts], "training prompts"
+
+
+def _kl_budget_callback(recipe, training_args, tokenizer, prompts_dir: Path):
+    """(the callback holding training to ``kl_budget``, what its estimate is made of)."""
+    from .kl_budget import KLBudgetCallback, SampledKL
+
+    prompts, source = _kl_prompts(recipe, prompts_dir)
+    estimator = SampledKL(prompts, tokenizer, num_samples=recipe.kl_eval_samples, max_new_tokens=recipe.max_new_tokens,
+                          batch_size=recipe.sampling_batch_size, seed=training_args.seed)
+    callback = KLBudgetCallback(recipe.kl_budget, estimator, every_n_steps=recipe.kl_every_n_steps)
+    return callback, {"prompts": len(prompts), "prompts_source": source, "samples_per_prompt": recipe.kl_eval_samples,
+                      "max_new_tokens": recipe.max_new_tokens, "every_n_steps": recipe.kl_every_n_steps}
+
+
+def _write_kl_record(callback, estimate_info: dict, path: Path) -> None:
+    """``train/kl_budget.json``: the budget, whether it was reached, the KL left and every estimate."""
+    final = dataclasses.asdict(callback.final) if callback.final is not None else None
+    record = {"budget": callback.budget, "reached": callback.reached, "final": final, "history": callback.history,
+              **estimate_info}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(path)
+
+
 def _train(recipe, model_args, training_args, data_dir: Path, adapter_dir: Path) -> None:
     from datasets import load_from_disk
 
@@ -243,8 +312,14 @@ def _train(recipe, model_args, training_args, data_dir: Path, adapter_dir: Path)
         args = CTRLPointwiseConfig(**{k: v for k, v in shared.items() if k in names and k != "ctrl_loss"})
         trainer_cls = CTRLPointwiseTrainer
     trainer = trainer_cls(model, args, dataset, processing_class=tokenizer, peft_config=lora)
+    callback = None
+    if recipe.hold_kl:  # the adapter delivered spends the planned KL, whatever the learning rate and steps
+        callback, estimate_info = _kl_budget_callback(recipe, training_args, tokenizer, data_dir.parent / "prompts")
+        trainer.add_callback(callback)
     checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    if callback is not None and trainer.accelerator.is_main_process:
+        _write_kl_record(callback, estimate_info, Path(args.output_dir) / KL_BUDGET_FILE)
     # Every rank calls save_model (ZeRO-3 and FSDP gather the weights collectively); the folder
     # appears under its final name only once complete.
     staging = adapter_dir.with_name(adapter_dir.name + ".partial")
@@ -337,6 +412,8 @@ def run_recipe(recipe: RecipeConfig, model_args, training_args: CTRLConfig,
     report = json.loads((eval_dir / "report.json").read_text())
     if not report.get("build"):  # a report written before evaluate recorded the build
         report["build"] = {k: build_info.get(k) for k in BUILD_REPORT_KEYS}
+    if (run_dir / "train" / KL_BUDGET_FILE).exists():
+        report["training_kl"] = json.loads((run_dir / "train" / KL_BUDGET_FILE).read_text())
     if training_args.push_to_hub:
         _push(recipe, model_args, training_args, run_dir, report, command)
     logger.info("run finished in %.0f s: %s", time.perf_counter() - started, run_dir)
@@ -371,6 +448,12 @@ def summary(report: dict) -> str:
     kl = report["kl"]
     lines.append(f"KL(aligned ‖ reference) = {kl['value']:.3f} nats [{kl['ci_low']:.3f}, {kl['ci_high']:.3f}]"
                  f"   transform {describe_build(report.get('build') or {})}")
+    held = report.get("training_kl")
+    if held and held.get("final"):
+        final = held["final"]
+        status = "reached, training stopped there" if held["reached"] else "not reached: more steps or a higher learning rate"
+        lines.append(f"KL held while training = {final['value']:.3f} ± {final['stderr']:.3f} nats "
+                     f"(budget {held['budget']:.3g}: {status})")
     return "\n".join(lines)
 
 
