@@ -37,7 +37,7 @@ from ctrl_offline.rewards import RewardModel  # noqa: E402
 def naive_sampling(model, tokenizer, prompts, k, max_new_tokens):
     rows = []
     for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt")
+        ids = tokenizer(prompt, return_tensors="pt").to(model.device)
         for _ in range(k):
             out = model.generate(**ids, do_sample=True, top_k=0, max_new_tokens=max_new_tokens,
                                  pad_token_id=tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True)

@@ -113,7 +113,7 @@ def make_pairs(words: list[str], n: int, prompt_words: int, completion_words: in
             "target_margin": rng.uniform(-2.0, 2.0, n).round(3).tolist()}
 
 
-def reference_logps(folder: Path, rows: dict, batch_size: int = 16) -> None:
+def reference_logps(folder: Path, rows: dict, batch_size: int = 16, device: str = "cpu") -> None:
     """Σ log π_ref(completion + EOS | prompt) for both sides, batched, with the base model (adds the columns).
 
     This stands in for the sampling stage, which records these values for free; it is not timed.
@@ -122,7 +122,7 @@ def reference_logps(folder: Path, rows: dict, batch_size: int = 16) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder).to(device).eval()
     for side in ("chosen", "rejected"):
         values = []
         for start in range(0, len(rows["prompt"]), batch_size):
@@ -133,14 +133,17 @@ def reference_logps(folder: Path, rows: dict, batch_size: int = 16) -> None:
                 seqs.append(tokenizer(prompt + completion)["input_ids"] + [tokenizer.eos_token_id])
                 starts.append(len(tokenizer(prompt)["input_ids"]))
             width = max(map(len, seqs))
-            ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+            ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs], device=device)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
             with torch.no_grad():
                 logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
             token_logp = logp.gather(2, ids[:, 1:, None])[..., 0]
             for i, (s, p) in enumerate(zip(seqs, starts)):
                 values.append(token_logp[i, p - 1:len(s) - 1].sum().item())
         rows[f"ref_{side}_logps"] = values
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -351,7 +354,8 @@ def worker_flags(args) -> list[str]:
             "--max-length", str(args.max_length), "--seed", str(args.seed), "--device", args.device]
 
 
-def run_default(args) -> None:
+def run_default(args) -> dict:
+    """The side-by-side comparison: prints its table and returns the summary (also printed as JSON with --json)."""
     import torch
 
     shape = dict(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.heads,
@@ -363,7 +367,7 @@ def run_default(args) -> None:
         build_model(folder / "model", shape, args.seed, max_positions=max(args.max_length, 512))
         _, words = build_tokenizer(args.vocab)
         rows = make_pairs(words, pairs, args.prompt_words, args.completion_words, args.seed)
-        reference_logps(folder / "model", rows)  # the sampling stage's job; not timed for either trainer
+        reference_logps(folder / "model", rows, device=args.device)  # the sampling stage's job; timed for neither
         from datasets import Dataset
 
         Dataset.from_dict(rows).save_to_disk(str(folder / "pairs"))
@@ -408,35 +412,38 @@ def run_default(args) -> None:
     if busiest > (os.cpu_count() or 1) + 0.5:
         print(f"warning: 1-min load average reached {busiest:.1f} on {os.cpu_count()} CPUs during the runs: "
               "other processes shared the CPUs, so the times are inflated and noisy")
+    result = {"tokens_per_s": ours["tokens_per_s"], "trl_tokens_per_s": trl["tokens_per_s"], "ratio": ratio,
+              "peak_mem_mb": ours["peak_rss_mb"], "trl_peak_mem_mb": trl["peak_rss_mb"], "mem_ratio": mem_ratio,
+              "ratio_median_step": step_ratio,
+              "peak_mem_measure": "ru_maxrss of the worker process (MB)", "ours": ours, "trl": trl,
+              "settings": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
+                           "intermediate": args.intermediate, "vocab": args.vocab, "pairs": pairs,
+                           "prompt_words": args.prompt_words, "completion_words": args.completion_words,
+                           "batch_size": args.batch_size, "warmup": args.warmup, "steps": args.steps,
+                           "max_length": args.max_length, "repeats": args.repeats, "seed": args.seed,
+                           "lora": "r=16, alpha=32, dropout=0.05, q/k/v/o/gate/up/down",
+                           "precision": "bf16" if args.device == "cuda" and torch.cuda.is_bf16_supported()
+                           else "fp32"},
+              "setup_seconds_not_timed": setup_seconds, "max_load_avg_1min": busiest,
+              "machine": machine_info(args.device), "date": datetime.date.today().isoformat()}
+    if cuda_cols:
+        result.update(peak_cuda_mb=ours["peak_cuda_mb"], trl_peak_cuda_mb=trl["peak_cuda_mb"],
+                      cuda_mem_ratio=ours["peak_cuda_mb"] / trl["peak_cuda_mb"])
     if args.json:
-        result = {"tokens_per_s": ours["tokens_per_s"], "trl_tokens_per_s": trl["tokens_per_s"], "ratio": ratio,
-                  "peak_mem_mb": ours["peak_rss_mb"], "trl_peak_mem_mb": trl["peak_rss_mb"], "mem_ratio": mem_ratio,
-                  "ratio_median_step": step_ratio,
-                  "peak_mem_measure": "ru_maxrss of the worker process (MB)", "ours": ours, "trl": trl,
-                  "settings": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
-                               "intermediate": args.intermediate, "vocab": args.vocab, "pairs": pairs,
-                               "prompt_words": args.prompt_words, "completion_words": args.completion_words,
-                               "batch_size": args.batch_size, "warmup": args.warmup, "steps": args.steps,
-                               "max_length": args.max_length, "repeats": args.repeats, "seed": args.seed,
-                               "lora": "r=16, alpha=32, dropout=0.05, q/k/v/o/gate/up/down",
-                               "precision": "bf16" if args.device == "cuda" and torch.cuda.is_bf16_supported()
-                               else "fp32"},
-                  "setup_seconds_not_timed": setup_seconds, "max_load_avg_1min": busiest,
-                  "machine": machine_info(args.device), "date": datetime.date.today().isoformat()}
-        if cuda_cols:
-            result.update(peak_cuda_mb=ours["peak_cuda_mb"], trl_peak_cuda_mb=trl["peak_cuda_mb"],
-                          cuda_mem_ratio=ours["peak_cuda_mb"] / trl["peak_cuda_mb"])
         print(json.dumps(result))
+    return result
 
 
-def run_qlora(args) -> None:
-    """UNTESTED at 7B (no GPU where it was written). Builds, saves, reloads 4-bit, trains a few steps."""
+def run_qlora(args) -> dict | None:
+    """UNTESTED at 7B (no GPU where it was written). Builds, saves, reloads 4-bit, trains a few steps.
+
+    Returns the worker's result (None when there is no GPU for the 7B shape)."""
     import torch
 
     smoke = args.qlora_shape == "smoke"
     if not smoke and not torch.cuda.is_available():
         print("--qlora-7b needs a CUDA GPU (4-bit NF4 QLoRA of a 7B-shaped model); none here, nothing run.")
-        return
+        return None
     shape = QLORA_SMOKE_SHAPE if smoke else QLORA_7B_SHAPE
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
@@ -464,9 +471,11 @@ def run_qlora(args) -> None:
              else f"peak RSS {result['peak_rss_mb']:.0f} MB (CPU smoke run)"))
     if args.json:
         print(json.dumps(result))
+    return result
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, also used by benchmarks/gpu_check.py to build ``args`` for run_default / run_qlora."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -492,7 +501,11 @@ def main() -> None:
     parser.add_argument("--qlora-shape", default="7b", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=["ours", "trl", "qlora"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     os.environ.update(WORKER_ENV)  # offline, no telemetry, no progress bars: here and in the workers
     if args.device is None:
         import torch
