@@ -106,9 +106,9 @@ class KLBudgetCallback(TrainerCallback):
     def __init__(self, budget: float, estimate_kl: Callable[[torch.nn.Module], KLEstimate], *,
                  every_n_steps: int = 1, interpolate: bool = True, tolerance: float = 0.01,
                  max_bisections: int = 12):
-        if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
+        if isinstance(budget, bool) or not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
             raise ValueError(f"budget must be a finite KL > 0 in nats, got {budget!r}")
-        if not (isinstance(every_n_steps, int) and every_n_steps >= 1):
+        if isinstance(every_n_steps, bool) or not (isinstance(every_n_steps, int) and every_n_steps >= 1):
             raise ValueError(f"every_n_steps must be an integer ≥ 1, got {every_n_steps!r}")
         if not (isinstance(tolerance, (int, float)) and tolerance > 0):
             raise ValueError(f"tolerance must be > 0 (nats), got {tolerance!r}")
