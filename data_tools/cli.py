@@ -45,7 +45,8 @@ EXAMPLES_PLAN = """examples:
 
 
 EXAMPLES_EVAL = """examples:
-  ctrl-data eval heldout.jsonl --model ./base --adapter ./ctrl-bon4 --reward ./rm --n 1 2 4 8 --selectors bon won bot --out report/
+  ctrl-data eval heldout.jsonl --model ./base --adapter ./ctrl-bon4 --reward ./rm --n 1 2 4 8 \\
+      --selectors bon won bot --out report/
   ctrl-data eval heldout.jsonl --model ./base --adapter ./ctrl-bon4 --reward ./rm --n 1 4 \\
       --policy-samples 16 --reference-samples 16 --reference-pool pool/ --out report-a/
       win rates averaged over every N-subset of 16 policy and 16 reference samples per prompt; the

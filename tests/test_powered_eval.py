@@ -31,7 +31,8 @@ def brute_force(policy, reference, n, selector, policy_logps=None, reference_log
             continue
         def picks(values, logps, subset):
             extra = {} if logps is None else {"ref_logps": logps[b, list(subset)][None]}
-            return values[b, list(subset)], select(values[b, list(subset)][None], selector, **SETTINGS, **extra).probs[0]
+            chosen = values[b, list(subset)]
+            return chosen, select(chosen[None], selector, **SETTINGS, **extra).probs[0]
 
         refs = [picks(reference, reference_logps, c) for c in itertools.combinations(ri, n)]
         duels = []
