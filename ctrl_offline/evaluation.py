@@ -12,14 +12,17 @@ The calibrated-reward shortcut replaces the reference's N fresh candidates by th
 stored reference rewards (its calibration table), taking the reference's N candidates to be N
 distinct draws out of the K, every one of the C(K, N) subsets equally likely. For the policy's
 pick r (its best of N candidates for best-of-N, its worst for worst-of-N), with b of the K
-stored rewards strictly below r, e equal to it and a = K − b − e above it:
+stored rewards strictly below r, e equal to it and a = K − b − e above it, the policy wins when
+its pick is the larger (for worst-of-N too: the policy's worst beats the reference's worst):
 
     best-of-N   P(ref best-of-N < r)  + ½·P(ref best-of-N = r)  = [C(b, N) + ½·(C(b+e, N) − C(b, N))] / C(K, N)
-    worst-of-N  P(ref worst-of-N > r) + ½·P(ref worst-of-N = r) = [C(a, N) + ½·(C(a+e, N) − C(a, N))] / C(K, N)
+    worst-of-N  P(ref worst-of-N < r) + ½·P(ref worst-of-N = r) = 1 − [C(a+e, N) + C(a, N)] / (2·C(K, N))
     standard    (b + ½·e) / K = Ĉ, averaged over the policy's N candidates
 
-Because b ~ Binomial(K, F(r)) and E[C(b, N)] / C(K, N) = F(r)^N (a factorial moment), these are
-unbiased for the win rate against the reference's fresh best-/worst-of-N; the older form
+(the reference's worst is ≥ r exactly when its N lie among the a + e stored rewards ≥ r, and > r
+when they lie among the a above r). Because b ~ Binomial(K, F(r)) and E[C(b, N)] / C(K, N) = F(r)^N
+(a factorial moment; likewise for a and a + e), these are unbiased for the win rate against the
+reference's fresh best-/worst-of-N; the older form
 max(Ĉ)^N is not (a policy equal to its reference scores 0.600 at K = N = 4 instead of ½). The
 derivation is in docs/evaluation_shortcut.md. N ≤ K is required: N reference candidates cannot
 be drawn from fewer stored rewards. KL(π‖π_ref) is estimated by the mean log-ratio of the
@@ -151,8 +154,10 @@ def calibrated_shortcut_per_prompt(policy_rewards, n: int, *, tables: Calibratio
     best, worst = np.argmax(r, axis=1), np.argmin(r, axis=1)
     b, e = below[rows, best], equal[rows, best]
     bon = _subset_fraction(b, k, n) + 0.5 * (_subset_fraction(b + e, k, n) - _subset_fraction(b, k, n))
+    # The policy's worst r beats the reference's worst when that is below r: 1 − P(ref worst ≥ r) + ½·P(= r),
+    # with P(ref worst ≥ r) = C(a+e, N)/C(K, N) and P(ref worst > r) = C(a, N)/C(K, N).
     a, e = k - below[rows, worst] - equal[rows, worst], equal[rows, worst]
-    won = _subset_fraction(a, k, n) + 0.5 * (_subset_fraction(a + e, k, n) - _subset_fraction(a, k, n))
+    won = 1.0 - 0.5 * (_subset_fraction(a + e, k, n) + _subset_fraction(a, k, n))
     standard = ((below + 0.5 * equal) / k[:, None]).mean(axis=1)
     return {"standard": standard, "bon": bon, "won": won}
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ctrl_offline.calibration import CalibrationTables
-from ctrl_offline.evaluation import calibrated_shortcut, calibrated_shortcut_per_prompt
+from ctrl_offline.evaluation import calibrated_shortcut, calibrated_shortcut_per_prompt, u_statistic_per_prompt
 
 
 def tables_of(ref: np.ndarray) -> tuple[CalibrationTables, np.ndarray]:
@@ -25,7 +25,8 @@ def brute_force(policy: np.ndarray, ref: np.ndarray, n: int) -> dict:
         for subset in itertools.combinations(s, n):
             best, worst = max(subset), min(subset)
             bon.append((r.max() > best) + 0.5 * (r.max() == best))
-            won.append((r.min() < worst) + 0.5 * (r.min() == worst))
+            # Worst-of-N: the policy wins when its worst beats (is above) the reference subset's worst.
+            won.append((r.min() > worst) + 0.5 * (r.min() == worst))
         out["standard"].append(standard)
         out["bon"].append(np.mean(bon))
         out["won"].append(np.mean(won))
@@ -113,3 +114,31 @@ def test_report_keys_and_refusals():
         calibrated_shortcut(policy, 7, tables=tables, prompt_ids=ids)
     with pytest.raises(ValueError, match="one table per row"):
         calibrated_shortcut(policy, 2, tables=tables, prompt_ids=ids[:3])
+
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_a_policy_shifted_up_wins_worst_of_n_like_the_u_statistic(n):
+    # A policy shifted +0.5 above its reference has a better worst of N, so won must read above ½. With the
+    # policy's N candidates and the reference's K stored rewards, the U-statistic (M = K: every N-subset of
+    # the K as the reference's N) is the very quantity the shortcut computes: they agree prompt by prompt.
+    prompts, k = 4000, 8
+    rng = np.random.default_rng(11 + n)
+    ref = rng.normal(size=(prompts, k))
+    policy = rng.normal(size=(prompts, n)) + 0.5
+    tables, ids = tables_of(ref)
+    shortcut = calibrated_shortcut_per_prompt(policy, n, tables=tables, prompt_ids=ids)
+    for selector in ("bon", "won"):
+        u = u_statistic_per_prompt(policy, ref, n, selector)
+        assert shortcut[selector].mean() > 0.55, (selector, shortcut[selector].mean())
+        np.testing.assert_allclose(shortcut[selector], u, rtol=0, atol=1e-12, err_msg=selector)
+    # And the mean is the exact worst-of-N win probability P(policy's worst > reference's worst) of two
+    # normals 0.5 apart, ∫ f_{policy worst}(x)·(1 − (1 − Φ(x))^N) dx, by a Riemann sum on a fine grid.
+    from scipy.stats import norm
+
+    x, dx = np.linspace(-9.0, 9.0, 36001, retstep=True)
+    pdf_policy_worst = n * norm.pdf(x - 0.5) * norm.sf(x - 0.5) ** (n - 1)
+    exact = float(np.sum(pdf_policy_worst * (1.0 - norm.sf(x) ** n)) * dx)
+    assert exact > 0.6
+    se = shortcut["won"].std(ddof=1) / math.sqrt(prompts)
+    assert abs(shortcut["won"].mean() - exact) < 4 * se, (shortcut["won"].mean(), exact, se)
