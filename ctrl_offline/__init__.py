@@ -7,6 +7,12 @@ file-level stages live in :mod:`ctrl_offline.stages`.
 __version__ = "0.1.0"
 
 from .calibration import CalibrationError, CalibrationTables, build_tables, calibrate, calibrate_reference
+from .evaluation import (
+    paired_bootstrap_difference,
+    subset_selection_weights,
+    u_statistic_per_prompt,
+    u_statistic_win_rate,
+)
 from .planner import Plan, PlanRow, plan, solve_beta, tradeoff_curve
 from .theory import (
     bon_win_rate,
@@ -44,6 +50,14 @@ __all__ = [
     "plan",
     "solve_beta",
     "tradeoff_curve",
+    "u_statistic_win_rate",
+    "u_statistic_per_prompt",
+    "subset_selection_weights",
+    "paired_bootstrap_difference",
+    # KL budget during training (imported on first use: it pulls in torch / transformers)
+    "KLEstimate",
+    "KLBudgetCallback",
+    "SampledKL",
     # pipeline stages (imported on first use: they pull in torch / transformers / datasets)
     "calibrate_scored",
     "load_tables",
@@ -52,6 +66,7 @@ __all__ = [
     "score_samples",
     "build_dataset",
     "inspect_output",
+    "compare_reports",
 ]
 
 _LAZY = {
@@ -62,6 +77,10 @@ _LAZY = {
     "score_samples": "stages.score",
     "build_dataset": "stages.build",
     "inspect_output": "stages.inspect",
+    "compare_reports": "stages.compare",
+    "KLEstimate": "kl_budget",
+    "KLBudgetCallback": "kl_budget",
+    "SampledKL": "kl_budget",
 }
 
 
