@@ -35,6 +35,7 @@ from .config import CTRLConfig, CTRLPointwiseConfig
 from .hub import HubError
 from .io import BUILD_INFO_FILE, DataError, read_build_info
 from .modeling import ModelLoadingConfig
+from .selection import SELECTORS
 from .trainer import TrainingDataError
 
 __all__ = ["ModelArguments", "RecipeConfig", "RecipeError", "parse_recipe_args", "run_recipe", "main"]
@@ -90,7 +91,13 @@ class RecipeConfig:
         "help": "Train on completions cut at max_new_tokens too (their EOS was never sampled)."})
     eval_n: list[int] = field(default_factory=lambda: [1, 2, 4], metadata={"help": "N values evaluated."})
     eval_selectors: list[str] = field(default_factory=lambda: ["bon", "won"], metadata={
-        "help": "Selectors evaluated (bon, won, soft_bon, rbon, itp, tsallis, bot)."})
+        "help": f"Selectors evaluated ({', '.join(SELECTORS)})."})
+    eval_policy_samples: int = field(default=16, metadata={
+        "help": "m, policy samples per evaluation prompt (≥ max(eval_n)); every win rate is the U-statistic over "
+                "all N-subsets of the m and M samples (docs/evaluation.md)."})
+    eval_reference_samples: int = field(default=16, metadata={
+        "help": "M, reference samples per evaluation prompt (≥ max(eval_n)), drawn once into "
+                "<output_dir>/eval_reference_pool and reused from there."})
     push_dataset: bool = field(default=False, metadata={"help": "With --push_to_hub, also push the built dataset."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a run folder that holds another config."})
 
@@ -103,6 +110,17 @@ class RecipeConfig:
                      "kl_eval_prompts", "kl_eval_samples", "kl_every_n_steps"):
             if getattr(self, name) < 1:
                 raise RecipeError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if not self.eval_n or any(int(n) != n or n < 1 for n in self.eval_n):
+            raise RecipeError(f"eval_n must be positive integers, got {self.eval_n}")
+        unknown = [name for name in self.eval_selectors if name not in SELECTORS]
+        if unknown:
+            raise RecipeError(f"unknown eval_selectors {unknown}; choose from {', '.join(SELECTORS)}")
+        least = max(max(self.eval_n), 2)
+        for name in ("eval_policy_samples", "eval_reference_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < least:
+                raise RecipeError(f"{name} must be an integer ≥ max(eval_n) = {max(self.eval_n)} (and ≥ 2), "
+                                  f"got {value}")
         if self.num_samples < 2:
             raise RecipeError(f"num_samples (K) must be ≥ 2, got {self.num_samples}")
         if not (self.kl_budget > 0 and math.isfinite(self.kl_budget)):
@@ -408,7 +426,9 @@ def run_recipe(recipe: RecipeConfig, model_args, training_args: CTRLConfig,
                         adapter=str(adapter_dir), n=tuple(recipe.eval_n), selectors=tuple(recipe.eval_selectors),
                         max_new_tokens=recipe.max_new_tokens, seed=training_args.seed,
                         train_data=str(data_dir), transform=build_info["transform"], t=build_info["t"],
-                        build_info=build_info)
+                        build_info=build_info, policy_samples=recipe.eval_policy_samples,
+                        reference_samples=recipe.eval_reference_samples,
+                        reference_pool=run_dir / "eval_reference_pool")
     report = json.loads((eval_dir / "report.json").read_text())
     if not report.get("build"):  # a report written before evaluate recorded the build
         report["build"] = {k: build_info.get(k) for k in BUILD_REPORT_KEYS}

@@ -58,10 +58,17 @@ def test_offline_hub_dataset_says_how_to_use_a_local_copy():
 
 def test_yaml_and_command_line_overrides_and_unknown_keys(tmp_path):
     recipe, model, training = parse_recipe_args(["--config", str(TINY_WON), "--output_dir", str(tmp_path),
-                                                 "--learning_rate", "0.01", "--eval_n", "1", "8"])
+                                                 "--learning_rate", "0.01", "--eval_n", "1", "8",
+                                                 "--eval_policy_samples", "8", "--eval_reference_samples", "10"])
     assert (recipe.inference, recipe.transform, recipe.dataset_subsets) == ("won", "negexp", ["harmless-base"])
     assert model.model_name_or_path == "embedded:smollm2" and model.load_in_4bit is False
     assert training.learning_rate == 0.01 and recipe.eval_n == [1, 8]  # the command line wins over the file
+    assert (recipe.eval_policy_samples, recipe.eval_reference_samples) == (8, 10)
+    # The tiny config's 4 evaluation samples per side cannot hold N = 8.
+    with pytest.raises(RecipeError, match=r"eval_policy_samples must be an integer ≥ max\(eval_n\) = 8"):
+        parse_recipe_args(["--config", str(TINY_WON), "--eval_n", "1", "8"])
+    with pytest.raises(RecipeError, match=r"unknown eval_selectors \['tsallis'\]; choose from bon, won"):
+        parse_recipe_args(["--config", str(TINY_WON), "--eval_selectors", "bon", "tsallis"])
     bad = tmp_path / "bad.yaml"
     bad.write_text(TINY_BON.read_text() + "lerning_rate: 0.1\n")
     with pytest.raises(RecipeError, match=r"unknown config key 'lerning_rate' in .*bad.yaml; did you mean 'learning_rate'\?"):
@@ -83,6 +90,9 @@ def test_recipe_runs_end_to_end_then_resumes_and_guards_its_folder(tiny_chat_mod
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     report = json.loads((out / "eval" / "report.json").read_text())
     assert {(r["selector"], r["n"]) for r in report["win_rates"]} == {(s, n) for s in ("bon", "won") for n in (1, 2, 4)}
+    # The powered evaluation: m = M = 4 (the tiny config), the reference drawn once into the run's pool.
+    assert {(r["policy_samples"], r["reference_samples"]) for r in report["win_rates"]} == {(4, 4)}
+    assert (out / "eval_reference_pool").is_dir()
     build = json.loads((out / "data" / "ctrl_build.json").read_text())
     assert build["transform"] == "exp"  # planned for BoN-4
     assert report["prompts"]["overlap_with_training"] == 0
