@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--lam", type=_positive_float, default=0.1, help="λ of soft-BoN and Best-of-Tails")
     ev.add_argument("--beta", type=_positive_float, default=0.1, help="β of RBoN and ITP")
     ev.add_argument("--kappa0", type=_positive_float, default=0.1, help="κ₀ of Best-of-Tails")
-    ev.add_argument("--train-data", help="training set, to warn about evaluation prompts seen in training")
+    ev.add_argument("--train-data", help="training set, to warn about evaluation prompts seen in training; a "
+                    "`ctrl-data build` folder's transform, t and β are recorded in the report")
     ev.add_argument("--policy-samples", type=_positive_int, metavar="M_POLICY",
                     help="samples per prompt from the policy, ≥ max(N) (default max(N))")
     ev.add_argument("--reference-samples", type=_positive_int, metavar="M_REF",
@@ -312,14 +313,20 @@ def _run_build(args) -> int:
 
 
 def _run_eval(args) -> int:
+    from ctrl_offline.io import read_build_info
     from ctrl_offline.stages.evaluate import evaluate_policy
 
+    # A training set built by `ctrl-data build` records its transform, t and β (ctrl_build.json): the
+    # report keeps them under "build" (and "transform"), as the recipe's evaluation does.
+    build_info = read_build_info(args.train_data) if args.train_data else None
     result = evaluate_policy(args.prompts, args.out, args.model, args.reward, adapter=args.adapter, n=tuple(args.n),
                              selectors=tuple(args.selectors), column=args.column, limit=args.limit,
                              max_new_tokens=args.max_new_tokens, lam=args.lam, beta=args.beta, kappa0=args.kappa0,
                              seed=args.seed, train_data=args.train_data, overwrite=args.overwrite,
                              policy_samples=args.policy_samples, reference_samples=args.reference_samples,
-                             reference_pool=args.reference_pool,
+                             reference_pool=args.reference_pool, build_info=build_info,
+                             transform=None if build_info is None else build_info.get("transform"),
+                             t=None if build_info is None else build_info.get("t"),
                              **({} if args.max_subsets is None else {"max_subsets": args.max_subsets}))
     report = result.report
     print(f"KL(π‖π_ref) ≈ {report['kl']['value']:.4f}   standard win rate {report['standard_win_rate']['value']:.3f}"

@@ -221,3 +221,37 @@ def test_plan_simulates_raw_reward_selectors_on_tables(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["inference"] == "bot" and len(result["rows"]) == 4
     assert all(0.5 < r["win_rate"] < 1 for r in result["rows"])
+
+
+def test_eval_records_the_build_of_its_training_data(tmp_path, capsys, monkeypatch):
+    """`ctrl-data eval --train-data <build folder>` passes the folder's ctrl_build.json on, so the report's "build"
+    is filled in (it was null); without --train-data, or with a training set that has none, no build is passed."""
+    import ctrl_offline.stages.evaluate as evaluate
+    from ctrl_offline.io import BUILD_INFO_FILE
+
+    calls = []
+
+    def fake_evaluate_policy(prompts, out, model, reward, **kwargs):
+        calls.append(kwargs)
+        win = {"selector": "bon", "n": 1, "value": 0.5, "ci_low": 0.4, "ci_high": 0.6}
+        report = {"kl": {"value": 0.0}, "standard_win_rate": win, "policy_samples": 2, "reference_samples": 2,
+                  "win_rates": [win], "reference_pool": None}
+        return evaluate.EvalResult(tmp_path / "out", report)
+
+    monkeypatch.setattr(evaluate, "evaluate_policy", fake_evaluate_policy)
+    build = {"transform": "exp", "t": 12.5, "beta": 0.31, "phi_scale": 2.0, "unscaled_beta": 0.62, "num_rows": 10}
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / BUILD_INFO_FILE).write_text(json.dumps(build))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    base = ["eval", tmp_path / "prompts.jsonl", "--model", "m", "--reward", "r", "--out", tmp_path / "out", "--n", "1"]
+    for extra in (["--train-data", data], [], ["--train-data", plain]):
+        code, out, err = run_cli(*base, *extra, capsys=capsys)
+        assert code == 0, err
+    with_build, without, no_metadata = calls
+    assert {k: with_build["build_info"][k] for k in build} == build
+    assert (with_build["transform"], with_build["t"]) == ("exp", 12.5)
+    assert with_build["train_data"] == str(data)
+    for kwargs in (without, no_metadata):
+        assert kwargs["build_info"] is None and kwargs["transform"] is None and kwargs["t"] is None
