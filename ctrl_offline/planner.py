@@ -141,11 +141,22 @@ def solve_trained_beta(transform: Transform | str, kl: float, k: int, estimator:
     """The raw-Φ β at which the tilt ``estimator`` trains from K samples per prompt has KL ``kl``."""
     transform, kl = get_transform(transform), _check_budget(kl)
 
-    def unreachable(lo: float) -> ValueError:
-        reach = trained_tilt(transform, math.exp(lo), k, estimator).kl()
+    def unreachable(lo: float | None = None) -> ValueError:
+        if estimator.loss == "weighted_sft":
+            # As β → 0 the weights pile onto each prompt's top sample: the tilt tends to best-of-K, whose
+            # KL log K − (K−1)/K bounds it (the numeric KL at tiny β underflows, reading ~0).
+            reach = math.log(k) - (k - 1) / k
+            why = f"it saturates at best-of-K's KL, log K − (K−1)/K = {reach:.3g} nats"
+        else:
+            reach = trained_tilt(transform, math.exp(lo), k, estimator).kl()
+            why = f"it saturates near {reach:.3g} nats"
         return ValueError(f"KL budget {kl:g} is out of reach for {transform.spec} trained by {estimator.loss} at "
-                          f"K={k} (it saturates near {reach:.3g} nats); lower the budget or raise K")
+                          f"K={k} ({why}); lower the budget or raise K")
 
+    if estimator.loss == "weighted_sft" and kl >= math.log(k) - (k - 1) / k:
+        # Above best-of-K's KL there is no root; refuse before the bracket search meets the tilt's KL
+        # computed at underflowing β (spurious values there would pass for one).
+        raise unreachable()
     # The K = ∞ β is a good centre: finite K changes KL by tens of percent, not orders of magnitude.
     return _root_in_log_beta(
         lambda log_beta: trained_tilt(transform, math.exp(log_beta), k, estimator).kl() - kl,

@@ -101,6 +101,20 @@ def test_weighted_sft_with_cell_targets_is_best_of_n_over_the_k_samples():
     np.testing.assert_allclose(np.exp(tilt.log_density(c)), expected, rtol=1e-9)
 
 
+@pytest.mark.parametrize("k", [4, 8])
+def test_weighted_sft_out_of_reach_quotes_best_of_k_kl(k):
+    # Weighted SFT tends to best-of-K as β → 0, so its KL is bounded by best-of-K's, log K − (K−1)/K
+    # (0.636 nats at K = 4, 1.204 at K = 8); the refusal quotes that bound, not the ~0 of an underflowed tilt.
+    saturation = np.log(k) - (k - 1) / k
+    assert trained_tilt("exp:12", 1e-2, k, Estimator("weighted_sft")).kl() == pytest.approx(saturation, abs=1e-6)
+    with pytest.raises(ValueError, match=rf"trained by weighted_sft at K={k} \(it saturates at best-of-K's KL, "
+                                         rf"log K − \(K−1\)/K = {saturation:.3g} nats\); lower the budget"):
+        solve_trained_beta("exp:12", saturation + 0.5, k, Estimator("weighted_sft"))
+    # Just below the bound a β exists and is found.
+    beta = solve_trained_beta("exp:12", saturation - 0.02, k, Estimator("weighted_sft"))
+    assert trained_tilt("exp:12", beta, k, Estimator("weighted_sft")).kl() == pytest.approx(saturation - 0.02, abs=1e-6)
+
+
 @pytest.mark.parametrize("loss", ["dpo", "ipo", "pointwise"])
 def test_large_k_approaches_the_exact_tilt(loss):
     spec, beta = "exp:5", 30.0
