@@ -51,6 +51,7 @@ __all__ = [
     "quantile_cells",
     "sample_from_model",
     "response_index",
+    "sequence_logprobs",
 ]
 
 PAD, EOS = "<pad>", "<eos>"
@@ -308,6 +309,8 @@ class ExactMetrics:
     bon_win_rate: dict
     won_win_rate: dict
     num_prompts: int
+    #: The same figures prompt by prompt (lists): ``kl``, ``standard``, ``bon{N}``, ``won{N}``.
+    per_prompt: dict
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -348,9 +351,12 @@ def exact_metrics(policy_logp: np.ndarray, reference_logp: np.ndarray, rewards: 
             bon[n].append(_best_of_n_win(pv, qv, n))
             # The worst of N beats the other worst of N iff it loses under the reversed order.
             won[n].append(1.0 - _best_of_n_win(pv[::-1], qv[::-1], n))
+    per_prompt = {"kl": kls, "standard": standard, **{f"bon{n}": v for n, v in bon.items()},
+                  **{f"won{n}": v for n, v in won.items()}}
     return ExactMetrics(kl=float(np.mean(kls)), standard_win_rate=float(np.mean(standard)),
                         bon_win_rate={n: float(np.mean(v)) for n, v in bon.items()},
-                        won_win_rate={n: float(np.mean(v)) for n, v in won.items()}, num_prompts=len(rewards))
+                        won_win_rate={n: float(np.mean(v)) for n, v in won.items()}, num_prompts=len(rewards),
+                        per_prompt=per_prompt)
 
 
 def quantile_cells(reference_logp: np.ndarray, rewards: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -424,7 +430,7 @@ class ExactKL:
 
 @torch.no_grad()
 def sample_from_model(model, tokenizer, language: SyntheticLanguage, prompts: list[str], k: int, seed: int = 0,
-                      batch_size: int = 4096) -> np.ndarray:
+                      batch_size: int = 4096, max_rounds: int = 50) -> np.ndarray:
     """K responses per prompt drawn from the model's normalised response distribution, as symbols.
 
     Ancestral sampling from the full softmax (temperature 1, nothing truncated); a draw that is
@@ -440,8 +446,13 @@ def sample_from_model(model, tokenizer, language: SyntheticLanguage, prompts: li
     prompt_ids = torch.tensor([tokenizer(p)["input_ids"] for p in prompts])
     out = np.empty((len(prompts), k, length), dtype=np.int64)
     todo = np.array([(i, j) for i in range(len(prompts)) for j in range(k)])
+    rounds = 0
     try:
         while len(todo):
+            rounds += 1
+            if rounds > max_rounds:
+                raise RuntimeError(f"{len(todo)} of {len(prompts) * k} draws still invalid after {max_rounds} rounds: "
+                                   "the model rarely writes `length` response symbols then EOS (is it pretrained?)")
             kept = []
             for chunk in np.array_split(todo, max(1, -(-len(todo) // batch_size))):
                 ids = prompt_ids[chunk[:, 0]]
@@ -464,3 +475,32 @@ def response_index(language: SyntheticLanguage, symbols: np.ndarray) -> np.ndarr
     """Row index in :meth:`SyntheticLanguage.responses` of responses given as symbols (..., length)."""
     weights = language.vocab ** np.arange(language.length - 1, -1, -1)
     return np.asarray(symbols) @ weights
+
+
+@torch.no_grad()
+def sequence_logprobs(model, tokenizer, language: SyntheticLanguage, prompts: list[str], symbols: np.ndarray,
+                      batch_size: int = 4096) -> np.ndarray:
+    """log P(y, EOS | x) under the model's full softmax (unnormalised: what the trainers compute), (prompts, K).
+
+    ``symbols`` has shape (prompts, K, length), as :func:`sample_from_model` returns it.
+    """
+    offset = tokenizer.convert_tokens_to_ids("r0")
+    symbols = np.asarray(symbols)
+    prompt_ids = torch.tensor([tokenizer(p)["input_ids"] for p in prompts])
+    ids = torch.cat([prompt_ids[:, None, :].expand(-1, symbols.shape[1], -1),
+                     torch.as_tensor(symbols) + offset,
+                     torch.full(symbols.shape[:2] + (1,), tokenizer.eos_token_id)], dim=2).reshape(
+        -1, prompt_ids.shape[1] + language.length + 1)
+    start = prompt_ids.shape[1]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    try:
+        for chunk in ids.split(batch_size):
+            chunk = chunk.to(device)
+            logps = torch.log_softmax(model(input_ids=chunk[:, :-1], use_cache=False).logits.float(), dim=-1)
+            out.append(logps[:, start - 1:].gather(-1, chunk[:, start:].unsqueeze(-1)).sum(dim=(1, 2)).double().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out).numpy().reshape(symbols.shape[:2])

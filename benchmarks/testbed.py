@@ -1,0 +1,413 @@
+"""The exact LM testbed: does CTRL beat best-vs-worst DPO at matched KL, measured without noise?
+
+    python benchmarks/testbed.py --quick --json          # ≤ 5 min on 2 cores: oracle + one method
+    python benchmarks/testbed.py --out runs/testbed      # the comparison (resumable), table for docs/results.md
+
+A tiny Llama pretrained on a synthetic language is π_ref; every response of every evaluation
+prompt is enumerated (ctrl_offline.lm_testbed), so KL(π‖π_ref) and the BoN-4 / WoN-4 / standard
+win rates are exact. Two parts:
+
+1. **Oracle** — the planner's tilt (K = ∞, and the K-aware plan: the tilt soft-label DPO trains from
+   K samples) put on each prompt's responses by its exact quantile cells: its exact KL and win rate
+   against the plan's (must agree to 0.005).
+2. **Trained methods** — the library's own pipeline: K reference samples per training prompt,
+   calibrated (``calibrate_scored``) and built (``build_dataset``, K-aware plan), trained with
+   ``CTRLTrainer``; the baseline is TRL's ``DPOTrainer`` on each prompt's raw best vs worst sample.
+   Every run is held to its KL budget by ``KLBudgetCallback`` with the exact KL of the evaluation
+   prompts, then measured exactly. Paired differences against the baseline (same K, budget, seed and
+   reference samples) get a 95% bootstrap interval over seeds and prompts.
+
+Decision rule (stated before any run): at matched KL, a gap of ≥ 3 points (0.03) with the 95%
+interval excluding 0 shows the effect; a gap ≤ 1 point with the interval's upper end below 3 points
+refutes it; anything else is inconclusive.
+
+Every stage is cached under ``--out`` (the pretrained reference, reference samples, each run's
+result), so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DECISION_RULE = ("a gap of >= 3 points with the 95% interval excluding 0 shows the effect; <= 1 point with the "
+                 "upper end below 3 points refutes it; anything else is inconclusive")
+
+#: method → how its training set is made and trained.
+METHODS = {
+    "raw_bvw_dpo": dict(kind="bvw", inference=None),
+    "calib_identity": dict(kind="ctrl", transform="identity", inference="bon"),
+    "ctrl_exp_bon": dict(kind="ctrl", transform="exp", inference="bon"),
+    "ctrl_negexp_won": dict(kind="ctrl", transform="negexp", inference="won"),
+}
+
+SIZES = {
+    "quick": dict(pretrain_steps=300, per_prompt=32, train_prompts=128, eval_prompts=8, k=[8], kl=[0.5], seeds=[0],
+                  methods=["ctrl_exp_bon"], oracle_kl=[0.5]),
+    "full": dict(pretrain_steps=600, per_prompt=64, train_prompts=384, eval_prompts=16, k=[8, 32],
+                 kl=[0.25, 0.5, 1.0], seeds=[0, 1, 2], methods=list(METHODS), oracle_kl=[0.25, 0.5, 1.0]),
+}
+
+
+@dataclass
+class Setup:
+    language: object
+    reward: object
+    model: object
+    tokenizer: object
+    train_prompts: list
+    eval_prompts: list
+    ref_logp: np.ndarray
+    eval_rewards: np.ndarray
+    valid_mass: np.ndarray
+    pretrain_seconds: float
+    path: Path
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def prepare(out: Path, size: dict, ties: bool = False) -> Setup:
+    """The language, π_ref (pretrained once, cached), the prompt split and π_ref's exact log-probs."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ctrl_offline.lm_testbed import Reward, SyntheticLanguage, pretrain_reference, response_logprobs
+
+    language = SyntheticLanguage()
+    reward = Reward(language, ties=ties)
+    ref_dir = out / f"reference_{size['pretrain_steps']}"
+    seconds = 0.0
+    if (ref_dir / "config.json").exists():
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(ref_dir), AutoTokenizer.from_pretrained(ref_dir)
+        seconds = json.loads((ref_dir / "pretrain.json").read_text())["seconds"]
+    else:
+        _log(f"pretraining π_ref ({size['pretrain_steps']} steps)")
+        model, tokenizer, seconds = pretrain_reference(language, steps=size["pretrain_steps"],
+                                                       per_prompt=size["per_prompt"])
+        model.save_pretrained(ref_dir)
+        tokenizer.save_pretrained(ref_dir)
+        (ref_dir / "pretrain.json").write_text(json.dumps({"seconds": seconds}))
+    model.eval()
+    train_prompts, eval_prompts = language.split_prompts(size["train_prompts"], size["eval_prompts"])
+    cache = ref_dir / f"ref_logp_{size['eval_prompts']}.npz"
+    if cache.exists():
+        data = np.load(cache)
+        ref_logp, valid = data["logp"], data["valid"]
+    else:
+        ref_logp, valid = response_logprobs(model, tokenizer, language, eval_prompts)
+        np.savez(cache, logp=ref_logp, valid=valid)
+    torch.manual_seed(0)
+    return Setup(language, reward, model, tokenizer, train_prompts, eval_prompts, ref_logp,
+                 reward.table(eval_prompts), valid, seconds, ref_dir)
+
+
+def _transform_spec(row) -> str:
+    return row.transform if row.t is None else f"{row.transform}:{row.t}"
+
+
+def oracle(setup: Setup, kls, ks, n: int = 4) -> list[dict]:
+    """Planned vs exact KL and win rate of the exactly tilted policies, K = ∞ and K-aware."""
+    from ctrl_offline.finite_k import ideal_tilt, trained_tilt
+    from ctrl_offline.lm_testbed import exact_metrics, tilted_policy
+    from ctrl_offline.planner import plan
+
+    rows = []
+    cases = [("bon", "identity"), ("bon", "exp"), ("won", "identity"), ("won", "negexp")]
+    for kl in kls:
+        for k in [None, *ks]:
+            for inference, family in cases:
+                p = plan(inference, n, kl, families=(family,), k=k, loss="dpo", strategy="all")
+                if not p.rows:
+                    continue
+                row = p.rows[0]
+                spec = _transform_spec(row)
+                tilt = ideal_tilt(spec, row.beta) if k is None else trained_tilt(spec, row.beta, k, p.estimator)
+                m = exact_metrics(tilted_policy(setup.ref_logp, setup.eval_rewards, tilt.log_density),
+                                  setup.ref_logp, setup.eval_rewards, n_values=(n,))
+                exact = m.bon_win_rate[n] if inference == "bon" else m.won_win_rate[n]
+                rows.append(dict(inference=inference, n=n, transform=row.transform, t=row.t, beta=row.beta,
+                                 k=k, planned_kl=row.kl, exact_kl=m.kl, planned_win_rate=row.win_rate,
+                                 exact_win_rate=exact,
+                                 ok=abs(exact - row.win_rate) <= 0.005 and abs(m.kl - row.kl) <= 0.005))
+    return rows
+
+
+def reference_samples(out: Path, setup: Setup, k: int, seed: int) -> Path:
+    """K samples per training prompt from π_ref with their rewards, as a scored Parquet file (cached)."""
+    import pyarrow as pa
+
+    from ctrl_offline.io import write_parquet
+    from ctrl_offline.lm_testbed import sample_from_model, sequence_logprobs
+
+    path = out / "samples" / f"K{k}_seed{seed}" / "scored.parquet"
+    if path.exists():
+        return path
+    symbols = sample_from_model(setup.model, setup.tokenizer, setup.language, setup.train_prompts, k, seed=seed)
+    # Stored reference log-probs (response + EOS, as the trainers score them): no reference pass at training.
+    ref_logps = sequence_logprobs(setup.model, setup.tokenizer, setup.language, setup.train_prompts, symbols)
+    rows = {"prompt_id": [], "prompt": [], "completion": [], "sample_idx": [], "reward": [], "finished": [],
+            "ref_logp": [], "completion_ids": []}
+    offset, eos = setup.tokenizer.convert_tokens_to_ids("r0"), setup.tokenizer.eos_token_id
+    for prompt, draws, logps in zip(setup.train_prompts, symbols, ref_logps):
+        rewards = setup.reward(prompt, draws)
+        for j, (y, r, lp) in enumerate(zip(draws, rewards, logps)):
+            rows["ref_logp"].append(float(lp))
+            rows["completion_ids"].append([offset + int(s) for s in y] + [eos])
+            rows["prompt_id"].append(prompt)
+            rows["prompt"].append(prompt)
+            rows["completion"].append(setup.language.response_text(y))
+            rows["sample_idx"].append(j)
+            rows["reward"].append(float(r))
+            rows["finished"].append(True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_parquet(pa.table(rows), path, metadata={"stage": "score", "reference_model": str(setup.path),
+                                                  "reward_model": "lm_testbed"})
+    return path
+
+
+def _bvw_dataset(scored: Path):
+    """Each prompt's raw best vs worst sample (prompts whose samples all tie are left out)."""
+    import datasets
+    import pandas as pd
+
+    frame = pd.read_parquet(scored)
+    rows = {"prompt": [], "chosen": [], "rejected": []}
+    for _, group in frame.groupby("prompt_id", sort=False):
+        best, worst = group["reward"].idxmax(), group["reward"].idxmin()
+        if group.loc[best, "reward"] > group.loc[worst, "reward"]:
+            rows["prompt"].append(group.loc[best, "prompt"])
+            rows["chosen"].append(group.loc[best, "completion"])
+            rows["rejected"].append(group.loc[worst, "completion"])
+    return datasets.Dataset.from_dict(rows)
+
+
+def train_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: int, args) -> dict:
+    """One method at one (K, KL budget, seed): build, train held to the budget, measure exactly."""
+    import copy
+
+    import datasets
+    import torch
+    from trl import DPOConfig, DPOTrainer
+
+    from ctrl_offline.config import CTRLConfig
+    from ctrl_offline.kl_budget import KLBudgetCallback
+    from ctrl_offline.lm_testbed import ExactKL, exact_metrics, response_logprobs
+    from ctrl_offline.stages.build import build_dataset
+    from ctrl_offline.stages.calibrate import calibrate_scored
+    from ctrl_offline.trainer import CTRLTrainer
+
+    spec = METHODS[method]
+    run_dir = out / "runs" / f"{method}_K{k}_kl{kl:g}_seed{seed}"
+    result_path = run_dir / "result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    start = time.perf_counter()
+    scored = reference_samples(out, setup, k, seed)
+    planned = {}
+    common = dict(output_dir=str(run_dir / "trainer"), use_cpu=True, report_to="none", save_strategy="no",
+                  logging_steps=10, per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
+                  num_train_epochs=args.epochs, max_steps=args.max_steps, lr_scheduler_type="constant",
+                  gradient_checkpointing=False, seed=seed, disable_tqdm=True, max_length=None,
+                  dataloader_num_workers=0)
+    if spec["kind"] == "bvw":
+        train = _bvw_dataset(scored)
+        config = DPOConfig(beta=args.bvw_beta, bf16=False, **common)
+        trainer_cls = DPOTrainer
+    else:
+        calibrated = run_dir.parent.parent / "samples" / f"K{k}_seed{seed}" / "calibrated"
+        if not calibrated.exists():
+            calibrate_scored(scored, calibrated)
+        build = build_dataset(calibrated, run_dir / "build", format="pairs", transform=spec["transform"],
+                              inference=spec["inference"], n=4, kl=kl, strategy="sampled",
+                              pairs_per_prompt=args.pairs_per_prompt, loss="dpo", seed=seed, overwrite=True)
+        info = json.loads((run_dir / "build" / "ctrl_build.json").read_text())
+        row = info["planner"]["row"]
+        planned = dict(transform=row["transform"], t=row["t"], beta=build.beta, unscaled_beta=row["beta"],
+                       planned_kl=row["kl"], planned_win_rate=row["win_rate"], plan_k=info["k"])
+        train = datasets.load_from_disk(str(run_dir / "build"))
+        config = CTRLConfig(ctrl_loss="dpo", bf16=False, **common)
+        trainer_cls = CTRLTrainer
+    model = copy.deepcopy(setup.model)
+    torch.manual_seed(seed)
+    callback = KLBudgetCallback(kl, ExactKL(setup.tokenizer, setup.language, setup.eval_prompts, setup.ref_logp),
+                                every_n_steps=args.kl_every, tolerance=args.kl_tolerance)
+    trainer = trainer_cls(model=model, args=config, train_dataset=train, processing_class=setup.tokenizer,
+                          callbacks=[callback])
+    trainer.train()
+    logp, valid = response_logprobs(model, setup.tokenizer, setup.language, setup.eval_prompts)
+    metrics = exact_metrics(logp, setup.ref_logp, setup.eval_rewards, n_values=(4,))
+    result = dict(method=method, k=k, kl_budget=kl, seed=seed, **planned, reached=callback.reached,
+                  steps=int(trainer.state.global_step), rows=len(train), exact_kl=metrics.kl,
+                  bon4=metrics.bon_win_rate[4], won4=metrics.won_win_rate[4], standard=metrics.standard_win_rate,
+                  valid_mass=float(valid.mean()), per_prompt=metrics.per_prompt,
+                  kl_history=callback.history, seconds=time.perf_counter() - start)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result_path.write_text(json.dumps(result, indent=1, default=float))
+    return result
+
+
+def paired(results: list[dict], method: str, baseline: str, metric: str, k: int, kl: float,
+           num_boot: int = 4000) -> dict | None:
+    """Mean of method − baseline over seeds and prompts, with a two-stage bootstrap (seeds, then prompts)."""
+    by_seed = {}
+    for r in results:
+        if r["k"] == k and r["kl_budget"] == kl and r["method"] in (method, baseline):
+            by_seed.setdefault(r["seed"], {})[r["method"]] = np.asarray(r["per_prompt"][metric])
+    diffs = [d[method] - d[baseline] for d in by_seed.values() if method in d and baseline in d]
+    if not diffs:
+        return None
+    diffs = np.stack(diffs)  # (seeds, prompts)
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, len(diffs), size=(num_boot, len(diffs)))
+    p = rng.integers(0, diffs.shape[1], size=(num_boot, diffs.shape[1]))
+    boots = np.array([diffs[s[b]][:, p[b]].mean() for b in range(num_boot)])
+    low, high = np.quantile(boots, [0.025, 0.975])
+    gap = float(diffs.mean())
+    if gap >= 0.03 and low > 0:
+        verdict = "shows the effect"
+    elif abs(gap) <= 0.01 and high < 0.03:
+        verdict = "refutes it"
+    else:
+        verdict = "inconclusive"
+    return dict(method=method, baseline=baseline, metric=metric, k=k, kl=kl, seeds=len(diffs), difference=gap,
+                ci_low=float(low), ci_high=float(high), verdict=verdict)
+
+
+def comparisons(results: list[dict]) -> list[dict]:
+    rows = []
+    targets = {"ctrl_exp_bon": "bon4", "calib_identity": "bon4", "ctrl_negexp_won": "won4"}
+    for k in sorted({r["k"] for r in results}):
+        for kl in sorted({r["kl_budget"] for r in results}):
+            for method, metric in targets.items():
+                row = paired(results, method, "raw_bvw_dpo", metric, k, kl)
+                if row:
+                    rows.append(row)
+            row = paired(results, "ctrl_exp_bon", "calib_identity", "bon4", k, kl)
+            if row:
+                rows.append(row)
+    return rows
+
+
+def format_oracle(rows: list[dict]) -> str:
+    lines = ["| procedure | transform | K | planned KL | exact KL | planned win | exact win | within 0.005 |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        t = r["transform"] + (f" t={r['t']:.3g}" if r["t"] is not None else "")
+        lines.append(f"| {r['inference']}-{r['n']} | {t} | {r['k'] or '∞'} | {r['planned_kl']:.3f} | "
+                     f"{r['exact_kl']:.4f} | {r['planned_win_rate']:.4f} | {r['exact_win_rate']:.4f} | "
+                     f"{'yes' if r['ok'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def format_runs(results: list[dict]) -> str:
+    lines = ["| method | K | KL budget | seeds | exact KL | planned win | BoN-4 | WoN-4 | standard | steps |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    keys = sorted({(r["method"], r["k"], r["kl_budget"]) for r in results}, key=lambda x: (x[1], x[2], x[0]))
+    for method, k, kl in keys:
+        rs = [r for r in results if (r["method"], r["k"], r["kl_budget"]) == (method, k, kl)]
+        planned = [r["planned_win_rate"] for r in rs if "planned_win_rate" in r]
+        lines.append(f"| {method} | {k} | {kl:g} | {len(rs)} | {np.mean([r['exact_kl'] for r in rs]):.3f} | "
+                     f"{np.mean(planned):.3f} | " if planned else
+                     f"| {method} | {k} | {kl:g} | {len(rs)} | {np.mean([r['exact_kl'] for r in rs]):.3f} | – | ")
+        lines[-1] += (f"{np.mean([r['bon4'] for r in rs]):.3f} | {np.mean([r['won4'] for r in rs]):.3f} | "
+                      f"{np.mean([r['standard'] for r in rs]):.3f} | {np.mean([r['steps'] for r in rs]):.0f} |")
+    return "\n".join(lines)
+
+
+def format_comparisons(rows: list[dict]) -> str:
+    lines = ["| K | KL | method − baseline | metric | seeds | difference [95% CI] | verdict |",
+             "|---:|---:|---|---|---:|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['k']} | {r['kl']:g} | {r['method']} − {r['baseline']} | {r['metric']} | {r['seeds']} | "
+                     f"{r['difference']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {r['verdict']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="oracle + one trained method, ≤ 5 min on 2 cores")
+    parser.add_argument("--out", type=Path, default=Path("runs/testbed"))
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--k", type=int, nargs="+", help="reference samples per training prompt")
+    parser.add_argument("--kl", type=float, nargs="+", help="KL budgets")
+    parser.add_argument("--seeds", type=int, nargs="+")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS))
+    parser.add_argument("--ties", action="store_true", help="the reward variant with ties")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--epochs", type=float, default=20)
+    parser.add_argument("--max-steps", type=int, default=400)
+    parser.add_argument("--pairs-per-prompt", type=int, default=8)
+    parser.add_argument("--bvw-beta", type=float, default=0.1, help="β of the best-vs-worst DPO baseline")
+    parser.add_argument("--kl-every", type=int, default=10, help="steps between exact KL checks")
+    parser.add_argument("--kl-tolerance", type=float, default=0.01)
+    parser.add_argument("--skip-oracle", action="store_true")
+    args = parser.parse_args(argv)
+    size = dict(SIZES["quick" if args.quick else "full"])
+    for key in ("k", "kl", "seeds", "methods"):
+        if getattr(args, key):
+            size[key] = getattr(args, key)
+    if args.quick and not args.methods:
+        size["methods"] = SIZES["quick"]["methods"]
+    logging.basicConfig(level=logging.WARNING)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    out = args.out / ("ties" if args.ties else "tie_free")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"Decision rule (fixed before the runs): {DECISION_RULE}.", file=sys.stderr)
+    started = time.perf_counter()
+    setup = prepare(out, size, ties=args.ties)
+    _log(f"π_ref ready: valid mass {setup.valid_mass.mean():.4f}, "
+         f"entropy {-(np.exp(setup.ref_logp) * setup.ref_logp).sum(1).mean():.2f} nats "
+         f"(uniform {np.log(setup.language.num_responses):.2f})")
+    report = {"decision_rule": DECISION_RULE, "size": size, "ties": args.ties,
+              "reference": {"pretrain_seconds": setup.pretrain_seconds, "valid_mass": float(setup.valid_mass.mean()),
+                            "responses_per_prompt": setup.language.num_responses,
+                            "eval_prompts": len(setup.eval_prompts), "train_prompts": len(setup.train_prompts)}}
+    if not args.skip_oracle:
+        report["oracle"] = oracle(setup, size["oracle_kl"], size["k"])
+        _log("oracle done")
+    results = []
+    for k in size["k"]:
+        for kl in size["kl"]:
+            for seed in size["seeds"]:
+                for method in size["methods"]:
+                    r = train_run(out, setup, method, k, kl, seed, args)
+                    _log(f"{method} K={k} KL={kl:g} seed={seed}: exact KL {r['exact_kl']:.3f}, "
+                         f"BoN-4 {r['bon4']:.3f}, WoN-4 {r['won4']:.3f} ({r['seconds']:.0f} s)")
+                    results.append(r)
+    report["runs"] = [{k: v for k, v in r.items() if k not in ("per_prompt", "kl_history")} for r in results]
+    report["comparisons"] = comparisons(results)
+    report["seconds"] = time.perf_counter() - started
+    if args.json:
+        print(json.dumps(report, indent=1, default=float))
+    else:
+        if "oracle" in report:
+            print("Oracle: exactly tilted policies vs the plan\n\n" + format_oracle(report["oracle"]) + "\n")
+        print("Trained methods, KL held by the callback (means over seeds)\n\n" + format_runs(results) + "\n")
+        if report["comparisons"]:
+            print("Paired differences at matched KL\n\n" + format_comparisons(report["comparisons"]) + "\n")
+        print(f"{report['seconds']:.0f} s")
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
