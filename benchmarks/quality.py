@@ -72,20 +72,27 @@ def write_prompts(path: Path, items) -> Path:
     return path
 
 
-def reference_data(out: Path, args):
-    """Sample → score → calibrate the training prompts (each stage resumable)."""
+def reference_data(out: Path, args, train_prompts=None, reward: str = "vader", backend: str = "transformers",
+                   batch_size: int = 8):
+    """Sample → score → calibrate the training prompts (each stage resumable).
+
+    ``train_prompts`` defaults to this experiment's (``TOPICS_TRAIN``, the first ``args.train_prompts``);
+    ``args`` needs ``model``, ``k`` and ``max_new_tokens``.
+    """
     from ctrl_offline.generation import SamplingConfig
     from ctrl_offline.stages._shards import is_complete
     from ctrl_offline.stages.calibrate import calibrate_scored
     from ctrl_offline.stages.sample import sample_prompts
     from ctrl_offline.stages.score import score_samples
 
-    source = write_prompts(out / "prompts" / "train.jsonl", prompts(TOPICS_TRAIN)[: args.train_prompts])
-    sampling = SamplingConfig(k=args.k, max_new_tokens=args.max_new_tokens, batch_size=8)
+    if train_prompts is None:
+        train_prompts = prompts(TOPICS_TRAIN)[: args.train_prompts]
+    source = write_prompts(out / "prompts" / "train.jsonl", train_prompts)
+    sampling = SamplingConfig(k=args.k, max_new_tokens=args.max_new_tokens, batch_size=batch_size)
     if not is_complete(out / "samples"):
-        sample_prompts(str(source), out / "samples", args.model, sampling=sampling, seed=0)
+        sample_prompts(str(source), out / "samples", args.model, sampling=sampling, seed=0, backend=backend)
     if not is_complete(out / "scored"):
-        score_samples(out / "samples", out / "scored", ["vader"])
+        score_samples(out / "samples", out / "scored", [reward])
     if not (out / "calibrated").exists():
         calibrate_scored(out / "scored", out / "calibrated")
     return out / "calibrated"
@@ -123,16 +130,40 @@ def evaluation_reference(out: Path, args):
     return eval_prompts, rewards
 
 
-def train(method: str, setting: float, calibrated: Path, run: Path, args) -> dict:
+def make_trainer(model_name: str, fmt: str, loss: str, data_dir: Path, train_dir: Path, *, callbacks=(),
+                 torch_dtype: str = "auto", **overrides):
+    """A LoRA (r 16, α 32, every projection) CTRL trainer on the training set in ``data_dir``.
+
+    ``overrides`` go to the trainer config (learning_rate, num_train_epochs or max_steps, batch
+    size, bf16, ...). No beta: the trainers read it from ``data_dir``'s ctrl_build.json (the β for
+    the rescaled Φ).
+    """
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
     from ctrl_offline.config import CTRLConfig, CTRLPointwiseConfig
     from ctrl_offline.embedded import resolve_model
-    from ctrl_offline.io import read_build_info
     from ctrl_offline.modeling import ModelLoadingConfig, load_policy
-    from ctrl_offline.stages.build import build_dataset
     from ctrl_offline.trainer import CTRLPointwiseTrainer, CTRLTrainer
+
+    model, lora = load_policy(ModelLoadingConfig(model_name, load_in_4bit=False, gradient_checkpointing=False,
+                                                 lora_r=16, lora_alpha=32, lora_dropout=0.0, torch_dtype=torch_dtype))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_name))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    common = dict(output_dir=str(train_dir), per_device_train_batch_size=8, logging_steps=4, save_strategy="no",
+                  report_to="none", seed=0, max_length=256, disable_tqdm=True)
+    common.update(overrides)
+    config_cls, trainer_cls = (CTRLConfig, CTRLTrainer) if fmt == "pairs" else (CTRLPointwiseConfig, CTRLPointwiseTrainer)
+    return trainer_cls(model, config_cls(ctrl_loss=loss, **common), load_from_disk(str(data_dir)),
+                       processing_class=tokenizer, peft_config=lora, callbacks=list(callbacks) or None)
+
+
+def train(method: str, setting: float, calibrated: Path, run: Path, args) -> dict:
+    from datasets import load_from_disk
+
+    from ctrl_offline.io import read_build_info
+    from ctrl_offline.stages.build import build_dataset
 
     build_kwargs, loss, fmt, sweep = METHODS[method]
     build_kwargs = dict(build_kwargs)
@@ -164,20 +195,8 @@ def train(method: str, setting: float, calibrated: Path, run: Path, args) -> dic
     info = read_build_info(run / "data")
     adapter = run / "adapter"
     if not (adapter / "adapter_config.json").exists():
-        model, lora = load_policy(ModelLoadingConfig(args.model, load_in_4bit=False, gradient_checkpointing=False,
-                                                     lora_r=16, lora_alpha=32, lora_dropout=0.0))
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
-        # No beta: the trainers read it from run/data's ctrl_build.json (the β for the rescaled Φ).
-        common = dict(output_dir=str(run / "train"), learning_rate=args.lr,
-                      num_train_epochs=args.epochs, per_device_train_batch_size=8, logging_steps=4,
-                      save_strategy="no", report_to="none", seed=0, max_length=256, disable_tqdm=True)
-        if fmt == "pairs":
-            trainer = CTRLTrainer(model, CTRLConfig(ctrl_loss=loss, **common), load_from_disk(str(run / "data")),
-                                  processing_class=tokenizer, peft_config=lora)
-        else:
-            trainer = CTRLPointwiseTrainer(model, CTRLPointwiseConfig(ctrl_loss=loss, **common),
-                                           load_from_disk(str(run / "data")), processing_class=tokenizer,
-                                           peft_config=lora)
+        trainer = make_trainer(args.model, fmt, loss, run / "data", run / "train", learning_rate=args.lr,
+                               num_train_epochs=args.epochs)
         trainer.train()
         trainer.save_model(str(adapter))
     return info

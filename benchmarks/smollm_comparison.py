@@ -1,0 +1,555 @@
+"""The real-model comparison (issue 15, item 6): CTRL vs raw best-vs-worst DPO vs calibrated identity on
+SmolLM2-135M-Instruct, at matched KL held by the callback, with a powered paired evaluation.
+
+  * reference model: the embedded SmolLM2-135M-Instruct (``embedded:smollm2``), all offline;
+  * reward: VADER compound sentiment with exact ties broken by a fixed per-text jitter (``vader_tiebroken``);
+  * prompts: templates × topics (benchmarks/prompts_topics.py); training, KL and evaluation topics disjoint;
+  * methods, each trained on the same reference samples and held by ``KLBudgetCallback`` + ``SampledKL`` (on
+    the KL prompts) to every KL budget:
+      raw_bvw_dpo      best vs. worst raw reward per prompt, hard-label DPO (β fixed, ``--dpo-beta``)
+      calib_identity   calibrated identity transform, K-aware plan for BoN-n at the budget, soft-label DPO
+      ctrl_exp_bon     CTRL: exp transform, K-aware plan for BoN-n, soft-label DPO
+      ctrl_negexp_won  CTRL: negexp transform, K-aware plan for WoN-n, soft-label DPO (opt in: --methods)
+  * evaluation: the library's eval stage, m policy samples per prompt against a reference pool of M samples
+    per prompt drawn once and shared by every run (U-statistic BoN-n / WoN-n / standard win rates), then
+    paired comparisons CTRL − baseline (``compare_reports``) on the selector each CTRL run was planned for.
+
+Every stage is cached under --out (prompts, reference samples, scores, calibration, the reference pool, each
+run's training set, adapter, KL record and evaluation), so a killed run resumes where it stopped.
+
+    python benchmarks/smollm_comparison.py --out runs/smollm --json          # default size, 2 CPU cores
+    python benchmarks/smollm_comparison.py --gpu --out runs/smollm-gpu --json  # one GPU
+    python benchmarks/smollm_comparison.py --toy --out /tmp/smollm-toy --json  # tiny random model, < 3 min
+    python benchmarks/smollm_comparison.py --measure-costs --out runs/smollm   # time pieces, print the estimate
+
+docs/smollm_comparison.md describes the design (ties, cut completions, KL held, the pool, the intervals).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# quality.py and prompts_topics.py beside this file; the reward spec below imports this module by name.
+for _path in (str(HERE), str(ROOT)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import quality  # noqa: E402
+from prompts_topics import TOPICS_EVAL, TOPICS_KL, TOPICS_TRAIN, make_prompts  # noqa: E402
+
+logger = logging.getLogger("smollm_comparison")
+
+#: The reward every stage scores with: ``name=module:function`` (score stage, eval stage, pool).
+REWARD_SPEC = "vader_tb=smollm_comparison:vader_tiebroken"
+#: VADER's compound score is rounded to 4 decimals, so distinct scores differ by ≥ 1e-4; a jitter below
+#: 1e-5 breaks exact ties without reordering any two distinct scores.
+TIE_JITTER = 1e-5
+
+#: The decision rule, in win-rate points (1 point = 0.01), fixed before any result is seen.
+EFFECT_POINTS, NULL_POINTS = 3.0, 1.0
+DECISION_RULE = (
+    "Decision rule (fixed before the results; CTRL − baseline, in win-rate points, on the selector the CTRL "
+    "method was planned for, N as evaluated, 95% paired bootstrap interval over prompts):\n"
+    f"  effect shown  gap ≥ {EFFECT_POINTS:g} points and the interval excludes 0 (lower bound > 0)\n"
+    f"  refuted       gap ≤ {NULL_POINTS:g} point and the upper bound < {EFFECT_POINTS:g} points\n"
+    "  inconclusive  otherwise")
+
+METHODS = {
+    # name: build kwargs (``n``/``kl`` added per run for planned builds), trainer loss, role, selector compared on
+    "raw_bvw_dpo": ({"format": "pairs", "strategy": "best_vs_worst", "transform": "identity"}, "dpo_hard",
+                    "baseline", None),
+    "calib_identity": ({"format": "pairs", "strategy": "sampled", "transform": "identity", "inference": "bon"}, "dpo",
+                       "baseline", None),
+    "ctrl_exp_bon": ({"format": "pairs", "strategy": "sampled", "transform": "exp", "inference": "bon"}, "dpo",
+                     "ctrl", "bon"),
+    "ctrl_negexp_won": ({"format": "pairs", "strategy": "sampled", "transform": "negexp", "inference": "won"}, "dpo",
+                        "ctrl", "won"),
+}
+DEFAULT_METHODS = ["raw_bvw_dpo", "calib_identity", "ctrl_exp_bon"]
+
+#: Sizes. ``default`` is the 2-core CPU run (about 2 h, see docs/smollm_comparison.md); ``gpu`` one GPU;
+#: ``toy`` a tiny random Llama for the end-to-end test. Any flag given on the command line wins.
+PRESETS = {
+    "default": dict(train_prompts=128, k=8, eval_prompts=256, m=8, big_m=16, max_new_tokens=48, kl_prompts=12,
+                    kl_samples=2, kl_every=4, kl_tolerance=0.03, max_bisections=4, max_steps=64, batch_size=8,
+                    pairs_per_prompt=2, lr=5e-4, kl=[0.25, 0.5], bf16=False, num_boot=2000, sampling_batch=8),
+    "gpu": dict(train_prompts=384, k=16, eval_prompts=512, m=16, big_m=32, max_new_tokens=64, kl_prompts=48,
+                kl_samples=4, kl_every=5, kl_tolerance=0.02, max_bisections=8, max_steps=400, batch_size=16,
+                pairs_per_prompt=4, lr=2e-4, kl=[0.25, 0.5], bf16=True, num_boot=2000, sampling_batch=64),
+    "toy": dict(train_prompts=8, k=4, eval_prompts=8, m=4, big_m=4, max_new_tokens=6, kl_prompts=4, kl_samples=2,
+                kl_every=2, kl_tolerance=0.05, max_bisections=2, max_steps=6, batch_size=4, pairs_per_prompt=2,
+                lr=5e-3, kl=[0.05, 0.1], bf16=False, num_boot=200, sampling_batch=8),
+}
+
+#: Seconds per unit of work (SmolLM2-135M fp32 on CPU, ≤ 48 new tokens, answers ~30 tokens; a step is 8 pairs).
+#: ``--measure-costs`` times them on the machine at hand and writes ``costs.json`` under --out; later runs into
+#: that --out estimate from it. Without it the start of a run prints both of these:
+COSTS = {
+    # Derived from the quality experiment's timings in docs/results.md (2 cores, both threads, machine not
+    # shared): 768 reference samples in a few minutes, 235–310 s per run of 12–24 steps + 192 policy samples
+    # and their log-probs.
+    "idle_2_cores": {"load_s": 10.0, "sample_s": 0.3, "logp_s": 0.15, "step_s": 9.0, "threads": 2,
+                     "source": "idle 2 cores (from the quality experiment's timings)"},
+    # Measured with --measure-costs on 2026-11-27: 1 thread, the 2 cores shared with another session's
+    # benchmark (load average 4-5): sampling 8 prompts × 4 took 59 s, 4 training steps 149 s, one KL
+    # estimate of 8 prompts × 2 samples 43 s.
+    "loaded_1_thread": {"load_s": 2.5, "sample_s": 1.83, "logp_s": 0.42, "step_s": 37.4, "threads": 1,
+                        "source": "1 thread on the shared machine, load ≈ 4 (measured)"},
+}
+
+
+# -- the reward with ties broken ----------------------------------------------------------------------
+def tie_jitter(text: str) -> float:
+    """A fixed value in [0, TIE_JITTER) from the text's BLAKE2b hash: equal texts get equal values."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return TIE_JITTER * int.from_bytes(digest, "big") / 2.0**64
+
+
+def vader_tiebroken(prompts, completions) -> list[float]:
+    """VADER compound sentiment + :func:`tie_jitter` of the completion: no exact ties between different texts.
+
+    The order of distinct VADER scores is unchanged; texts VADER scores alike (16% of answers score exactly
+    0) are ordered by an arbitrary but fixed hash, so best-vs-worst pairs, calibrated ranks and the win
+    rates' tie rule do not depend on sample order. Identical texts still tie (they are the same answer).
+    """
+    from ctrl_offline.embedded import vader_sentiment
+
+    return [float(r) + tie_jitter(c) for r, c in zip(vader_sentiment(prompts, completions), completions)]
+
+
+# -- sizes, the estimate ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/smollm_comparison")
+    parser.add_argument("--model", default=None, help="reference model (default embedded:smollm2; --toy: a tiny "
+                                                      "random Llama built under --out)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--gpu", action="store_true", help="sizes for one GPU (bf16 training, more prompts/samples)")
+    size.add_argument("--toy", action="store_true", help="tiny random Llama, a few prompts and steps (the test)")
+    for name, kind, text in (
+            ("train-prompts", int, "training prompts (from the training topics)"),
+            ("k", int, "reference samples per training prompt"),
+            ("eval-prompts", int, "held-out evaluation prompts (from the evaluation topics)"),
+            ("m", int, "policy samples per evaluation prompt"),
+            ("big-m", int, "reference-pool samples per evaluation prompt (M)"),
+            ("max-new-tokens", int, "token cap of every sample (training, KL, evaluation)"),
+            ("kl-prompts", int, "held-out prompts of the KL estimate while training (from the KL topics)"),
+            ("kl-samples", int, "policy samples per KL prompt per estimate"),
+            ("kl-every", int, "optimizer steps between KL estimates"),
+            ("kl-tolerance", float, "bisection tolerance of the KL held (nats)"),
+            ("max-bisections", int, "KL estimates of the bisection once the budget is crossed"),
+            ("max-steps", int, "step cap of a training run (the callback stops it at the budget before)"),
+            ("batch-size", int, "pairs per optimizer step"),
+            ("pairs-per-prompt", int, "sampled pairs per prompt (calibrated methods)"),
+            ("lr", float, "learning rate (LoRA r 16, α 32)"),
+            ("num-boot", int, "bootstrap resamples of every interval"),
+            ("sampling-batch", int, "prompts per generate call of the reference samples")):
+        parser.add_argument(f"--{name}", type=kind, default=None, help=text)
+    parser.add_argument("--kl", type=float, nargs="+", default=None, help="KL budgets (nats), default 0.25 0.5")
+    parser.add_argument("--n", type=int, default=4, help="N of the BoN-N / WoN-N win rates and of the plans")
+    parser.add_argument("--dpo-beta", type=float, default=0.1, help="β of the raw best-vs-worst DPO baseline")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="train in bfloat16 (on by default with --gpu)")
+    parser.add_argument("--backend", default="transformers", choices=["transformers", "vllm"],
+                        help="sampler of the reference training samples (vllm: GPU only; evaluation and the KL "
+                             "estimate always use transformers)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target-half-width", type=float, default=0.03,
+                        help="the paired intervals' half-width the sizes aim at (reported against)")
+    parser.add_argument("--measure-costs", action="store_true",
+                        help="time sampling 8 prompts × 4, the log-probs, a KL estimate and 4 training steps; write "
+                             "costs.json under --out, print the runtime estimate and stop")
+    parser.add_argument("--dry-run", action="store_true", help="print the sizes, the estimate and the decision rule, "
+                                                               "then stop (nothing is written)")
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
+    return parser
+
+
+def resolve_sizes(args) -> argparse.Namespace:
+    preset = PRESETS["gpu" if args.gpu else "toy" if args.toy else "default"]
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.preset = "gpu" if args.gpu else "toy" if args.toy else "default"
+    if args.model is None:
+        args.model = "embedded:smollm2"
+    if args.big_m < args.n or args.m < args.n:
+        raise SystemExit(f"m and M must be ≥ N = {args.n}")
+    # Cut completions are left out of training (the build's default) except in the toy, whose random model
+    # rarely emits EOS within its few tokens.
+    args.keep_unfinished = bool(args.toy)
+    return args
+
+
+def steps_to_budget(budget: float, args) -> int:
+    """A guess of the steps a run takes to spend ``budget``: in the quality experiment 12 LoRA steps at lr 5e-4
+    (batch 8) reached KL ≈ 0.4–0.6, so ~24 steps per nat at that learning rate, scaled by 5e-4 / lr."""
+    return int(min(args.max_steps, max(args.kl_every, math.ceil(24 * budget * 5e-4 / args.lr * 8 / args.batch_size))))
+
+
+def estimate_runtime(args, costs: dict) -> dict:
+    """Seconds per stage from unit costs × counts (a plan, not a measurement).
+
+    Sample and log-prob costs scale with the token cap: a generate call runs until its longest sequence
+    stops, and with a fifth of the answers cut nearly every batch of 8 prompts × K runs to the cap.
+    """
+    scale = args.max_new_tokens / costs.get("max_new_tokens", 48)
+    sample, logp, step, load = scale * costs["sample_s"], scale * costs["logp_s"], costs["step_s"], costs["load_s"]
+    runs = len(args.methods) * len(args.kl)
+    parts = {
+        "reference samples": load + args.train_prompts * args.k * sample,
+        "reference pool": args.eval_prompts * args.big_m * sample,
+    }
+    train = evaluate = 0.0
+    for budget in args.kl:
+        steps = steps_to_budget(budget, args)
+        estimates = steps // args.kl_every + 1 + args.max_bisections
+        per = args.kl_prompts * args.kl_samples * (sample + 2 * logp)
+        # The trainer recomputes the pairs' reference log-probs when some completion does not re-tokenise
+        # to its sampled ids (the usual case with SmolLM2's tokenizer): one pass over every pair, per run.
+        rows = [args.train_prompts * (1 if METHODS[m][0]["strategy"] == "best_vs_worst" else args.pairs_per_prompt)
+                for m in args.methods]
+        train += sum(2 * load + steps * step * args.batch_size / 8 + estimates * per + 2 * r * logp for r in rows)
+        evaluate += len(args.methods) * (load + args.eval_prompts * args.m * (sample + logp))
+    parts["training (KL held)"] = train
+    parts["evaluation"] = evaluate
+    return {"seconds": parts, "total_s": sum(parts.values()), "runs": runs, "costs": costs}
+
+
+def planned_half_width(args, prompts: int = 4000, seed: int = 0) -> float:
+    """The 95% half-width of a paired BoN-N difference these sizes should give, by simulation.
+
+    Normal rewards as in docs/evaluation.md: both policies shifted from the reference by the same per-prompt
+    0.3 ± 0.3 (plus 0.05 and ± 0.1 apart), m samples each, against one shared pool of M reference samples.
+    """
+    from ctrl_offline.evaluation import u_statistic_per_prompt
+
+    rng = np.random.default_rng(seed)
+    shift = rng.normal(0.3, 0.3, size=(prompts, 1))
+    pool = rng.normal(size=(prompts, args.big_m))
+    a = rng.normal(size=(prompts, args.m)) + shift + 0.05
+    b = rng.normal(size=(prompts, args.m)) + shift + rng.normal(0, 0.1, size=(prompts, 1))
+    diff = u_statistic_per_prompt(a, pool, args.n, "bon") - u_statistic_per_prompt(b, pool, args.n, "bon")
+    return float(1.96 * diff.std() / math.sqrt(args.eval_prompts))
+
+
+def print_estimate(estimate: dict) -> None:
+    costs = estimate["costs"]
+    print(f"runtime estimate at {costs['source']}: {costs['sample_s']:.2f} s per sample, {costs['logp_s']:.2f} s "
+          f"per log-prob, {costs['step_s']:.1f} s per step of 8 pairs")
+    print("  " + ", ".join(f"{name} {seconds / 60:.0f} min" for name, seconds in estimate["seconds"].items())
+          + f"; total {estimate['total_s'] / 3600:.1f} h over {estimate['runs']} training runs")
+
+
+# -- stages ------------------------------------------------------------------------------------------------
+def prompt_sets(args) -> dict[str, list[str]]:
+    return {"train": make_prompts(TOPICS_TRAIN, args.train_prompts),
+            "kl": make_prompts(TOPICS_KL, args.kl_prompts),
+            "eval": make_prompts(TOPICS_EVAL, args.eval_prompts)}
+
+
+def toy_model(out: Path) -> str:
+    from tests.tiny_models import build_tiny_model
+
+    path = out / "tiny_model"
+    if not (path / "config.json").exists():
+        build_tiny_model(path)
+    return str(path)
+
+
+#: Settings that may change between invocations into the same --out (what runs, not what a run gives).
+_FREE_SETTINGS = {"out", "json", "measure_costs", "dry_run", "target_half_width", "methods", "kl"}
+
+
+def check_out_folder(out: Path, args) -> None:
+    """Every cached stage under ``out`` was made with these settings: refuse to mix in a run of other sizes."""
+    settings = {k: v for k, v in vars(args).items() if k not in _FREE_SETTINGS}
+    path = out / "settings.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        if changed:
+            raise SystemExit(f"{out} holds a run made with other settings ({', '.join(changed)}): pass another --out "
+                             "(methods and KL budgets may be added to a run; sizes may not change)")
+    else:
+        path.write_text(json.dumps(settings, indent=2))
+
+
+def cut_fraction(folder: Path, pattern: str) -> float | None:
+    import pyarrow.parquet as pq
+
+    files = sorted(folder.glob(pattern))
+    if not files:
+        return None
+    finished = np.concatenate([pq.read_table(f, columns=["finished"])["finished"].to_numpy() for f in files])
+    return float(1 - finished.mean())
+
+
+def train_held(method: str, budget: float, calibrated: Path, run: Path, kl_prompts: list[str], args) -> dict:
+    """Build the method's training set and train it until its sampled KL reaches ``budget`` (cached)."""
+    from ctrl_offline.io import read_build_info
+    from ctrl_offline.kl_budget import KLBudgetCallback, SampledKL
+    from ctrl_offline.stages.build import build_dataset
+
+    build, loss, _, _ = METHODS[method]
+    build = dict(build)
+    if "inference" in build:
+        build.update(n=args.n, kl=budget)
+    else:
+        build.update(beta=args.dpo_beta)
+    if build.get("strategy") == "sampled":
+        build["pairs_per_prompt"] = args.pairs_per_prompt
+    if not (run / "data").exists():
+        build_dataset(calibrated, run / "data", seed=args.seed, keep_unfinished=args.keep_unfinished, **build)
+    info = read_build_info(run / "data")
+    record_path = run / "kl_budget.json"
+    if (run / "adapter" / "adapter_config.json").exists() and record_path.exists():
+        return {"build": info, "kl_held": json.loads(record_path.read_text())}
+    started = time.perf_counter()
+    trainer = quality.make_trainer(
+        args.model, "pairs", loss, run / "data", run / "train", learning_rate=args.lr, max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size, bf16=args.bf16, torch_dtype="bfloat16" if args.bf16 else "auto",
+        seed=args.seed, max_length=64 + 2 * args.max_new_tokens + 64)
+    estimator = SampledKL(kl_prompts, trainer.processing_class, num_samples=args.kl_samples,
+                          max_new_tokens=args.max_new_tokens, batch_size=8, seed=args.seed + 7)
+    callback = KLBudgetCallback(budget, estimator, every_n_steps=args.kl_every, tolerance=args.kl_tolerance,
+                                max_bisections=args.max_bisections)
+    trainer.add_callback(callback)
+    trainer.train()
+    staging = run / "adapter.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    trainer.save_model(str(staging))
+    final = callback.final
+    record = {"budget": budget, "reached": callback.reached, "steps": trainer.state.global_step,
+              "final": None if final is None else {"value": final.value, "stderr": final.stderr,
+                                                   "num_samples": final.num_samples},
+              "history": callback.history, "prompts": len(kl_prompts), "samples_per_prompt": args.kl_samples,
+              "seconds": time.perf_counter() - started}
+    if (run / "adapter").exists():
+        shutil.rmtree(run / "adapter")
+    staging.rename(run / "adapter")
+    record_path.write_text(json.dumps(record, indent=2))
+    return {"build": info, "kl_held": record}
+
+
+def evaluate_run(run: Path, eval_source: Path, pool: Path, info: dict, args) -> dict:
+    """The eval stage on the held-out prompts against the shared pool (cached in run/eval)."""
+    from ctrl_offline.stages.evaluate import evaluate_policy
+
+    if not (run / "eval" / "report.json").exists():
+        # The same seed for every run: the policies' samples share their random numbers (common random
+        # numbers), one more source of noise that cancels in the paired differences.
+        evaluate_policy(str(eval_source), run / "eval", args.model, REWARD_SPEC, adapter=str(run / "adapter"),
+                        n=(args.n,), selectors=("bon", "won"), max_new_tokens=args.max_new_tokens,
+                        seed=args.seed + 100, train_data=str(run / "data"), transform=info["transform"], t=info["t"],
+                        build_info=info, policy_samples=args.m, reference_samples=args.big_m, reference_pool=pool,
+                        num_boot=args.num_boot, overwrite=True)
+    return json.loads((run / "eval" / "report.json").read_text())
+
+
+def verdict(difference: dict) -> str:
+    gap, low, high = (100 * difference[k] for k in ("value", "ci_low", "ci_high"))
+    if gap >= EFFECT_POINTS and low > 0:
+        return "effect shown"
+    if gap <= NULL_POINTS and high < EFFECT_POINTS:
+        return "refuted"
+    return "inconclusive"
+
+
+def comparisons(runs: dict, args) -> list[dict]:
+    """CTRL − baseline, paired by prompt, for every CTRL run against every baseline run at the same budget."""
+    from ctrl_offline.stages.compare import compare_reports
+
+    rows = []
+    for budget in args.kl:
+        for ctrl in (m for m in args.methods if METHODS[m][2] == "ctrl"):
+            for base in (m for m in args.methods if METHODS[m][2] == "baseline"):
+                a, b = runs.get((ctrl, budget)), runs.get((base, budget))
+                if a is None or b is None:
+                    continue
+                result = compare_reports(a["dir"] / "eval", b["dir"] / "eval", num_boot=args.num_boot, seed=args.seed)
+                selector = METHODS[ctrl][3]
+                main_row = next(r for r in result["rows"]
+                                if r["metric"] == "win_rate" and r["selector"] == selector and r["n"] == args.n)
+                diff = main_row["difference"]
+                half = (diff["ci_high"] - diff["ci_low"]) / 2
+                rows.append({"ctrl": ctrl, "baseline": base, "kl_budget": budget, "selector": selector, "n": args.n,
+                             "ctrl_value": main_row["value_a"], "baseline_value": main_row["value_b"],
+                             "difference": diff, "half_width": half,
+                             "meets_target_half_width": bool(half <= args.target_half_width),
+                             "verdict": verdict(diff), "num_prompts": result["num_prompts"],
+                             "rows": result["rows"]})
+    return rows
+
+
+def run_summary(method: str, budget: float, trained: dict, report: dict) -> dict:
+    rates = {f"{r['selector']}": {k: r[k] for k in ("value", "ci_low", "ci_high")} for r in report["win_rates"]}
+    build = trained["build"]
+    return {"method": method, "kl_budget": budget, "kl_held": trained["kl_held"]["final"],
+            "kl_budget_reached": trained["kl_held"]["reached"], "training_steps": trained["kl_held"]["steps"],
+            "kl_eval": report["kl"], "win_rates": rates, "standard": report["standard_win_rate"],
+            "transform": build["transform"], "t": build["t"], "beta": build["beta"],
+            "unscaled_beta": build.get("unscaled_beta"), "num_rows": build.get("num_rows"),
+            "policy_samples": report["policy_samples"], "reference_samples": report["reference_samples"],
+            "reference_pool_reused": (report.get("reference_pool") or {}).get("reused")}
+
+
+def measure_costs(out: Path, args) -> dict:
+    """Time the pieces on this machine: sample 8 prompts × 4 (through the sample stage), log-probs, one KL
+    estimate and 4 training steps of raw best-vs-worst DPO; unit costs to ``out/costs.json``."""
+    import torch
+
+    from ctrl_offline.generation import load_causal_lm
+    from ctrl_offline.kl_budget import SampledKL
+    from ctrl_offline.stages.build import build_dataset
+
+    work = out / "cost_pieces"
+    started = time.perf_counter()
+    load_causal_lm(args.model)
+    load = time.perf_counter() - started
+    piece = argparse.Namespace(model=args.model, k=4, max_new_tokens=args.max_new_tokens)
+    started = time.perf_counter()
+    calibrated = quality.reference_data(work, piece, make_prompts(TOPICS_TRAIN, 8), reward=REWARD_SPEC)
+    sample = (time.perf_counter() - started - load) / 32
+    build_dataset(calibrated, work / "data", format="pairs", strategy="best_vs_worst", transform="identity",
+                  beta=args.dpo_beta, keep_unfinished=True, overwrite=True)
+    trainer = quality.make_trainer(args.model, "pairs", "dpo_hard", work / "data", work / "train",
+                                   learning_rate=args.lr, max_steps=4, per_device_train_batch_size=8)
+    started = time.perf_counter()
+    trainer.train()
+    step = (time.perf_counter() - started) / 4
+    estimator = SampledKL(make_prompts(TOPICS_KL, 8), trainer.processing_class, num_samples=2,
+                          max_new_tokens=args.max_new_tokens, seed=1)
+    started = time.perf_counter()
+    estimator(trainer.model)
+    kl_each = (time.perf_counter() - started) / 16
+    costs = {"max_new_tokens": args.max_new_tokens, "load_s": load, "sample_s": sample, "logp_s": max(0.0, (kl_each - sample) / 2), "step_s": step,
+             "threads": torch.get_num_threads(), "cut_fraction_at_cap": cut_fraction(work / "samples", "shard-*.parquet"),
+             "source": f"measured {time.strftime('%Y-%m-%d %H:%M')} with {torch.get_num_threads()} thread(s)"}
+    (out / "costs.json").write_text(json.dumps(costs, indent=2))
+    return costs
+
+
+# -- main --------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    args = resolve_sizes(build_parser().parse_args(argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = Path(args.out)
+    if not args.dry_run:
+        out.mkdir(parents=True, exist_ok=True)
+    if args.toy and args.model == "embedded:smollm2" and not args.dry_run:
+        args.model = toy_model(out)
+    if args.measure_costs:
+        costs = measure_costs(out, args)
+        print(json.dumps(costs, indent=2))
+        print_estimate(estimate_runtime(args, costs))
+        return 0
+    if not args.dry_run:
+        check_out_folder(out, args)
+    measured = (out / "costs.json").exists()
+    costs = json.loads((out / "costs.json").read_text()) if measured else COSTS["idle_2_cores"]
+    estimate = estimate_runtime(args, costs)
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "measure_costs", "dry_run")}
+    print(f"SmolLM2 comparison, preset {args.preset}: {args.train_prompts} training prompts × K={args.k}, "
+          f"{args.eval_prompts} evaluation prompts × m={args.m} policy / M={args.big_m} pool samples, "
+          f"budgets {args.kl}, methods {args.methods}, ≤ {args.max_new_tokens} new tokens")
+    if args.gpu and not measured:
+        print("runtime estimate: no GPU costs measured yet (run --measure-costs --gpu on the GPU machine, into the "
+              "same --out)")
+    elif not args.toy:
+        print_estimate(estimate)
+        if not measured:
+            print_estimate(estimate_runtime(args, COSTS["loaded_1_thread"]))
+            print(f"  (--measure-costs times the pieces on this machine and writes {out / 'costs.json'})")
+    estimate["planned_half_width"] = planned_half_width(args)
+    print(f"planned half-width of a paired BoN-{args.n} difference at m={args.m}, M={args.big_m}, {args.eval_prompts} "
+          f"prompts: ±{estimate['planned_half_width']:.3f} (simulated; target ±{args.target_half_width:g})")
+    print(DECISION_RULE)
+    if args.dry_run:
+        return 0
+    started = time.perf_counter()
+
+    sets = prompt_sets(args)
+    quality.write_prompts(out / "prompts" / "kl.jsonl", sets["kl"])
+    eval_source = quality.write_prompts(out / "prompts" / "eval.jsonl", sets["eval"])
+    calibrated = quality.reference_data(out, args, sets["train"], reward=REWARD_SPEC, backend=args.backend,
+                                        batch_size=args.sampling_batch)
+    pool = out / "pool"
+    runs: dict = {}
+    summaries = []
+    for budget in args.kl:
+        for method in args.methods:
+            run = out / "runs" / f"{method}-kl{budget:g}"
+            t0 = time.perf_counter()
+            trained = train_held(method, budget, calibrated, run, sets["kl"], args)
+            report = evaluate_run(run, eval_source, pool, trained["build"], args)
+            runs[(method, budget)] = {"dir": run, "report": report}
+            summary = run_summary(method, budget, trained, report)
+            summaries.append(summary)
+            held = summary["kl_held"] or {"value": float("nan"), "stderr": float("nan")}
+            logger.info("%s @ KL %g: held %.3f ± %.3f, eval KL %.3f, BoN-%d %.3f, WoN-%d %.3f (%.0f s)", method, budget,
+                        held["value"], held["stderr"], report["kl"]["value"], args.n,
+                        summary["win_rates"]["bon"]["value"], args.n, summary["win_rates"]["won"]["value"],
+                        time.perf_counter() - t0)
+    compared = comparisons(runs, args)
+    elapsed = time.perf_counter() - started
+
+    print(f"\nruns (KL held = the callback's estimate on {args.kl_prompts} KL prompts; eval KL = on the "
+          f"{args.eval_prompts} evaluation prompts; 95% bootstrap intervals over prompts)")
+    print(f"{'method':<16} {'budget':>6} {'KL held':>14} {'eval KL [95% CI]':>22} {'BoN-' + str(args.n) + ' [95% CI]':>22} "
+          f"{'WoN-' + str(args.n) + ' [95% CI]':>22} {'standard':>8} {'steps':>5}")
+    for s in summaries:
+        held = s["kl_held"]
+        held_text = f"{held['value']:.3f}±{held['stderr']:.3f}" if held else "-"
+        cells = [f"{s['kl_eval']['value']:.3f} [{s['kl_eval']['ci_low']:.3f}, {s['kl_eval']['ci_high']:.3f}]"]
+        for sel in ("bon", "won"):
+            w = s["win_rates"][sel]
+            cells.append(f"{w['value']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]")
+        print(f"{s['method']:<16} {s['kl_budget']:>6g} {held_text + ('' if s['kl_budget_reached'] else '*'):>14} "
+              f"{cells[0]:>22} {cells[1]:>22} {cells[2]:>22} {s['standard']['value']:>8.3f} {s['training_steps']:>5}")
+    if not all(s["kl_budget_reached"] for s in summaries):
+        print("* budget not reached within --max-steps: that run spends less KL than the others")
+    print(f"\ncomparisons CTRL − baseline (paired by prompt, shared reference pool; target half-width "
+          f"≤ {args.target_half_width:g})")
+    print(f"{'CTRL':<16} {'baseline':<16} {'budget':>6} {'metric':>7} {'CTRL':>6} {'base':>6} {'gap (pts)':>9} "
+          f"{'95% CI (pts)':>16} {'±':>6} {'KL gap':>7}  verdict")
+    for c in compared:
+        d = c["difference"]
+        kl_gap = next(r for r in c["rows"] if r["metric"] == "kl")["difference"]["value"]
+        interval = f"[{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
+        print(f"{c['ctrl']:<16} {c['baseline']:<16} {c['kl_budget']:>6g} {c['selector'] + '-' + str(c['n']):>7} "
+              f"{c['ctrl_value']:>6.3f} {c['baseline_value']:>6.3f} {100 * d['value']:>+9.1f} "
+              f"{interval:>16} {c['half_width']:>6.3f} {kl_gap:>+7.3f}  {c['verdict']}")
+    widths = [c["half_width"] for c in compared]
+    if widths:
+        print(f"achieved half-widths {min(widths):.3f}–{max(widths):.3f} (target ≤ {args.target_half_width:g}: "
+              f"{'met' if max(widths) <= args.target_half_width else 'not met'})")
+    reference = {"train_cut_fraction": cut_fraction(out / "samples", "shard-*.parquet"),
+                 "pool_cut_fraction": cut_fraction(pool, "pool.parquet")}
+    print(f"completions cut at {args.max_new_tokens} tokens: {reference['train_cut_fraction']:.1%} of the training "
+          f"samples, {reference['pool_cut_fraction']:.1%} of the reference pool; total {elapsed:.0f} s this "
+          f"invocation (estimate from scratch {estimate['total_s']:.0f} s)")
+    result = {"config": settings, "decision_rule": DECISION_RULE, "estimate": estimate, "reference": reference,
+              "runs": summaries, "comparisons": compared, "seconds": elapsed}
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    if args.json:
+        print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

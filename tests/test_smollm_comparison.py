@@ -1,0 +1,95 @@
+"""benchmarks/smollm_comparison.py: the tie-broken reward, the decision rule, and --toy end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "smollm_comparison.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("smollm_comparison", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tie_jitter_breaks_ties_without_reordering():
+    sc = _module()
+    texts = ["The sky is blue.", "A bus.", "It rains.", "The sky is blue."]
+    scores = sc.vader_tiebroken(None, texts)
+    base = [0.0, 0.0, 0.0, 0.0]  # VADER scores all four neutral
+    assert all(0 <= s - b < sc.TIE_JITTER for s, b in zip(scores, base))
+    assert len({scores[0], scores[1], scores[2]}) == 3  # different texts no longer tie
+    assert scores[0] == scores[3]  # the same text still does
+    assert sc.vader_tiebroken(None, texts) == scores  # fixed, not random
+    # VADER rounds to 4 decimals: a jitter below 1e-5 cannot swap two distinct scores.
+    assert sc.TIE_JITTER <= 1e-5
+
+
+def test_verdicts():
+    sc = _module()
+    assert sc.verdict({"value": 0.05, "ci_low": 0.01, "ci_high": 0.09}) == "effect shown"
+    assert sc.verdict({"value": 0.05, "ci_low": -0.01, "ci_high": 0.11}) == "inconclusive"
+    assert sc.verdict({"value": 0.005, "ci_low": -0.02, "ci_high": 0.025}) == "refuted"
+    assert sc.verdict({"value": -0.04, "ci_low": -0.07, "ci_high": -0.01}) == "refuted"  # CTRL worse
+    assert sc.verdict({"value": 0.02, "ci_low": 0.001, "ci_high": 0.04}) == "inconclusive"
+
+
+def test_prompt_sets_are_disjoint_and_sized():
+    sc = _module()
+    args = sc.resolve_sizes(sc.build_parser().parse_args([]))
+    sets = sc.prompt_sets(args)
+    assert len(sets["eval"]) >= 256 and len(sets["train"]) == args.train_prompts
+    assert not set(sets["eval"]) & (set(sets["train"]) | set(sets["kl"]))
+    topics = {t for t in sc.TOPICS_EVAL if any(t in p for p in sets["eval"])}
+    assert len(topics) >= 64
+    estimate = sc.estimate_runtime(args, sc.COSTS["idle_2_cores"])
+    assert estimate["total_s"] > 0 and estimate["runs"] == len(args.methods) * len(args.kl)
+
+
+@pytest.mark.slow
+def test_toy_end_to_end(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    out = tmp_path / "toy"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--toy", "--out", str(out), "--json"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stdout = proc.stdout
+    assert stdout.index("Decision rule") < stdout.index("comparisons CTRL − baseline")  # the rule comes first
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result == json.loads((out / "results.json").read_text())
+    config = result["config"]
+    runs = {(r["method"], r["kl_budget"]) for r in result["runs"]}
+    assert runs == {(m, b) for m in config["methods"] for b in config["kl"]}
+    for run in result["runs"]:
+        assert run["kl_held"] is not None and "value" in run["kl_held"] and "stderr" in run["kl_held"]
+        assert {"value", "ci_low", "ci_high"} <= set(run["kl_eval"])
+        for selector in ("bon", "won"):
+            rate = run["win_rates"][selector]
+            assert 0 <= rate["ci_low"] <= rate["value"] <= rate["ci_high"] <= 1
+        assert run["policy_samples"] == config["m"] and run["reference_samples"] == config["big_m"]
+    # One pool for every run: the first drew it, the others reused it.
+    assert sum(not r["reference_pool_reused"] for r in result["runs"]) == 1
+    ctrl = [m for m in config["methods"] if m.startswith("ctrl_")]
+    base = [m for m in config["methods"] if not m.startswith("ctrl_")]
+    assert len(result["comparisons"]) == len(ctrl) * len(base) * len(config["kl"])
+    for row in result["comparisons"]:
+        assert row["verdict"] in ("effect shown", "refuted", "inconclusive")
+        assert row["half_width"] >= 0 and {"value", "ci_low", "ci_high"} <= set(row["difference"])
+        metrics = {(r["metric"], r["selector"]) for r in row["rows"]}
+        assert {("win_rate", "bon"), ("win_rate", "won"), ("standard_win_rate", None), ("kl", None)} <= metrics
+    # Resumable: a second invocation finds every stage cached and reprints the same results.
+    again = subprocess.run([sys.executable, str(SCRIPT), "--toy", "--out", str(out), "--json"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun = json.loads(again.stdout.strip().splitlines()[-1])
+    assert rerun["runs"] == result["runs"] and rerun["comparisons"] == result["comparisons"]
