@@ -346,13 +346,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS))
     parser.add_argument("--ties", action="store_true", help="the reward variant with ties")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=float, default=20)
-    parser.add_argument("--max-steps", type=int, default=400)
+    parser.add_argument("--max-steps", type=int, default=600)
     parser.add_argument("--pairs-per-prompt", type=int, default=8)
     parser.add_argument("--bvw-beta", type=float, default=0.1, help="β of the best-vs-worst DPO baseline")
-    parser.add_argument("--kl-every", type=int, default=10, help="steps between exact KL checks")
+    parser.add_argument("--kl-every", type=int, default=20, help="steps between exact KL checks")
     parser.add_argument("--kl-tolerance", type=float, default=0.01)
     parser.add_argument("--skip-oracle", action="store_true")
     args = parser.parse_args(argv)
@@ -385,8 +385,10 @@ def main(argv=None) -> int:
         report["oracle"] = oracle(setup, size["oracle_kl"], size["k"])
         _log("oracle done")
     results = []
-    for k in size["k"]:
-        for kl in size["kl"]:
+    # The middle budget first, for every K and seed: an interrupted run has whole comparisons to show.
+    kls = sorted(size["kl"], key=lambda kl: (kl != 0.5, kl))
+    for kl in kls:
+        for k in size["k"]:
             for seed in size["seeds"]:
                 for method in size["methods"]:
                     r = train_run(out, setup, method, k, kl, seed, args)
