@@ -488,7 +488,7 @@ def sequence_logprobs(model, tokenizer, language: SyntheticLanguage, prompts: li
     symbols = np.asarray(symbols)
     prompt_ids = torch.tensor([tokenizer(p)["input_ids"] for p in prompts])
     ids = torch.cat([prompt_ids[:, None, :].expand(-1, symbols.shape[1], -1),
-                     torch.as_tensor(symbols) + offset,
+                     torch.from_numpy(np.array(symbols, dtype=np.int64)) + offset,
                      torch.full(symbols.shape[:2] + (1,), tokenizer.eos_token_id)], dim=2).reshape(
         -1, prompt_ids.shape[1] + language.length + 1)
     start = prompt_ids.shape[1]
