@@ -53,7 +53,7 @@ METHODS = {
 }
 
 SIZES = {
-    "quick": dict(pretrain_steps=300, per_prompt=32, train_prompts=128, eval_prompts=8, k=[8], kl=[0.5], seeds=[0],
+    "quick": dict(pretrain_steps=300, per_prompt=32, train_prompts=384, eval_prompts=8, k=[8], kl=[0.5], seeds=[0],
                   methods=["ctrl_exp_bon"], oracle_kl=[0.5]),
     "full": dict(pretrain_steps=600, per_prompt=64, train_prompts=384, eval_prompts=16, k=[8, 32],
                  kl=[0.25, 0.5, 1.0], seeds=[0, 1, 2], methods=list(METHODS), oracle_kl=[0.25, 0.5, 1.0]),
@@ -244,8 +244,9 @@ def train_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: int
     torch.manual_seed(seed)
     callback = KLBudgetCallback(kl, ExactKL(setup.tokenizer, setup.language, setup.eval_prompts, setup.ref_logp),
                                 every_n_steps=args.kl_every, tolerance=args.kl_tolerance)
+    extra = {"ref_model": copy.deepcopy(setup.model)} if trainer_cls is DPOTrainer else {}
     trainer = trainer_cls(model=model, args=config, train_dataset=train, processing_class=setup.tokenizer,
-                          callbacks=[callback])
+                          callbacks=[callback], **extra)
     trainer.train()
     logp, valid = response_logprobs(model, setup.tokenizer, setup.language, setup.eval_prompts)
     metrics = exact_metrics(logp, setup.ref_logp, setup.eval_rewards, n_values=(4,))

@@ -1,0 +1,48 @@
+"""`benchmarks/testbed.py --quick --json`: the oracle check and one trained method, end to end (slow: ~3–5 min)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("testbed_benchmark", ROOT / "benchmarks" / "testbed.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_verdicts_follow_the_decision_rule():
+    bench = _load_benchmark()
+    rows = []
+    for seed in range(3):
+        for method, shift in (("ctrl_exp_bon", 0.05), ("raw_bvw_dpo", 0.0)):
+            rows.append({"method": method, "k": 8, "kl_budget": 0.5, "seed": seed,
+                         "per_prompt": {"bon4": [0.6 + shift + 0.001 * p for p in range(16)]}})
+    shows = bench.paired(rows, "ctrl_exp_bon", "raw_bvw_dpo", "bon4", 8, 0.5)
+    assert shows["difference"] == pytest.approx(0.05) and shows["verdict"] == "shows the effect"
+    same = bench.paired(rows, "raw_bvw_dpo", "raw_bvw_dpo", "bon4", 8, 0.5)
+    assert same["difference"] == 0.0 and same["verdict"] == "refutes it"
+    assert bench.paired(rows, "calib_identity", "raw_bvw_dpo", "bon4", 8, 0.5) is None
+
+
+@pytest.mark.slow
+def test_quick_run_prints_the_oracle_and_one_method(tmp_path, capsys):
+    bench = _load_benchmark()
+    assert bench.main(["--quick", "--json", "--out", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["oracle"] and all(row["ok"] for row in report["oracle"])
+    assert {row["k"] for row in report["oracle"]} == {None, 8}
+    (run,) = report["runs"]
+    assert run["method"] == "ctrl_exp_bon" and run["reached"]
+    assert run["exact_kl"] == pytest.approx(0.5, abs=0.011)
+    assert 0.5 < run["bon4"] <= run["planned_win_rate"] + 0.01
+    assert (tmp_path / "tie_free" / "report.json").exists()
