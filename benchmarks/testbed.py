@@ -288,17 +288,18 @@ def paired(results: list[dict], method: str, baseline: str, metric: str, k: int,
 
 
 def comparisons(results: list[dict]) -> list[dict]:
+    """CTRL (and calibrated identity) against raw best-vs-worst DPO, and each CTRL transform against
+    calibrated identity, on the procedure it was planned for."""
+    pairs = [("ctrl_exp_bon", "raw_bvw_dpo", "bon4"), ("ctrl_negexp_won", "raw_bvw_dpo", "won4"),
+             ("calib_identity", "raw_bvw_dpo", "bon4"), ("calib_identity", "raw_bvw_dpo", "won4"),
+             ("ctrl_exp_bon", "calib_identity", "bon4"), ("ctrl_negexp_won", "calib_identity", "won4")]
     rows = []
-    targets = {"ctrl_exp_bon": "bon4", "calib_identity": "bon4", "ctrl_negexp_won": "won4"}
     for k in sorted({r["k"] for r in results}):
         for kl in sorted({r["kl_budget"] for r in results}):
-            for method, metric in targets.items():
-                row = paired(results, method, "raw_bvw_dpo", metric, k, kl)
+            for method, baseline, metric in pairs:
+                row = paired(results, method, baseline, metric, k, kl)
                 if row:
                     rows.append(row)
-            row = paired(results, "ctrl_exp_bon", "calib_identity", "bon4", k, kl)
-            if row:
-                rows.append(row)
     return rows
 
 
@@ -314,15 +315,15 @@ def format_oracle(rows: list[dict]) -> str:
 
 
 def format_runs(results: list[dict]) -> str:
-    lines = ["| method | K | KL budget | seeds | exact KL | planned win | BoN-4 | WoN-4 | standard | steps |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | K | KL budget | seeds (reached) | exact KL | planned win | BoN-4 | WoN-4 | standard | steps |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     keys = sorted({(r["method"], r["k"], r["kl_budget"]) for r in results}, key=lambda x: (x[1], x[2], x[0]))
     for method, k, kl in keys:
         rs = [r for r in results if (r["method"], r["k"], r["kl_budget"]) == (method, k, kl)]
         planned = [r["planned_win_rate"] for r in rs if "planned_win_rate" in r]
-        lines.append(f"| {method} | {k} | {kl:g} | {len(rs)} | {np.mean([r['exact_kl'] for r in rs]):.3f} | "
-                     f"{np.mean(planned):.3f} | " if planned else
-                     f"| {method} | {k} | {kl:g} | {len(rs)} | {np.mean([r['exact_kl'] for r in rs]):.3f} | – | ")
+        head = f"| {method} | {k} | {kl:g} | {len(rs)} ({sum(r['reached'] for r in rs)}) | " \
+               f"{np.mean([r['exact_kl'] for r in rs]):.3f} | "
+        lines.append(head + (f"{np.mean(planned):.3f} | " if planned else "– | "))
         lines[-1] += (f"{np.mean([r['bon4'] for r in rs]):.3f} | {np.mean([r['won4'] for r in rs]):.3f} | "
                       f"{np.mean([r['standard'] for r in rs]):.3f} | {np.mean([r['steps'] for r in rs]):.0f} |")
     return "\n".join(lines)
@@ -356,6 +357,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kl-every", type=int, default=20, help="steps between exact KL checks")
     parser.add_argument("--kl-tolerance", type=float, default=0.01)
     parser.add_argument("--skip-oracle", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: tabulate the runs already done")
     args = parser.parse_args(argv)
     size = dict(SIZES["quick" if args.quick else "full"])
     for key in ("k", "kl", "seeds", "methods"):
@@ -383,7 +385,14 @@ def main(argv=None) -> int:
                             "responses_per_prompt": setup.language.num_responses,
                             "eval_prompts": len(setup.eval_prompts), "train_prompts": len(setup.train_prompts)}}
     if not args.skip_oracle:
-        report["oracle"] = oracle(setup, size["oracle_kl"], size["k"])
+        cache = out / f"oracle_{setup.path.name}_{len(setup.eval_prompts)}.json"
+        key = {"kl": size["oracle_kl"], "k": size["k"]}
+        cached = json.loads(cache.read_text()) if cache.exists() else None
+        if cached and cached["key"] == key:
+            report["oracle"] = cached["rows"]
+        else:
+            report["oracle"] = oracle(setup, size["oracle_kl"], size["k"])
+            cache.write_text(json.dumps({"key": key, "rows": report["oracle"]}, default=float))
         _log("oracle done")
     results = []
     # The middle budget first, for every K and seed: an interrupted run has whole comparisons to show.
@@ -392,6 +401,11 @@ def main(argv=None) -> int:
         for k in size["k"]:
             for seed in size["seeds"]:
                 for method in size["methods"]:
+                    if args.report_only:
+                        path = out / "runs" / f"{method}_K{k}_kl{kl:g}_seed{seed}" / "result.json"
+                        if path.exists():
+                            results.append(json.loads(path.read_text()))
+                        continue
                     r = train_run(out, setup, method, k, kl, seed, args)
                     _log(f"{method} K={k} KL={kl:g} seed={seed}: exact KL {r['exact_kl']:.3f}, "
                          f"BoN-4 {r['bon4']:.3f}, WoN-4 {r['won4']:.3f} ({r['seconds']:.0f} s)")
