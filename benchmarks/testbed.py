@@ -314,18 +314,37 @@ def format_oracle(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def add_planned_figures(results: list[dict]) -> None:
+    """Each CTRL run's planned BoN-4 and WoN-4: the tilt its estimator trains at its (Φ, β, K)."""
+    from functools import lru_cache
+
+    from ctrl_offline.finite_k import Estimator, trained_tilt
+
+    @lru_cache(maxsize=None)
+    def planned(spec, beta, k):
+        tilt = trained_tilt(spec, beta, k, Estimator(loss="dpo", strategy="sampled"))
+        return tilt.bon_win_rate(4), tilt.won_win_rate(4)
+
+    for r in results:
+        if r.get("transform") and "planned_bon4" not in r:
+            spec = r["transform"] if r["t"] is None else f"{r['transform']}:{r['t']}"
+            r["planned_bon4"], r["planned_won4"] = planned(spec, r["unscaled_beta"], r["plan_k"])
+
+
 def format_runs(results: list[dict]) -> str:
-    lines = ["| method | K | KL budget | seeds (reached) | exact KL | planned win | BoN-4 | WoN-4 | standard | steps |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | K | KL budget | seeds (reached) | planned KL | exact KL | BoN-4 planned | BoN-4 exact | "
+             "WoN-4 planned | WoN-4 exact | standard | steps |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     keys = sorted({(r["method"], r["k"], r["kl_budget"]) for r in results}, key=lambda x: (x[1], x[2], x[0]))
     for method, k, kl in keys:
         rs = [r for r in results if (r["method"], r["k"], r["kl_budget"]) == (method, k, kl)]
-        planned = [r["planned_win_rate"] for r in rs if "planned_win_rate" in r]
-        head = f"| {method} | {k} | {kl:g} | {len(rs)} ({sum(r['reached'] for r in rs)}) | " \
-               f"{np.mean([r['exact_kl'] for r in rs]):.3f} | "
-        lines.append(head + (f"{np.mean(planned):.3f} | " if planned else "– | "))
-        lines[-1] += (f"{np.mean([r['bon4'] for r in rs]):.3f} | {np.mean([r['won4'] for r in rs]):.3f} | "
-                      f"{np.mean([r['standard'] for r in rs]):.3f} | {np.mean([r['steps'] for r in rs]):.0f} |")
+        def mean(key, digits=3):
+            values = [r[key] for r in rs if r.get(key) is not None]
+            return f"{np.mean(values):.{digits}f}" if values else "–"
+
+        lines.append(f"| {method} | {k} | {kl:g} | {len(rs)} ({sum(r['reached'] for r in rs)}) | "
+                     f"{mean('planned_kl')} | {mean('exact_kl')} | {mean('planned_bon4')} | {mean('bon4')} | "
+                     f"{mean('planned_won4')} | {mean('won4')} | {mean('standard')} | {mean('steps', 0)} |")
     return "\n".join(lines)
 
 
@@ -410,6 +429,7 @@ def main(argv=None) -> int:
                     _log(f"{method} K={k} KL={kl:g} seed={seed}: exact KL {r['exact_kl']:.3f}, "
                          f"BoN-4 {r['bon4']:.3f}, WoN-4 {r['won4']:.3f} ({r['seconds']:.0f} s)")
                     results.append(r)
+    add_planned_figures(results)
     report["runs"] = [{k: v for k, v in r.items() if k not in ("per_prompt", "kl_history")} for r in results]
     report["comparisons"] = comparisons(results)
     report["seconds"] = time.perf_counter() - started
