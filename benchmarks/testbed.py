@@ -54,7 +54,7 @@ METHODS = {
 
 SIZES = {
     "quick": dict(pretrain_steps=300, per_prompt=32, train_prompts=384, eval_prompts=8, k=[8], kl=[0.5], seeds=[0],
-                  methods=["ctrl_exp_bon"], oracle_kl=[0.5]),
+                  methods=["calib_identity"], oracle_kl=[0.5]),
     "full": dict(pretrain_steps=600, per_prompt=64, train_prompts=384, eval_prompts=16, k=[8, 32],
                  kl=[0.25, 0.5, 1.0], seeds=[0, 1, 2], methods=list(METHODS), oracle_kl=[0.25, 0.5, 1.0]),
 }
@@ -270,6 +270,10 @@ def paired(results: list[dict], method: str, baseline: str, metric: str, k: int,
     diffs = [d[method] - d[baseline] for d in by_seed.values() if method in d and baseline in d]
     if not diffs:
         return None
+    # Matched KL: both runs within 0.02 nats of the budget (the callback's bisection lands within 0.01).
+    kls = {m: [r["exact_kl"] for r in results if r["k"] == k and r["kl_budget"] == kl and r["method"] == m]
+           for m in (method, baseline)}
+    matched = all(abs(v - kl) <= 0.02 for values in kls.values() for v in values)
     diffs = np.stack(diffs)  # (seeds, prompts)
     rng = np.random.default_rng(0)
     s = rng.integers(0, len(diffs), size=(num_boot, len(diffs)))
@@ -277,14 +281,17 @@ def paired(results: list[dict], method: str, baseline: str, metric: str, k: int,
     boots = np.array([diffs[s[b]][:, p[b]].mean() for b in range(num_boot)])
     low, high = np.quantile(boots, [0.025, 0.975])
     gap = float(diffs.mean())
-    if gap >= 0.03 and low > 0:
+    if not matched:
+        short = ", ".join(f"{m} {np.mean(v):.2f}" for m, v in kls.items() if any(abs(x - kl) > 0.02 for x in v))
+        verdict = f"not at matched KL ({short})"
+    elif gap >= 0.03 and low > 0:
         verdict = "shows the effect"
     elif abs(gap) <= 0.01 and high < 0.03:
         verdict = "refutes it"
     else:
         verdict = "inconclusive"
     return dict(method=method, baseline=baseline, metric=metric, k=k, kl=kl, seeds=len(diffs), difference=gap,
-                ci_low=float(low), ci_high=float(high), verdict=verdict)
+                ci_low=float(low), ci_high=float(high), matched_kl=matched, verdict=verdict)
 
 
 def comparisons(results: list[dict]) -> list[dict]:

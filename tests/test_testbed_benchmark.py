@@ -25,13 +25,15 @@ def test_paired_verdicts_follow_the_decision_rule():
     rows = []
     for seed in range(3):
         for method, shift in (("ctrl_exp_bon", 0.05), ("raw_bvw_dpo", 0.0)):
-            rows.append({"method": method, "k": 8, "kl_budget": 0.5, "seed": seed,
+            rows.append({"method": method, "k": 8, "kl_budget": 0.5, "seed": seed, "exact_kl": 0.5 + 0.005 * seed,
                          "per_prompt": {"bon4": [0.6 + shift + 0.001 * p for p in range(16)]}})
     shows = bench.paired(rows, "ctrl_exp_bon", "raw_bvw_dpo", "bon4", 8, 0.5)
     assert shows["difference"] == pytest.approx(0.05) and shows["verdict"] == "shows the effect"
     same = bench.paired(rows, "raw_bvw_dpo", "raw_bvw_dpo", "bon4", 8, 0.5)
     assert same["difference"] == 0.0 and same["verdict"] == "refutes it"
     assert bench.paired(rows, "calib_identity", "raw_bvw_dpo", "bon4", 8, 0.5) is None
+    rows[0]["exact_kl"] = 0.3  # a run that stopped short of the budget: no verdict at matched KL
+    assert bench.paired(rows, "ctrl_exp_bon", "raw_bvw_dpo", "bon4", 8, 0.5)["verdict"].startswith("not at matched")
 
 
 @pytest.mark.slow
@@ -42,7 +44,8 @@ def test_quick_run_prints_the_oracle_and_one_method(tmp_path, capsys):
     assert report["oracle"] and all(row["ok"] for row in report["oracle"])
     assert {row["k"] for row in report["oracle"]} == {None, 8}
     (run,) = report["runs"]
-    assert run["method"] == "ctrl_exp_bon" and run["reached"]
+    assert run["method"] == "calib_identity" and run["reached"]
     assert run["exact_kl"] == pytest.approx(0.5, abs=0.011)
-    assert 0.5 < run["bon4"] <= run["planned_win_rate"] + 0.01
+    assert 0.5 < run["bon4"] <= run["planned_bon4"] + 0.01
+    assert run["planned_kl"] == pytest.approx(0.5, abs=1e-3)
     assert (tmp_path / "tie_free" / "report.json").exists()
