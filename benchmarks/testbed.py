@@ -90,16 +90,16 @@ def prepare(out: Path, size: dict, ties: bool = False) -> Setup:
     reward = Reward(language, ties=ties)
     ref_dir = out / f"reference_{size['pretrain_steps']}"
     seconds = 0.0
-    if (ref_dir / "config.json").exists():
-        model, tokenizer = AutoModelForCausalLM.from_pretrained(ref_dir), AutoTokenizer.from_pretrained(ref_dir)
-        seconds = json.loads((ref_dir / "pretrain.json").read_text())["seconds"]
-    else:
+    if not (ref_dir / "config.json").exists():
         _log(f"pretraining π_ref ({size['pretrain_steps']} steps)")
         model, tokenizer, seconds = pretrain_reference(language, steps=size["pretrain_steps"],
                                                        per_prompt=size["per_prompt"])
         model.save_pretrained(ref_dir)
         tokenizer.save_pretrained(ref_dir)
         (ref_dir / "pretrain.json").write_text(json.dumps({"seconds": seconds}))
+    # Always from the folder: trainers that build their own reference copy find it by the model's path.
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(ref_dir), AutoTokenizer.from_pretrained(ref_dir)
+    seconds = json.loads((ref_dir / "pretrain.json").read_text())["seconds"]
     model.eval()
     train_prompts, eval_prompts = language.split_prompts(size["train_prompts"], size["eval_prompts"])
     cache = ref_dir / f"ref_logp_{size['eval_prompts']}.npz"
@@ -232,7 +232,8 @@ def train_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: int
             calibrate_scored(scored, calibrated)
         build = build_dataset(calibrated, run_dir / "build", format="pairs", transform=spec["transform"],
                               inference=spec["inference"], n=4, kl=kl, strategy="sampled",
-                              pairs_per_prompt=args.pairs_per_prompt, loss="dpo", seed=seed, overwrite=True)
+                              pairs_per_prompt=args.pairs_per_prompt, loss="dpo", tokenizer=str(setup.path), seed=seed,
+                              overwrite=True)
         info = json.loads((run_dir / "build" / "ctrl_build.json").read_text())
         row = info["planner"]["row"]
         planned = dict(transform=row["transform"], t=row["t"], beta=build.beta, unscaled_beta=row["beta"],
@@ -365,6 +366,18 @@ def format_comparisons(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    """Parse the arguments and run; with ``--json`` only the report reaches stdout (trainer logs go to stderr)."""
+    import contextlib
+
+    args = build_parser().parse_args(argv)
+    report, text = None, None
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        report, text = run(args)
+    print(json.dumps(report, indent=1, default=float) if args.json else text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="oracle + one trained method, ≤ 5 min on 2 cores")
     parser.add_argument("--out", type=Path, default=Path("runs/testbed"))
@@ -384,7 +397,11 @@ def main(argv=None) -> int:
     parser.add_argument("--kl-tolerance", type=float, default=0.01)
     parser.add_argument("--skip-oracle", action="store_true")
     parser.add_argument("--report-only", action="store_true", help="train nothing: tabulate the runs already done")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args) -> tuple[dict, str]:
+    """(report, its tables as Markdown): the oracle, every (K, budget, seed, method) run, the comparisons."""
     size = dict(SIZES["quick" if args.quick else "full"])
     for key in ("k", "kl", "seeds", "methods"):
         if getattr(args, key):
@@ -440,17 +457,15 @@ def main(argv=None) -> int:
     report["runs"] = [{k: v for k, v in r.items() if k not in ("per_prompt", "kl_history")} for r in results]
     report["comparisons"] = comparisons(results)
     report["seconds"] = time.perf_counter() - started
-    if args.json:
-        print(json.dumps(report, indent=1, default=float))
-    else:
-        if "oracle" in report:
-            print("Oracle: exactly tilted policies vs the plan\n\n" + format_oracle(report["oracle"]) + "\n")
-        print("Trained methods, KL held by the callback (means over seeds)\n\n" + format_runs(results) + "\n")
-        if report["comparisons"]:
-            print("Paired differences at matched KL\n\n" + format_comparisons(report["comparisons"]) + "\n")
-        print(f"{report['seconds']:.0f} s")
+    parts = []
+    if "oracle" in report:
+        parts.append("Oracle: exactly tilted policies vs the plan\n\n" + format_oracle(report["oracle"]))
+    parts.append("Trained methods, KL held by the callback (means over seeds)\n\n" + format_runs(results))
+    if report["comparisons"]:
+        parts.append("Paired differences at matched KL\n\n" + format_comparisons(report["comparisons"]))
+    parts.append(f"{report['seconds']:.0f} s")
     (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
-    return 0
+    return report, "\n\n".join(parts)
 
 
 if __name__ == "__main__":
