@@ -216,6 +216,15 @@ class KLBudgetCallback(TrainerCallback):
                     self.budget, state.global_step, over_kl.value,
                     f"α = {best_alpha:.4g} of the last step" if self.interpolate else "the last weights under budget",
                     best.value, best.stderr)
+        if self._under_kl is None:
+            # Nothing was measured under the budget after the start: the weights left are a fraction of
+            # the first few optimizer steps, not a trained policy.
+            logger.warning(
+                "the KL budget %.4g was already passed at the first check (step %d, KL %.4g): the weights left are "
+                "%s of the first %d step(s). Check more often (every_n_steps) or lower the learning rate so that "
+                "training sees more data before it spends the budget.", self.budget, state.global_step,
+                over_kl.value, f"α = {best_alpha:.3g}" if self.interpolate else "the start",
+                state.global_step)
         if best.value > self.budget + self.tolerance:
             logger.warning("the weights left have KL %.4g > budget %.4g: the start of training was already over it",
                            best.value, self.budget)

@@ -100,6 +100,21 @@ def test_plain_model_stops_at_the_budget_and_interpolates(tmp_path):
     assert all("kl_stderr" in h and "step" in h for h in logged)
 
 
+def test_a_budget_passed_at_the_first_check_is_reported(tmp_path, caplog):
+    callback = KLBudgetCallback(0.05, exact_categorical_kl, every_n_steps=20, tolerance=0.002)
+    trainer = categorical_trainer(tmp_path, callback)
+    with caplog.at_level(logging.WARNING, logger="ctrl_offline.kl_budget"):
+        trainer.train()
+    assert callback.reached and trainer.state.global_step == 20
+    assert abs(callback.final.value - 0.05) <= 0.002
+    assert "already passed at the first check (step 20" in caplog.text and "every_n_steps" in caplog.text
+    caplog.clear()
+    callback = KLBudgetCallback(0.05, exact_categorical_kl, every_n_steps=1, tolerance=0.002)
+    with caplog.at_level(logging.WARNING, logger="ctrl_offline.kl_budget"):
+        categorical_trainer(tmp_path, callback).train()
+    assert callback.reached and "first check" not in caplog.text
+
+
 def test_plain_model_restores_the_last_weights_under_budget(tmp_path):
     budget = 0.3
     kl = Recording(exact_categorical_kl)
