@@ -124,7 +124,7 @@ class SyntheticLanguage:
         for prompt in prompts:
             tokens = [int(p[1:]) for p in prompt.split()]
             base = sum(by_prompt[i, tok] for i, tok in enumerate(tokens))
-            prev = np.full(per_prompt, v := self.vocab)
+            prev = np.full(per_prompt, self.vocab)  # row `vocab` of by_prev: the start of the response
             ys = np.empty((per_prompt, self.length), dtype=np.int64)
             for t in range(self.length):
                 logits = self.temperature * (base[None, :] + by_prev[prev] + by_pos[t][None, :])
@@ -133,7 +133,6 @@ class SyntheticLanguage:
                 ys[:, t] = (probs.cumsum(axis=1) > rng.random((per_prompt, 1))).argmax(axis=1)
                 prev = ys[:, t]
             out.extend((prompt, y) for y in ys)
-        del v
         return out
 
 
