@@ -227,7 +227,7 @@ def train_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: int
         config = DPOConfig(beta=args.bvw_beta, bf16=False, **common)
         trainer_cls = DPOTrainer
     else:
-        calibrated = run_dir.parent.parent / "samples" / f"K{k}_seed{seed}" / "calibrated"
+        calibrated = scored.parent / "calibrated"  # shared by every method on these samples
         if not calibrated.exists():
             calibrate_scored(scored, calibrated)
         build = build_dataset(calibrated, run_dir / "build", format="pairs", transform=spec["transform"],
