@@ -62,9 +62,9 @@ EFFECT_POINTS, NULL_POINTS = 3.0, 1.0
 DECISION_RULE = (
     "Decision rule (fixed before the results; CTRL − baseline, in win-rate points, on the selector the CTRL "
     "method was planned for, N as evaluated, 95% paired bootstrap interval over prompts):\n"
-    f"  effect shown  gap ≥ {EFFECT_POINTS:g} points and the interval excludes 0 (lower bound > 0)\n"
-    f"  refuted       gap ≤ {NULL_POINTS:g} point and the upper bound < {EFFECT_POINTS:g} points\n"
-    "  inconclusive  otherwise")
+    f"  shows the effect  gap ≥ {EFFECT_POINTS:g} points and the interval excludes 0 (lower bound > 0)\n"
+    f"  refutes it        gap ≤ {NULL_POINTS:g} point and the upper bound < {EFFECT_POINTS:g} points\n"
+    "  inconclusive      otherwise")
 
 METHODS = {
     # name: build kwargs (``n``/``kl`` added per run for planned builds), trainer loss, role, selector compared on
@@ -362,12 +362,10 @@ def evaluate_run(run: Path, eval_source: Path, pool: Path, info: dict, args) -> 
 
 
 def verdict(difference: dict) -> str:
-    gap, low, high = (100 * difference[k] for k in ("value", "ci_low", "ci_high"))
-    if gap >= EFFECT_POINTS and low > 0:
-        return "effect shown"
-    if gap <= NULL_POINTS and high < EFFECT_POINTS:
-        return "refuted"
-    return "inconclusive"
+    from ctrl_offline.evaluation import decision_verdict
+
+    return decision_verdict(difference["value"], difference["ci_low"], difference["ci_high"],
+                            effect=EFFECT_POINTS / 100, null=NULL_POINTS / 100)
 
 
 def comparisons(runs: dict, args) -> list[dict]:

@@ -264,6 +264,8 @@ def train_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: int
 def paired(results: list[dict], method: str, baseline: str, metric: str, k: int, kl: float,
            num_boot: int = 4000) -> dict | None:
     """Mean of method − baseline over seeds and prompts, with a two-stage bootstrap (seeds, then prompts)."""
+    from ctrl_offline.evaluation import decision_verdict
+
     by_seed = {}
     for r in results:
         if r["k"] == k and r["kl_budget"] == kl and r["method"] in (method, baseline):
@@ -282,15 +284,11 @@ def paired(results: list[dict], method: str, baseline: str, metric: str, k: int,
     boots = np.array([diffs[s[b]][:, p[b]].mean() for b in range(num_boot)])
     low, high = np.quantile(boots, [0.025, 0.975])
     gap = float(diffs.mean())
-    if not matched:
+    if matched:
+        verdict = decision_verdict(gap, low, high)
+    else:
         short = ", ".join(f"{m} {np.mean(v):.2f}" for m, v in kls.items() if any(abs(x - kl) > 0.02 for x in v))
         verdict = f"not at matched KL ({short})"
-    elif gap >= 0.03 and low > 0:
-        verdict = "shows the effect"
-    elif abs(gap) <= 0.01 and high < 0.03:
-        verdict = "refutes it"
-    else:
-        verdict = "inconclusive"
     return dict(method=method, baseline=baseline, metric=metric, k=k, kl=kl, seeds=len(diffs), difference=gap,
                 ci_low=float(low), ci_high=float(high), matched_kl=matched, verdict=verdict)
 

@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from .calibration import CalibrationError, CalibrationTables, build_tables, calibrate, calibrate_reference
 from .evaluation import (
+    decision_verdict,
     paired_bootstrap_difference,
     subset_selection_weights,
     u_statistic_per_prompt,
@@ -53,6 +54,7 @@ __all__ = [
     "u_statistic_win_rate",
     "u_statistic_per_prompt",
     "subset_selection_weights",
+    "decision_verdict",
     "paired_bootstrap_difference",
     # KL budget during training (imported on first use: it pulls in torch / transformers)
     "KLEstimate",

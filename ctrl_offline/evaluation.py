@@ -40,7 +40,8 @@ from .selection import SELECTORS, select
 
 __all__ = ["Estimate", "pairwise_win_matrix", "inference_win_rate", "standard_win_rate", "calibrated_shortcut",
            "calibrated_shortcut_per_prompt", "kl_estimate", "bootstrap_mean", "subset_selection_weights",
-           "u_statistic_per_prompt", "u_statistic_win_rate", "paired_bootstrap_difference", "MAX_SUBSETS"]
+           "u_statistic_per_prompt", "u_statistic_win_rate", "paired_bootstrap_difference", "decision_verdict",
+           "MAX_SUBSETS"]
 
 
 @dataclass(frozen=True)
@@ -394,6 +395,20 @@ def u_statistic_win_rate(policy_rewards, reference_rewards, n: int, selector: st
             "reference_samples": s.shape[1], "method": max(methods, key=order.index), "max_subsets": max_subsets,
             "excluded_candidates": int(np.isnan(r).sum() + np.isnan(s).sum()),
             "prompts_without_candidates": int(np.isnan(per_prompt).sum()), "per_prompt": per_prompt}
+
+
+def decision_verdict(gap: float, ci_low: float, ci_high: float, *, effect: float = 0.03, null: float = 0.01) -> str:
+    """The verdict of a method − baseline win-rate gap under a rule fixed before the run.
+
+    ``"shows the effect"`` when gap ≥ ``effect`` and the interval excludes 0 (ci_low > 0);
+    ``"refutes it"`` when gap ≤ ``null`` and ci_high < ``effect`` (a method behind its baseline
+    refutes it too); ``"inconclusive"`` otherwise. Win rates as fractions (0.03 = 3 points).
+    """
+    if gap >= effect and ci_low > 0:
+        return "shows the effect"
+    if gap <= null and ci_high < effect:
+        return "refutes it"
+    return "inconclusive"
 
 
 def paired_bootstrap_difference(a, b, *, num_boot: int = 2000, level: float = 0.95,

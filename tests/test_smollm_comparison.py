@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,16 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from benchmark_modules import load_benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "smollm_comparison.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("smollm_comparison", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("smollm_comparison")
 
 
 def test_tie_jitter_breaks_ties_without_reordering():
@@ -37,10 +34,10 @@ def test_tie_jitter_breaks_ties_without_reordering():
 
 def test_verdicts():
     sc = _module()
-    assert sc.verdict({"value": 0.05, "ci_low": 0.01, "ci_high": 0.09}) == "effect shown"
+    assert sc.verdict({"value": 0.05, "ci_low": 0.01, "ci_high": 0.09}) == "shows the effect"
     assert sc.verdict({"value": 0.05, "ci_low": -0.01, "ci_high": 0.11}) == "inconclusive"
-    assert sc.verdict({"value": 0.005, "ci_low": -0.02, "ci_high": 0.025}) == "refuted"
-    assert sc.verdict({"value": -0.04, "ci_low": -0.07, "ci_high": -0.01}) == "refuted"  # CTRL worse
+    assert sc.verdict({"value": 0.005, "ci_low": -0.02, "ci_high": 0.025}) == "refutes it"
+    assert sc.verdict({"value": -0.04, "ci_low": -0.07, "ci_high": -0.01}) == "refutes it"  # CTRL worse
     assert sc.verdict({"value": 0.02, "ci_low": 0.001, "ci_high": 0.04}) == "inconclusive"
 
 
@@ -83,7 +80,7 @@ def test_toy_end_to_end(tmp_path):
     base = [m for m in config["methods"] if not m.startswith("ctrl_")]
     assert len(result["comparisons"]) == len(ctrl) * len(base) * len(config["kl"])
     for row in result["comparisons"]:
-        assert row["verdict"] in ("effect shown", "refuted", "inconclusive")
+        assert row["verdict"] in ("shows the effect", "refutes it", "inconclusive")
         assert row["half_width"] >= 0 and {"value", "ci_low", "ci_high"} <= set(row["difference"])
         metrics = {(r["metric"], r["selector"]) for r in row["rows"]}
         assert {("win_rate", "bon"), ("win_rate", "won"), ("standard_win_rate", None), ("kl", None)} <= metrics

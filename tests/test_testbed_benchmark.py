@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("testbed_benchmark", ROOT / "benchmarks" / "testbed.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from benchmark_modules import load_benchmark
 
 
 def test_paired_verdicts_follow_the_decision_rule():
-    bench = _load_benchmark()
+    bench = load_benchmark("testbed")
     rows = []
     for seed in range(3):
         for method, shift in (("ctrl_exp_bon", 0.05), ("raw_bvw_dpo", 0.0)):
@@ -31,6 +19,8 @@ def test_paired_verdicts_follow_the_decision_rule():
     assert shows["difference"] == pytest.approx(0.05) and shows["verdict"] == "shows the effect"
     same = bench.paired(rows, "raw_bvw_dpo", "raw_bvw_dpo", "bon4", 8, 0.5)
     assert same["difference"] == 0.0 and same["verdict"] == "refutes it"
+    behind = bench.paired(rows, "raw_bvw_dpo", "ctrl_exp_bon", "bon4", 8, 0.5)  # 5 points behind refutes it too
+    assert behind["difference"] == pytest.approx(-0.05) and behind["verdict"] == "refutes it"
     assert bench.paired(rows, "calib_identity", "raw_bvw_dpo", "bon4", 8, 0.5) is None
     rows[0]["exact_kl"] = 0.3  # a run that stopped short of the budget: no verdict at matched KL
     assert bench.paired(rows, "ctrl_exp_bon", "raw_bvw_dpo", "bon4", 8, 0.5)["verdict"].startswith("not at matched")
@@ -38,7 +28,7 @@ def test_paired_verdicts_follow_the_decision_rule():
 
 @pytest.mark.slow
 def test_quick_run_prints_the_oracle_and_one_method(tmp_path, capsys):
-    bench = _load_benchmark()
+    bench = load_benchmark("testbed")
     assert bench.main(["--quick", "--json", "--out", str(tmp_path)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["oracle"] and all(row["ok"] for row in report["oracle"])
