@@ -36,6 +36,7 @@ from .hub import HubError
 from .io import BUILD_INFO_FILE, DataError, read_build_info
 from .modeling import ModelLoadingConfig
 from .selection import SELECTORS
+from .stages.train import KL_BUDGET_FILE  # in the train folder: the KL held to the budget while training
 from .trainer import TrainingDataError
 
 __all__ = ["ModelArguments", "RecipeConfig", "RecipeError", "parse_recipe_args", "run_recipe", "main"]
@@ -43,7 +44,6 @@ __all__ = ["ModelArguments", "RecipeConfig", "RecipeError", "parse_recipe_args",
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "recipe_config.json"
-KL_BUDGET_FILE = "kl_budget.json"  # in the train folder: the KL held to the budget while training
 # Settings that change where results go or how they are logged, not the results themselves.
 _NOT_RESULT_SETTINGS = {
     "output_dir", "logging_dir", "overwrite", "push_to_hub", "hub_model_id", "hub_private_repo", "hub_revision",
@@ -293,61 +293,30 @@ def _kl_budget_callback(recipe, training_args, tokenizer, prompts_dir: Path):
                       "max_new_tokens": recipe.max_new_tokens, "every_n_steps": recipe.kl_every_n_steps}
 
 
-def _write_kl_record(callback, estimate_info: dict, path: Path) -> None:
-    """``train/kl_budget.json``: the budget, whether it was reached, the KL left and every estimate."""
-    final = dataclasses.asdict(callback.final) if callback.final is not None else None
-    record = {"budget": callback.budget, "reached": callback.reached, "final": final, "history": callback.history,
-              **estimate_info}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
-
-
 def _train(recipe, model_args, training_args, data_dir: Path, adapter_dir: Path) -> None:
-    from datasets import load_from_disk
+    from .stages.train import DEFAULT_LOSS, train_adapter, training_config
 
-    from transformers import AutoTokenizer
-
-    from .embedded import resolve_model
-    from .modeling import load_policy
-    from .trainer import CTRLPointwiseTrainer, CTRLTrainer
-
-    dataset = load_from_disk(str(data_dir))
-    model, lora = load_policy(model_loading_config(model_args, training_args))
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_args.model_name_or_path))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    shared = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(training_args) if f.init}
     # No beta here: the trainer reads it from data_dir's ctrl_build.json (a --beta given is checked against it).
+    shared = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(training_args) if f.init}
     shared.update(output_dir=str(data_dir.parent / "train"), push_to_hub=False)
-    if recipe.data_format == "pairs":
-        args = CTRLConfig(**shared)
-        trainer_cls = CTRLTrainer
-    else:
+    loss = shared.pop("ctrl_loss") if recipe.data_format == "pairs" else DEFAULT_LOSS[recipe.data_format]
+    if recipe.data_format != "pairs":  # the pair-only DPOConfig fields do not exist in SFTConfig
         names = {f.name for f in dataclasses.fields(CTRLPointwiseConfig) if f.init}
-        args = CTRLPointwiseConfig(**{k: v for k, v in shared.items() if k in names and k != "ctrl_loss"})
-        trainer_cls = CTRLPointwiseTrainer
-    trainer = trainer_cls(model, args, dataset, processing_class=tokenizer, peft_config=lora)
-    callback = None
+        shared = {k: v for k, v in shared.items() if k in names and k != "ctrl_loss"}
+    args = training_config(recipe.data_format, loss, shared)
+    loading = model_loading_config(model_args, training_args)
+    callback, estimate_info = None, None
     if recipe.hold_kl:  # the adapter delivered spends the planned KL, whatever the learning rate and steps
+        from transformers import AutoTokenizer
+
+        from .embedded import resolve_model
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_args.model_name_or_path))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
         callback, estimate_info = _kl_budget_callback(recipe, training_args, tokenizer, data_dir.parent / "prompts")
-        trainer.add_callback(callback)
-    checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"))
-    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
-    if callback is not None and trainer.accelerator.is_main_process:
-        _write_kl_record(callback, estimate_info, Path(args.output_dir) / KL_BUDGET_FILE)
-    # Every rank calls save_model (ZeRO-3 and FSDP gather the weights collectively); the folder
-    # appears under its final name only once complete.
-    staging = adapter_dir.with_name(adapter_dir.name + ".partial")
-    trainer.save_model(str(staging))
-    if trainer.accelerator.is_main_process:
-        tokenizer.save_pretrained(str(staging))
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        staging.rename(adapter_dir)
-    trainer.accelerator.wait_for_everyone()
+    train_adapter(data_dir, adapter_dir, loading, args, kl_callback=callback, kl_info=estimate_info,
+                  train_info={"loss": loss})
 
 
 def run_recipe(recipe: RecipeConfig, model_args, training_args: CTRLConfig,

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 EXAMPLES_CALIBRATE = """examples:
   ctrl-data calibrate scored.parquet --out calib/
@@ -35,6 +36,17 @@ EXAMPLES_BUILD = """examples:
   ctrl-data build calib/ --format pairs --inference bon --n 4 --kl 0.5 --out pairs/
   ctrl-data build calib/ --format pointwise --transform exp --t 5 --beta 30 --out pointwise/
   ctrl-data build calib/ --format pairs --strategy best_vs_worst --transform identity --beta 0.1 --out baseline/
+"""
+
+EXAMPLES_TRAIN = """examples:
+  ctrl-data train pairs/ --out adapter/
+      the loss, β and reference model the build recorded; LoRA on a full-precision base
+  ctrl-data train pairs/ --out adapter/ --load-in-4bit --learning_rate 1e-4 --num_train_epochs 2
+      QLoRA (bitsandbytes); any TRL training argument passes through as --name value
+  ctrl-data train pairs/ --out adapter/ --kl-prompts heldout.jsonl
+      held to the KL the build was planned for (--kl-budget to name another), estimated on held-out prompts
+  accelerate launch -m data_tools train pairs/ --out adapter/ --per_device_train_batch_size 4
+A killed run resumes from its newest checkpoint (in ADAPTER.checkpoints) when re-run with the same arguments.
 """
 
 EXAMPLES_PLAN = """examples:
@@ -160,6 +172,32 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--seed", type=int, default=0)
     bu.add_argument("--overwrite", action="store_true")
     bu.set_defaults(func=_run_build)
+
+    tr = stages.add_parser("train", help="the adapter a build was made for (TRL DPO / SFT trainers + PEFT)",
+                           description="Train a LoRA/QLoRA adapter on a `ctrl-data build` folder with the loss, β and "
+                           "reference model the build recorded. Arguments this command does not know are TRL training "
+                           "arguments (DPOConfig for pairs, SFTConfig otherwise), e.g. --learning_rate 1e-4.",
+                           epilog=EXAMPLES_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           allow_abbrev=False)  # a TRL argument must not be read as an abbreviation of ours
+    tr.add_argument("data", help="output folder of `ctrl-data build`")
+    tr.add_argument("--out", required=True, help="adapter folder (written once training ends)")
+    tr.add_argument("--model", help="base model (default: the reference model recorded at sampling)")
+    tr.add_argument("--loss", choices=sorted({x for xs in _format_losses().values() for x in xs}),
+                    help="override the loss the build was planned for (within its format)")
+    tr.add_argument("--load-in-4bit", action="store_true", help="QLoRA: quantise the base to 4-bit NF4 (bitsandbytes)")
+    tr.add_argument("--lora-r", type=_positive_int, default=16)
+    tr.add_argument("--lora-alpha", type=_positive_int, default=32)
+    tr.add_argument("--lora-dropout", type=float, default=0.05)
+    tr.add_argument("--lora-target-modules", nargs="+", help="default: every attention and MLP projection")
+    tr.add_argument("--no-gradient-checkpointing", action="store_true")
+    tr.add_argument("--kl-prompts", help="held-out prompts (file, folder or Hub id): hold training to a KL budget")
+    tr.add_argument("--kl-budget", type=_positive_float, help="KL to hold (default: the build's planned KL)")
+    tr.add_argument("--kl-samples", type=_positive_int, default=4, help="policy samples per KL prompt per estimate")
+    tr.add_argument("--kl-every", type=_positive_int, default=10, help="optimizer steps between KL estimates")
+    tr.add_argument("--kl-max-new-tokens", type=_positive_int, default=64)
+    tr.add_argument("--keep-checkpoints", action="store_true", help="keep ADAPTER.checkpoints once the adapter is written")
+    tr.add_argument("--overwrite", action="store_true", help="replace an existing adapter and its checkpoints")
+    tr.set_defaults(func=_run_train, accepts_extra=True)
 
     ev = stages.add_parser("eval", help="inference-time win rates of a policy against its reference",
                            description="Draw m candidates per prompt from the policy (base + adapter) and M from the "
@@ -312,17 +350,77 @@ def _run_build(args) -> int:
     return 0
 
 
+def _format_losses() -> dict:
+    from ctrl_offline.stages.train import FORMAT_LOSSES
+
+    return FORMAT_LOSSES
+
+
+def training_overrides(cls, extra: list[str]) -> dict:
+    """The TRL config fields given on the command line (``--learning_rate 1e-4``), typed by TRL's own parser."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(cls, allow_abbrev=False)
+    for action in parser._actions:  # keep only what was given (set_defaults would also type-convert them)
+        action.default, action.required = argparse.SUPPRESS, False
+    try:
+        given, unknown = parser.parse_known_args(extra)
+    except SystemExit as err:  # argparse already printed why
+        raise ValueError(f"bad training argument in {' '.join(extra)}") from err
+    if unknown:
+        raise ValueError(f"unrecognized argument(s): {' '.join(unknown)} (TRL's {cls.__name__} has no such field)")
+    given = vars(given)
+    for name in ("output_dir", "ctrl_loss", "beta"):
+        if name in given:
+            raise ValueError(f"--{name} is set by ctrl-data train ({'--out' if name == 'output_dir' else '--loss' if name == 'ctrl_loss' else 'the build'})")
+    return given
+
+
+def _run_train(args) -> int:
+    from ctrl_offline.config import CTRLConfig, CTRLPointwiseConfig
+    from ctrl_offline.io import DataError, read_build_info
+    from ctrl_offline.stages.train import train_from_build
+
+    info = read_build_info(args.data) if Path(args.data).is_dir() else None
+    if info is None:
+        raise DataError(f"{args.data} is not a `ctrl-data build` output folder (no ctrl_build.json)")
+    cls = CTRLConfig if info.get("format") == "pairs" else CTRLPointwiseConfig
+    overrides = training_overrides(cls, args.extra)
+    loading = {"load_in_4bit": args.load_in_4bit, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
+               "lora_dropout": args.lora_dropout, "lora_target_modules": args.lora_target_modules,
+               "gradient_checkpointing": not args.no_gradient_checkpointing}
+    result = train_from_build(args.data, args.out, args.model, loss=args.loss, loading=loading,
+                              training_args=overrides, kl_budget=args.kl_budget, kl_prompts=args.kl_prompts,
+                              kl_samples=args.kl_samples, kl_every_n_steps=args.kl_every,
+                              kl_max_new_tokens=args.kl_max_new_tokens, keep_checkpoints=args.keep_checkpoints,
+                              overwrite=args.overwrite)
+    kl = "" if result.kl is None else (f"; KL held at {result.kl['final']['value']:.3f} (budget {result.kl['budget']:.3g}"
+                                       f"{'' if result.kl['reached'] else ', not reached'})"
+                                       if result.kl.get("final") else "")
+    print(f"trained {result.loss} (β={result.beta:.4g}) for {result.steps} step(s) in {result.seconds:.0f}s{kl}: "
+          f"{result.adapter_dir}")
+    return 0
+
+
 def _run_eval(args) -> int:
     from ctrl_offline.io import read_build_info
     from ctrl_offline.stages.evaluate import evaluate_policy
 
     # A training set built by `ctrl-data build` records its transform, t and β (ctrl_build.json): the
     # report keeps them under "build" (and "transform"), as the recipe's evaluation does.
+    # An adapter written by `ctrl-data train` carries its build's metadata beside it.
     build_info = read_build_info(args.train_data) if args.train_data else None
+    train_data = args.train_data
+    if build_info is None and args.adapter and Path(args.adapter).is_dir():
+        build_info = read_build_info(args.adapter)
+        trained = Path(args.adapter) / "ctrl_train.json"
+        if train_data is None and trained.is_file():  # its training set, to count evaluation prompts seen in training
+            data = json.loads(trained.read_text()).get("data")
+            train_data = data if data and Path(data).is_dir() else None
     result = evaluate_policy(args.prompts, args.out, args.model, args.reward, adapter=args.adapter, n=tuple(args.n),
                              selectors=tuple(args.selectors), column=args.column, limit=args.limit,
                              max_new_tokens=args.max_new_tokens, lam=args.lam, beta=args.beta, kappa0=args.kappa0,
-                             seed=args.seed, train_data=args.train_data, overwrite=args.overwrite,
+                             seed=args.seed, train_data=train_data, overwrite=args.overwrite,
                              policy_samples=args.policy_samples, reference_samples=args.reference_samples,
                              reference_pool=args.reference_pool, build_info=build_info,
                              transform=None if build_info is None else build_info.get("transform"),
@@ -434,7 +532,10 @@ def _run_plan(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.func(args)

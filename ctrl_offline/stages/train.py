@@ -1,0 +1,306 @@
+"""The train stage: the adapter a ``ctrl-data build`` folder was made for.
+
+Everything the build decided travels with the data, so nothing is copied by hand:
+
+* the trainer: pairs train with :class:`~ctrl_offline.trainer.CTRLTrainer` (TRL's DPOTrainer),
+  pointwise targets and weights with :class:`~ctrl_offline.trainer.CTRLPointwiseTrainer`;
+* the loss the plan was made for (``planner.estimator.loss`` in ``ctrl_build.json``; a K-aware plan
+  promises its KL and win rate for that loss only, docs/finite_k.md), overridable within the format;
+* β, which the trainers read from ``ctrl_build.json`` themselves;
+* the reference model whose log-probs the build stored: training another model with them is refused.
+
+The adapter folder appears under its final name only once complete (written as ``<out>.partial``
+and renamed), with the tokenizer, the build's ``ctrl_build.json`` (so ``ctrl-data eval --adapter``
+and the Hub card find the transform, t and β) and ``ctrl_train.json`` (loss, β, steps, the KL held).
+Checkpoints go to ``<out>.checkpoints`` and a re-run resumes from the newest one; they are removed
+once the adapter is written unless ``keep_checkpoints``. Under ``accelerate launch`` every process
+trains and the main one writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..io import BUILD_INFO_FILE, DataError, read_build_info, read_metadata
+
+__all__ = ["TrainResult", "build_loss", "build_reference_model", "training_config", "train_adapter",
+           "train_from_build", "TRAIN_INFO_FILE", "KL_BUDGET_FILE"]
+
+logger = logging.getLogger(__name__)
+
+TRAIN_INFO_FILE = "ctrl_train.json"
+KL_BUDGET_FILE = "kl_budget.json"
+SETTINGS_FILE = "ctrl_train_settings.json"  # in the checkpoint folder: what its checkpoints were trained with
+
+#: The losses each build format can serve (its columns), and the one it trains by default.
+FORMAT_LOSSES = {"pairs": ("dpo", "ipo", "distill"), "pointwise": ("pointwise",), "weights": ("weighted_sft",)}
+DEFAULT_LOSS = {"pairs": "dpo", "pointwise": "pointwise", "weights": "weighted_sft"}
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    loss: str
+    beta: float
+    steps: int
+    kl: dict | None  # the KL held to the budget (``kl_budget.json``), None when not held
+    seconds: float
+
+
+def build_loss(info: dict) -> str:
+    """The loss a build was made for: its K-aware plan's estimator, else its format's natural loss."""
+    estimator = (info.get("planner") or {}).get("estimator") or {}
+    return info.get("loss") or estimator.get("loss") or DEFAULT_LOSS[info["format"]]
+
+
+def build_reference_model(info: dict) -> str | None:
+    """The reference model of a build's samples (whose log-probs it may store), when recorded."""
+    if info.get("reference_model"):
+        return info["reference_model"]
+    calibrated = ((info.get("inputs") or {}).get("calibrated") or {}).get("path")
+    if calibrated and Path(calibrated).is_file():
+        try:
+            return read_metadata(calibrated).get("reference_model")
+        except Exception:  # an unreadable file only loses the check
+            return None
+    return None
+
+
+def _check_loss(info: dict, loss: str | None) -> str:
+    fmt = info.get("format")
+    if fmt not in FORMAT_LOSSES:
+        raise DataError(f"{info['path']}: unknown build format {fmt!r}")
+    planned = build_loss(info)
+    if loss is None:
+        return planned
+    if loss not in FORMAT_LOSSES[fmt]:
+        raise DataError(f"a {fmt} build cannot train loss {loss!r}: its rows serve {', '.join(FORMAT_LOSSES[fmt])} "
+                        f"(rebuild with --format {'pairs' if loss in FORMAT_LOSSES['pairs'] else _format_of(loss)})")
+    if loss != planned and info.get("planner"):
+        logger.warning("the build was planned for loss %r: %r trains another tilt, so the planned KL and win rate "
+                       "do not hold (rebuild with --loss %s for a plan made for it)", planned, loss, loss)
+    return loss
+
+
+def _format_of(loss: str) -> str:
+    return next(fmt for fmt, losses in FORMAT_LOSSES.items() if loss in losses)
+
+
+def training_config(fmt: str, loss: str, overrides: dict):
+    """The TRL config (CTRLConfig for pairs, CTRLPointwiseConfig otherwise) for ``loss``.
+
+    ``overrides`` are TrainingArguments / DPOConfig / SFTConfig fields; ``beta`` is left out so
+    the trainer reads it from the build. A field the config does not have is refused by name.
+    """
+    from ..config import CTRLConfig, CTRLPointwiseConfig
+
+    cls = CTRLConfig if fmt == "pairs" else CTRLPointwiseConfig
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise DataError(f"unknown training argument(s) for {cls.__name__}: {', '.join(unknown)}")
+    values = {"report_to": "none", **overrides, "ctrl_loss": loss}
+    return cls(**values)
+
+
+def _latest_checkpoint(folder: Path) -> Path | None:
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+
+
+def train_adapter(data_dir, adapter_dir, loading, args, *, callbacks=(), kl_callback=None, kl_info: dict | None = None,
+                  train_info: dict | None = None) -> tuple[int, dict | None]:
+    """Train ``args`` (a CTRL config whose ``output_dir`` holds the checkpoints) on a build folder.
+
+    Resumes from the newest checkpoint in ``args.output_dir``; writes the adapter atomically into
+    ``adapter_dir`` with the tokenizer, the build metadata and ``ctrl_train.json``; the KL record of
+    ``kl_callback`` goes to ``args.output_dir/kl_budget.json`` and the adapter folder. Returns
+    (optimizer steps, KL record or None). Every process of a distributed run calls it.
+    """
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    from ..config import CTRLConfig
+    from ..embedded import load_error_message, resolve_model
+    from ..modeling import load_policy
+    from ..trainer import CTRLPointwiseTrainer, CTRLTrainer
+
+    data_dir, adapter_dir = Path(data_dir), Path(adapter_dir)
+    dataset = load_from_disk(str(data_dir))
+    model, lora = load_policy(loading)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(loading.model_name_or_path))
+    except OSError as err:
+        raise OSError(load_error_message("tokenizer", loading.model_name_or_path, err)) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    trainer_cls = CTRLTrainer if isinstance(args, CTRLConfig) else CTRLPointwiseTrainer
+    trainer = trainer_cls(model, args, dataset, processing_class=tokenizer, peft_config=lora)
+    for callback in (*callbacks, *([kl_callback] if kl_callback is not None else [])):
+        trainer.add_callback(callback)
+    checkpoint = _latest_checkpoint(Path(args.output_dir))
+    if checkpoint is not None:
+        logger.info("resuming from %s", checkpoint)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    kl_record = None
+    if kl_callback is not None:
+        final = dataclasses.asdict(kl_callback.final) if kl_callback.final is not None else None
+        kl_record = {"budget": kl_callback.budget, "reached": kl_callback.reached, "final": final,
+                     "history": kl_callback.history, **(kl_info or {})}
+        if trainer.accelerator.is_main_process:
+            _write_json(Path(args.output_dir) / KL_BUDGET_FILE, kl_record)
+    # Every rank calls save_model (ZeRO-3 and FSDP gather the weights collectively); the folder
+    # appears under its final name only once complete.
+    staging = adapter_dir.with_name(adapter_dir.name + ".partial")
+    trainer.save_model(str(staging))
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(str(staging))
+        build_file = data_dir / BUILD_INFO_FILE
+        if build_file.is_file():
+            shutil.copyfile(build_file, staging / BUILD_INFO_FILE)
+        record = {**(train_info or {}), "base_model": loading.model_name_or_path, "data": str(data_dir),
+                  "steps": trainer.state.global_step, "kl": kl_record}
+        _write_json(staging / TRAIN_INFO_FILE, record)
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        staging.rename(adapter_dir)
+    trainer.accelerator.wait_for_everyone()
+    return trainer.state.global_step, kl_record
+
+
+def _write_json(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    tmp.replace(path)
+
+
+def train_from_build(
+    data,
+    out,
+    model: str | None = None,
+    *,
+    loss: str | None = None,
+    loading: dict | None = None,
+    training_args: dict | None = None,
+    kl_budget: float | None = None,
+    kl_prompts=None,
+    kl_samples: int = 4,
+    kl_every_n_steps: int = 10,
+    kl_max_new_tokens: int = 64,
+    kl_column: str = "prompt",
+    checkpoint_dir=None,
+    keep_checkpoints: bool = False,
+    overwrite: bool = False,
+    callbacks=(),
+) -> TrainResult:
+    """Train the adapter a ``ctrl-data build`` folder was made for into ``out``.
+
+    ``model`` defaults to the reference model recorded at sampling; ``loss`` to the loss the build
+    was planned for. ``loading`` holds :class:`~ctrl_offline.modeling.ModelLoadingConfig` fields
+    (``load_in_4bit``, ``lora_r``, …; 4-bit is off unless asked for), ``training_args`` any TRL
+    config field (``learning_rate``, ``num_train_epochs``, ``per_device_train_batch_size``, …).
+
+    With ``kl_prompts`` (held-out prompts: a file, folder, Hub id or list) training is held to
+    ``kl_budget`` — by default the KL the build was planned for — by
+    :class:`~ctrl_offline.kl_budget.KLBudgetCallback` with a :class:`~ctrl_offline.kl_budget.SampledKL`
+    estimate every ``kl_every_n_steps`` steps (docs/kl_budget.md). Input errors (not a build folder,
+    a loss the rows cannot serve, another model than the stored log-probs', an existing ``out``)
+    raise :class:`~ctrl_offline.io.DataError` before any model is loaded.
+    """
+    from accelerate import PartialState
+
+    from ..modeling import ModelLoadingConfig
+
+    started = time.perf_counter()
+    data, out = Path(data), Path(out)
+    if not data.is_dir():
+        raise DataError(f"training data {data} is not a folder (pass a `ctrl-data build` output folder)")
+    info = read_build_info(data)
+    if info is None:
+        raise DataError(f"{data} is not a `ctrl-data build` output (no {BUILD_INFO_FILE}); build it with ctrl-data build")
+    loss = _check_loss(info, loss)
+    try:
+        import datasets
+
+        datasets.load_from_disk(str(data))
+    except Exception as err:  # datasets raises several types; say which folder and why
+        raise DataError(f"cannot load the training set in {data}: {err}") from err
+
+    reference = build_reference_model(info)
+    if model is None:
+        if reference is None:
+            raise DataError(f"{data} does not record its reference model: pass --model")
+        model = reference
+    elif reference is not None and info.get("stored_ref_logps") and str(model) != str(reference):
+        raise DataError(f"{data} stores reference log-probs of {reference}, not of {model}: train {reference} "
+                        "(--model), or rebuild from samples of this model")
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise DataError(f"output {out} exists and is not empty (pass --overwrite to replace it)")
+    checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else out.with_name(out.name + ".checkpoints")
+    settings = {"data": str(data.resolve()), "build_num_rows": info.get("num_rows"), "model": str(model),
+                "loss": loss, "loading": loading or {}, "training_args": training_args or {}}
+    kl_callback, kl_info = None, None
+    if kl_prompts is not None:
+        planned_kl = (info.get("planner") or {}).get("kl")
+        budget = kl_budget if kl_budget is not None else planned_kl
+        if budget is None:
+            raise DataError(f"{data} was not planned for a KL: pass --kl-budget to hold one")
+        kl_callback, kl_info = _kl_callback(budget, kl_prompts, model, kl_samples, kl_every_n_steps,
+                                            kl_max_new_tokens, kl_column, (training_args or {}).get("seed", 42))
+    elif kl_budget is not None:
+        raise DataError("holding a KL budget needs held-out prompts to estimate it on (--kl-prompts)")
+    state = PartialState()
+    if state.is_main_process:
+        _check_checkpoints(checkpoints, settings, overwrite)
+    state.wait_for_everyone()
+
+    loading_config = ModelLoadingConfig(model_name_or_path=str(model), **{"load_in_4bit": False, **(loading or {})})
+    args = training_config(info["format"], loss, {**(training_args or {}), "output_dir": str(checkpoints)})
+    steps, kl_record = train_adapter(data, out, loading_config, args, callbacks=callbacks, kl_callback=kl_callback,
+                                     kl_info=kl_info, train_info={"loss": loss, "beta": info["beta"]})
+    if state.is_main_process and not keep_checkpoints:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    return TrainResult(out, loss, float(info["beta"]), steps, kl_record, time.perf_counter() - started)
+
+
+def _check_checkpoints(folder: Path, settings: dict, overwrite: bool) -> None:
+    """Checkpoints are resumed only if they were trained with the same settings."""
+    record = folder / SETTINGS_FILE
+    if folder.exists() and overwrite:
+        shutil.rmtree(folder)
+    if folder.exists() and _latest_checkpoint(folder) is not None:
+        previous = json.loads(record.read_text()) if record.is_file() else None
+        if previous != json.loads(json.dumps(settings, default=str)):
+            raise DataError(f"{folder} holds checkpoints of another training run (other data, model or arguments): "
+                            "pass --overwrite to start afresh")
+    _write_json(record, settings)
+
+
+def _kl_callback(budget, prompts, model, num_samples, every_n_steps, max_new_tokens, column, seed):
+    from transformers import AutoTokenizer
+
+    from ..embedded import resolve_model
+    from ..kl_budget import KLBudgetCallback, SampledKL
+    from .sample import load_prompts
+
+    if isinstance(prompts, (str, Path)):
+        prompts = load_prompts(str(prompts), column=column)
+    prompts = list(prompts)
+    if not prompts:
+        raise DataError("no prompts for the KL estimate")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(str(model)))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    estimator = SampledKL(prompts, tokenizer, num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed)
+    callback = KLBudgetCallback(budget, estimator, every_n_steps=every_n_steps)
+    return callback, {"prompts": len(prompts), "samples_per_prompt": num_samples, "max_new_tokens": max_new_tokens,
+                      "every_n_steps": every_n_steps}
