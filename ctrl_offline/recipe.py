@@ -64,6 +64,13 @@ class RecipeConfig:
         "help": "Hub id or local folder in the hh-rlhf layout (<subset>/{train,test}.jsonl); embedded:hh-tiny ships here."})
     dataset_subsets: list[str] = field(default_factory=lambda: ["helpful-base"], metadata={
         "help": "hh-rlhf subsets (data_dir) to draw prompts from."})
+    prompts: str | None = field(default=None, metadata={
+        "help": "Any prompt source `ctrl-data sample` takes: a JSONL/JSON/Parquet/CSV/TXT file, a datasets folder or "
+                "a Hub dataset id (with prompt_column and train_split). Default: dataset_name in the hh-rlhf layout."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompts (with prompts)."})
+    eval_prompts: str | None = field(default=None, metadata={
+        "help": "Held-out evaluation prompts (any source, with prompts). Default: the source's eval_split when it "
+                "has one, else num_eval_prompts held out of it by a shuffle seeded with seed."})
     train_split: str = field(default="train", metadata={"help": "Split the training prompts come from."})
     eval_split: str = field(default="test", metadata={"help": "Split the held-out evaluation prompts come from."})
     num_train_prompts: int = field(default=2000, metadata={"help": "Training prompts (unique, in dataset order)."})
@@ -254,29 +261,103 @@ def _read_prompts(path: Path) -> list:
         return [json.loads(line)["prompt"] for line in f if line.strip()]
 
 
-def _kl_prompts(recipe, prompts_dir: Path) -> tuple[list, str]:
+def _unique(prompts: list) -> list:
+    from .generation import prompt_id
+
+    seen, kept = set(), []
+    for p in prompts:
+        if prompt_id(p) not in seen:
+            seen.add(prompt_id(p))
+            kept.append(p)
+    return kept
+
+
+def _has_split(source: str, split: str) -> bool:
+    """Whether a prompt source holds ``split`` (a file holds none; a plain datasets folder neither)."""
+    import datasets
+
+    path = Path(source)
+    if path.is_file():
+        return False
+    try:
+        if path.is_dir():
+            loaded = datasets.load_from_disk(str(path))
+            return isinstance(loaded, datasets.DatasetDict) and split in loaded
+        return split in datasets.get_dataset_split_names(source)
+    except Exception:  # unreadable here: the training load says why
+        return False
+
+
+def _prompt_source(recipe, seed: int) -> tuple[list, list]:
+    """(the prompts training draws from, in the order it takes them; the held-out evaluation prompts).
+
+    hh-rlhf layout: the train and eval splits in dataset order. Any other source (``prompts``): its
+    ``train_split``, held out against ``eval_prompts``, else its ``eval_split`` when it has one, else
+    ``num_eval_prompts`` taken out of it by a shuffle seeded with ``seed``.
+    """
+    if recipe.prompts is None:
+        from .hh import hh_prompts
+
+        limit = recipe.num_train_prompts + recipe.num_eval_prompts + recipe.kl_eval_prompts
+        pool = hh_prompts(recipe.dataset_name, recipe.dataset_subsets, recipe.train_split, limit)
+        return pool, hh_prompts(recipe.dataset_name, recipe.dataset_subsets, recipe.eval_split, recipe.num_eval_prompts)
+    import numpy as np
+
+    from .stages.sample import load_prompts
+
+    column = recipe.prompt_column
+    pool = _unique(load_prompts(recipe.prompts, column=column, split=recipe.train_split))
+    if recipe.eval_prompts is not None:
+        held_out = load_prompts(recipe.eval_prompts, column=column, split=recipe.eval_split)
+    elif _has_split(recipe.prompts, recipe.eval_split):
+        held_out = load_prompts(recipe.prompts, column=column, split=recipe.eval_split)
+    else:
+        order = np.random.default_rng(seed).permutation(len(pool))
+        pool = [pool[i] for i in order]
+        held_out, pool = pool[: recipe.num_eval_prompts], pool[recipe.num_eval_prompts:]
+        logger.info("%s has no %s split: %d prompts held out by a shuffle seeded with %d", recipe.prompts,
+                    recipe.eval_split, len(held_out), seed)
+    return pool, _unique(held_out)[: recipe.num_eval_prompts]
+
+
+def _prompt_splits(recipe, seed: int) -> tuple[list, list]:
+    """(training prompts, held-out evaluation prompts): no evaluation prompt is trained on."""
+    from .generation import prompt_id
+
+    pool, held_out = _prompt_source(recipe, seed)
+    evaluated = {prompt_id(p) for p in held_out}
+    train = [p for p in pool if prompt_id(p) not in evaluated][: recipe.num_train_prompts]
+    where = recipe.prompts or f"{recipe.dataset_name} ({', '.join(recipe.dataset_subsets)})"
+    if not train or not held_out:
+        raise RecipeError(f"no prompts in {where} for the {'training' if not train else 'evaluation'} split")
+    if len(train) < recipe.num_train_prompts or len(held_out) < recipe.num_eval_prompts:
+        logger.warning("%s gives %d training and %d evaluation prompts (asked: %d and %d)", where, len(train),
+                       len(held_out), recipe.num_train_prompts, recipe.num_eval_prompts)
+    return train, held_out
+
+
+def _kl_prompts(recipe, prompts_dir: Path, seed: int = 0) -> tuple[list, str]:
     """The prompts of the KL estimate while training, and where they come from.
 
-    The train split's prompts past the training ones, less any evaluation prompt: neither trained
-    on nor evaluated on. A split with fewer than 2 of those (the embedded hh-tiny, all 36 of whose
-    prompts the tiny config trains on) leaves the first training prompts, with a warning.
+    The training source's prompts past the training ones, less any evaluation prompt: neither
+    trained on nor evaluated on. A source with fewer than 2 of those (the embedded hh-tiny, all 36
+    of whose prompts the tiny config trains on) leaves the first training prompts, with a warning.
     """
     from .generation import prompt_id
-    from .hh import hh_prompts
 
     train = _read_prompts(prompts_dir / "train" / "prompts.jsonl")
     evaluated = _read_prompts(prompts_dir / "eval" / "prompts.jsonl")
     taken = {prompt_id(p) for p in train + evaluated}
-    pool = hh_prompts(recipe.dataset_name, recipe.dataset_subsets, recipe.train_split,
-                      len(train) + len(evaluated) + recipe.kl_eval_prompts)
+    pool, _ = _prompt_source(recipe, seed)
     held_out = [p for p in pool if prompt_id(p) not in taken][: recipe.kl_eval_prompts]
+    split = recipe.prompts or f"{recipe.train_split} split"
     if len(held_out) >= 2:
         if len(held_out) < recipe.kl_eval_prompts:
             logger.warning("only %d held-out prompts for the KL estimate (kl_eval_prompts=%d)", len(held_out),
                            recipe.kl_eval_prompts)
-        return held_out, f"{recipe.train_split} split, past the training prompts"
-    logger.warning("no held-out prompts left in the %s split past the %d training prompts: the KL held to the budget "
-                   "is estimated on the first %d training prompts", recipe.train_split, len(train),
+        return held_out, f"{split}, past the training prompts"
+    logger.warning("no held-out prompts left in the %s past the %d training prompts: the KL held to the budget "
+                   "is estimated on the first %d training prompts", split, len(train),
                    min(len(train), recipe.kl_eval_prompts))
     return train[: recipe.kl_eval_prompts], "training prompts"
 
@@ -285,7 +366,7 @@ def _kl_budget_callback(recipe, training_args, tokenizer, prompts_dir: Path):
     """(the callback holding training to ``kl_budget``, what its estimate is made of)."""
     from .kl_budget import KLBudgetCallback, SampledKL
 
-    prompts, source = _kl_prompts(recipe, prompts_dir)
+    prompts, source = _kl_prompts(recipe, prompts_dir, training_args.seed)
     estimator = SampledKL(prompts, tokenizer, num_samples=recipe.kl_eval_samples, max_new_tokens=recipe.max_new_tokens,
                           batch_size=recipe.sampling_batch_size, seed=training_args.seed)
     callback = KLBudgetCallback(recipe.kl_budget, estimator, every_n_steps=recipe.kl_every_n_steps)
@@ -325,7 +406,6 @@ def run_recipe(recipe: RecipeConfig, model_args, training_args: CTRLConfig,
     from accelerate import PartialState
 
     from .generation import SamplingConfig
-    from .hh import hh_prompts
     from .stages.build import build_dataset
     from .stages.calibrate import calibrate_scored
     from .stages.evaluate import BUILD_REPORT_KEYS, evaluate_policy
@@ -350,10 +430,7 @@ def run_recipe(recipe: RecipeConfig, model_args, training_args: CTRLConfig,
 
     prompts_dir = run_dir / "prompts"
     if state.is_main_process and _stage("prompts", (prompts_dir / "eval" / "prompts.jsonl").exists()):
-        train = hh_prompts(recipe.dataset_name, recipe.dataset_subsets, recipe.train_split, recipe.num_train_prompts)
-        held_out = hh_prompts(recipe.dataset_name, recipe.dataset_subsets, recipe.eval_split, recipe.num_eval_prompts)
-        if not train or not held_out:
-            raise RecipeError(f"no prompts in {recipe.dataset_name} ({recipe.dataset_subsets}) for the train or eval split")
+        train, held_out = _prompt_splits(recipe, training_args.seed)
         _write_prompts(prompts_dir / "train", train)
         _write_prompts(prompts_dir / "eval", held_out)
     state.wait_for_everyone()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ctrl_offline.hh import EMBEDDED_HH, dialogue_to_messages, hh_prompts
@@ -180,3 +181,52 @@ def test_recipe_pushes_the_finished_run_to_the_hub(tiny_chat_model, tmp_path):
     assert any(name.endswith(".arrow") for name in files)  # the dataset went up too
     assert "hf_recipe_secret" not in proc.stdout + proc.stderr
     assert "[train] done already, skipped" in proc.stderr
+
+
+def test_recipe_on_a_plain_text_prompt_file_and_a_function_reward(tiny_chat_model, tmp_path):
+    """Any prompt source `ctrl-data sample` takes: a .txt file with no held-out split gets one by a seeded shuffle;
+    the reward is a `module:function`."""
+    from tiny_models import WORDS
+
+    words = np.random.default_rng(3).choice(WORDS, size=(30, 3))
+    (tmp_path / "prompts.txt").write_text("".join(" ".join(w) + " \n" for w in words))
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_chat_model, out, "--prompts", tmp_path / "prompts.txt", "--num_eval_prompts", 5,
+                          "--kl_eval_prompts", 3)) == 0
+    read = lambda split: [json.loads(line)["prompt"] for line in (out / "prompts" / split / "prompts.jsonl").open()]
+    train, held_out = read("train"), read("eval")
+    assert len(train) == 6 and len(held_out) == 5 and not set(train) & set(held_out)
+    assert set(train) | set(held_out) <= {" ".join(w) + " " for w in words}
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert report["prompts"]["overlap_with_training"] == 0 and report["build"]["transform"] == "exp"
+    kl = json.loads((out / "train" / "kl_budget.json").read_text())
+    assert kl["prompts"] == 3 and "prompts.txt, past the training prompts" in kl["prompts_source"]
+
+
+def test_prompt_splits_of_any_source(tmp_path):
+    import datasets
+
+    from ctrl_offline.recipe import RecipeConfig, _prompt_splits
+
+    lines = [f"question {i} " for i in range(20)]
+    (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")
+    recipe = RecipeConfig(prompts=str(tmp_path / "p.txt"), num_train_prompts=8, num_eval_prompts=4)
+    train, held_out = _prompt_splits(recipe, seed=0)
+    assert (len(train), len(held_out)) == (8, 4) and not set(train) & set(held_out)
+    assert _prompt_splits(recipe, seed=0) == (train, held_out)  # seeded
+    assert _prompt_splits(recipe, seed=1) != (train, held_out)
+    # A datasets folder with a test split: that split is held out, the train split is trained in order.
+    folder = tmp_path / "dd"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": lines[:10]}),
+                          "test": datasets.Dataset.from_dict({"text": lines[10:]})}).save_to_disk(folder)
+    recipe = RecipeConfig(prompts=str(folder), prompt_column="text", num_train_prompts=8, num_eval_prompts=4)
+    assert _prompt_splits(recipe, seed=0) == (lines[:8], lines[10:14])
+    # An explicit held-out source; its prompts are never trained on.
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in lines[:3]))
+    recipe = RecipeConfig(prompts=str(folder), eval_prompts=str(tmp_path / "eval.jsonl"), prompt_column="text",
+                          num_train_prompts=8, num_eval_prompts=4)
+    assert _prompt_splits(recipe, seed=0) == (lines[3:10], lines[:3])
+    # Empty sources say so.
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(Exception, match="empty|no prompts"):
+        _prompt_splits(RecipeConfig(prompts=str(tmp_path / "empty.txt")), seed=0)
