@@ -10,6 +10,9 @@ span 1 on [0, 1] and records in the dataset folder's ``ctrl_build.json`` the ``b
 with them (= the planner's raw-Φ β, ``unscaled_beta``, divided by ``phi_scale``, the raw Φ's
 span). ``beta`` defaults to None: the trainer then reads it from that metadata. A ``beta`` given
 anyway must agree with it (relative tolerance 1e-6) unless ``allow_beta_mismatch``.
+
+``min_train_rows`` (default :data:`MIN_TRAIN_ROWS`): the trainers refuse a smaller training set
+with a message that says what to change upstream, instead of training on it.
 """
 
 from __future__ import annotations
@@ -21,12 +24,21 @@ from trl import DPOConfig, SFTConfig
 
 from .losses import PAIR_LOSSES, SINGLE_LOSSES
 
-__all__ = ["CTRLConfig", "CTRLPointwiseConfig"]
+__all__ = ["CTRLConfig", "CTRLPointwiseConfig", "MIN_TRAIN_ROWS"]
+
+#: Fewest training rows (pairs, or single responses) the trainers accept by default: a smaller set
+#: usually means the build left out most samples (cut completions, ties) and a run on it would be
+#: a handful of steps on a handful of rows. ``min_train_rows`` overrides it (0 turns the check off).
+MIN_TRAIN_ROWS = 8
 
 _BETA_HELP = (
     "KL coefficient β of the tilted policy for Φ rescaled to span 1 on [0, 1] (= the planner's raw-Φ β, "
     "`unscaled_beta`, divided by `phi_scale`). Default: read from the training set's build metadata "
     "(ctrl_build.json); a value given must agree with it unless allow_beta_mismatch."
+)
+_MIN_ROWS_HELP = (
+    f"Fewest training rows the trainer accepts (default {MIN_TRAIN_ROWS}); a smaller training set is refused with a "
+    "message naming what to change (more prompts or K, keep cut completions, a larger max_new_tokens). 0: no check."
 )
 _ALLOW_MISMATCH_HELP = (
     "Train with the given beta even where it differs from the beta recorded in the training set's build "
@@ -61,6 +73,7 @@ class CTRLConfig(DPOConfig):
     )
     beta: float | None = field(default=None, metadata={"help": _BETA_HELP})
     allow_beta_mismatch: bool = field(default=False, metadata={"help": _ALLOW_MISMATCH_HELP})
+    min_train_rows: int = field(default=MIN_TRAIN_ROWS, metadata={"help": _MIN_ROWS_HELP})
     bf16: bool | None = field(
         default=None, metadata={"help": "bf16 mixed precision; defaults to on where the GPU supports it."}
     )
@@ -69,6 +82,8 @@ class CTRLConfig(DPOConfig):
         if self.ctrl_loss not in PAIR_LOSSES:
             raise ValueError(f"ctrl_loss must be one of {PAIR_LOSSES}, got {self.ctrl_loss!r}")
         _check_beta(self.beta)
+        if self.min_train_rows < 0:
+            raise ValueError(f"min_train_rows must be ≥ 0, got {self.min_train_rows!r}")
         if self.bf16 is None:
             self.bf16 = _bf16_supported() and not self.fp16
         super().__post_init__()
@@ -90,6 +105,7 @@ class CTRLPointwiseConfig(SFTConfig):
     )
     beta: float | None = field(default=None, metadata={"help": _BETA_HELP})
     allow_beta_mismatch: bool = field(default=False, metadata={"help": _ALLOW_MISMATCH_HELP})
+    min_train_rows: int = field(default=MIN_TRAIN_ROWS, metadata={"help": _MIN_ROWS_HELP})
     precompute_ref_batch_size: int | None = field(
         default=None, metadata={"help": "Batch size of the one-off reference pass when `ref_logp` is absent."}
     )
@@ -101,6 +117,8 @@ class CTRLPointwiseConfig(SFTConfig):
         if self.ctrl_loss not in SINGLE_LOSSES:
             raise ValueError(f"ctrl_loss must be one of {SINGLE_LOSSES}, got {self.ctrl_loss!r}")
         _check_beta(self.beta)
+        if self.min_train_rows < 0:
+            raise ValueError(f"min_train_rows must be ≥ 0, got {self.min_train_rows!r}")
         if self.bf16 is None:
             self.bf16 = _bf16_supported() and not self.fp16
         super().__post_init__()

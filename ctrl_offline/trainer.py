@@ -11,6 +11,17 @@ no reference forward pass runs at all; otherwise TRL computes them once, batched
 training. Pointwise rows (``prompt``, ``completion``, ``target`` or ``weight``, ``ref_logp``)
 need one sequence per example instead of two.
 
+Completions cut at ``max_new_tokens`` are trained as prefixes: TRL appends EOS to every
+completion when it tokenises, so where a build flags a completion as cut (``chosen_finished`` /
+``rejected_finished`` False for pairs, ``finished`` False for single responses) the trainers take
+that EOS off again right after TRL's dataset preparation (``_prepare_dataset``). The sequence then
+matches the stored reference log-prob (which has no EOS term for a cut completion) and the policy
+is not taught to stop mid-sentence. Finished completions, and rows without the flags, keep EOS.
+
+A training set with fewer than ``min_train_rows`` rows (default
+:data:`~ctrl_offline.config.MIN_TRAIN_ROWS`) is refused with a :class:`TrainingDataError` that
+names what to change upstream.
+
 β travels with the data: given a training set loaded from a ``ctrl-data build`` folder
 (``load_from_disk``) and no ``beta``, the trainers take the ``beta`` recorded in its
 ``ctrl_build.json`` (the β for Φ rescaled to span 1, which the stored targets were built with).
@@ -32,7 +43,7 @@ from tqdm.auto import tqdm
 from trl import DPOTrainer, SFTTrainer
 from trl.trainer.utils import use_adapter
 
-from .config import CTRLConfig, CTRLPointwiseConfig
+from .config import CTRLConfig, CTRLPointwiseConfig, MIN_TRAIN_ROWS
 from .io import read_build_info
 from .losses import distill_loss, dpo_loss, ipo_loss, pointwise_loss, soft_label, weighted_sft_loss
 
@@ -43,6 +54,10 @@ logger = logging.getLogger(__name__)
 PAIR_EXTRA_COLUMNS = ("target_margin", "label", "weight")
 REF_PAIR_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 POINTWISE_EXTRA_COLUMNS = ("target", "weight", "ref_logp")
+#: Per-row flags of a build: False where the completion was cut at max_new_tokens (no EOS).
+#: Token-id column → (text column, flag column).
+PAIR_FINISHED_COLUMNS = {"chosen_ids": ("chosen", "chosen_finished"), "rejected_ids": ("rejected", "rejected_finished")}
+POINTWISE_FINISHED_COLUMN = "finished"
 
 
 class TrainingDataError(ValueError):
@@ -74,6 +89,65 @@ def _check_finite(dataset, columns, what: str) -> None:
             bad = [v is None or not math.isfinite(v) for v in dataset[column]]
             if any(bad):
                 raise TrainingDataError(f"{what}: NaN, infinite or missing {column!r} in {_rows(bad)}")
+
+
+def _check_size(num_rows: int | None, args, build_info: dict | None, what: str = "pairs", note: str = "") -> None:
+    """Refuse a training set of fewer than ``args.min_train_rows`` rows, saying what to change."""
+    minimum = getattr(args, "min_train_rows", MIN_TRAIN_ROWS)
+    if num_rows is None or not minimum or num_rows >= minimum:
+        return
+    fixes = []
+    left_out = (build_info or {}).get("left_out") or {}
+    if left_out.get("cut"):
+        fixes.append(f"keep the {left_out['cut']} completions its build left out for being cut at max_new_tokens "
+                     "(build with keep_unfinished=True, the default) or sample with a larger max_new_tokens")
+    elif build_info is None:
+        fixes.append("keep the completions cut at max_new_tokens (the build's default) or sample with a larger "
+                     "max_new_tokens")
+    fixes.append("sample more prompts or a larger K")
+    if what == "pairs":
+        fixes.append("build more pairs per prompt (strategy 'all')")
+    raise TrainingDataError(
+        f"train_dataset has {num_rows} {what}{note}, fewer than min_train_rows={minimum}: too few to train on. "
+        f"To get more: {'; '.join(fixes)}. Set min_train_rows=0 to train on it anyway.")
+
+
+def _column_names(dataset) -> list[str]:
+    names = getattr(dataset, "column_names", None)
+    return list(names) if names is not None else list(next(iter(dataset)).keys())
+
+
+def _map_kwargs(dataset, args, desc: str) -> dict:
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset):  # IterableDataset.map takes neither
+        return {"num_proc": args.dataset_num_proc, "desc": desc}
+    return {}
+
+
+def _strip_appended_eos(dataset, args, tokenizer, columns: dict, name: str):
+    """Take off the EOS TRL appended to each completion whose flag says it was cut (pairs).
+
+    ``columns`` maps a token-id column to its (text column, flag column); a flag column the
+    dataset lacks means every completion in it finished, as TRL assumes.
+    """
+    names = _column_names(dataset)
+    present = {ids: text_flag for ids, text_flag in columns.items() if text_flag[1] in names}
+    if not present:
+        return dataset
+    eos_id, eos = tokenizer.eos_token_id, tokenizer.eos_token or ""
+
+    def strip(example):
+        out = {}
+        for ids_column, (text_column, flag_column) in present.items():
+            ids, text = example[ids_column], example[text_column]
+            if example[flag_column] is not None and not example[flag_column] and ids and ids[-1] == eos_id:
+                ids = ids[:-1]
+                text = text[: -len(eos)] if eos and text.endswith(eos) else text
+            out[ids_column], out[text_column] = ids, text
+        return out
+
+    return dataset.map(strip, **_map_kwargs(dataset, args, f"Leaving EOS off the cut completions of the {name} dataset"))
 
 
 def _named(train_dataset, eval_dataset) -> dict:
@@ -193,6 +267,7 @@ class CTRLTrainer(_MetricsMixin, DPOTrainer):
         for name, dataset in datasets.items():
             self._validate(dataset, args, name)
         self.build_info = resolve_beta(args, train_dataset, eval_dataset)
+        _check_size(_len(train_dataset), args, self.build_info, "pairs")
         stored = all(all(c in d.column_names for c in REF_PAIR_COLUMNS) for d in datasets.values())
         # Stored reference log-probs: TRL must not recompute them; absent: TRL computes them once, batched.
         args.precompute_ref_log_probs = not stored
@@ -204,6 +279,14 @@ class CTRLTrainer(_MetricsMixin, DPOTrainer):
         self.data_collator = _CarryColumns(self.data_collator, PAIR_EXTRA_COLUMNS + REF_PAIR_COLUMNS)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._report_truncation(raw_rows)
+        if _len(self.train_dataset) != raw_rows:
+            _check_size(_len(self.train_dataset), args, self.build_info, "pairs",
+                        f" left once TRL dropped those whose prompt alone fills max_length={args.max_length}")
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """TRL's preparation (EOS appended, tokenised), then EOS taken off again where a completion was cut."""
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        return _strip_appended_eos(dataset, args, self._tokenizer, PAIR_FINISHED_COLUMNS, dataset_name)
 
     @staticmethod
     def _validate(dataset, args: CTRLConfig, name: str) -> None:
@@ -283,6 +366,7 @@ class CTRLPointwiseTrainer(_MetricsMixin, SFTTrainer):
             _check_finite(dataset, POINTWISE_EXTRA_COLUMNS, name)
         # weighted_sft's weights already hold β: it needs none to train.
         self.build_info = resolve_beta(args, train_dataset, eval_dataset, required=args.ctrl_loss == "pointwise")
+        _check_size(_len(train_dataset), args, self.build_info, "rows")
         args.completion_only_loss = True
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, peft_config=peft_config, **kwargs)
@@ -297,6 +381,30 @@ class CTRLPointwiseTrainer(_MetricsMixin, SFTTrainer):
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *POINTWISE_EXTRA_COLUMNS]))
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        """TRL's preparation (EOS appended, tokenised, truncated), then EOS taken off again where a completion was cut."""
+        names = _column_names(dataset)
+        cut_rows = POINTWISE_FINISHED_COLUMN in names and "input_ids" not in names
+        if cut_rows and packing:
+            raise TrainingDataError(f"{dataset_name}_dataset: packing cannot leave EOS off the completions cut at "
+                                    "max_new_tokens (column 'finished'); train without packing")
+        dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        if not cut_rows:
+            return dataset
+        eos_id = self._tokenizer.eos_token_id
+        per_token = [c for c in ("input_ids", "labels", "attention_mask", "token_type_ids") if c in _column_names(dataset)]
+
+        def strip(example):
+            ids, labels = example["input_ids"], example.get("labels")
+            cut = example[POINTWISE_FINISHED_COLUMN] is not None and not example[POINTWISE_FINISHED_COLUMN]
+            # TRL's EOS is the last token unless truncation removed it (then there is nothing to take off).
+            if cut and ids and ids[-1] == eos_id and (labels is None or labels[-1] != -100):
+                return {c: example[c][:-1] for c in per_token}
+            return {c: example[c] for c in per_token}
+
+        return dataset.map(strip, **_map_kwargs(dataset, args,
+                                                f"Leaving EOS off the cut completions of the {dataset_name} dataset"))
 
     @torch.no_grad()
     def _add_ref_logps(self, dataset, name: str):
@@ -329,6 +437,13 @@ class CTRLPointwiseTrainer(_MetricsMixin, SFTTrainer):
         self._record(mode, **{"logps": logps})
         loss = per_example.mean()
         return (loss, {"logps": logps}) if return_outputs else loss
+
+
+def _len(dataset) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:  # an IterableDataset
+        return None
 
 
 def _pointwise_logps(model, inputs) -> torch.Tensor:

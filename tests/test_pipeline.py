@@ -120,9 +120,11 @@ def test_stored_reference_logps_are_verified_against_the_trainer_tokenisation(pi
     tok = build_tokenizer()
     table = pq.read_table(pipeline / "calib" / "calibrated.parquet")
     table = table.filter(pa.array([bool(c.strip()) for c in table["completion"].to_pylist()]))
-    # Rows whose ids are exactly what the trainer will tokenise: the stored values are kept ...
-    ids = [tok(p + c + tok.eos_token)["input_ids"][len(tok(p)["input_ids"]):]
-           for p, c in zip(table["prompt_text"].to_pylist(), table["completion"].to_pylist())]
+    # Rows whose ids are exactly what the trainer will tokenise (EOS only after a finished
+    # completion; one cut at max_new_tokens is a prefix): the stored values are kept ...
+    ids = [tok(p + c + (tok.eos_token if done else ""))["input_ids"][len(tok(p)["input_ids"]):]
+           for p, c, done in zip(table["prompt_text"].to_pylist(), table["completion"].to_pylist(),
+                                 table["finished"].to_pylist())]
     table = table.set_column(table.column_names.index("completion_ids"), "completion_ids",
                              pa.array(ids, pa.list_(pa.int32())))
     for name, variant in {"clean": table,

@@ -3,12 +3,18 @@
 Formats, each a `datasets` folder (``datasets.load_from_disk``) that TRL's DPO trainer and the
 project's trainers read without conversion:
 
-* ``pairs``      prompt, chosen, rejected, target_margin, label, weight, ref_chosen_logps, ref_rejected_logps
-* ``pointwise``  prompt, completion, target, ref_logp
-* ``weights``    prompt, completion, weight, ref_logp
+* ``pairs``      prompt, chosen, rejected, target_margin, label, weight, ref_chosen_logps, ref_rejected_logps,
+  chosen_finished, rejected_finished
+* ``pointwise``  prompt, completion, target, ref_logp, finished
+* ``weights``    prompt, completion, weight, ref_logp, finished
 
 ``prompt`` is the text the reference model saw (chat template applied), so the trainer
 tokenises exactly what was sampled and the stored reference log-probs stay valid.
+
+Completions cut at ``max_new_tokens`` before EOS are kept by default, as what they are: prefixes.
+The ``*finished`` flags (written when the samples record ``finished``) tell the trainers not to
+append EOS to a cut completion, and its stored ``ref_logp`` has no EOS term either, so the log-ratio
+is that of the capped output the policy is decoded with (docs/theory.md §5).
 """
 
 from __future__ import annotations
@@ -28,12 +34,19 @@ from ..synthesis import make_pairs, pointwise_targets, sft_weights
 from ..transforms import Rescaled, family_has_t, get_transform, unit_scale
 from .calibrate import CALIBRATED_FILE
 
-__all__ = ["BuildResult", "build_dataset", "FORMATS", "BUILD_METADATA"]
+__all__ = ["BuildResult", "build_dataset", "FORMATS", "BUILD_METADATA", "MAX_LEFT_OUT", "MIN_ROWS_HINT"]
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("pairs", "pointwise", "weights")
 BUILD_METADATA = "ctrl_build.json"
+#: The largest fraction of the calibrated rows the build may leave out (cut before EOS when dropping
+#: them, or empty) before it stops: training on the rest would tilt toward the short answers that
+#: survived, not toward the calibrated target. ``max_left_out`` overrides it (1 never stops).
+MAX_LEFT_OUT = 0.5
+#: Below this many rows the build warns that the trainers will refuse the set (their default
+#: ``min_train_rows``, :data:`ctrl_offline.config.MIN_TRAIN_ROWS`).
+MIN_ROWS_HINT = 8
 
 
 @dataclass(frozen=True)
@@ -85,8 +98,13 @@ def _choose_transform(transform, t, beta, inference, n, kl, k=None, estimator=No
     return get_transform(transform, t), float(beta), planned
 
 
-def _verified_ref_logps(ref: np.ndarray, table: pa.Table, prompt_col: str, tokenizer_path: str | None):
-    """``ref`` if re-tokenising prompt + completion + EOS, as TRL does, gives back the sampled ids, else None."""
+def _verified_ref_logps(ref: np.ndarray, table: pa.Table, prompt_col: str, tokenizer_path: str | None,
+                        finished: np.ndarray | None):
+    """``ref`` if re-tokenising each row as the trainer does gives back the sampled ids, else None.
+
+    The trainer tokenises prompt + completion + EOS for a finished completion and prompt +
+    completion, no EOS, for one cut at ``max_new_tokens`` (``finished`` False; None: all finished).
+    """
     if "completion_ids" not in table.column_names or not tokenizer_path:
         logger.warning("cannot check the stored reference log-probs against the trainer's tokenisation (no "
                        "completion_ids or tokenizer); they are kept as they are")
@@ -102,10 +120,13 @@ def _verified_ref_logps(ref: np.ndarray, table: pa.Table, prompt_col: str, token
     eos = tok.eos_token or ""
     prompts, completions = table[prompt_col].to_pylist(), table["completion"].to_pylist()
     sampled = table["completion_ids"].to_pylist()
+    if finished is None:
+        finished = np.ones(len(prompts), dtype=bool)
     mismatched = 0
-    for prompt, completion, ids in zip(prompts, completions, sampled):
+    for prompt, completion, ids, done in zip(prompts, completions, sampled, finished):
         prompt_ids = tok(prompt)["input_ids"]
-        full = tok(prompt + completion + (eos if not completion.endswith(eos) else ""))["input_ids"]
+        tail = eos if done and not completion.endswith(eos) else ""
+        full = tok(prompt + completion + tail)["input_ids"]
         mismatched += full != prompt_ids + list(ids)
     if mismatched:
         logger.warning(
@@ -133,7 +154,8 @@ def build_dataset(
     targets: str = "loo",
     loss: str | None = None,
     k_aware: bool = True,
-    keep_unfinished: bool = False,
+    keep_unfinished: bool = True,
+    max_left_out: float = MAX_LEFT_OUT,
     tokenizer: str | None = None,
     seed: int = 0,
     overwrite: bool = False,
@@ -143,6 +165,18 @@ def build_dataset(
     Stored reference log-probs are kept only if the trainer's tokenisation reproduces the sampled
     token ids (checked with ``tokenizer``, by default the reference model's recorded at sampling);
     otherwise they are left out, with a warning, and the trainer computes them once before training.
+
+    Completions cut at ``max_new_tokens`` before EOS (``finished`` False) are kept by default
+    (``keep_unfinished``) and flagged (``chosen_finished`` / ``rejected_finished``, ``finished``):
+    the trainers tokenise them without EOS and their stored reference log-probs have no EOS term,
+    so they train as the prefixes they are, and the policy is not taught to stop mid-sentence. Why
+    keep them: each u was ranked among all K samples of its prompt, cut ones included, and the
+    policy is decoded (and evaluated) under the same cap; leaving them out trains only on the
+    answers short enough to finish — for an instruction model under a cap often a small,
+    short-biased minority. ``keep_unfinished=False`` leaves them out. Either way, when more than
+    ``max_left_out`` (default :data:`MAX_LEFT_OUT`, one half) of the rows are left out (cut when
+    dropping them, or empty) the build stops with a DataError naming what to change instead of
+    writing a set that trains on what is left.
 
     Planned builds (``inference``/``n``/``kl``) are K-aware by default: K is the number of reference
     samples per prompt in the calibrated input, and t and β are chosen so that the tilt ``loss``
@@ -180,21 +214,47 @@ def build_dataset(
     phi, beta = Rescaled(phi, scale), planner_beta / scale
     table = table.append_column("_k", pa.array(k_of_row.astype(np.int64)))
     prompt_col = "prompt_text" if "prompt_text" in table.column_names else "prompt"
-    if "finished" in table.column_names and not keep_unfinished:
+    if not 0 <= max_left_out <= 1:
+        raise ValueError(f"max_left_out must lie in [0, 1], got {max_left_out!r}")
+    total = table.num_rows
+    has_flags = "finished" in table.column_names
+    cut = 0
+    if has_flags and not keep_unfinished:
         finished = np.asarray(table["finished"].to_numpy(zero_copy_only=False), dtype=bool)
-        if not finished.all():
-            # The trainer appends EOS to every response: a completion cut at max_new_tokens has no
-            # stored log-prob for that EOS, so its reference log-prob would be wrong.
-            logger.warning("left out %d completion(s) that hit max_new_tokens before EOS", int((~finished).sum()))
+        cut = int((~finished).sum())
+        if cut:
+            logger.warning("left out %d of %d completion(s) that hit max_new_tokens before EOS (keep_unfinished=False)",
+                           cut, total)
             table = table.filter(pa.array(finished))
     nonempty = np.array([bool(c and c.strip()) for c in table["completion"].to_pylist()], dtype=bool)
-    if not nonempty.all():
+    empty = int((~nonempty).sum())
+    if empty:
         # The trainers refuse empty responses (nothing to score token by token).
-        logger.warning("left out %d empty completion(s)", int((~nonempty).sum()))
+        logger.warning("left out %d empty completion(s)", empty)
         table = table.filter(pa.array(nonempty))
+    keep_hint = ("keep the cut completions (keep_unfinished=True, the default; --keep-unfinished on the command line) "
+                 "or sample again with a larger max_new_tokens")
     if table.num_rows == 0:
         raise DataError(f"no usable completions left in {path}: every one was cut at max_new_tokens or empty. "
-                        "Sample with a larger max_new_tokens, or pass keep_unfinished (--keep-unfinished).")
+                        + (keep_hint[0].upper() + keep_hint[1:] if cut else
+                           "Sample again (a larger max_new_tokens, another prompt set)") + ".")
+    left_out = cut + empty
+    if left_out > max_left_out * total:
+        reasons = ", ".join(r for r in (f"{cut} cut at max_new_tokens before EOS" if cut else "",
+                                        f"{empty} empty" if empty else "") if r)
+        fix = keep_hint if cut else "sample again with a larger max_new_tokens or a prompt format the model answers"
+        raise DataError(
+            f"the build would leave out {left_out} of {total} completions in {path} ({reasons}), more than "
+            f"max_left_out={max_left_out:g} of them: the {table.num_rows} left are not the samples the u were "
+            f"ranked among. To fix it, {fix}; or pass max_left_out=1 (--max-left-out 1) to build from what is left "
+            "anyway.")
+    if has_flags:
+        flags = np.asarray(table["finished"].to_numpy(zero_copy_only=False), dtype=bool)
+        if not flags.all():
+            logger.info("%d of %d completion(s) were cut at max_new_tokens before EOS: kept as prefixes (no EOS in "
+                        "training or in their reference log-probs)", int((~flags).sum()), table.num_rows)
+    else:
+        flags = None
     ids = table["prompt_id"].to_numpy(zero_copy_only=False)
     u = table["u"].to_numpy()
     k_row = table["_k"].to_numpy()
@@ -203,7 +263,7 @@ def build_dataset(
     ref = table["ref_logp"].to_numpy() if "ref_logp" in table.column_names else None
     tokenizer = tokenizer or read_metadata(path).get("reference_model")
     if ref is not None:
-        ref = _verified_ref_logps(ref, table, prompt_col, tokenizer)
+        ref = _verified_ref_logps(ref, table, prompt_col, tokenizer, flags)
 
     if format == "pairs":
         pairs = make_pairs(ids, u, phi, beta, strategy=strategy, pairs_per_prompt=pairs_per_prompt, seed=seed,
@@ -222,6 +282,9 @@ def build_dataset(
         if ref is not None:
             columns["ref_chosen_logps"] = ref[pairs.chosen]
             columns["ref_rejected_logps"] = ref[pairs.rejected]
+        if flags is not None:
+            columns["chosen_finished"] = flags[pairs.chosen]
+            columns["rejected_finished"] = flags[pairs.rejected]
     else:
         columns = {"prompt_id": ids, "prompt": prompts, "completion": completions, "u": u}
         if format == "pointwise":
@@ -231,10 +294,18 @@ def build_dataset(
             columns["weight"] = sft_weights(ids, u, phi, beta, targets=targets, k=k_row)
         if ref is not None:
             columns["ref_logp"] = ref
+        if flags is not None:
+            columns["finished"] = flags
 
     import datasets
 
     dataset = datasets.Dataset.from_dict({k: list(v) if v.dtype == object else v for k, v in columns.items()})
+    if len(dataset) < MIN_ROWS_HINT:
+        logger.warning(
+            "the %s set has only %d row(s): the trainers refuse fewer than min_train_rows=%d by default. Sample more "
+            "prompts or a larger K%s%s", format, len(dataset), MIN_ROWS_HINT,
+            ", keep the cut completions (keep_unfinished=True)" if cut else "",
+            ", or use --strategy all" if format == "pairs" and strategy != "all" else "")
     metadata = {
         "stage": "build",
         "format": format,
@@ -253,7 +324,12 @@ def build_dataset(
         "log_partition": log_partition if format == "pointwise" else None,
         "seed": seed,
         "stored_ref_logps": ref is not None,
-        "inputs": {"calibrated": {"path": str(path), "fingerprint": fingerprint(path)}},
+        "keep_unfinished": keep_unfinished,
+        "unfinished_rows": None if flags is None else int((~flags).sum()),
+        "left_out": {"cut": cut, "empty": empty, "of": total},
+        # The model whose samples (and stored log-probs) these are: `ctrl-data train` trains it by default.
+        "reference_model": read_metadata(path).get("reference_model"),
+        "inputs": {"calibrated": {"path": str(path.resolve()), "fingerprint": fingerprint(path)}},
         "num_rows": len(dataset),
     }
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:

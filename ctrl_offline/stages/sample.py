@@ -2,8 +2,13 @@
 
 Rows (docs/theory.md §5): ``prompt_id`` (hash of the prompt), ``prompt`` (as given), ``prompt_text``
 (what the model saw: the chat template applied), ``completion``, ``completion_ids``,
-``sample_idx``, ``ref_logp`` (Σ log π_ref of the completion tokens, EOS included),
-``num_tokens``, ``finished`` (ended with EOS).
+``sample_idx``, ``ref_logp`` (Σ log π_ref of the completion tokens, EOS included when there is
+one), ``num_tokens``, ``finished`` (ended with EOS).
+
+A completion cut at ``max_new_tokens`` (``finished`` False) is a prefix: its ``completion_ids``
+and ``ref_logp`` stop at the cap, with no EOS. ``build`` keeps it as such by default and the
+trainers tokenise it without EOS, so the stored value stays the one the trainer needs. When most
+completions of a run are cut, the stage says so: a larger ``max_new_tokens`` gives whole answers.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from ._shards import ShardedOutput, process_device
 __all__ = ["SampleResult", "load_prompts", "sample_prompts"]
 
 logger = logging.getLogger(__name__)
+
+#: The fraction of completions cut at ``max_new_tokens`` above which the stage warns.
+MOSTLY_CUT = 0.5
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,7 @@ def sample_prompts(
     )
     pending = output.my_pending(num_shards)
     written = 0
+    drawn = cut = 0
     if pending:
         generate = _backend(backend, model_name_or_path, sampling)
         texts = generate.render(unique)
@@ -137,6 +146,12 @@ def sample_prompts(
             )
             output.write(index, table)
             written += 1
+            drawn += len(rows)
+            cut += sum(not r["finished"] for r in rows)
+    if drawn and cut > MOSTLY_CUT * drawn:
+        logger.warning("%d of %d completions hit max_new_tokens=%d before EOS. They are kept as prefixes (no EOS) "
+                       "by build and the trainers; raise --max-new-tokens if the answers should be whole.",
+                       cut, drawn, sampling.max_new_tokens)
     complete = output.complete(num_shards)
     return SampleResult(Path(out_dir), len(unique), num_shards, written, complete)
 
