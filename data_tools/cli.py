@@ -166,7 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_estimator_args(bu)
     bu.add_argument("--k-infinity", action="store_true",
                     help="plan the exact K = ∞ tilt instead of the one trained from the K samples per prompt")
-    bu.add_argument("--keep-unfinished", action="store_true", help="keep completions cut before EOS")
+    unfinished = bu.add_mutually_exclusive_group()
+    unfinished.add_argument("--keep-unfinished", dest="keep_unfinished", action="store_true", default=True,
+                            help="keep completions cut at max_new_tokens, trained as prefixes without EOS (default)")
+    unfinished.add_argument("--drop-unfinished", dest="keep_unfinished", action="store_false",
+                            help="leave out completions cut before EOS")
+    bu.add_argument("--max-left-out", type=float, default=None,
+                    help="stop if the build would leave out more than this fraction of the rows (default 0.5; 1: never)")
     bu.add_argument("--tokenizer", help="tokenizer to check stored reference log-probs with (default: the reference "
                     "model recorded at sampling)")
     bu.add_argument("--seed", type=int, default=0)
@@ -342,6 +348,7 @@ def _run_build(args) -> int:
                            pairs_per_prompt=args.pairs_per_prompt, log_partition=args.log_partition,
                            targets=args.targets, loss=args.loss, k_aware=not args.k_infinity,
                            keep_unfinished=args.keep_unfinished, tokenizer=args.tokenizer, seed=args.seed,
+                           **({} if args.max_left_out is None else {"max_left_out": args.max_left_out}),
                            overwrite=args.overwrite)
     t = "" if result.t is None else f" t={result.t:.4g}"
     print(f"built {result.num_rows:,} {result.format} rows with {result.transform}{t} beta={result.beta:.4g} "
@@ -397,6 +404,10 @@ def _run_train(args) -> int:
     kl = "" if result.kl is None else (f"; KL held at {result.kl['final']['value']:.3f} (budget {result.kl['budget']:.3g}"
                                        f"{'' if result.kl['reached'] else ', not reached'})"
                                        if result.kl.get("final") else "")
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # one summary line per launch
+        return 0
     print(f"trained {result.loss} (β={result.beta:.4g}) for {result.steps} step(s) in {result.seconds:.0f}s{kl}: "
           f"{result.adapter_dir}")
     return 0

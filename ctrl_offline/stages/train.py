@@ -258,13 +258,15 @@ def train_from_build(
                                             kl_max_new_tokens, kl_column, (training_args or {}).get("seed", 42))
     elif kl_budget is not None:
         raise DataError("holding a KL budget needs held-out prompts to estimate it on (--kl-prompts)")
+    loading_config = ModelLoadingConfig(model_name_or_path=str(model), **{"load_in_4bit": False, **(loading or {})})
+    # The config first: it sets up the distributed state (its use_cpu decides gloo on CPU), which is shared.
+    args = training_config(info["format"], loss, {**(training_args or {}), "output_dir": str(checkpoints)})
+    args.device  # noqa: B018  (TrainingArguments sets the state up on first use of its device)
     state = PartialState()
     if state.is_main_process:
         _check_checkpoints(checkpoints, settings, overwrite)
     state.wait_for_everyone()
 
-    loading_config = ModelLoadingConfig(model_name_or_path=str(model), **{"load_in_4bit": False, **(loading or {})})
-    args = training_config(info["format"], loss, {**(training_args or {}), "output_dir": str(checkpoints)})
     steps, kl_record = train_adapter(data, out, loading_config, args, callbacks=callbacks, kl_callback=kl_callback,
                                      kl_info=kl_info, train_info={"loss": loss, "beta": info["beta"]})
     if state.is_main_process and not keep_checkpoints:
