@@ -94,8 +94,8 @@ class RecipeConfig:
     data_format: str = field(default="pairs", metadata={"help": "pairs (DPO/IPO/distill) or pointwise."})
     pair_strategy: str = field(default="all", metadata={"help": "all, best_vs_rest, best_vs_worst or sampled."})
     pairs_per_prompt: int | None = field(default=None, metadata={"help": "Pairs per prompt for pair_strategy=sampled."})
-    keep_unfinished: bool = field(default=False, metadata={
-        "help": "Train on completions cut at max_new_tokens too (their EOS was never sampled)."})
+    keep_unfinished: bool = field(default=True, metadata={
+        "help": "Train on completions cut at max_new_tokens too, as prefixes without EOS (false: leave them out)."})
     eval_n: list[int] = field(default_factory=lambda: [1, 2, 4], metadata={"help": "N values evaluated."})
     eval_selectors: list[str] = field(default_factory=lambda: ["bon", "won"], metadata={
         "help": f"Selectors evaluated ({', '.join(SELECTORS)})."})
