@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingConfig", "load_causal_lm", "prompt_id", "render_prompt", "sample_completions", "sequence_logps", "completion_logps"]
+__all__ = ["SamplingConfig", "hex_prompt_id", "load_causal_lm", "prompt_id", "render_prompt", "sample_completions",
+           "sequence_logps", "completion_logps"]
 
 
 @dataclass
@@ -62,10 +63,20 @@ def load_causal_lm(name_or_path: str, adapter: str | None = None, device: str | 
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval(), tokenizer
 
 
-def prompt_id(prompt) -> str:
-    """Stable id of a prompt: the first 16 hex digits of the SHA-256 of its text (or messages)."""
+def prompt_id(prompt) -> int:
+    """Stable id of a prompt: the first 64 bits of the SHA-256 of its text (or messages), as a
+    signed 64-bit integer (an int64 column; calibration groups integer ids without hashing them).
+
+    Earlier versions wrote the same 64 bits as 16 hex digits (:func:`hex_prompt_id`);
+    :func:`ctrl_offline.calibration.int_prompt_ids` turns those into these integers.
+    """
     text = prompt if isinstance(prompt, str) else repr([(m["role"], m["content"]) for m in prompt])
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big", signed=True)
+
+
+def hex_prompt_id(prompt) -> str:
+    """The id earlier versions gave a prompt: :func:`prompt_id`'s 64 bits as 16 hex digits."""
+    return format(prompt_id(prompt) & (2**64 - 1), "016x")
 
 
 def render_prompt(tokenizer, prompt) -> str:

@@ -106,7 +106,8 @@ def load_policy(config: ModelLoadingConfig):
             logger.warning("4-bit loading is unavailable (%s); loading the base in full precision instead", why)
         else:
             raise QuantizationUnavailable(
-                f"load_in_4bit=True but {why}. Install a bitsandbytes build for this machine, set load_in_4bit=False, "
+                f"load_in_4bit=True but {why}. Install a bitsandbytes build for this machine "
+                "(pip install 'ctrl-offline[qlora]'), set load_in_4bit=False, "
                 "or allow_full_precision_fallback=True to train a full-precision base with LoRA."
             )
     if not quantised and config.torch_dtype != "auto":

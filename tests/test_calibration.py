@@ -207,3 +207,94 @@ def test_leave_one_out_of_a_reward_not_in_the_table_is_refused():
 def test_mismatched_shapes_are_refused():
     with pytest.raises(CalibrationError, match="one length"):
         build_tables(np.array([1, 1, 2]), np.array([0.0, 1.0]))
+
+
+# --- prompt ids: integers (what `sample` writes) and strings ------------------------------------------------
+
+
+def _pandas_u(ids, rewards):
+    frame = pd.DataFrame({"p": ids, "r": rewards})
+    groups = frame.groupby("p")["r"]
+    return ((groups.rank(method="average") - 1) / (groups.transform("size") - 1)).to_numpy()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_integer_ids_give_the_values_of_the_same_ids_as_strings(seed):
+    rng = np.random.default_rng(seed)
+    prompts = 60
+    # 64-bit hashes (negative ones too), with a few tiny ids among them: the packed sort keeps only the high
+    # bits of so wide a range, so 0, 1, 2 share them and must be told apart exactly.
+    uid = np.concatenate([rng.integers(-(2**63), 2**63 - 1, size=prompts - 3, dtype=np.int64), [0, 1, 2]])
+    k = rng.integers(2, 9, size=prompts)
+    codes = rng.permutation(np.repeat(np.arange(prompts), k))
+    # Rewards that differ only in their last bits, next to huge ones (the same for the reward sort), -0.0 and 0.0.
+    levels = np.array([1.0, 1.0 + 2**-52, 1.0 + 2**-51, -1e308, 1e308, 0.0, -0.0, -3.5])
+    rewards = rng.choice(levels, size=len(codes))
+    int_ids = uid[codes]
+    str_ids = np.array([f"{v & (2**64 - 1):016x}" for v in int_ids.tolist()], dtype=object)
+    int_tables, int_u = calibrate_reference(int_ids, rewards, sample_idx=np.arange(len(codes)))
+    str_tables, str_u = calibrate_reference(str_ids, rewards, sample_idx=np.arange(len(codes)))
+    np.testing.assert_array_equal(int_u, str_u)
+    np.testing.assert_allclose(int_u, _pandas_u(int_ids, rewards), atol=1e-15)
+    ids = int_tables.prompt_ids  # integer ids: tables in ascending order
+    assert ids.dtype == np.int64 and np.all(ids[1:] > ids[:-1])
+    for pid, hex_id in zip(int_ids[:20], str_ids[:20]):
+        np.testing.assert_array_equal(int_tables.table(pid), str_tables.table(hex_id))
+        np.testing.assert_array_equal(int_tables.table(pid), np.sort(rewards[int_ids == pid]))
+    queries = rng.integers(0, len(codes), size=500)  # a bulk lookup: more rows than tables
+    new = rng.choice(levels, size=500)
+    np.testing.assert_array_equal(calibrate(int_tables, int_ids[queries], new),
+                                  calibrate(str_tables, str_ids[queries], new))
+    np.testing.assert_allclose(calibrate(int_tables, int_ids[queries], new),
+                               brute_force(int_ids, rewards, int_ids[queries], new, leave_one_out=False), atol=1e-15)
+
+
+@pytest.mark.parametrize("ids", [
+    np.array([2**64 - 1, 2**64 - 1, 0, 0, 5, 5], dtype=np.uint64),  # uint64 beyond int64
+    np.array([3, 3, 1, 1, 2, 2], dtype=np.int8),
+    np.array([2**40, 2**40, 7, 7, 9, 9], dtype=object),  # Python ints, e.g. from a to_pylist()
+])
+def test_integer_ids_of_any_width(ids):
+    rewards = np.array([1.0, 0.0, 2.0, 2.0, 5.0, 4.0])
+    tables, u = calibrate_reference(ids, rewards)
+    assert u.tolist() == [1.0, 0.0, 0.5, 0.5, 1.0, 0.0]
+    assert calibrate(tables, ids[:2], [0.5, 1.0]).tolist() == [0.5, 0.75]
+
+
+@pytest.mark.parametrize("ids,message", [
+    (np.array(["a", 1, "a", 1], dtype=object), r"all integers or all strings, got a mix: str \(e.g. row 0: 'a'\), int"),
+    (np.array([1.0, 1.0, 2.0, 2.0]), r"integers or strings, got float64 ids \(integer ids with missing values"),
+    (np.array(["a", None, "a", "b"], dtype=object), r"1 row\(s\) have a missing prompt_id: row 1"),
+    (np.array([True, True, False, False]), "integers or strings, got bool"),
+    (np.array([[1, 1], [2, 2]]), "1-D"),
+])
+def test_mixed_and_invalid_ids_are_refused(ids, message):
+    with pytest.raises(CalibrationError, match=message):
+        calibrate_reference(ids, np.arange(4.0))
+    tables = build_tables(np.array([1, 1]), np.array([0.0, 1.0]))
+    with pytest.raises(CalibrationError, match=message):
+        calibrate(tables, ids, np.zeros(np.shape(ids)))
+
+
+def test_hex_string_ids_of_earlier_runs_match_integer_ids():
+    import hashlib
+
+    from ctrl_offline.calibration import int_prompt_ids
+
+    # What `sample` wrote before (16 hex digits of the SHA-256) and writes now (those 64 bits as an int64).
+    digests = [hashlib.sha256(p.encode()).digest() for p in ("Tell me a joke.", "Why is the sky blue?", "hi")]
+    hexes = np.array([d.hex()[:16] for d in digests], dtype=object)
+    ints = np.array([int.from_bytes(d[:8], "big", signed=True) for d in digests])
+    np.testing.assert_array_equal(int_prompt_ids(hexes), ints)
+    np.testing.assert_array_equal(int_prompt_ids(np.char.upper(hexes.astype(str))), ints)
+    np.testing.assert_array_equal(int_prompt_ids(ints), ints)
+    rewards = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    old_tables = build_tables(np.repeat(hexes, 2), rewards)  # tables of an earlier run, new integer ids
+    assert calibrate(old_tables, ints, [0.5, 2.5, 9.0]).tolist() == [0.5, 0.5, 1.0]
+    new_tables = build_tables(np.repeat(ints, 2), rewards)
+    assert calibrate(new_tables, hexes, [0.5, 2.5, 9.0]).tolist() == [0.5, 0.5, 1.0]
+    with pytest.raises(CalibrationError, match="neither integers nor 16-hex-digit"):
+        int_prompt_ids(["p1"])
+    with pytest.raises(CalibrationError, match=r"no calibration table: prompt_id 'p1' \(these prompt ids are strings, "
+                                               r"the tables' are integers\)"):
+        calibrate(new_tables, ["p1"], [0.0])

@@ -111,6 +111,23 @@ def test_integer_prompt_ids_keep_their_type(tmp_path):
     assert pq.read_table(result.tables_path).schema.field("prompt_id").type == pa.int64()
 
 
+def test_tables_with_the_hex_ids_of_earlier_runs_calibrate_integer_ids(tmp_path):
+    """Tables written when `sample` gave 16-hex-digit ids still serve rows with today's int64 ids."""
+    from ctrl_offline.calibration import int_prompt_ids
+
+    frame = scored_frame(prompts=5)  # 16-hex-digit string ids, as earlier runs wrote them
+    frame.to_parquet(tmp_path / "old.parquet")
+    old = calibrate_scored(tmp_path / "old.parquet", tmp_path / "old")
+    # The same rows with integer ids, each its prompt's own reference sample: the same leave-one-out u.
+    rows = frame.assign(prompt_id=int_prompt_ids(frame.prompt_id.to_numpy()), reference=True)
+    rows.to_parquet(tmp_path / "new.parquet")
+    new = calibrate_scored(tmp_path / "new.parquet", tmp_path / "new", tables=old.out_dir,
+                           leave_one_out_column="reference")
+    assert pq.read_table(new.calibrated_path).schema.field("prompt_id").type == pa.int64()
+    np.testing.assert_array_equal(pq.read_table(new.calibrated_path)["u"].to_numpy(),
+                                  pq.read_table(old.calibrated_path)["u"].to_numpy())
+
+
 @pytest.mark.parametrize(
     "mutate,message",
     [
@@ -121,6 +138,7 @@ def test_integer_prompt_ids_keep_their_type(tmp_path):
         (lambda f: f.assign(sample_idx=0), r"duplicate \(prompt_id, sample_idx\)"),
         (lambda f: f.iloc[: len(f) - 5], r"fewer than min_k=2 reference samples: prompt_id '"),
         (lambda f: f.assign(reward="high"), r"reward column 'reward' must be numeric"),
+        (lambda f: f.assign(prompt_id=pd.factorize(f.prompt_id)[0] * 1.0), r"integers or strings, got float64 ids"),
     ],
 )
 def test_bad_input_exits_non_zero_with_a_clear_message_and_writes_nothing(tmp_path, capsys, mutate, message):

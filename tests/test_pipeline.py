@@ -214,6 +214,46 @@ def test_a_killed_sample_run_resumes_to_the_same_rows(assets, tmp_path):
     assert [list(x) for x in a.completion_ids] == [list(x) for x in b.completion_ids]
 
 
+def test_prompt_ids_are_int64_hashes_end_to_end(pipeline):
+    import hashlib
+
+    from ctrl_offline.generation import hex_prompt_id, prompt_id
+
+    # The first 64 bits of the SHA-256, as earlier versions' 16 hex digits and as the int64 written now.
+    digest = hashlib.sha256("Tell me a joke.".encode()).digest()
+    assert hex_prompt_id("Tell me a joke.") == digest.hex()[:16]
+    assert prompt_id("Tell me a joke.") == int.from_bytes(digest[:8], "big", signed=True)
+    samples = read_table(pipeline / "samples")
+    assert samples.schema.field("prompt_id").type == pa.int64()
+    assert all(pid == prompt_id(p) for pid, p in zip(samples["prompt_id"].to_pylist(), samples["prompt"].to_pylist()))
+    for path in (pipeline / "scored", pipeline / "calib" / "tables.parquet", pipeline / "calib" / "calibrated.parquet"):
+        assert read_table(path).schema.field("prompt_id").type == pa.int64(), path
+
+
+def test_a_run_started_with_hex_ids_resumes_with_them(pipeline, assets, tmp_path):
+    """Runs begun before integer ids keep their 16-hex-digit string ids when resumed, so no folder mixes kinds."""
+    import shutil
+
+    from ctrl_offline.generation import hex_prompt_id
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(pipeline / "samples", legacy)
+    manifest = json.loads((legacy / "_manifest.json").read_text())
+    del manifest["settings"]["prompt_id"]
+    (legacy / "_manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    for shard in legacy.glob("shard-*.parquet"):
+        table = pq.read_table(shard)
+        hex_ids = pa.array([format(v & (2**64 - 1), "016x") for v in table["prompt_id"].to_pylist()])
+        pq.write_table(table.set_column(table.schema.get_field_index("prompt_id"), "prompt_id", hex_ids), shard)
+    (legacy / "shard-00004.parquet").unlink()
+    assert cli(*sample_args(assets, legacy)) == 0
+    assert json.loads((legacy / "_manifest.json").read_text())["complete"]
+    resumed = pq.read_table(legacy / "shard-00004.parquet")
+    assert resumed.schema.field("prompt_id").type == pa.string()
+    assert resumed["prompt_id"].to_pylist() == [hex_prompt_id(p) for p in resumed["prompt"].to_pylist()]
+    assert read_table(legacy)["prompt_id"].to_pandas().map(type).eq(str).all()
+
+
 def test_processes_split_the_shards_and_merge(assets, tmp_path, monkeypatch):
     # What `accelerate launch` / torchrun do: each process sees its RANK and WORLD_SIZE.
     reference = tmp_path / "one"

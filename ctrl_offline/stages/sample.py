@@ -1,6 +1,7 @@
 """The ``sample`` stage: prompts in, K reference completions per prompt out (sharded, resumable).
 
-Rows (docs/theory.md §5): ``prompt_id`` (hash of the prompt), ``prompt`` (as given), ``prompt_text``
+Rows (docs/theory.md §5): ``prompt_id`` (int64: the first 64 bits of the prompt's SHA-256; a run
+started by an earlier version resumes with its 16-hex-digit string ids), ``prompt`` (as given), ``prompt_text``
 (what the model saw: the chat template applied), ``completion``, ``completion_ids``,
 ``sample_idx``, ``ref_logp`` (Σ log π_ref of the completion tokens, EOS included when there is
 one), ``num_tokens``, ``finished`` (ended with EOS).
@@ -13,6 +14,7 @@ completions of a run are cut, the stage says so: a larger ``max_new_tokens`` giv
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -21,9 +23,9 @@ from pathlib import Path
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from ..generation import SamplingConfig, load_causal_lm, prompt_id, render_prompt, sample_completions
+from ..generation import SamplingConfig, hex_prompt_id, load_causal_lm, prompt_id, render_prompt, sample_completions
 from ..io import DataError, fingerprint
-from ._shards import ShardedOutput, process_device
+from ._shards import MANIFEST, ShardedOutput, process_device
 
 __all__ = ["SampleResult", "load_prompts", "sample_prompts"]
 
@@ -101,10 +103,14 @@ def sample_prompts(
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     prompts = load_prompts(prompts_source, column, split, limit)
+    hex_ids = _started_with_hex_ids(Path(out_dir), overwrite)
+    if hex_ids:
+        logger.warning("%s holds a sample run started by an earlier version: resuming it with its 16-hex-digit "
+                       "string prompt ids (--overwrite starts over with integer ids)", out_dir)
     ids, unique = [], []
     seen = set()
     for p in prompts:
-        pid = prompt_id(p)
+        pid = hex_prompt_id(p) if hex_ids else prompt_id(p)
         if pid not in seen:
             seen.add(pid)
             ids.append(pid)
@@ -117,7 +123,7 @@ def sample_prompts(
         out_dir,
         "sample",
         settings={**asdict(sampling), "seed": seed, "shard_size": shard_size, "backend": backend,
-                  "column": column, "split": split, "limit": limit},
+                  "column": column, "split": split, "limit": limit, **({} if hex_ids else {"prompt_id": "int64"})},
         inputs={"prompts": {"source": str(prompts_source), "fingerprint": source_print},
                 "reference_model": str(model_name_or_path)},
         overwrite=overwrite,
@@ -133,7 +139,8 @@ def sample_prompts(
             rows = generate(texts[lo:hi], seed=seed * 1_000_003 + index)
             table = pa.table(
                 {
-                    "prompt_id": [ids[lo + r["batch_prompt"]] for r in rows],
+                    "prompt_id": pa.array([ids[lo + r["batch_prompt"]] for r in rows],
+                                          pa.string() if hex_ids else pa.int64()),
                     "prompt": [unique[lo + r["batch_prompt"]] for r in rows],
                     "prompt_text": [texts[lo + r["batch_prompt"]] for r in rows],
                     "completion": [r["completion"] for r in rows],
@@ -154,6 +161,18 @@ def sample_prompts(
                        cut, drawn, sampling.max_new_tokens)
     complete = output.complete(num_shards)
     return SampleResult(Path(out_dir), len(unique), num_shards, written, complete)
+
+
+def _started_with_hex_ids(out_dir: Path, overwrite: bool) -> bool:
+    """Whether ``out_dir`` holds a sample run to resume whose settings predate integer prompt ids."""
+    path = out_dir / MANIFEST
+    if overwrite or not path.is_file():
+        return False
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False  # ShardedOutput reports an unreadable manifest
+    return manifest.get("stage") == "sample" and "prompt_id" not in manifest.get("settings", {})
 
 
 class _TransformersBackend:
@@ -187,7 +206,7 @@ class _VLLMBackend(_TransformersBackend):
         try:
             from vllm import LLM
         except ImportError as err:
-            raise DataError("backend 'vllm' needs the vllm package (pip install 'ctrl-offline[gpu]')") from err
+            raise DataError("backend 'vllm' needs the vllm package (pip install 'ctrl-offline[vllm]')") from err
         from transformers import AutoConfig, AutoTokenizer
 
         from ..embedded import resolve_model
