@@ -150,7 +150,7 @@ def test_build_without_finished_completions_says_why(pipeline, capsys, tmp_path)
     (tmp_path / "cut").mkdir()
     pq.write_table(cut.replace_schema_metadata(table.schema.metadata), tmp_path / "cut" / "calibrated.parquet")
     assert cli("build", tmp_path / "cut", "--format", "pairs", "--transform", "identity", "--beta", 0.1,
-               "--out", tmp_path / "empty") == 2
+               "--drop-unfinished", "--out", tmp_path / "empty") == 2
     err = capsys.readouterr().err
     assert "no usable completions" in err and "--keep-unfinished" in err and not (tmp_path / "empty").exists()
 

@@ -322,3 +322,24 @@ def test_compare_pairs_two_reports_on_the_same_prompts(tiny, capsys):
         compare_reports(root / "cli-a", root / "fewer")
     assert main(["compare", str(root / "cli-a"), str(root / "fewer")]) == 2
     assert "same prompts" in capsys.readouterr().err
+
+
+def test_a_pool_and_training_data_with_the_hex_ids_of_earlier_versions_still_match(tmp_path):
+    """`sample` wrote prompt ids as 16 hex digits before it wrote int64s (the same 64 bits): a reference pool and a
+    training set from then match today's ids."""
+    import pyarrow as pa
+
+    from ctrl_offline.generation import hex_prompt_id, prompt_id
+    from ctrl_offline.io import write_parquet
+    from ctrl_offline.stages.evaluate import POOL_FILE, _overlap, _read_pool
+
+    prompts = ["first prompt ", "second prompt "]
+    settings = {"model": "m", "reward": "r", "max_new_tokens": 8}
+    rows = {"prompt_id": [hex_prompt_id(p) for p in prompts for _ in range(2)], "sample_idx": [0, 1, 0, 1],
+            "completion": ["a", "b", "c", "d"], "reward": [0.1, 0.2, 0.3, 0.4], "ref_logp": [-1.0] * 4}
+    write_parquet(pa.table(rows), tmp_path / "pool" / POOL_FILE, {"stage": "reference_pool", **settings})
+    ids = [prompt_id(p) for p in prompts]
+    pool = _read_pool(tmp_path / "pool", ids, settings, samples=2)
+    assert set(pool) == set(ids) and list(pool[ids[1]].completion) == ["c", "d"]
+    write_parquet(pa.table({"prompt_id": [hex_prompt_id(prompts[0])], "prompt": [prompts[0]]}), tmp_path / "train.parquet")
+    assert _overlap(ids, str(tmp_path / "train.parquet")) == 1

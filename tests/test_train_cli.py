@@ -177,3 +177,19 @@ def test_not_a_build_folder_and_an_existing_adapter(fake_build, tmp_path, capsys
     with pytest.raises(SystemExit) as exit_:  # TRL arguments pass through `train` only
         cli("build", fake_build, "--out", tmp_path / "b", "--learning_rate", "1")
     assert exit_.value.code == 2 and "unrecognized arguments: --learning_rate" in capsys.readouterr().err
+
+
+def test_bad_input_along_the_shell_pipeline_leaves_nothing(pipeline, tmp_path, capsys):
+    """An empty prompt file, a reward that cannot be imported, a base model that does not exist: one line, exit
+    status 2, no output folder (a half-made one would refuse the corrected re-run as 'another run')."""
+    root = pipeline["root"]
+    (tmp_path / "empty.txt").write_text("")
+    assert cli("sample", tmp_path / "empty.txt", "--model", pipeline["model"], "--out", tmp_path / "s") == 2
+    assert "no prompts in" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    assert cli("score", root / "samples", "--reward", "no_such_module:reward", "--out", tmp_path / "scored") == 2
+    assert "cannot import reward function 'no_such_module:reward'" in capsys.readouterr().err
+    assert not (tmp_path / "scored").exists()
+    assert cli("train", root / "pairs", "--out", tmp_path / "adapter", "--model", tmp_path / "no-model") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot load model" in err
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "adapter.checkpoints").exists()

@@ -65,12 +65,23 @@ class EvalResult:
     report: dict
 
 
+def _sample_ids(values):
+    """Prompt ids as ``sample`` writes them now (int64); the 16-hex-digit ids of earlier runs become those integers,
+    other ids (a user's own strings) stay as they are."""
+    from ..calibration import CalibrationError, int_prompt_ids
+
+    try:
+        return [int(v) for v in int_prompt_ids(values)]
+    except CalibrationError:
+        return list(values)
+
+
 def _overlap(prompt_ids: list[str], train_data: str | None) -> int:
     if not train_data:
         return 0
     table = read_table(train_data, columns=None)
     if "prompt_id" in table.column_names:
-        seen = set(table["prompt_id"].to_pylist())
+        seen = set(_sample_ids(table["prompt_id"].to_pylist()))
     elif "prompt" in table.column_names:
         seen = {prompt_id(p) for p in table["prompt"].to_pylist()}
     else:
@@ -117,6 +128,7 @@ def _read_pool(pool: Path, ids: list[str], settings: dict, samples: int | None) 
             raise DataError(f"reference pool {pool} was drawn with {what} {meta.get(key)!r}, this evaluation uses "
                             f"{settings[key]!r}: pass another --reference-pool folder")
     table = read_table(path, columns=["prompt_id", "sample_idx", "completion", "reward", "ref_logp"]).to_pandas()
+    table["prompt_id"] = _sample_ids(table["prompt_id"].tolist())  # a pool drawn by an earlier version: hex ids
     wanted, held = set(ids), set(table.prompt_id)
     if wanted != held:
         raise DataError(f"reference pool {pool} holds other prompts: {len(wanted - held)} of this evaluation's "

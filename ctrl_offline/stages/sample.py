@@ -74,6 +74,8 @@ def load_prompts(source: str, column: str = "prompt", split: str = "train", limi
     if column not in dataset.column_names:
         raise DataError(f"prompts {source!r} lack column {column!r} (they have: {', '.join(dataset.column_names)})")
     prompts = dataset[column][: limit if limit else None]
+    if not prompts:
+        raise DataError(f"no prompts in {source!r} (column {column!r}{'' if Path(source).is_file() else f', split {split!r}'})")
     empty = [i for i, p in enumerate(prompts) if not p or (isinstance(p, str) and not p.strip())]
     if empty:
         raise DataError(f"{len(empty)} empty prompt(s) in {source!r}, e.g. rows {empty[:5]}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def score_samples(
         raise ValueError(f"reward names must be unique, got {names} (use name=spec)")
     upstream = samples_dir / MANIFEST
     reference_model = json.loads(upstream.read_text())["inputs"].get("reference_model") if upstream.exists() else None
+    fresh = not Path(out_dir).exists()
     output = ShardedOutput(
         out_dir,
         "score",
@@ -64,7 +66,12 @@ def score_samples(
     pending = [i for i in output.my_pending(max(indices) + 1) if i in set(indices)]
     written = 0
     if pending:
-        scorers = [(name, load_reward(spec, batch_size, process_device())) for name, spec in named]
+        try:
+            scorers = [(name, load_reward(spec, batch_size, process_device())) for name, spec in named]
+        except BaseException:
+            if fresh:  # a reward that cannot load leaves nothing behind
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
         for index in tqdm(pending, desc="scoring shards", unit="shard"):
             table = read_table(samples_dir / f"shard-{index:05d}.parquet")
             require_columns(table, ["prompt_id", "prompt", "completion", "sample_idx"], f"sample shard {index}")

@@ -262,16 +262,35 @@ def train_from_build(
     # The config first: it sets up the distributed state (its use_cpu decides gloo on CPU), which is shared.
     args = training_config(info["format"], loss, {**(training_args or {}), "output_dir": str(checkpoints)})
     args.device  # noqa: B018  (TrainingArguments sets the state up on first use of its device)
+    _check_model(model)
     state = PartialState()
+    fresh = not checkpoints.exists()
     if state.is_main_process:
         _check_checkpoints(checkpoints, settings, overwrite)
     state.wait_for_everyone()
 
-    steps, kl_record = train_adapter(data, out, loading_config, args, callbacks=callbacks, kl_callback=kl_callback,
-                                     kl_info=kl_info, train_info={"loss": loss, "beta": info["beta"]})
+    try:
+        steps, kl_record = train_adapter(data, out, loading_config, args, callbacks=callbacks, kl_callback=kl_callback,
+                                         kl_info=kl_info, train_info={"loss": loss, "beta": info["beta"]})
+    except BaseException:
+        if state.is_main_process and fresh and _latest_checkpoint(checkpoints) is None:
+            shutil.rmtree(checkpoints, ignore_errors=True)  # nothing to resume: leave nothing behind
+        raise
     if state.is_main_process and not keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
     return TrainResult(out, loss, float(info["beta"]), steps, kl_record, time.perf_counter() - started)
+
+
+def _check_model(model) -> None:
+    """A base model that cannot be found fails here, before anything is written."""
+    from transformers import AutoConfig
+
+    from ..embedded import load_error_message, resolve_model
+
+    try:
+        AutoConfig.from_pretrained(resolve_model(str(model)))
+    except (OSError, ValueError) as err:
+        raise DataError(load_error_message("model", str(model), err)) from err
 
 
 def _check_checkpoints(folder: Path, settings: dict, overwrite: bool) -> None:
