@@ -341,5 +341,8 @@ def test_a_pool_and_training_data_with_the_hex_ids_of_earlier_versions_still_mat
     ids = [prompt_id(p) for p in prompts]
     pool = _read_pool(tmp_path / "pool", ids, settings, samples=2)
     assert set(pool) == set(ids) and list(pool[ids[1]].completion) == ["c", "d"]
+    # ... and a caller still on hex ids (a process started before the change) gets its own keys back.
+    hex_ids = [hex_prompt_id(p) for p in prompts]
+    assert set(_read_pool(tmp_path / "pool", hex_ids, settings, samples=2)) == set(hex_ids)
     write_parquet(pa.table({"prompt_id": [hex_prompt_id(prompts[0])], "prompt": [prompts[0]]}), tmp_path / "train.parquet")
     assert _overlap(ids, str(tmp_path / "train.parquet")) == 1

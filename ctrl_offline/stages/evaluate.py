@@ -128,8 +128,10 @@ def _read_pool(pool: Path, ids: list[str], settings: dict, samples: int | None) 
             raise DataError(f"reference pool {pool} was drawn with {what} {meta.get(key)!r}, this evaluation uses "
                             f"{settings[key]!r}: pass another --reference-pool folder")
     table = read_table(path, columns=["prompt_id", "sample_idx", "completion", "reward", "ref_logp"]).to_pandas()
-    table["prompt_id"] = _sample_ids(table["prompt_id"].tolist())  # a pool drawn by an earlier version: hex ids
-    wanted, held = set(ids), set(table.prompt_id)
+    # Ids compared as sample writes them now: a pool (or a caller) of an earlier version has hex ids.
+    table["prompt_id"] = _sample_ids(table["prompt_id"].tolist())
+    caller = dict(zip(_sample_ids(ids), ids))
+    wanted, held = set(caller), set(table.prompt_id)
     if wanted != held:
         raise DataError(f"reference pool {pool} holds other prompts: {len(wanted - held)} of this evaluation's "
                         f"{len(wanted)} prompts are missing from it and {len(held - wanted)} of its {len(held)} are "
@@ -139,7 +141,7 @@ def _read_pool(pool: Path, ids: list[str], settings: dict, samples: int | None) 
         raise DataError(f"reference pool {pool} has {counts.min()} samples for some prompt, fewer than the "
                         f"{samples} reference samples asked for")
     table = table.sort_values(["prompt_id", "sample_idx"], kind="stable")
-    return {pid: group for pid, group in table.groupby("prompt_id", sort=False)}
+    return {caller[pid]: group for pid, group in table.groupby("prompt_id", sort=False)}
 
 
 def _write_pool(pool: Path, ids: list[str], rows: list[dict], rewards: np.ndarray, settings: dict, seed: int,
