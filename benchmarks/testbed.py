@@ -50,13 +50,16 @@ METHODS = {
     "calib_identity": dict(kind="ctrl", transform="identity", inference="bon"),
     "ctrl_exp_bon": dict(kind="ctrl", transform="exp", inference="bon"),
     "ctrl_negexp_won": dict(kind="ctrl", transform="negexp", inference="won"),
+    # On request (not in the default run): exp for BoN-4 through the pointwise estimator, every sample a row.
+    "ctrl_exp_bon_pointwise": dict(kind="ctrl", transform="exp", inference="bon", format="pointwise"),
 }
+DEFAULT_METHODS = ["raw_bvw_dpo", "calib_identity", "ctrl_exp_bon", "ctrl_negexp_won"]
 
 SIZES = {
     "quick": dict(pretrain_steps=300, per_prompt=32, train_prompts=384, eval_prompts=8, k=[8], kl=[0.5], seeds=[0],
                   methods=["calib_identity"], oracle_kl=[0.5]),
     "full": dict(pretrain_steps=600, per_prompt=64, train_prompts=384, eval_prompts=16, k=[8, 32],
-                 kl=[0.25, 0.5, 1.0], seeds=[0, 1, 2], methods=list(METHODS), oracle_kl=[0.25, 0.5, 1.0]),
+                 kl=[0.25, 0.5, 1.0], seeds=[0, 1, 2], methods=DEFAULT_METHODS, oracle_kl=[0.25, 0.5, 1.0]),
 }
 
 
@@ -202,12 +205,12 @@ def train_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: int
     import torch
     from trl import DPOConfig, DPOTrainer
 
-    from ctrl_offline.config import CTRLConfig
+    from ctrl_offline.config import CTRLConfig, CTRLPointwiseConfig
     from ctrl_offline.kl_budget import KLBudgetCallback
     from ctrl_offline.lm_testbed import ExactKL, exact_metrics, response_logprobs
     from ctrl_offline.stages.build import build_dataset
     from ctrl_offline.stages.calibrate import calibrate_scored
-    from ctrl_offline.trainer import CTRLTrainer
+    from ctrl_offline.trainer import CTRLPointwiseTrainer, CTRLTrainer
 
     spec = METHODS[method]
     run_dir = out / "runs" / f"{method}_K{k}_kl{kl:g}_seed{seed}"
@@ -230,17 +233,19 @@ def train_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: int
         calibrated = scored.parent / "calibrated"  # shared by every method on these samples
         if not calibrated.exists():
             calibrate_scored(scored, calibrated)
-        build = build_dataset(calibrated, run_dir / "build", format="pairs", transform=spec["transform"],
-                              inference=spec["inference"], n=4, kl=kl, strategy="sampled",
-                              pairs_per_prompt=args.pairs_per_prompt, loss="dpo", tokenizer=str(setup.path), seed=seed,
-                              overwrite=True)
+        pointwise = spec.get("format") == "pointwise"  # all K samples of a prompt, one row each
+        estimator = (dict(format="pointwise", loss="pointwise", log_partition="population") if pointwise else
+                     dict(format="pairs", loss="dpo", strategy="sampled", pairs_per_prompt=args.pairs_per_prompt))
+        build = build_dataset(calibrated, run_dir / "build", transform=spec["transform"], inference=spec["inference"],
+                              n=4, kl=kl, tokenizer=str(setup.path), seed=seed, overwrite=True, **estimator)
         info = json.loads((run_dir / "build" / "ctrl_build.json").read_text())
         row = info["planner"]["row"]
         planned = dict(transform=row["transform"], t=row["t"], beta=build.beta, unscaled_beta=row["beta"],
-                       planned_kl=row["kl"], planned_win_rate=row["win_rate"], plan_k=info["k"])
+                       planned_kl=row["kl"], planned_win_rate=row["win_rate"], plan_k=info["k"],
+                       estimator=info["planner"]["estimator"])
         train = datasets.load_from_disk(str(run_dir / "build"))
-        config = CTRLConfig(ctrl_loss="dpo", bf16=False, **common)
-        trainer_cls = CTRLTrainer
+        config = (CTRLPointwiseConfig if pointwise else CTRLConfig)(ctrl_loss=estimator["loss"], bf16=False, **common)
+        trainer_cls = CTRLPointwiseTrainer if pointwise else CTRLTrainer
     model = copy.deepcopy(setup.model)
     torch.manual_seed(seed)
     callback = KLBudgetCallback(kl, ExactKL(setup.tokenizer, setup.language, setup.eval_prompts, setup.ref_logp),
@@ -298,7 +303,9 @@ def comparisons(results: list[dict]) -> list[dict]:
     calibrated identity, on the procedure it was planned for."""
     pairs = [("ctrl_exp_bon", "raw_bvw_dpo", "bon4"), ("ctrl_negexp_won", "raw_bvw_dpo", "won4"),
              ("calib_identity", "raw_bvw_dpo", "bon4"), ("calib_identity", "raw_bvw_dpo", "won4"),
-             ("ctrl_exp_bon", "calib_identity", "bon4"), ("ctrl_negexp_won", "calib_identity", "won4")]
+             ("ctrl_exp_bon", "calib_identity", "bon4"), ("ctrl_negexp_won", "calib_identity", "won4"),
+             ("ctrl_exp_bon_pointwise", "raw_bvw_dpo", "bon4"), ("ctrl_exp_bon_pointwise", "calib_identity", "bon4"),
+             ("ctrl_exp_bon_pointwise", "ctrl_exp_bon", "bon4")]
     rows = []
     for k in sorted({r["k"] for r in results}):
         for kl in sorted({r["kl_budget"] for r in results}):
@@ -327,14 +334,16 @@ def add_planned_figures(results: list[dict]) -> None:
     from ctrl_offline.finite_k import Estimator, trained_tilt
 
     @lru_cache(maxsize=None)
-    def planned(spec, beta, k):
-        tilt = trained_tilt(spec, beta, k, Estimator(loss="dpo", strategy="sampled"))
+    def planned(spec, beta, k, estimator):
+        tilt = trained_tilt(spec, beta, k, estimator)
         return tilt.bon_win_rate(4), tilt.won_win_rate(4)
 
     for r in results:
         if r.get("transform") and "planned_bon4" not in r:
             spec = r["transform"] if r["t"] is None else f"{r['transform']}:{r['t']}"
-            r["planned_bon4"], r["planned_won4"] = planned(spec, r["unscaled_beta"], r["plan_k"])
+            # Runs from before the estimator was recorded are soft-label DPO on sampled pairs.
+            estimator = Estimator(**r.get("estimator") or dict(loss="dpo", strategy="sampled"))
+            r["planned_bon4"], r["planned_won4"] = planned(spec, r["unscaled_beta"], r["plan_k"], estimator)
 
 
 def format_runs(results: list[dict]) -> str:

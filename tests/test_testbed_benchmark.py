@@ -26,6 +26,26 @@ def test_paired_verdicts_follow_the_decision_rule():
     assert bench.paired(rows, "ctrl_exp_bon", "raw_bvw_dpo", "bon4", 8, 0.5)["verdict"].startswith("not at matched")
 
 
+def test_pointwise_exp_is_on_request_compared_on_bon4_and_planned_for_its_estimator():
+    bench = load_benchmark("testbed")
+    assert "ctrl_exp_bon_pointwise" in bench.METHODS and bench.SIZES["full"]["methods"] == [
+        "raw_bvw_dpo", "calib_identity", "ctrl_exp_bon", "ctrl_negexp_won"]  # the default run is unchanged
+    rows = [{"method": m, "k": 32, "kl_budget": 0.5, "seed": 0, "exact_kl": 0.5,
+             "per_prompt": {"bon4": [0.7] * 4, "won4": [0.7] * 4}}
+            for m in ("raw_bvw_dpo", "calib_identity", "ctrl_exp_bon_pointwise")]
+    assert {(r["method"], r["baseline"]) for r in bench.comparisons(rows) if r["method"] == "ctrl_exp_bon_pointwise"
+            and r["metric"] == "bon4"} == {("ctrl_exp_bon_pointwise", "raw_bvw_dpo"),
+                                           ("ctrl_exp_bon_pointwise", "calib_identity")}
+    # The planned BoN-4 is the tilt of the estimator the run recorded (K = 8, exp t = 40 at its KL-0.5 plan);
+    # a run without one (before it was recorded) is soft-label DPO on sampled pairs.
+    plan = dict(transform="exp", t=40.0, unscaled_beta=7.813124753901446e16, plan_k=8)
+    runs = [dict(plan, estimator=dict(loss="pointwise", strategy="all", targets="loo", log_partition="population")),
+            dict(plan)]
+    bench.add_planned_figures(runs)
+    assert runs[0]["planned_bon4"] == pytest.approx(0.8664, abs=1e-3)
+    assert runs[1]["planned_bon4"] == pytest.approx(0.8968, abs=1e-3)
+
+
 @pytest.mark.slow
 def test_quick_run_prints_the_oracle_and_one_method(tmp_path, capsys):
     bench = load_benchmark("testbed")
