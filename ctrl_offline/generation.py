@@ -102,6 +102,42 @@ def sequence_logps(model, sequences: torch.Tensor, attention_mask: torch.Tensor,
     return torch.cat(out)
 
 
+class _RecordedLogps:
+    """log π(sampled token) at every generation step, read off the model's own forward passes.
+
+    Forward hooks on the causal LM that ``generate`` runs: each pass leaves the log-softmax of its
+    last position's raw logits (before any temperature or top-k/top-p warping, so they are the
+    model's own log-probs), and the next pass's input ids say which token was sampled from it. One
+    step of logits is held at a time, and no second, teacher-forced pass over prompt + completion is
+    needed (it cost about 40% of sampling SmolLM2-135M on CPU).
+    """
+
+    def __init__(self, model):
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.previous, self.steps = None, []
+        self.handles = [inner.register_forward_hook(self._after, with_kwargs=True)]
+
+    def _after(self, module, args, kwargs, output):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        logits = getattr(output, "logits", None)
+        if ids is None or logits is None:
+            return
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, ids[:, -1:])[:, 0])
+        self.previous = torch.log_softmax(logits[:, -1].float(), dim=-1)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def token_logps(self, generated: torch.Tensor) -> torch.Tensor | None:
+        """[rows, tokens] log-probs of ``generated``, or None when the passes seen do not match it."""
+        if self.previous is None or len(self.steps) != generated.size(1) - 1:
+            return None
+        last = self.previous.gather(1, generated[:, -1:])[:, 0]
+        return torch.stack([*self.steps, last], dim=1)
+
+
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompt_texts: list[str], config: SamplingConfig, seed: int) -> list[dict]:
     """K samples for each rendered prompt; rows in prompt order, ``sample_idx`` 0..K−1.
@@ -118,17 +154,21 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], config: Sampli
     for start in range(0, len(prompt_texts), config.batch_size):
         batch = prompt_texts[start : start + config.batch_size]
         enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
-        out = model.generate(
-            **enc,
-            do_sample=True,
-            temperature=config.temperature,
-            top_p=config.top_p,
-            top_k=config.top_k,
-            max_new_tokens=config.max_new_tokens,
-            num_return_sequences=config.k,
-            pad_token_id=pad_id,
-            use_cache=True,
-        )
+        recorded = _RecordedLogps(model)
+        try:
+            out = model.generate(
+                **enc,
+                do_sample=True,
+                temperature=config.temperature,
+                top_p=config.top_p,
+                top_k=config.top_k,
+                max_new_tokens=config.max_new_tokens,
+                num_return_sequences=config.k,
+                pad_token_id=pad_id,
+                use_cache=True,
+            )
+        finally:
+            recorded.remove()
         prompt_len = enc["input_ids"].size(1)
         generated = out[:, prompt_len:]
         # Keep tokens up to and including the first EOS; the rest is padding.
@@ -138,7 +178,11 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], config: Sampli
         after_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
         completion_mask = (~after_eos).long()
         attention = torch.cat([enc["attention_mask"].repeat_interleave(config.k, dim=0), completion_mask], dim=1)
-        logps = sequence_logps(model, out, attention, prompt_len, completion_mask, config.logp_batch_size)
+        token_logps = recorded.token_logps(generated)
+        if token_logps is not None:
+            logps = token_logps.masked_fill(completion_mask == 0, 0.0).sum(dim=1)
+        else:  # a model whose passes could not be read: score the samples again, teacher-forced
+            logps = sequence_logps(model, out, attention, prompt_len, completion_mask, config.logp_batch_size)
         for row in range(out.size(0)):
             n = int(completion_mask[row].sum())
             ids = generated[row, :n].tolist()
