@@ -5,7 +5,8 @@
     python benchmarks/bench_sampling.py --model embedded:smollm2 --prompts 16   # the real 135M model
 
 Sampling: ``ctrl_offline.generation.sample_completions`` (batched prompts, K return sequences per
-generate call, KV cache, left padding, plus the teacher-forced reference log-probs) against the
+generate call, KV cache, left padding, the reference log-probs read off generate's own passes)
+against the same with a second, teacher-forced log-prob pass (the earlier method) and against the
 plain loop a user writes — one ``generate`` call per prompt and sample, log-probs from the
 returned scores. Scoring: ``RewardModel`` (length-sorted batches) against one forward per
 completion. Same model (a random Llama built from a config, or ``--model``) and reward model,
@@ -81,6 +82,19 @@ def main() -> None:
         start = time.perf_counter()
         ours_rows = sample_completions(model, tokenizer, prompts, config, seed=0)
         ours_s = time.perf_counter() - start
+        # The same samples with the log-probs from a second, teacher-forced pass (the earlier method).
+        from ctrl_offline import generation
+
+        recorded = generation._RecordedLogps.token_logps
+        generation._RecordedLogps.token_logps = lambda self, generated: None
+        try:
+            start = time.perf_counter()
+            forced_rows = sample_completions(model, tokenizer, prompts, config, seed=0)
+            forced_s = time.perf_counter() - start
+        finally:
+            generation._RecordedLogps.token_logps = recorded
+        assert [r["completion_ids"] for r in forced_rows] == [r["completion_ids"] for r in ours_rows]
+        logp_diff = max(abs(a["ref_logp"] - b["ref_logp"]) for a, b in zip(ours_rows, forced_rows))
         torch.manual_seed(0)
         start = time.perf_counter()
         naive_rows = naive_sampling(model, tokenizer, prompts, args.k, args.max_new_tokens)
@@ -104,6 +118,8 @@ def main() -> None:
         "completions_per_s": n / ours_s, "naive_completions_per_s": len(naive_rows) / naive_s,
         "tokens_per_s": ours_tokens / ours_s, "naive_tokens_per_s": naive_tokens / naive_s,
         "sampling_ratio": (n / ours_s) / (len(naive_rows) / naive_s),
+        "teacher_forced_completions_per_s": n / forced_s, "recorded_vs_teacher_forced_ratio": forced_s / ours_s,
+        "ref_logp_max_abs_diff_recorded_vs_teacher_forced": logp_diff,
         "scores_per_s": n / score_s, "naive_scores_per_s": n / score_naive_s, "scoring_ratio": score_naive_s / score_s,
         "score_max_abs_diff_batched_vs_single": max_diff,
         "settings": vars(args), "cuda": torch.cuda.is_available(), "cpus": os.cpu_count(),
@@ -112,6 +128,9 @@ def main() -> None:
     print(f"{'':<28} {'ours':>12} {'one at a time':>14} {'ratio':>7}")
     print(f"{'sampling completions/s':<28} {result['completions_per_s']:>12.1f} {result['naive_completions_per_s']:>14.1f} "
           f"{result['sampling_ratio']:>6.2f}x")
+    print(f"{'  with a teacher-forced pass':<28} {result['teacher_forced_completions_per_s']:>12.1f} {'':>14} "
+          f"{result['recorded_vs_teacher_forced_ratio']:>6.2f}x  (log-probs recorded vs re-scored; max |Δ ref_logp| "
+          f"{logp_diff:.1e})")
     print(f"{'sampling tokens/s':<28} {result['tokens_per_s']:>12.0f} {result['naive_tokens_per_s']:>14.0f}")
     print(f"{'scoring completions/s':<28} {result['scores_per_s']:>12.1f} {result['naive_scores_per_s']:>14.1f} "
           f"{result['scoring_ratio']:>6.2f}x")
