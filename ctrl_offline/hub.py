@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ModelCardInfo", "render_model_card", "push_adapter", "HubError"]
+__all__ = ["ModelCardInfo", "card_info_from_adapter", "render_model_card", "push_adapter", "HubError"]
 
 
 class HubError(RuntimeError):
@@ -98,6 +98,31 @@ def render_model_card(info: ModelCardInfo, repo_id: str) -> str:
     return header + "\n".join(lines)
 
 
+def card_info_from_adapter(adapter_dir: str | os.PathLike, report: dict | None = None) -> ModelCardInfo:
+    """What a card says about an adapter written by ``ctrl-data train``, read from its folder.
+
+    The base model from ``ctrl_train.json`` (else ``adapter_config.json``); transform, t, the βs,
+    K and the procedure planned for from the build's ``ctrl_build.json`` beside it; win rates and KL
+    from an evaluation ``report`` (``ctrl-data eval``'s report.json) when given.
+    """
+    adapter_dir = Path(adapter_dir)
+
+    def read(name: str) -> dict:
+        path = adapter_dir / name
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    build, trained, config = read("ctrl_build.json"), read("ctrl_train.json"), read("adapter_config.json")
+    base = trained.get("base_model") or config.get("base_model_name_or_path")
+    if not base:
+        raise HubError(f"{adapter_dir} names no base model (no ctrl_train.json or adapter_config.json)")
+    planner = build.get("planner") or {}
+    report = report or {}
+    return ModelCardInfo(
+        base_model=base, k=build.get("k"), transform=build.get("transform"), t=build.get("t"), beta=build.get("beta"),
+        phi_scale=build.get("phi_scale"), unscaled_beta=build.get("unscaled_beta"), inference=planner.get("inference"),
+        n=planner.get("n"), win_rates=report.get("win_rates") or [], kl=(report.get("kl") or {}).get("value"))
+
+
 def resolve_token(token: str | None = None) -> str:
     """The explicit token, else the standard login's; HubError before any work when there is none."""
     from huggingface_hub import get_token
@@ -108,11 +133,12 @@ def resolve_token(token: str | None = None) -> str:
     return token
 
 
-def push_adapter(adapter_dir: str | os.PathLike, repo_id: str, info: ModelCardInfo, *, private: bool = True,
+def push_adapter(adapter_dir: str | os.PathLike, repo_id: str, info: ModelCardInfo | None = None, *, private: bool = True,
                  revision: str | None = None, dataset_dir: str | os.PathLike | None = None,
                  token: str | None = None, commit_message: str = "Upload CTRL adapter") -> str:
     """Upload the PEFT adapter folder (with tokenizer files, plots and a model card); returns the commit URL.
 
+    ``info`` defaults to what the folder itself records (:func:`card_info_from_adapter`).
     ``dataset_dir`` (optional) is pushed to a dataset repo of the same name. The token is resolved
     first, so a missing login fails before any file is staged or any request is made.
     """
@@ -120,6 +146,7 @@ def push_adapter(adapter_dir: str | os.PathLike, repo_id: str, info: ModelCardIn
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").exists():
         raise HubError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
+    info = info if info is not None else card_info_from_adapter(adapter_dir)
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)

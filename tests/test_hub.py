@@ -98,3 +98,22 @@ def test_card_shows_both_betas_and_the_scale():
     # Without unscaled_beta it follows from the other two.
     card = render_model_card(ModelCardInfo(base_model="org/base", beta=0.5, phi_scale=4.0), "me/ctrl")
     assert "| raw-Φ β (`unscaled_beta`) | `2` |" in card
+
+
+def test_card_of_an_adapter_written_by_ctrl_data_train(tmp_path):
+    """`ctrl-data train` leaves ctrl_build.json and ctrl_train.json beside the adapter: the card reads them."""
+    from ctrl_offline.hub import card_info_from_adapter
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/local/copy"}))
+    (tmp_path / "ctrl_train.json").write_text(json.dumps({"base_model": "org/base", "loss": "dpo"}))
+    (tmp_path / "ctrl_build.json").write_text(json.dumps({
+        "transform": "exp", "t": 12.5, "beta": 0.31, "phi_scale": 2.0, "unscaled_beta": 0.62, "k": 8,
+        "planner": {"inference": "bon", "n": 4, "kl": 0.5}}))
+    report = {"kl": {"value": 0.49}, "win_rates": [{"selector": "bon", "n": 4, "value": 0.8, "ci_low": 0.7,
+                                                    "ci_high": 0.9}]}
+    info = card_info_from_adapter(tmp_path, report)
+    assert (info.base_model, info.transform, info.t, info.beta, info.k, info.inference, info.n, info.kl) == \
+        ("org/base", "exp", 12.5, 0.31, 8, "bon", 4, 0.49)
+    card = render_model_card(info, "me/ctrl")
+    assert "**best-of-N with N = 4**" in card and "| β (`beta`, for Φ rescaled to span 1) | `0.31` |" in card
+    assert "| bon | 4 | 0.800 | [0.700, 0.900] |" in card
