@@ -28,6 +28,7 @@ __all__ = [
     "read_table",
     "require_columns",
     "write_parquet",
+    "write_json",
     "read_metadata",
     "atomic_output_dir",
     "fingerprint",
@@ -105,6 +106,22 @@ def write_parquet(table: pa.Table, path: str | os.PathLike, metadata: dict | Non
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> Path:
+    """Write ``payload`` as indented JSON to ``path`` atomically (a temporary sibling, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
         raise
     return path
 

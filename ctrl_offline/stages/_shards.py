@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 
 from .. import __version__
-from ..io import DataError, write_parquet
+from ..io import DataError, write_json, write_parquet
 
 MANIFEST = "_manifest.json"
 
@@ -37,13 +36,6 @@ def process_device() -> str:
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return "cpu"
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 class ShardedOutput:
@@ -71,7 +63,7 @@ class ShardedOutput:
             raise DataError(f"output folder {self.out_dir} is not empty and holds no resumable run (pass --overwrite)")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if not path.exists():  # every process may write it: the content is the same, the write atomic
-            _write_json_atomic(path, {**self.manifest, "complete": False})
+            write_json(path, {**self.manifest, "complete": False})
 
     def shard_path(self, index: int) -> Path:
         return self.out_dir / f"shard-{index:05d}.parquet"
@@ -90,7 +82,7 @@ class ShardedOutput:
     def complete(self, num_shards: int) -> bool:
         """Mark the run complete once every shard exists (any process may call it)."""
         if all(self.is_done(i) for i in range(num_shards)):
-            _write_json_atomic(self.out_dir / MANIFEST, {**self.manifest, "complete": True, "num_shards": num_shards})
+            write_json(self.out_dir / MANIFEST, {**self.manifest, "complete": True, "num_shards": num_shards})
             return True
         return False
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import BUILD_INFO_FILE, DataError, read_build_info, read_metadata
+from ..io import BUILD_INFO_FILE, DataError, read_build_info, read_metadata, write_json
 
 __all__ = ["TrainResult", "build_loss", "build_reference_model", "training_config", "train_adapter",
            "train_from_build", "TRAIN_INFO_FILE", "KL_BUDGET_FILE"]
@@ -155,7 +155,7 @@ def train_adapter(data_dir, adapter_dir, loading, args, *, callbacks=(), kl_call
         kl_record = {"budget": kl_callback.budget, "reached": kl_callback.reached, "final": final,
                      "history": kl_callback.history, **(kl_info or {})}
         if trainer.accelerator.is_main_process:
-            _write_json(Path(args.output_dir) / KL_BUDGET_FILE, kl_record)
+            write_json(Path(args.output_dir) / KL_BUDGET_FILE, kl_record)
     # Every rank calls save_model (ZeRO-3 and FSDP gather the weights collectively); the folder
     # appears under its final name only once complete.
     staging = adapter_dir.with_name(adapter_dir.name + ".partial")
@@ -167,19 +167,12 @@ def train_adapter(data_dir, adapter_dir, loading, args, *, callbacks=(), kl_call
             shutil.copyfile(build_file, staging / BUILD_INFO_FILE)
         record = {**(train_info or {}), "base_model": loading.model_name_or_path, "data": str(data_dir),
                   "steps": trainer.state.global_step, "kl": kl_record}
-        _write_json(staging / TRAIN_INFO_FILE, record)
+        write_json(staging / TRAIN_INFO_FILE, record)
         if adapter_dir.exists():
             shutil.rmtree(adapter_dir)
         staging.rename(adapter_dir)
     trainer.accelerator.wait_for_everyone()
     return trainer.state.global_step, kl_record
-
-
-def _write_json(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    tmp.replace(path)
 
 
 def train_from_build(
@@ -303,7 +296,7 @@ def _check_checkpoints(folder: Path, settings: dict, overwrite: bool) -> None:
         if previous != json.loads(json.dumps(settings, default=str)):
             raise DataError(f"{folder} holds checkpoints of another training run (other data, model or arguments): "
                             "pass --overwrite to start afresh")
-    _write_json(record, settings)
+    write_json(record, settings)
 
 
 def _kl_callback(budget, prompts, model, num_samples, every_n_steps, max_new_tokens, column, seed):
