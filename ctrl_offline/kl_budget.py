@@ -128,6 +128,7 @@ class KLBudgetCallback(TrainerCallback):
         self._under: dict[str, torch.Tensor] | None = None
         self._under_kl: KLEstimate | None = None
         self._last_step: int | None = None
+        self._noisy_warned = False
 
     # -- estimates --------------------------------------------------------------------------------
     def _estimate(self, model, state, alpha: float | None = None) -> KLEstimate:
@@ -151,6 +152,12 @@ class KLBudgetCallback(TrainerCallback):
                                   "step": state.global_step})
         logger.info("step %d: KL(π‖π_ref) = %.4g ± %.2g nats (budget %.4g)%s", state.global_step, estimate.value,
                     estimate.stderr, self.budget, "" if alpha is None else f" at α = {alpha:.4g}")
+        if estimate.stderr > self.tolerance and not self._noisy_warned:
+            # The bisection compares estimates this noisy with the budget: the KL it leaves is as uncertain.
+            self._noisy_warned = True
+            logger.warning("the KL estimate's standard error (%.2g nats) exceeds the tolerance (%.2g): the KL held to "
+                           "the budget is only known to about ±%.2g. Estimate on more prompts or samples.",
+                           estimate.stderr, self.tolerance, 2 * estimate.stderr)
         self._last_step = state.global_step
         return estimate
 

@@ -342,3 +342,16 @@ def test_recipe_estimates_kl_on_prompts_neither_trained_nor_evaluated_on(tmp_pat
     with caplog.at_level(logging.WARNING, logger="ctrl_offline.recipe"):
         prompts, source = _kl_prompts(recipe, tmp_path / "all")
     assert prompts == pool[:5] and source == "training prompts" and "no held-out prompts" in caplog.text
+
+
+def test_estimates_noisier_than_the_tolerance_are_called_out(tmp_path, caplog):
+    """A sampled estimate whose standard error exceeds the tolerance cannot hold the budget to it: say so, once."""
+    noisy = lambda model: KLEstimate(exact_categorical_kl(model).value, 0.12, 24)  # noqa: E731
+    callback = KLBudgetCallback(0.3, noisy, every_n_steps=3, tolerance=0.03)
+    with caplog.at_level(logging.WARNING, logger="ctrl_offline.kl_budget"):
+        categorical_trainer(tmp_path, callback).train()
+    assert caplog.text.count("standard error (0.12 nats) exceeds the tolerance (0.03)") == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ctrl_offline.kl_budget"):
+        categorical_trainer(tmp_path, KLBudgetCallback(0.3, exact_categorical_kl, every_n_steps=3)).train()
+    assert "exceeds the tolerance" not in caplog.text
