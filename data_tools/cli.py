@@ -379,7 +379,8 @@ def training_overrides(cls, extra: list[str]) -> dict:
     given = vars(given)
     for name in ("output_dir", "ctrl_loss", "beta"):
         if name in given:
-            raise ValueError(f"--{name} is set by ctrl-data train ({'--out' if name == 'output_dir' else '--loss' if name == 'ctrl_loss' else 'the build'})")
+            source = {"output_dir": "--out", "ctrl_loss": "--loss", "beta": "the build"}[name]
+            raise ValueError(f"--{name} is set by ctrl-data train ({source})")
     return given
 
 
@@ -393,17 +394,20 @@ def _run_train(args) -> int:
         raise DataError(f"{args.data} is not a `ctrl-data build` output folder (no ctrl_build.json)")
     cls = CTRLConfig if info.get("format") == "pairs" else CTRLPointwiseConfig
     overrides = training_overrides(cls, args.extra)
+    # One switch for the model and the trainer (TRL's --gradient_checkpointing wins when given).
+    checkpointing = overrides.setdefault("gradient_checkpointing", not args.no_gradient_checkpointing)
     loading = {"load_in_4bit": args.load_in_4bit, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
                "lora_dropout": args.lora_dropout, "lora_target_modules": args.lora_target_modules,
-               "gradient_checkpointing": not args.no_gradient_checkpointing}
+               "gradient_checkpointing": checkpointing}
     result = train_from_build(args.data, args.out, args.model, loss=args.loss, loading=loading,
                               training_args=overrides, kl_budget=args.kl_budget, kl_prompts=args.kl_prompts,
                               kl_samples=args.kl_samples, kl_every_n_steps=args.kl_every,
                               kl_max_new_tokens=args.kl_max_new_tokens, keep_checkpoints=args.keep_checkpoints,
                               overwrite=args.overwrite)
-    kl = "" if result.kl is None else (f"; KL held at {result.kl['final']['value']:.3f} (budget {result.kl['budget']:.3g}"
-                                       f"{'' if result.kl['reached'] else ', not reached'})"
-                                       if result.kl.get("final") else "")
+    kl = ""
+    if result.kl and result.kl.get("final"):
+        kl = (f"; KL held at {result.kl['final']['value']:.3f} (budget {result.kl['budget']:.3g}"
+              f"{'' if result.kl['reached'] else ', not reached'})")
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # one summary line per launch
