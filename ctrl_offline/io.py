@@ -97,33 +97,32 @@ def write_parquet(table: pa.Table, path: str | os.PathLike, metadata: dict | Non
     existing = dict(table.schema.metadata or {})
     existing[METADATA_KEY] = json.dumps(record, default=str).encode()
     table = table.replace_schema_metadata(existing)
+    with _replacing(path) as tmp:
+        pq.write_table(table, tmp)
+    return path
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> Path:
+    """Write ``payload`` as indented JSON to ``path`` atomically."""
+    path = Path(path)
+    with _replacing(path) as tmp:
+        Path(tmp).write_text(json.dumps(payload, indent=2, default=str))
+    return path
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[str]:
+    """A temporary sibling of ``path`` that replaces it once the block succeeds (and is removed if it fails)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        pq.write_table(table, tmp)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return path
-
-
-def write_json(path: str | os.PathLike, payload: dict) -> Path:
-    """Write ``payload`` as indented JSON to ``path`` atomically (a temporary sibling, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-    return path
 
 
 @contextlib.contextmanager

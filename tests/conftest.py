@@ -5,3 +5,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+import pytest  # noqa: E402
+
+from tiny_models import build_tiny_model, build_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    """A tiny random Llama saved to a folder (hidden 32); test files needing another size define their own."""
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden=32))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()

@@ -13,7 +13,7 @@ from ctrl_offline.kl_budget import KLBudgetCallback, KLEstimate, SampledKL
 from ctrl_offline.modeling import ModelLoadingConfig, load_policy
 from ctrl_offline.recipe import RecipeConfig, RecipeError, parse_recipe_args
 from ctrl_offline.trainer import CTRLTrainer
-from tiny_models import build_tiny_model, build_tokenizer
+
 
 PROMPTS = ["tell me about the cat", "why is the dog happy", "how is it", "what is good", "the cat sat",
            "is it fine", "yes or no", "a dog ran"]
@@ -28,16 +28,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden=32))
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
 
 
 # -- a plain model (full fine-tuning) whose KL is exact -------------------------------------------

@@ -27,20 +27,10 @@ from ctrl_offline.trainer import (
     _pointwise_logps,
     _sequence_logps,
 )
-from tiny_models import WORDS, build_tiny_model, build_tokenizer
+from tiny_models import WORDS
 
 PROMPTS = ["tell me about the cat", "why is the dog happy", "how is it", "what is good"]
 K = 4
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden=32))
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")
