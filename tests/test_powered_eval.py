@@ -283,6 +283,27 @@ def test_reference_pool_is_written_then_reused(tiny, monkeypatch):
     assert not (tiny["root"] / "x").exists()
 
 
+def test_the_pool_survives_a_run_stopped_while_the_policy_samples(tiny, monkeypatch):
+    """The reference side is drawn and written first: a run killed during the policy's samples keeps the pool."""
+    import ctrl_offline.stages.evaluate as stage
+
+    real_draw = stage._draw
+
+    def draw(*args, reference, **kwargs):
+        if not reference:
+            raise KeyboardInterrupt  # the session ends while the policy samples
+        return real_draw(*args, reference=reference, **kwargs)
+
+    monkeypatch.setattr(stage, "_draw", draw)
+    pool = tiny["root"] / "kept_pool"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(tiny, tiny["root"] / "stopped", reference_pool=pool, seed=0)
+    assert len(pq_read(pool / "pool.parquet")) == 16 * 8 and not (tiny["root"] / "stopped").exists()
+    monkeypatch.setattr(stage, "_draw", real_draw)
+    resumed = evaluate(tiny, tiny["root"] / "stopped", reference_pool=pool, seed=0)
+    assert resumed.report["reference_pool"]["reused"]
+
+
 def test_compare_pairs_two_reports_on_the_same_prompts(tiny, capsys):
     from ctrl_offline.io import DataError
     from ctrl_offline.stages.compare import compare_reports

@@ -258,15 +258,22 @@ def evaluate_policy(
 
     model, tokenizer = load_causal_lm(model_name_or_path, adapter, device=process_device())
     texts = [render_prompt(tokenizer, p) for p in prompts]
-    policy = _draw(model, tokenizer, texts, SamplingConfig(k=m, max_new_tokens=max_new_tokens), seed, reference=False)
     score = load_reward(reward_name(reward)[1])
     if pooled is None:
+        # The reference side first, and into the pool at once: a run stopped while the policy samples
+        # keeps it for the next (and for every other run against the same pool).
         reference = _draw(model, tokenizer, texts, SamplingConfig(k=big_m, max_new_tokens=max_new_tokens), seed + 1,
                           reference=True)
+        ref_rewards = score([prompts[r["batch_prompt"]] for r in reference], [r["completion"] for r in reference])
+        if pool_dir is not None:
+            _write_pool(pool_dir, ids, reference, ref_rewards, settings, seed + 1, big_m)
+            logger.info("wrote the reference pool %s", pool_dir)
     else:
         reference = [{"batch_prompt": i, "sample_idx": int(row.sample_idx), "completion": row.completion,
                       "ref_logp": float(row.ref_logp), "reward": float(row.reward)}
                      for i, pid in enumerate(ids) for row in pooled[pid].head(big_m).itertuples()]
+        ref_rewards = np.array([r["reward"] for r in reference])
+    policy = _draw(model, tokenizer, texts, SamplingConfig(k=m, max_new_tokens=max_new_tokens), seed, reference=False)
 
     # Log-probs of the policy's samples under both models (for the KL estimate); `ref_logp` of a
     # sample drawn from the policy is its policy log-prob.
@@ -279,16 +286,9 @@ def evaluate_policy(
     policy_logp = np.array([r["ref_logp"] for r in policy]).reshape(len(prompts), m)
     policy_ref_logp = np.array(policy_under_ref).reshape(len(prompts), m)
 
-    scored = policy if pooled is not None else policy + reference
-    rewards = score([prompts[r["batch_prompt"]] for r in scored], [r["completion"] for r in scored])
-    r_pol = rewards[: len(policy)].reshape(len(prompts), m)
-    if pooled is None:
-        ref_rewards = rewards[len(policy):]
-        if pool_dir is not None:
-            _write_pool(pool_dir, ids, reference, ref_rewards, settings, seed + 1, big_m)
-            logger.info("wrote the reference pool %s", pool_dir)
-    else:
-        ref_rewards = np.array([r["reward"] for r in reference])
+    r_pol = np.asarray(score([prompts[r["batch_prompt"]] for r in policy], [r["completion"] for r in policy]))
+    r_pol = r_pol.reshape(len(prompts), m)
+    ref_rewards = np.asarray(ref_rewards, dtype=float)
     rewards = np.concatenate([r_pol.ravel(), ref_rewards])
     r_ref = ref_rewards.reshape(len(prompts), big_m)
     ref_ref_logp = np.array([r["ref_logp"] for r in reference]).reshape(len(prompts), big_m)
