@@ -13,6 +13,7 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 __all__ = ["SamplingConfig", "hex_prompt_id", "load_causal_lm", "prompt_id", "render_prompt", "sample_completions",
            "sequence_logps", "completion_logps"]
@@ -151,7 +152,8 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], config: Sampli
     tokenizer.padding_side = "left"
     torch.manual_seed(seed)
     rows = []
-    for start in range(0, len(prompt_texts), config.batch_size):
+    starts = range(0, len(prompt_texts), config.batch_size)
+    for start in tqdm(starts, desc="sampling", unit="batch", leave=False, disable=len(starts) < 2):
         batch = prompt_texts[start : start + config.batch_size]
         enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
         recorded = _RecordedLogps(model)
