@@ -35,12 +35,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ._deprecation import deprecated_alias
 from .calibration import CalibrationTables, rank_counts
-from .selection import SELECTORS, select
+from .procedures import Procedure, get_procedure, procedure_names
+from .selection import select
 
-__all__ = ["Estimate", "pairwise_win_matrix", "inference_win_rate", "standard_win_rate", "calibrated_shortcut",
-           "calibrated_shortcut_per_prompt", "kl_estimate", "bootstrap_mean", "subset_selection_weights",
-           "u_statistic_per_prompt", "u_statistic_win_rate", "paired_bootstrap_difference", "decision_verdict",
+__all__ = ["Estimate", "pairwise_win_matrix", "estimate_inference_win_rate", "estimate_standard_win_rate",
+           "calibrated_shortcut", "calibrated_shortcut_per_prompt", "shortcut_procedures", "kl_estimate",
+           "bootstrap_mean", "subset_selection_weights", "u_statistic_per_prompt", "u_statistic_win_rate", "paired_bootstrap_difference", "decision_verdict",
            "MAX_SUBSETS"]
 
 
@@ -90,9 +92,10 @@ def _check(policy_rewards, reference_rewards, n):
     return r[:, :n], s[:, :n]
 
 
-def inference_win_rate(policy_rewards, reference_rewards, selector: str, n: int, *, policy_ref_logps=None,
-                       reference_ref_logps=None, num_boot: int = 2000, rng=0, **selector_args) -> dict:
-    """Win rate of T(policy) over T(reference) with the first ``n`` candidates of each side."""
+def estimate_inference_win_rate(policy_rewards, reference_rewards, selector: str, n: int, *, policy_ref_logps=None,
+                                reference_ref_logps=None, num_boot: int = 2000, rng=0, **selector_args) -> dict:
+    """Win rate of T(policy) over T(reference) with the first ``n`` candidates of each side (one duel per prompt;
+    :func:`u_statistic_win_rate` averages over every N-subset instead)."""
     r, s = _check(policy_rewards, reference_rewards, n)
     extra_p = {} if policy_ref_logps is None else {"ref_logps": np.asarray(policy_ref_logps)[:, :n]}
     extra_q = {} if reference_ref_logps is None else {"ref_logps": np.asarray(reference_ref_logps)[:, :n]}
@@ -108,12 +111,16 @@ def inference_win_rate(policy_rewards, reference_rewards, selector: str, n: int,
             "excluded_candidates": pol.num_excluded + ref.num_excluded, "prompts_without_candidates": int(empty.sum())}
 
 
-def standard_win_rate(policy_rewards, reference_rewards, *, num_boot: int = 2000, rng=0) -> Estimate:
+def estimate_standard_win_rate(policy_rewards, reference_rewards, *, num_boot: int = 2000, rng=0) -> Estimate:
     """P(a policy sample beats a reference sample), all pairs within each prompt."""
     w = pairwise_win_matrix(policy_rewards, reference_rewards)
     with np.errstate(invalid="ignore"):
         per_prompt = np.nanmean(w.reshape(w.shape[0], -1), axis=1) if w.size else np.array([])
     return bootstrap_mean(per_prompt, num_boot=num_boot, rng=rng)
+
+
+inference_win_rate = deprecated_alias("ctrl_offline.evaluation.inference_win_rate", estimate_inference_win_rate)
+standard_win_rate = deprecated_alias("ctrl_offline.evaluation.standard_win_rate", estimate_standard_win_rate)
 
 
 def _subset_fraction(j: np.ndarray, k: np.ndarray, n: int) -> np.ndarray:
@@ -124,8 +131,30 @@ def _subset_fraction(j: np.ndarray, k: np.ndarray, n: int) -> np.ndarray:
     return np.prod(np.clip((j - i) / (k - i), 0.0, None), axis=-1)
 
 
+def shortcut_procedures() -> tuple[str, ...]:
+    """The procedures the calibrated shortcut covers: those whose pick is the largest or the smallest reward
+    (an :class:`~ctrl_offline.procedures.OrderStatistic` of the reward itself: ``bon``, ``won``)."""
+    return tuple(name for name in procedure_names()
+                 if get_procedure(name).order is not None and get_procedure(name).order.key is None)
+
+
+def _shortcut_win(r: np.ndarray, below: np.ndarray, equal: np.ndarray, k: np.ndarray, n: int,
+                  largest: bool) -> np.ndarray:
+    """Per row: P(the policy's best (``largest``) or worst of its N beats the reference's, N of the K stored)."""
+    rows = np.arange(r.shape[0])
+    pick = np.argmax(r, axis=1) if largest else np.argmin(r, axis=1)
+    b, e = below[rows, pick], equal[rows, pick]
+    if largest:
+        return _subset_fraction(b, k, n) + 0.5 * (_subset_fraction(b + e, k, n) - _subset_fraction(b, k, n))
+    # The policy's worst r beats the reference's worst when that is below r: 1 − P(ref worst ≥ r) + ½·P(= r),
+    # with P(ref worst ≥ r) = C(a+e, N)/C(K, N) and P(ref worst > r) = C(a, N)/C(K, N).
+    a = k - b - e
+    return 1.0 - 0.5 * (_subset_fraction(a + e, k, n) + _subset_fraction(a, k, n))
+
+
 def calibrated_shortcut_per_prompt(policy_rewards, n: int, *, tables: CalibrationTables, prompt_ids) -> dict:
-    """Per-prompt values of :func:`calibrated_shortcut`: ``{"standard", "bon", "won"}`` arrays of one value per row.
+    """Per-prompt values of :func:`calibrated_shortcut`: ``{"standard", "bon", "won"}`` arrays of one value per row
+    (one per :func:`shortcut_procedures`).
 
     ``policy_rewards`` is a (prompts, candidates) array of the policy's rewards (the first ``n``
     candidates of each row are used), ``prompt_ids[i]`` names row i's table in ``tables`` (the
@@ -151,16 +180,9 @@ def calibrated_shortcut_per_prompt(policy_rewards, n: int, *, tables: Calibratio
         raise ValueError(f"N = {n} is larger than K, the stored reference rewards, of {few.sum()} prompt(s) "
                          f"(smallest K = {k.min()}; prompt_id {shown}): the reference's best-/worst-of-N cannot be "
                          "formed from fewer stored samples than N")
-    rows = np.arange(r.shape[0])
-    best, worst = np.argmax(r, axis=1), np.argmin(r, axis=1)
-    b, e = below[rows, best], equal[rows, best]
-    bon = _subset_fraction(b, k, n) + 0.5 * (_subset_fraction(b + e, k, n) - _subset_fraction(b, k, n))
-    # The policy's worst r beats the reference's worst when that is below r: 1 − P(ref worst ≥ r) + ½·P(= r),
-    # with P(ref worst ≥ r) = C(a+e, N)/C(K, N) and P(ref worst > r) = C(a, N)/C(K, N).
-    a, e = k - below[rows, worst] - equal[rows, worst], equal[rows, worst]
-    won = 1.0 - 0.5 * (_subset_fraction(a + e, k, n) + _subset_fraction(a, k, n))
     standard = ((below + 0.5 * equal) / k[:, None]).mean(axis=1)
-    return {"standard": standard, "bon": bon, "won": won}
+    return {"standard": standard, **{name: _shortcut_win(r, below, equal, k, n, get_procedure(name).order.largest)
+                                     for name in shortcut_procedures()}}
 
 
 def calibrated_shortcut(policy_rewards, n: int, *, tables: CalibrationTables, prompt_ids, num_boot: int = 2000,
@@ -171,11 +193,12 @@ def calibrated_shortcut(policy_rewards, n: int, *, tables: CalibrationTables, pr
     reference rewards (module docstring, docs/evaluation_shortcut.md). ``policy_rewards``:
     (prompts, candidates), rewards on the scale of the tables; ``prompt_ids``: each row's prompt
     in ``tables``. Raises ValueError when N exceeds the candidates or any prompt's K. Returns
-    ``{"n", "standard", "bon", "won"}``, each win rate an :class:`Estimate` dict.
+    ``{"n", "standard", "bon", "won"}`` (one key per :func:`shortcut_procedures`), each win rate an
+    :class:`Estimate` dict.
     """
     values = calibrated_shortcut_per_prompt(policy_rewards, n, tables=tables, prompt_ids=prompt_ids)
-    return {"n": n, **{name: bootstrap_mean(values[name], num_boot=num_boot, rng=rng).to_dict()
-                       for name in ("standard", "bon", "won")}}
+    return {"n": n, **{name: bootstrap_mean(value, num_boot=num_boot, rng=rng).to_dict()
+                       for name, value in values.items()}}
 
 
 def kl_estimate(policy_logps, reference_logps, *, num_boot: int = 2000, rng=0) -> Estimate:
@@ -189,8 +212,6 @@ def kl_estimate(policy_logps, reference_logps, *, num_boot: int = 2000, rng=0) -
 # U-statistic win rates: m policy and M reference samples per prompt, every N-subset of each side.
 # --------------------------------------------------------------------------------------------------
 
-#: Selectors whose subset-averaged weights have a closed form (the chosen candidate is an order statistic).
-_ORDER_SELECTORS = ("bon", "won", "rbon")
 #: Default cap on the N-subsets enumerated per prompt; above it, this many random N-subsets are averaged.
 MAX_SUBSETS = 1000
 
@@ -270,6 +291,26 @@ def _subset_average(r: np.ndarray, valid: np.ndarray, n: int, selector: str, ref
     return weights, method
 
 
+def _checked_ref_logps(procedure: Procedure, ref_logps, valid: np.ndarray) -> np.ndarray:
+    """The reference log-probs a procedure reads: the rewards' shape, finite for every available candidate."""
+    if ref_logps is None:
+        raise ValueError(f"{procedure.description} ({procedure.name}) needs the candidates' reference log-probs")
+    logps = np.asarray(ref_logps, dtype=float)
+    if logps.shape != valid.shape:
+        raise ValueError(f"ref_logps must have the rewards' shape {valid.shape}, got {logps.shape}")
+    if not np.isfinite(logps[valid]).all():
+        raise ValueError("ref_logps of the available candidates must be finite")
+    return logps
+
+
+def _order_keys(procedure: Procedure, r: np.ndarray, valid: np.ndarray, logps, selector_args: dict) -> np.ndarray:
+    """The keys whose largest (or smallest) is the procedure's pick: the rewards, or its ``order.key`` of them."""
+    if procedure.order.key is None:
+        return r
+    safe = None if logps is None else np.where(valid, logps, 0.0)
+    return np.asarray(procedure.order.key(r, safe, **procedure.settings(selector_args)), dtype=float)
+
+
 def subset_selection_weights(rewards, n: int, selector: str = "bon", *, ref_logps=None, max_subsets: int = MAX_SUBSETS,
                              rng: np.random.Generator | int | None = 0, **selector_args) -> tuple[np.ndarray, str]:
     """How often the selector picks each candidate, averaged over all N-subsets of a prompt's candidates.
@@ -279,14 +320,16 @@ def subset_selection_weights(rewards, n: int, selector: str = "bon", *, ref_logp
         P̄_i = (1/C(m_b, N)) Σ_{A ⊆ available, |A| = N} T_A(i)      (T_A(i) = 0 for i ∉ A),
 
     the selection distribution of T on the N-subset A averaged over every A; they sum to 1. The
-    method says how: ``closed_form`` for best-of-N, worst-of-N, regularised best-of-N (the pick is
-    the top of a total order, weights C(i−1, N−1)/C(m, N) on the i-th in it, see
-    :func:`_order_weights`) and for N = 1 (every selector picks the single candidate: 1/m each);
+    method says how: ``closed_form`` for procedures whose pick is an order statistic (best-of-N,
+    worst-of-N, regularised best-of-N: the pick is the top of a total order, weights
+    C(i−1, N−1)/C(m, N) on the i-th in it, see :func:`_order_weights`) and for N = 1 (every
+    selector picks the single candidate: 1/m each);
     ``all_subsets`` when every prompt has C(m, N) ≤ ``max_subsets`` subsets, enumerated;
     ``random_subsets`` when some prompt has more: ``max_subsets`` uniformly random N-subsets
     (seeded by ``rng``) are averaged instead, still unbiased for the same expectation. Rows with
-    fewer than N available candidates get NaN weights. ``selector_args`` (lam, beta, kappa0, k) go
-    to :func:`ctrl_offline.selection.select`; ``rbon`` needs ``ref_logps`` of the same shape.
+    fewer than N available candidates get NaN weights. ``selector_args`` (lam, beta, kappa0, k, …)
+    go to :func:`ctrl_offline.selection.select`; procedures that read reference log-probs (``rbon``)
+    need ``ref_logps`` of the same shape.
     """
     r = np.asarray(rewards, dtype=float)
     if r.ndim != 2 or r.shape[1] == 0:
@@ -298,31 +341,17 @@ def subset_selection_weights(rewards, n: int, selector: str = "bon", *, ref_logp
     n = int(n)
     if n > r.shape[1]:
         raise ValueError(f"N = {n} is larger than the candidates available ({r.shape[1]})")
-    if selector not in SELECTORS:
-        raise ValueError(f"unknown selector {selector!r}; choose one of {SELECTORS}")
+    procedure = get_procedure(selector)
     if not isinstance(max_subsets, (int, np.integer)) or max_subsets < 1:
         raise ValueError(f"max_subsets must be a positive integer, got {max_subsets!r}")
     valid = ~np.isnan(r)
-    logps = None
-    if selector == "rbon":
-        if ref_logps is None:
-            raise ValueError("regularised best-of-N needs the candidates' reference log-probs")
-        logps = np.asarray(ref_logps, dtype=float)
-        if logps.shape != r.shape:
-            raise ValueError(f"ref_logps must have the rewards' shape {r.shape}, got {logps.shape}")
-        if not np.isfinite(logps[valid]).all():
-            raise ValueError("ref_logps of the available candidates must be finite")
+    logps = _checked_ref_logps(procedure, ref_logps, valid) if procedure.needs_ref_logps else None
     few = valid.sum(axis=1) < n
     if n == 1:
         weights, method = valid / np.maximum(valid.sum(axis=1, keepdims=True), 1), "closed_form"
-    elif selector in _ORDER_SELECTORS:
-        keys = r
-        if selector == "rbon":
-            beta = selector_args.get("beta", 0.1)
-            if not (np.isfinite(beta) and beta > 0):
-                raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-            keys = r + beta * np.where(valid, logps, 0.0)
-        weights, method = _order_weights(keys, valid, n, largest=selector != "won"), "closed_form"
+    elif procedure.order is not None:
+        weights, method = _order_weights(_order_keys(procedure, r, valid, logps, selector_args), valid, n,
+                                         largest=procedure.order.largest), "closed_form"
     else:
         weights, method = _subset_average(r, valid, n, selector, logps, max_subsets, np.random.default_rng(rng),
                                           selector_args)

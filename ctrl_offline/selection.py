@@ -3,7 +3,8 @@
 Each selector maps rewards of shape ``(B, N)`` (and reference log-probs where needed) to a
 selection distribution ``probs`` of the same shape; :func:`choose` turns it into indices,
 greedily or by sampling. NaN rewards mark missing candidates: they get probability 0 and are
-counted in ``Selection.num_excluded``.
+counted in ``Selection.num_excluded``. The procedures are known by name through the registry in
+:mod:`ctrl_offline.procedures`; :func:`select` applies one by name.
 
 * best-of-N / worst-of-N: argmax / argmin;
 * soft best-of-N: p ∝ exp(r/λ);
@@ -25,7 +26,6 @@ import numpy as np
 
 __all__ = [
     "Selection",
-    "SELECTORS",
     "best_of_n",
     "worst_of_n",
     "soft_best_of_n",
@@ -226,27 +226,30 @@ def choose(probs: np.ndarray, sample: bool = False, rng: np.random.Generator | i
     return np.where(empty, -1, index)
 
 
-SELECTORS = ("bon", "won", "soft_bon", "rbon", "itp", "bot")
+def select(rewards, method: str, *, ref_logps=None, sample: bool = False, rng=None, **params) -> Selection:
+    """Apply the registered procedure ``method`` (:mod:`ctrl_offline.procedures`: ``bon``, ``won``, ``soft_bon``,
+    ``rbon``, ``itp``, ``tsallis``, ``bot`` and any registered since).
 
+    ``params`` are selector settings (``lam``, ``beta``, ``kappa0``, ``k``, ``alpha``, …): each procedure
+    takes its own and ignores the others', so one set of settings serves every procedure.
+    """
+    from .procedures import get_procedure  # the registry refers to this module's rules
 
-def select(rewards, method: str, *, lam: float = 0.1, beta: float = 0.1, kappa0: float = 0.1, k: int | None = None,
-           ref_logps=None, sample: bool = False, rng=None) -> Selection:
-    """Apply a selector by name (``bon``, ``won``, ``soft_bon``, ``rbon``, ``itp``, ``bot``)."""
+    procedure = get_procedure(method)
     r, valid = _rewards(rewards)
-    if method == "bon":
-        probs = best_of_n(r)
-    elif method == "won":
-        probs = worst_of_n(r)
-    elif method == "soft_bon":
-        probs = soft_best_of_n(r, lam)
-    elif method == "rbon":
-        if ref_logps is None:
-            raise ValueError("regularised best-of-N needs the candidates' reference log-probs")
-        probs = regularized_best_of_n(r, ref_logps, beta)
-    elif method == "itp":
-        probs = itp(r, beta)
-    elif method == "bot":
-        probs, _ = best_of_tails(r, lam, kappa0=kappa0, k=k)
-    else:
-        raise ValueError(f"unknown selector {method!r}; choose one of {SELECTORS}")
+    if procedure.needs_ref_logps and ref_logps is None:
+        raise ValueError(f"{procedure.description} ({method}) needs the candidates' reference log-probs")
+    probs = np.asarray(procedure.rule(r, ref_logps, **procedure.settings(params)), dtype=float)
+    if probs.shape != r.shape:
+        raise ValueError(f"procedure {method!r} returned probabilities of shape {probs.shape} for rewards {r.shape}")
     return Selection(index=choose(probs, sample=sample, rng=rng), probs=probs, num_excluded=int((~valid).sum()))
+
+
+def __getattr__(name):
+    if name == "SELECTORS":  # deprecated: the registry is the one list of names
+        from ._deprecation import warn_deprecated
+        from .procedures import procedure_names
+
+        warn_deprecated("ctrl_offline.selection.SELECTORS", "ctrl_offline.procedures.procedure_names()")
+        return procedure_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

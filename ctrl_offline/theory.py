@@ -10,7 +10,8 @@ quantity below depends on (Φ, β) only, not on the prompt or the model:
     worst-of-N win rate vs WoN(π_ref)  = ∫ N (1−u)^{N−1} (1 − F(u))^N du
 
 Integrals use a fixed composite Gauss–Legendre rule graded toward u = 1 (where the densities
-of increasing transforms peak); F comes from each transform's closed form. Any other
+of increasing transforms peak); F comes from each transform's closed form. A procedure's closed
+form is found through the registry (:mod:`ctrl_offline.procedures`, its ``win_rate``); any other
 selection rule is handled by :func:`monte_carlo_win_rate`.
 """
 
@@ -21,26 +22,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._deprecation import deprecated_alias, warn_deprecated
 from ._quadrature import nodes_and_weights, panel_breaks
 from .transforms import Transform, get_transform
 
 __all__ = [
-    "INFERENCE_PROCEDURES",
     "tilted_density",
     "kl_divergence",
-    "standard_win_rate",
+    "tilted_standard_win_rate",
     "bon_win_rate",
     "won_win_rate",
-    "inference_win_rate",
+    "tilted_win_rate",
     "sample_tilted",
     "monte_carlo_win_rate",
     "MonteCarloEstimate",
-    "best_of_n_rule",
-    "worst_of_n_rule",
 ]
-
-#: Inference-time procedures with closed-form win rates.
-INFERENCE_PROCEDURES = ("bon", "won")
 
 
 def _check_n(n: int) -> int:
@@ -75,8 +71,8 @@ def kl_divergence(transform: Transform | str, beta: float) -> float:
     return float(max(np.sum(weights * np.where(f > 0, f * log_f, 0.0)), 0.0))
 
 
-def standard_win_rate(transform: Transform | str, beta: float) -> float:
-    """P(y ~ π* beats y' ~ π_ref) = E_f[u] = 1 − ∫ F."""
+def tilted_standard_win_rate(transform: Transform | str, beta: float) -> float:
+    """P(y ~ π* beats y' ~ π_ref) = E_f[u] = 1 − ∫ F: the tilted policy's standard win rate, exactly."""
     transform = get_transform(transform)
     _, weights, cdf = _cdf_on_grid(transform, beta)
     return float(1.0 - np.sum(weights * cdf))
@@ -96,13 +92,24 @@ def won_win_rate(transform: Transform | str, beta: float, n: int) -> float:
     return float(np.sum(weights * n * (1.0 - nodes) ** (n - 1) * (1.0 - cdf) ** n))
 
 
-def inference_win_rate(transform: Transform | str, beta: float, inference: str, n: int) -> float:
-    """Closed-form inference-time win rate for ``inference`` in ``("bon", "won")``."""
-    if inference == "bon":
-        return bon_win_rate(transform, beta, n)
-    if inference == "won":
-        return won_win_rate(transform, beta, n)
-    raise ValueError(f"unknown inference procedure {inference!r}; closed forms exist for {INFERENCE_PROCEDURES}")
+def tilted_win_rate(transform: Transform | str, beta: float, inference: str, n: int) -> float:
+    """The tilted policy's inference-time win rate, exactly: the closed form registered for ``inference``.
+
+    ValueError for an unknown procedure or one without a closed form
+    (:func:`ctrl_offline.procedures.closed_form_names` lists those with one).
+    """
+    from .procedures import closed_form_names, get_procedure  # the registry refers to this module's closed forms
+
+    procedure = get_procedure(inference)
+    if procedure.win_rate is None:
+        raise ValueError(f"inference procedure {inference!r} has no closed-form win rate (those with one: "
+                         f"{', '.join(closed_form_names())}); simulate it on calibration tables "
+                         "(ctrl_offline.planner.plan(..., tables=...))")
+    return float(procedure.win_rate(get_transform(transform), beta, _check_n(n)))
+
+
+standard_win_rate = deprecated_alias("ctrl_offline.theory.standard_win_rate", tilted_standard_win_rate)
+inference_win_rate = deprecated_alias("ctrl_offline.theory.inference_win_rate", tilted_win_rate)
 
 
 # -- Monte Carlo for any selection rule ----------------------------------------------------------
@@ -123,14 +130,11 @@ def sample_tilted(transform: Transform | str, beta: float, size, rng: np.random.
     return np.interp(rng.random(size), cdf, grid)
 
 
-def best_of_n_rule(u: np.ndarray) -> np.ndarray:
-    """Selection rule of best-of-N: the index of the largest value in each row."""
-    return np.argmax(u, axis=1)
+def _drawn_pick(procedure: str, rng: np.random.Generator) -> Callable[[np.ndarray], np.ndarray]:
+    """The index rule of a registered procedure: each row's pick drawn from its selection distribution."""
+    from .selection import select
 
-
-def worst_of_n_rule(u: np.ndarray) -> np.ndarray:
-    """Selection rule of worst-of-N: the index of the smallest value in each row."""
-    return np.argmin(u, axis=1)
+    return lambda u: select(u, procedure, sample=True, rng=rng).index
 
 
 @dataclass(frozen=True)
@@ -143,19 +147,23 @@ class MonteCarloEstimate:
 def monte_carlo_win_rate(
     transform: Transform | str,
     beta: float,
-    select: Callable[[np.ndarray], np.ndarray],
+    select: Callable[[np.ndarray], np.ndarray] | str,
     n: int,
     trials: int = 100_000,
     rng: np.random.Generator | int | None = 0,
 ) -> MonteCarloEstimate:
     """Win rate of T(π*) over T(π_ref) for a selection rule T, by simulation in calibrated space.
 
-    ``select`` maps an array of calibrated values of shape ``(trials, n)`` to the chosen
-    index per row. Each trial draws N candidates from π* (u ~ f) and N from π_ref
-    (u ~ Uniform), applies the rule to each side and scores a win (ties count ½).
+    ``select`` is a registered procedure's name (:mod:`ctrl_offline.procedures`; its pick is drawn
+    from its selection distribution, with default settings) or a function mapping an array of
+    calibrated values of shape ``(trials, n)`` to the chosen index per row. Each trial draws N
+    candidates from π* (u ~ f) and N from π_ref (u ~ Uniform), applies the rule to each side and
+    scores a win (ties count ½).
     """
     transform, n = get_transform(transform), _check_n(n)
     rng = np.random.default_rng(rng)
+    if isinstance(select, str):
+        select = _drawn_pick(select, rng)
     rows = np.arange(trials)
     policy = sample_tilted(transform, beta, (trials, n), rng)
     reference = rng.random((trials, n))
@@ -165,3 +173,12 @@ def monte_carlo_win_rate(
     return MonteCarloEstimate(
         win_rate=float(outcome.mean()), stderr=float(outcome.std(ddof=1) / np.sqrt(trials)), trials=trials
     )
+
+
+def __getattr__(name):
+    if name == "INFERENCE_PROCEDURES":  # deprecated: the registry is the one list of names
+        from .procedures import closed_form_names
+
+        warn_deprecated("ctrl_offline.theory.INFERENCE_PROCEDURES", "ctrl_offline.procedures.closed_form_names()")
+        return closed_form_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -356,10 +356,10 @@ def test_eval_reports_win_rates_kl_and_plots(pipeline, assets, tmp_path, capsys)
 
 
 def test_eval_refuses_n_beyond_candidates_and_bad_selector_settings(assets, tmp_path, capsys):
-    from ctrl_offline.evaluation import inference_win_rate
+    from ctrl_offline.evaluation import estimate_inference_win_rate
 
     with pytest.raises(ValueError, match="larger than the candidates available"):
-        inference_win_rate(np.zeros((2, 3)), np.zeros((2, 3)), "bon", 4)
+        estimate_inference_win_rate(np.zeros((2, 3)), np.zeros((2, 3)), "bon", 4)
     heldout = tmp_path / "p.jsonl"
     heldout.write_text('{"prompt": "the cat"}\n')
     with pytest.raises(SystemExit) as exc:  # argparse rejects it before any work

@@ -153,7 +153,7 @@ def test_refusals():
     r = np.zeros((2, 3))
     with pytest.raises(ValueError, match="larger than the candidates available"):
         u_statistic_per_prompt(r, r, 4)
-    with pytest.raises(ValueError, match="unknown selector"):
+    with pytest.raises(ValueError, match="unknown inference procedure"):
         u_statistic_per_prompt(r, r, 2, "nope")
     with pytest.raises(ValueError, match="reference log-probs"):
         u_statistic_per_prompt(r, r, 2, "rbon")

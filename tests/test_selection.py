@@ -100,7 +100,7 @@ def test_nan_candidates_are_excluded_and_counted(rewards):
     r = rewards.copy()
     r[0, :4] = np.nan
     r[1, :] = np.nan
-    for method in ("bon", "won", "soft_bon", "itp", "bot"):
+    for method in ("bon", "won", "soft_bon", "itp", "tsallis", "bot"):
         s = select(r, method)
         assert s.num_excluded == 14
         assert np.all(s.probs[0, :4] == 0) and s.probs[0].sum() == pytest.approx(1.0)
@@ -122,7 +122,8 @@ def test_sampling_follows_the_distribution():
         (lambda r: best_of_tails(r, 0.1, kappa0=0.0), "kappa0 must be"),
         (lambda r: tsallis_selection(r, 2.5, 0.1), r"alpha must lie in \[1, 2\]"),
         (lambda r: select(r, "rbon"), "reference log-probs"),
-        (lambda r: select(r, "nope"), "unknown selector"),
+        (lambda r: select(r, "nope"), "unknown inference procedure 'nope'; choose one of bon, won"),
+        (lambda r: select(r, "bon", lamb=0.1), r"unknown selector setting\(s\) \['lamb'\]"),
     ],
 )
 def test_bad_arguments(rewards, call, message):

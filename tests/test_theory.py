@@ -4,16 +4,14 @@ import numpy as np
 import pytest
 
 from ctrl_offline.theory import (
-    best_of_n_rule,
     bon_win_rate,
-    inference_win_rate,
     kl_divergence,
     monte_carlo_win_rate,
     sample_tilted,
-    standard_win_rate,
     tilted_density,
+    tilted_standard_win_rate,
+    tilted_win_rate,
     won_win_rate,
-    worst_of_n_rule,
 )
 from ctrl_offline.transforms import get_transform
 
@@ -26,7 +24,7 @@ def test_log_transform_at_beta_one_over_n_minus_one_is_best_of_n(n):
     np.testing.assert_allclose(tilted_density("log", beta, u), n * u ** (n - 1), rtol=1e-12)
     # Published identities (Beirami et al. 2024): KL = log N − (N−1)/N, win rate N/(N+1).
     assert kl_divergence("log", beta) == pytest.approx(math.log(n) - (n - 1) / n, abs=1e-12)
-    assert standard_win_rate("log", beta) == pytest.approx(n / (n + 1), abs=1e-12)
+    assert tilted_standard_win_rate("log", beta) == pytest.approx(n / (n + 1), abs=1e-12)
 
 
 def test_win_rates_against_exact_integrals():
@@ -40,8 +38,8 @@ def test_win_rates_against_exact_integrals():
     assert bon_win_rate("identity", beta, n) == pytest.approx(bon, abs=1e-11)
     assert won_win_rate("identity", beta, n) == pytest.approx(won, abs=1e-11)
     # N = 1 is the standard win rate for either procedure.
-    assert bon_win_rate("identity", beta, 1) == pytest.approx(standard_win_rate("identity", beta), abs=1e-12)
-    assert won_win_rate("identity", beta, 1) == pytest.approx(standard_win_rate("identity", beta), abs=1e-12)
+    assert bon_win_rate("identity", beta, 1) == pytest.approx(tilted_standard_win_rate("identity", beta), abs=1e-12)
+    assert won_win_rate("identity", beta, 1) == pytest.approx(tilted_standard_win_rate("identity", beta), abs=1e-12)
 
 
 @pytest.mark.parametrize("name,t", [("identity", None), ("log", None), ("exp", 3.0), ("exp", 20.0), ("negexp", 5.0)])
@@ -80,8 +78,8 @@ def test_kl_decreases_and_win_rates_increase_as_beta_shrinks(name, t):
 def test_closed_form_win_rates_match_monte_carlo(name, t, beta):
     transform = get_transform(name, t)
     for n in (2, 4):
-        bon = monte_carlo_win_rate(transform, beta, best_of_n_rule, n, trials=60_000, rng=n)
-        won = monte_carlo_win_rate(transform, beta, worst_of_n_rule, n, trials=60_000, rng=n + 10)
+        bon = monte_carlo_win_rate(transform, beta, "bon", n, trials=60_000, rng=n)
+        won = monte_carlo_win_rate(transform, beta, "won", n, trials=60_000, rng=n + 10)
         assert abs(bon.win_rate - bon_win_rate(transform, beta, n)) < 4 * bon.stderr + 1e-4
         assert abs(won.win_rate - won_win_rate(transform, beta, n)) < 4 * won.stderr + 1e-4
 
@@ -113,6 +111,19 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="positive integer"):
         bon_win_rate("identity", 1.0, 0)
     with pytest.raises(ValueError, match="unknown inference procedure"):
-        inference_win_rate("identity", 1.0, "bot", 4)
+        tilted_win_rate("identity", 1.0, "nope", 4)
+    with pytest.raises(ValueError, match="'bot' has no closed-form win rate"):
+        tilted_win_rate("identity", 1.0, "bot", 4)
     with pytest.raises(ValueError, match="beta must be finite and > 0"):
         kl_divergence("identity", -1.0)
+
+
+def test_old_names_warn_and_still_answer():
+    from ctrl_offline import theory
+
+    with pytest.warns(DeprecationWarning, match="tilted_win_rate"):
+        assert theory.inference_win_rate("identity", 0.3, "bon", 4) == tilted_win_rate("identity", 0.3, "bon", 4)
+    with pytest.warns(DeprecationWarning, match="tilted_standard_win_rate"):
+        assert theory.standard_win_rate("identity", 0.3) == tilted_standard_win_rate("identity", 0.3)
+    with pytest.warns(DeprecationWarning, match="closed_form_names"):
+        assert theory.INFERENCE_PROCEDURES == ("bon", "won")
