@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .calibration import _SHOW, _name_some  # the same message format as calibration's errors
+from .prompt_ids import SHOW as _SHOW, name_some as _name_some  # the same message format as calibration's errors
 from .transforms import Transform, get_transform
 
 __all__ = [
