@@ -39,6 +39,7 @@ True
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
@@ -46,6 +47,7 @@ import numpy as np
 from scipy import special, stats
 
 from ._quadrature import gauss_legendre_between, nodes_and_weights, panel_breaks
+from .calibrated_rows import SynthesisError, as_transform, check_beta
 from .transforms import Rescaled, Transform, get_transform, unit_scale
 
 __all__ = [
@@ -60,6 +62,7 @@ __all__ = [
     "tilt_from_log_density",
     "ideal_tilt",
     "population_log_partition",
+    "log_partition_gap",
     "cell_values",
 ]
 
@@ -149,6 +152,31 @@ def population_log_partition(transform: Transform | str, beta: float, k: int, ta
     x = _bernstein_mean(values, nodes) / beta
     top = float(np.max(x))
     return top + math.log(float(np.sum(weights * np.exp(x - top))))
+
+
+def log_partition_gap(transform: Transform | str, beta: float, k: int) -> float:
+    """Empirical minus continuous log Z for a tie-free prompt with K reference samples (docs/log_partition.md).
+
+    The leave-one-out calibrated values of such a prompt (what ``calibrate_reference`` gives) are
+    exactly the grid j/(K−1), j = 0..K−1, so
+
+        gap = log( (1/K) Σ_j exp(Φ(j/(K−1))/β) ) − log ∫₀¹ exp(Φ(v)/β) dv,
+
+    in nats of Φ/β. Pointwise targets with the continuous normaliser sit β·gap above the
+    empirical ones for every response of such a prompt. The gap → 0 like 1/K. Needs no data: it
+    is the ``"empirical"`` against the ``"continuous"`` normaliser of
+    :func:`ctrl_offline.pointwise.pointwise_targets`; bad input raises
+    :class:`ctrl_offline.calibrated_rows.SynthesisError`, as those do.
+    """
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 2:
+        raise SynthesisError(f"K must be an integer ≥ 2 (the grid j/(K−1) needs two points), got {k!r}")
+    beta = check_beta(beta)
+    transform = as_transform(transform)
+    with np.errstate(divide="ignore"):
+        x = np.asarray(transform.phi(np.arange(k) / (k - 1)), dtype=float) / beta
+    top = x.max()
+    empirical = top + math.log(np.mean(np.exp(x - top)))
+    return float(empirical - float(transform.log_partition(beta)))
 
 
 # -- Bernstein machinery ------------------------------------------------------------------------

@@ -28,7 +28,8 @@ import torch
 from .calibration import calibrate_reference
 from .finite_k import Estimator, TrainedTilt
 from .losses import distill_loss, dpo_loss, ipo_loss, pointwise_loss, weighted_sft_loss
-from .synthesis import make_pairs, pointwise_targets, sft_weights
+from .pairs import make_pairs
+from .pointwise import pointwise_targets, sft_weights
 from .transforms import Rescaled, Transform, get_transform, unit_scale
 from ._quadrature import nodes_and_weights
 

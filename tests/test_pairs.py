@@ -1,4 +1,4 @@
-"""Target synthesis (ctrl_offline.synthesis) against brute-force and closed-form oracles."""
+"""Preference pairs (ctrl_offline.pairs) against brute-force oracles: strategies, order, sampled draws."""
 
 import itertools
 import math
@@ -6,30 +6,12 @@ import time
 
 import numpy as np
 import pytest
+from calibrated_rows_data import EXP, NEGEXP, rows
 
-from ctrl_offline.calibration import calibrate_reference
-from ctrl_offline.synthesis import (
-    SynthesisError,
-    log_partition_gap,
-    make_pairs,
-    pointwise_targets,
-    sft_weights,
-)
-from ctrl_offline.transforms import Transform, get_transform
-
-EXP = get_transform("exp", 3.0)
-NEGEXP = get_transform("negexp", 5.0)
-
-
-def rows(seed=0, prompts=12, kmax=6, int_ids=False):
-    """Interleaved rows of prompts with 1..kmax responses each; u on a 4-point grid, so ties abound."""
-    rng = np.random.default_rng(seed)
-    k = rng.integers(1, kmax + 1, size=prompts)
-    names = rng.permutation(prompts) * 7 + 3 if int_ids else np.array([f"p{i}" for i in range(prompts)])
-    ids = np.repeat(names, k)
-    perm = rng.permutation(len(ids))
-    u = rng.integers(0, 4, size=len(ids)) / 3
-    return ids[perm], u[perm]
+from ctrl_offline.calibrated_rows import SynthesisError
+from ctrl_offline.pairs import make_pairs
+from ctrl_offline.pointwise import pointwise_targets
+from ctrl_offline.transforms import Transform
 
 
 def brute_pairs(ids, u, strategy, drop_ties=True):
@@ -195,137 +177,6 @@ def test_sampled_pairs_are_uniform():
     assert len(codes) == 15 and codes.min() > n / 15 - 5 * math.sqrt(n / 15)
 
 
-# -- pointwise targets ------------------------------------------------------------------------------
-@pytest.mark.parametrize("transform,beta", [(EXP, 1.5), (NEGEXP, 0.05), (get_transform("identity"), 0.2)])
-def test_pointwise_targets_both_normalisers(transform, beta):
-    ids, u = rows(5)
-    continuous = pointwise_targets(ids, u, transform, beta, log_partition="continuous")
-    np.testing.assert_allclose(continuous, transform.phi(u) - beta * float(transform.log_partition(beta)), rtol=1e-14)
-    empirical = pointwise_targets(ids, u, transform, beta, log_partition="empirical")
-    for p in set(ids.tolist()):
-        sel = ids == p
-        phi = transform.phi(u[sel])
-        expected = phi - beta * np.log(np.mean(np.exp(phi / beta)))
-        np.testing.assert_allclose(empirical[sel], expected, rtol=1e-12, atol=1e-12)
-        # Self-normalised: the mean over the prompt's rows of exp(target/β) is exactly 1.
-        assert np.mean(np.exp(empirical[sel] / beta)) == pytest.approx(1.0, rel=1e-13)
-
-
-def test_pointwise_targets_do_not_overflow_for_sharp_tilts():
-    ids, u = rows(6)
-    transform, beta = get_transform("exp", 40.0), 1e-3  # Φ/β up to 2e20
-    for kind in ("empirical", "continuous"):
-        assert np.all(np.isfinite(pointwise_targets(ids, u, transform, beta, log_partition=kind)))
-    empirical = pointwise_targets(ids, u, transform, beta, log_partition="empirical")
-    for p in set(ids.tolist()):
-        assert np.mean(np.exp(empirical[ids == p] / beta)) == pytest.approx(1.0, rel=1e-12)
-
-
-def test_empirical_minus_continuous_is_the_log_partition_gap_on_calibrated_reference_samples():
-    # Tie-free reference rewards, K = 8: calibrate_reference puts every prompt on the grid j/7.
-    rng = np.random.default_rng(2)
-    k, beta = 8, 0.25
-    ids = np.repeat([f"q{i}" for i in range(50)], k)
-    _, u = calibrate_reference(ids, rng.normal(size=len(ids)))
-    np.testing.assert_allclose(np.sort(u.reshape(50, k), axis=1), np.tile(np.arange(k) / (k - 1), (50, 1)))
-    for transform in (EXP, NEGEXP, get_transform("identity")):
-        shift = pointwise_targets(ids, u, transform, beta, log_partition="continuous") - pointwise_targets(
-            ids, u, transform, beta, log_partition="empirical"
-        )
-        np.testing.assert_allclose(shift, beta * log_partition_gap(transform, beta, k), rtol=1e-9, atol=1e-12)
-
-
-def test_population_normaliser_normalises_the_bernstein_mean_of_the_targets():
-    # The default normaliser: with targets T_j = Φ(j/(K−1)) − β·L, the fit a generalising policy makes is
-    # E[T | c] = Σ_j T_j·Binom(j; K−1, c); L is chosen so that ∫ exp(E[T | c]/β) dc = 1 exactly.
-    from scipy import integrate, stats
-
-    rng = np.random.default_rng(3)
-    k, beta = 6, 0.3
-    ids = np.repeat([f"q{i}" for i in range(4)], k)
-    _, u = calibrate_reference(ids, rng.normal(size=len(ids)))
-    for transform in (EXP, NEGEXP, get_transform("identity")):
-        target = pointwise_targets(ids, u, transform, beta)
-        by_rank = np.empty(k)
-        by_rank[np.rint(u[:k] * (k - 1)).astype(int)] = target[:k]
-        mean = lambda c: stats.binom.pmf(np.arange(k), k - 1, c) @ by_rank  # noqa: E731
-        mass, _ = integrate.quad(lambda c: math.exp(mean(c) / beta), 0, 1, epsabs=1e-12, epsrel=1e-12)
-        assert mass == pytest.approx(1.0, rel=1e-9)
-
-
-def test_cell_targets_are_the_tilts_mass_per_cell_and_finite_for_log():
-    rng = np.random.default_rng(4)
-    k, beta = 5, 0.5
-    ids = np.repeat(["a", "b"], k)
-    _, u = calibrate_reference(ids, rng.normal(size=len(ids)))
-    log = get_transform("log")
-    weights = sft_weights(ids, u, log, beta, targets="cell")
-    # log at β: e^{Φ/β} = u^{1/β}, so the cell mass is ∫ v^{1/β} dv over [j/K, (j+1)/K] in closed form.
-    j = np.rint(u * (k - 1))
-    power = 1 + 1 / beta
-    mass = ((j + 1) / k) ** power - (j / k) ** power
-    np.testing.assert_allclose(weights, mass / mass[:k].mean(), rtol=1e-10)
-    # β = 1/(N−1): the weights are the exact best-of-N law over the K stored samples (with replacement).
-    n = 3
-    w = sft_weights(ids, u, log, 1 / (n - 1), targets="cell")
-    np.testing.assert_allclose(w / k, ((j + 1) / k) ** n - (j / k) ** n, rtol=1e-10)
-    assert np.all(np.isfinite(pointwise_targets(ids, u, log, beta, targets="cell")))
-    with pytest.raises(SynthesisError, match="non-finite"):
-        pointwise_targets(ids, u, log, beta)
-    # Ties share their block of cells: two tied rows of four get the mean mass of cells 1 and 2.
-    tied = sft_weights(["p"] * 4, [0.0, 0.5, 0.5, 1.0], "identity", 0.2, targets="cell")
-    assert tied[1] == tied[2]
-    assert tied[0] < tied[1] < tied[3]
-
-
-# -- weighted SFT -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("transform,beta", [(EXP, 0.7), (NEGEXP, 0.01), (get_transform("exp", 40.0), 1e-3)])
-def test_sft_weights_average_one_and_follow_exp_phi_over_beta(transform, beta):
-    ids, u = rows(6)
-    w = sft_weights(ids, u, transform, beta)
-    assert np.all(np.isfinite(w)) and np.all(w >= 0)
-    for p in set(ids.tolist()):
-        sel = ids == p
-        assert w[sel].mean() == pytest.approx(1.0, rel=1e-13)
-        x = transform.phi(u[sel]) / beta
-        expected = np.exp(x - x.max()) / np.mean(np.exp(x - x.max()))
-        np.testing.assert_allclose(w[sel], expected, rtol=1e-12)
-
-
-def test_sft_weights_give_zero_to_log_transform_at_u_zero():
-    w = sft_weights(["a", "a", "a"], [0.0, 0.5, 1.0], "log", 0.5)
-    np.testing.assert_allclose(w, [0.0, 3 * 0.25 / 1.25, 3 * 1.0 / 1.25])
-    with pytest.raises(SynthesisError, match=r"Φ\(u\) = −∞ for every row of 1 prompt\(s\): prompt_id 'b'"):
-        sft_weights(["a", "b", "b"], [0.5, 0.0, 0.0], "log", 0.5)
-
-
-# -- the log-partition gap ---------------------------------------------------------------------------
-def test_log_partition_gap_closed_form_for_identity():
-    # Σ_j exp(j h/β) is geometric, Z = β(e^{1/β} − 1): no quadrature, no special functions.
-    for beta, k in [(0.1, 4), (0.243, 8), (1.0, 16), (0.5, 64)]:
-        h = 1 / (k - 1)
-        r = math.exp(h / beta)
-        empirical = math.log((r**k - 1) / (r - 1) / k)
-        continuous = math.log(beta * math.expm1(1 / beta))
-        assert log_partition_gap("identity", beta, k) == pytest.approx(empirical - continuous, rel=1e-12)
-
-
-def test_log_partition_gap_matches_direct_computation():
-    for transform, beta, k in [(EXP, 0.5, 4), (NEGEXP, 0.05, 8), (get_transform("exp", 10.0), 1e3, 16)]:
-        phi = transform.phi(np.arange(k) / (k - 1))
-        direct = np.log(np.mean(np.exp(phi / beta))) - float(transform.log_partition(beta))
-        assert log_partition_gap(transform, beta, k) == pytest.approx(direct, rel=1e-12)
-
-
-@pytest.mark.parametrize("transform,beta", [(EXP, 2.0), (NEGEXP, 0.5), (get_transform("identity"), 0.243)])
-def test_log_partition_gap_vanishes_like_one_over_k(transform, beta):
-    gaps = [log_partition_gap(transform, beta, k) for k in (4, 16, 256, 4096)]
-    assert np.all(np.diff(np.abs(gaps)) < 0) and abs(gaps[-1]) < 5e-3
-    # The grid keeps both end points: K·gap → (f(0) + f(1))/2 − 1, f = exp(Φ/β)/Z the tilted density.
-    ends = np.exp(transform.phi(np.array([0.0, 1.0])) / beta - float(transform.log_partition(beta)))
-    assert (4096 - 1) * gaps[-1] == pytest.approx(ends.mean() - 1, rel=2e-3)
-
-
 # -- empty input, validation ------------------------------------------------------------------------
 def test_empty_input():
     empty_ids, empty_u = np.array([], dtype=object), np.array([])
@@ -333,9 +184,6 @@ def test_empty_input():
         pairs = make_pairs(empty_ids, empty_u, EXP, 1.0, strategy=strategy,
                            pairs_per_prompt=2 if strategy == "sampled" else None)
         assert len(pairs) == 0 and pairs.chosen.dtype.kind == "i"
-    assert len(pointwise_targets(empty_ids, empty_u, EXP, 1.0)) == 0
-    assert len(pointwise_targets(empty_ids, empty_u, EXP, 1.0, log_partition="continuous")) == 0
-    assert len(sft_weights(empty_ids, empty_u, EXP, 1.0)) == 0
 
 
 class _Decreasing(Transform):
@@ -348,18 +196,6 @@ class _Decreasing(Transform):
 @pytest.mark.parametrize(
     "call,message",
     [
-        (lambda: make_pairs(["a"] * 9, [0.2, 1.5, -0.1, 2, 3, 4, 5, 0.5, 9], "identity", 1.0),
-         r"7 calibrated value\(s\) u are NaN or outside \[0, 1\]: rows 1, 2, 3, 4, 5 and 2 more \(prompt_id 'a'\)"),
-        (lambda: pointwise_targets(["a", "b"], [0.2, np.nan], "identity", 1.0), r"NaN .*rows 1 \(prompt_id 'b'\)"),
-        (lambda: sft_weights(["a"], [0.2, 0.3], "identity", 1.0), "1-D arrays of one length"),
-        (lambda: make_pairs([["a", "a"]], [[0.2, 0.3]], "identity", 1.0), "1-D arrays of one length"),
-        (lambda: make_pairs(np.array(["a", None, None], dtype=object), [0.2, 0.3, 0.4], "identity", 1.0),
-         r"2 row\(s\) have a missing prompt id \(None/NaN\): rows 1, 2"),
-        (lambda: make_pairs(["a", "a"], [0.2, 0.3], "identity", 0.0), "beta must be a finite number > 0"),
-        (lambda: pointwise_targets(["a"], [0.2], "identity", -1.0), "beta"),
-        (lambda: sft_weights(["a"], [0.2], "identity", float("inf")), "beta"),
-        (lambda: make_pairs(["a"], [0.2], "identity", "x"), "beta"),
-        (lambda: make_pairs(["a"], [0.2], "nope", 1.0), "unknown transform 'nope'"),
         (lambda: make_pairs(["a", "a"], [0.2, 0.3], "identity", 1.0, strategy="x"), "unknown pair strategy 'x'"),
         (lambda: make_pairs(["a", "a"], [0.2, 0.3], "identity", 1.0, strategy="sampled"), "needs pairs_per_prompt"),
         (lambda: make_pairs(["a", "a"], [0.2, 0.3], "identity", 1.0, strategy="sampled", pairs_per_prompt=0),
@@ -367,13 +203,8 @@ class _Decreasing(Transform):
         (lambda: make_pairs(["a", "a"], [0.2, 0.3], "identity", 1.0, strategy="sampled", pairs_per_prompt=1.5),
          "pairs_per_prompt must be an integer"),
         (lambda: make_pairs(["a", "a"], [0.2, 0.3], "identity", 1.0, pairs_per_prompt=2), "only to strategy 'sampled'"),
-        (lambda: make_pairs(["a", "a"], [0.0, 0.3], "log", 1.0),
-         r"transform 'log' gives a non-finite Φ\(u\) for 1 row\(s\): rows 0 \(prompt_id 'a'\)"),
-        (lambda: pointwise_targets(["a", "b"], [0.5, 0.0], "log", 1.0), r"non-finite Φ\(u\).*rows 1 \(prompt_id 'b'\)"),
+        (lambda: make_pairs(["a", "a"], [0.2, 0.3], "identity", 1.0, seed=True), "seed must be an integer"),
         (lambda: make_pairs(["a", "a"], [0.2, 0.3], _Decreasing(), 1.0), "not increasing"),
-        (lambda: pointwise_targets(["a"], [0.2], "identity", 1.0, log_partition="x"), "log_partition must be one of"),
-        (lambda: log_partition_gap("identity", 1.0, 1), "K must be an integer ≥ 2"),
-        (lambda: log_partition_gap("identity", 0.0, 8), "beta"),
     ],
 )
 def test_bad_input(call, message):
@@ -389,8 +220,8 @@ def test_vectorised_at_scale():
     start = time.perf_counter()
     pairs = make_pairs(ids, u, EXP, 1.0, drop_ties=False)
     sampled = make_pairs(ids, u, EXP, 1.0, strategy="sampled", pairs_per_prompt=4)
-    targets = pointwise_targets(ids, u, EXP, 1.0)
     elapsed = time.perf_counter() - start
-    assert len(pairs) == 100_000 * 28 and len(sampled) <= 400_000 and len(targets) == len(u)
+    extremes = make_pairs(ids, u, EXP, 1.0, strategy="best_vs_worst")
+    assert len(pairs) == 100_000 * 28 and len(sampled) <= 400_000 and len(extremes) <= 100_000
     assert np.all(ids[pairs.chosen] == ids[pairs.rejected])
     assert elapsed < 5.0, f"{elapsed:.2f} s"
