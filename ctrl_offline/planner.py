@@ -1,7 +1,9 @@
 """Choosing the transform, t and β for an inference procedure and a KL budget (docs/theory.md §3).
 
-For a target procedure (best-of-N or worst-of-N) and a budget KL(π*‖π_ref) = κ, each family
-is tuned so as to maximise the predicted inference-time win rate:
+For a target procedure (any registered in :mod:`ctrl_offline.procedures`) and a budget
+KL(π*‖π_ref) = κ, each family is tuned so as to maximise the predicted inference-time win rate:
+the procedure's closed form where it has one (best-of-N, worst-of-N), else a simulation on the
+calibration tables (:func:`ctrl_offline.simulation.simulated_win_rate`, docs/selector_planning.md):
 
 * β is found by root-finding on log β (KL is strictly decreasing in β);
 * for families with a shape parameter (exp, negexp), t is chosen by a coarse log-spaced scan
@@ -22,13 +24,17 @@ the K = ∞ tilt's win rate at the same KL.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from scipy import optimize
 
+from .calibration import CalibrationTables
 from .finite_k import Estimator, TrainedTilt, trained_tilt
-from .theory import INFERENCE_PROCEDURES, inference_win_rate, kl_divergence, standard_win_rate
+from .procedures import Procedure, get_procedure
+from .simulation import simulated_win_rate
+from .theory import kl_divergence, tilted_standard_win_rate, tilted_win_rate
 from .transforms import Transform, family_has_t, get_transform, unit_scale
 
 __all__ = ["PlanRow", "Plan", "solve_beta", "solve_trained_beta", "plan", "tradeoff_curve", "trainable_beta", "DEFAULT_FAMILIES",
@@ -36,6 +42,8 @@ __all__ = ["PlanRow", "Plan", "solve_beta", "solve_trained_beta", "plan", "trade
 
 DEFAULT_FAMILIES = ("identity", "log", "exp", "negexp")
 DEFAULT_T_RANGE = (0.01, 40.0)
+#: Simulated prompts per win rate of a simulated plan (docs/selector_planning.md).
+SIMULATION_PROMPTS = 4000
 _MAX_KL = 25.0  # beyond this the tilted densities are narrower than double precision resolves
 # Smallest β, on the scale where Φ spans 1 (what the trainers see), at which a plan can be trained.
 # The DPO and pointwise gradients scale with β; below ~1e-3 the per-parameter LoRA gradients of a
@@ -164,28 +172,45 @@ def solve_trained_beta(transform: Transform | str, kl: float, k: int, estimator:
         lambda: ValueError(f"KL budget {kl} is too small to resolve for transform {transform.spec!r}"))
 
 
-def _trained_row(transform: Transform, inference: str, n: int, kl: float, k: int, estimator: Estimator) -> PlanRow:
-    beta = solve_trained_beta(transform, kl, k, estimator)
-    tilt: TrainedTilt = trained_tilt(transform, beta, k, estimator)
-    # ideal_win_rate is filled in by plan(): the family's best K = ∞ win rate at the same KL.
-    return PlanRow(transform=transform.name, t=transform.t, beta=beta, kl=tilt.kl(),
-                   win_rate=tilt.win_rate(inference, n), standard_win_rate=tilt.standard_win_rate(),
-                   k=k, phi_scale=unit_scale(transform))
+@dataclass(frozen=True)
+class _Target:
+    """What a plan's rows are scored by: a procedure's win rate with N candidates, of the exact tilt
+    (``win_rate(transform, β)``: closed form or simulation) or, with ``k``, of the tilt ``estimator``
+    trains from K samples per prompt (``trained_win_rate(tilt)``). The search over t scans
+    ``t_points`` log-spaced t, then pins log t to ``t_tolerance``: a closed form is cheap and exact,
+    a trained tilt costs ~10× as much, a simulation ~1000× with a Monte Carlo error above 1%."""
+
+    win_rate: Callable[[Transform, float], float]
+    trained_win_rate: Callable[[TrainedTilt], float] | None = None
+    k: int | None = None
+    estimator: Estimator | None = None
+    t_points: int = 17
+    t_tolerance: float = 1e-4
+
+    def row(self, transform: Transform, kl: float) -> PlanRow:
+        """The transform's row: the β meeting the budget and the win rates there."""
+        if self.k is not None:
+            beta = solve_trained_beta(transform, kl, self.k, self.estimator)
+            tilt = trained_tilt(transform, beta, self.k, self.estimator)
+            # ideal_win_rate is filled in by plan(): the family's best K = ∞ win rate at the same KL.
+            return PlanRow(transform=transform.name, t=transform.t, beta=beta, kl=tilt.kl(),
+                           win_rate=self.trained_win_rate(tilt), standard_win_rate=tilt.standard_win_rate(),
+                           k=self.k, phi_scale=unit_scale(transform))
+        beta = solve_beta(transform, kl)
+        return PlanRow(transform=transform.name, t=transform.t, beta=beta, kl=kl_divergence(transform, beta),
+                       win_rate=self.win_rate(transform, beta),
+                       standard_win_rate=tilted_standard_win_rate(transform, beta))
 
 
-def _row(transform: Transform, inference: str, n: int, kl: float, k: int | None = None,
-         estimator: Estimator | None = None) -> PlanRow:
-    if k is not None:
-        return _trained_row(transform, inference, n, kl, k, estimator)
-    beta = solve_beta(transform, kl)
-    return PlanRow(
-        transform=transform.name,
-        t=transform.t,
-        beta=beta,
-        kl=kl_divergence(transform, beta),
-        win_rate=inference_win_rate(transform, beta, inference, n),
-        standard_win_rate=standard_win_rate(transform, beta),
-    )
+def _closed_form(procedure: Procedure, n: int) -> Callable[[Transform, float], float]:
+    return lambda transform, beta: float(procedure.win_rate(transform, beta, n))
+
+
+def _simulation(procedure: Procedure, n: int, tables: CalibrationTables, selector_args: dict | None, prompts: int,
+                seed: int) -> Callable[[Transform, float], float]:
+    # The same seed for every (t, β): common random numbers keep the search over t smooth.
+    return lambda transform, beta: simulated_win_rate(tables, transform, beta, procedure.name, n, prompts=prompts,
+                                                      seed=seed, selector_args=selector_args)
 
 
 def trainable_beta(transform: Transform, beta: float) -> float:
@@ -193,30 +218,49 @@ def trainable_beta(transform: Transform, beta: float) -> float:
     return beta / unit_scale(transform)
 
 
-def _best_t(name: str, inference: str, n: int, kl: float, t_range: tuple[float, float],
-            min_beta: float, k: int | None = None, estimator: Estimator | None = None) -> PlanRow:
+def _best_t(name: str, target: _Target, kl: float, t_range: tuple[float, float], min_beta: float) -> PlanRow:
     lo, hi = math.log(t_range[0]), math.log(t_range[1])
 
     def objective(log_t: float) -> float:
         transform = get_transform(name, math.exp(log_t))
         try:
-            row = _row(transform, inference, n, kl, k, estimator)
+            row = target.row(transform, kl)
         except ValueError:  # this t cannot reach the budget at this K
             return 1.0
         # Untrainable t scores worse than any real plan (win rates lie in [0, 1]).
         return -row.win_rate if trainable_beta(transform, row.beta) >= min_beta else 1.0
 
-    grid = np.linspace(lo, hi, 17)
+    grid = np.linspace(lo, hi, target.t_points)
     scores = [objective(x) for x in grid]
     i = int(np.argmin(scores))
     if scores[i] >= 1.0:
         raise ValueError(f"no t in {t_range} gives {name} a trainable β (≥ {min_beta:g} with Φ spanning 1) at "
                          f"KL {kl:g}; lower the KL budget, narrow t_range or pass a smaller min_beta")
     left, right = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-    xatol = 1e-4 if k is None else 1e-3  # a trained tilt costs ~10× a closed form; t to 0.1% is plenty
-    refined = optimize.minimize_scalar(objective, bounds=(left, right), method="bounded", options={"xatol": xatol})
+    refined = optimize.minimize_scalar(objective, bounds=(left, right), method="bounded",
+                                       options={"xatol": target.t_tolerance})
     best_log_t = refined.x if refined.fun <= scores[i] else grid[i]
-    return _row(get_transform(name, math.exp(best_log_t)), inference, n, kl, k, estimator)
+    return target.row(get_transform(name, math.exp(best_log_t)), kl)
+
+
+def _target(procedure: Procedure, n: int, k: int | None, estimator: Estimator | None,
+            tables: CalibrationTables | None, selector_args: dict | None, simulate: bool, prompts: int,
+            seed: int) -> _Target:
+    """The closed form where the procedure has one (and ``simulate`` is off), else the simulation on ``tables``."""
+    if procedure.win_rate is not None and not simulate:
+        if k is not None and procedure.trained_win_rate is None:
+            raise ValueError(f"{procedure.name} ({procedure.description}) has no finite-K win rate "
+                             "(Procedure.trained_win_rate): plan it at K = ∞ (k=None)")
+        trained = None if k is None else (lambda tilt: float(procedure.trained_win_rate(tilt, n)))
+        return _Target(_closed_form(procedure, n), trained, k, estimator, t_tolerance=1e-4 if k is None else 1e-3)
+    if tables is None:
+        why = "is simulated (simulate=True)" if procedure.win_rate is not None else "has no closed-form win rate"
+        raise ValueError(f"{procedure.name} ({procedure.description}) {why}: plan it on calibration tables "
+                         "(tables=load_tables('calib/'); ctrl-data plan --tables calib/)")
+    if k is not None:
+        raise ValueError(f"a simulated plan ({procedure.name}) is of the exact tilt: finite-K plans (k=) need a "
+                         "closed form; pass k=None")
+    return _Target(_simulation(procedure, n, tables, selector_args, prompts, seed), t_points=9, t_tolerance=1e-2)
 
 
 def plan(
@@ -232,23 +276,35 @@ def plan(
     strategy: str = "all",
     targets: str = "loo",
     log_partition: str = "population",
+    tables: CalibrationTables | None = None,
+    selector_args: dict | None = None,
+    simulate: bool = False,
+    simulation_prompts: int = SIMULATION_PROMPTS,
+    seed: int = 0,
 ) -> Plan:
-    """Tune every transform family for ``inference`` ('bon' or 'won') with N candidates.
+    """Tune every transform family for the registered procedure ``inference`` with N candidates.
 
     Families with a parameter t get the t in ``t_range`` that maximises the predicted
     inference-time win rate under the budget among the t whose β, with Φ rescaled to span 1,
     is at least ``min_beta`` (smaller β cannot be trained; 0 turns the guard off); each row
     reports the β that meets the budget for the raw Φ.
 
+    The win rate is the procedure's closed form (``bon``, ``won``: docs/theory.md §3) or, for a
+    procedure without one (or with ``simulate=True``), simulated on the calibration ``tables``
+    (:func:`ctrl_offline.simulation.simulated_win_rate`: ``simulation_prompts`` prompts drawn with
+    ``seed``, the procedure's settings from ``selector_args``; docs/selector_planning.md). Planning
+    a procedure without a closed form and without tables is a ValueError.
+
     ``k=None`` plans the exact tilt (K = ∞). ``k=K`` plans the tilt that ``loss`` trains from K
     reference samples per prompt (pairs drawn by ``strategy``, node values ``targets``, pointwise
     normaliser ``log_partition``; see :class:`ctrl_offline.finite_k.Estimator`): the rows' KL and
     win rates are what the trained policy reaches, and ``ideal_win_rate`` the K = ∞ figure at
     that KL. A family that cannot meet the budget at this K (``log`` with ``"loo"`` targets, whose
-    rank-0 sample has Φ = −∞; weighted SFT beyond best-of-K's KL) is left out of the rows.
+    rank-0 sample has Φ = −∞; weighted SFT beyond best-of-K's KL) is left out of the rows. K-aware
+    plans need the procedure's finite-K win rate (``Procedure.trained_win_rate``; simulated plans
+    are of the exact tilt only).
     """
-    if inference not in INFERENCE_PROCEDURES:
-        raise ValueError(f"unknown inference procedure {inference!r}; choose one of {INFERENCE_PROCEDURES}")
+    procedure = get_procedure(inference)
     if int(n) != n or n < 1:
         raise ValueError(f"N must be a positive integer, got {n!r}")
     kl = _check_budget(kl)
@@ -260,13 +316,14 @@ def plan(
             raise ValueError(f"K must be an integer ≥ 2, got {k!r}")
         k = int(k)
         estimator = Estimator(loss=loss, strategy=strategy, targets=targets, log_partition=log_partition)
+    target = _target(procedure, int(n), k, estimator, tables, selector_args, simulate, simulation_prompts, seed)
     rows, skipped = [], []
     for name in families:
         try:
             if family_has_t(name):
-                rows.append(_best_t(name, inference, int(n), kl, t_range, min_beta, k, estimator))
+                rows.append(_best_t(name, target, kl, t_range, min_beta))
             else:
-                rows.append(_row(get_transform(name), inference, int(n), kl, k, estimator))
+                rows.append(target.row(get_transform(name), kl))
         except ValueError as err:
             if k is None:
                 raise
@@ -283,6 +340,6 @@ def plan(
 
 
 def tradeoff_curve(transform: Transform | str, inference: str, n: int, kls) -> np.ndarray:
-    """Predicted inference-time win rate at each KL in ``kls`` (β re-solved for each)."""
+    """Closed-form inference-time win rate at each KL in ``kls`` (β re-solved for each)."""
     transform = get_transform(transform)
-    return np.array([inference_win_rate(transform, solve_beta(transform, k), inference, n) for k in kls])
+    return np.array([tilted_win_rate(transform, solve_beta(transform, k), inference, n) for k in kls])

@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 
 from .planner import Plan, tradeoff_curve
+from .procedures import get_procedure
 from .transforms import get_transform
 
 __all__ = ["plot_plan"]
 
 
 def plot_plan(plan: Plan, path: str | os.PathLike, num_points: int = 24) -> None:
-    """Draw each planned transform's inference-time win rate against KL, marking the budget."""
+    """Draw each planned transform's inference-time win rate against KL, marking the budget (closed forms only)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,11 +30,11 @@ def plot_plan(plan: Plan, path: str | os.PathLike, num_points: int = 24) -> None
         ax.plot(kls, tradeoff_curve(transform, plan.inference, plan.n, kls), styles[i % 4], label=label)
         ax.scatter([row.kl], [row.win_rate], s=18)
     ax.axvline(plan.kl, color="grey", linestyle=":", linewidth=1)
-    procedure = {"bon": "best", "won": "worst"}[plan.inference]
+    procedure = get_procedure(plan.inference).description
     ax.set_xscale("log")
     ax.set_xlabel("KL(π ‖ π_ref)  [nats]")
-    ax.set_ylabel(f"{procedure}-of-{plan.n} win rate vs reference")
-    ax.set_title(f"Inference-aware tradeoff: {procedure}-of-{plan.n}, budget KL = {plan.kl:g}")
+    ax.set_ylabel(f"{plan.inference}-{plan.n} win rate vs reference")
+    ax.set_title(f"Inference-aware tradeoff: {procedure}, N = {plan.n}, budget KL = {plan.kl:g}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

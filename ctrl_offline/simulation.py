@@ -1,4 +1,4 @@
-"""Planning for selectors that look at raw rewards, by simulation on the quantile tables (docs/theory.md §3).
+"""Win rates of selectors that look at raw rewards, by simulation on the quantile tables (docs/selector_planning.md).
 
 Best-of-N and worst-of-N depend on rewards only through their order, so their win rates have
 closed forms in calibrated space. Soft best-of-N, regularised BoN, ITP and Best-of-Tails look at
@@ -7,19 +7,20 @@ reward distribution of each prompt under π_ref is its stored quantile table (in
 sampling, linear between order statistics); the tilted policy's rewards are the same quantile
 function at u drawn from the tilted density f. Win rates of T(π*) over T(π_ref) are then
 estimated by Monte Carlo over prompts, with common random numbers across candidates (t, β) so
-the search over t is smooth.
+the search over t is smooth. :func:`ctrl_offline.planner.plan` plans on these win rates for every
+registered procedure without a closed form (``plan(..., tables=...)``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ._deprecation import warn_deprecated
 from .calibration import CalibrationTables
 from .evaluation import pairwise_win_matrix
-from .planner import Plan, PlanRow, _check_budget, solve_beta
 from .selection import select
-from .theory import _inverse_cdf_table, kl_divergence, standard_win_rate
-from .transforms import Transform, family_has_t, get_transform
+from .theory import _inverse_cdf_table
+from .transforms import Transform, get_transform
 
 __all__ = ["quantile_rewards", "simulated_win_rate", "plan_by_simulation"]
 
@@ -39,9 +40,9 @@ def quantile_rewards(tables: CalibrationTables, codes: np.ndarray, u: np.ndarray
 
 def simulated_win_rate(tables: CalibrationTables, transform: Transform | str, beta: float, selector: str, n: int, *,
                        prompts: int = 4000, seed: int = 0, selector_args: dict | None = None) -> float:
-    """Predicted win rate of T(π*) over T(π_ref) for a raw-reward selector, on the stored tables.
+    """Predicted win rate of T(π*) over T(π_ref) for a registered procedure ``selector``, on the stored tables.
 
-    ``selector_args`` go to :func:`ctrl_offline.selection.select` (``lam``, ``beta``, ``kappa0``, ``k``).
+    ``selector_args`` go to :func:`ctrl_offline.selection.select` (``lam``, ``beta``, ``kappa0``, ``k``, …).
     """
     selector_args = selector_args or {}
     transform = get_transform(transform)
@@ -60,20 +61,12 @@ def simulated_win_rate(tables: CalibrationTables, transform: Transform | str, be
 def plan_by_simulation(tables: CalibrationTables, selector: str, n: int, kl: float, *,
                        families: tuple[str, ...] = ("identity", "log", "exp", "negexp"),
                        t_grid: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0),
-                       prompts: int = 4000, seed: int = 0, selector_args: dict | None = None) -> Plan:
-    """For each family, the β meeting the KL budget and (exp/negexp) the t on ``t_grid`` that maximises
-    the simulated win rate of ``selector`` with N candidates."""
-    kl = _check_budget(kl)
-    rows = []
-    for name in families:
-        candidates = [get_transform(name, t) for t in t_grid] if family_has_t(name) else [get_transform(name)]
-        best = None
-        for transform in candidates:
-            beta = solve_beta(transform, kl)
-            rate = simulated_win_rate(tables, transform, beta, selector, n, prompts=prompts, seed=seed,
-                                      selector_args=selector_args)
-            if best is None or rate > best.win_rate:
-                best = PlanRow(transform=transform.name, t=transform.t, beta=beta, kl=kl_divergence(transform, beta),
-                               win_rate=rate, standard_win_rate=standard_win_rate(transform, beta))
-        rows.append(best)
-    return Plan(inference=selector, n=int(n), kl=float(kl), rows=rows)
+                       prompts: int = 4000, seed: int = 0, selector_args: dict | None = None):
+    """Deprecated: :func:`ctrl_offline.planner.plan` with ``tables=`` and ``simulate=True``, t searched over
+    [min(t_grid), max(t_grid)] (kept for one release)."""
+    from .planner import plan
+
+    warn_deprecated("ctrl_offline.simulation.plan_by_simulation",
+                    "ctrl_offline.planner.plan(..., tables=tables, simulate=True)")
+    return plan(selector, n, kl, families=families, t_range=(min(t_grid), max(t_grid)), tables=tables,
+                selector_args=selector_args, simulate=True, simulation_prompts=prompts, seed=seed)

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from ctrl_offline.planner import MIN_TRAINABLE_BETA, plan, solve_beta, trainable_beta, tradeoff_curve
-from ctrl_offline.theory import inference_win_rate, kl_divergence
+from ctrl_offline.theory import kl_divergence, tilted_win_rate
 from ctrl_offline.transforms import get_transform
 
 
@@ -35,7 +35,7 @@ def test_plan_rows_meet_budget_and_name_the_families(bon_plan, won_plan):
         for row in result.rows:
             assert row.kl == pytest.approx(0.5, rel=1e-6)
             transform = get_transform(row.transform, row.t)
-            assert row.win_rate == pytest.approx(inference_win_rate(transform, row.beta, result.inference, 4))
+            assert row.win_rate == pytest.approx(tilted_win_rate(transform, row.beta, result.inference, 4))
             assert 0.5 < row.win_rate < 1 and 0.5 < row.standard_win_rate < 1
 
 
@@ -60,7 +60,7 @@ def test_chosen_t_is_a_local_optimum(fixture, request):
             if not 0.01 <= t <= 40:
                 continue
             other = get_transform(row.transform, t)
-            rate = inference_win_rate(other, solve_beta(other, result.kl), result.inference, result.n)
+            rate = tilted_win_rate(other, solve_beta(other, result.kl), result.inference, result.n)
             assert rate <= row.win_rate + 1e-7
 
 
@@ -78,7 +78,8 @@ def test_plan_to_dict_is_the_cli_json_shape(bon_plan):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(inference="bot", n=4, kl=0.5), "unknown inference procedure"),
+        (dict(inference="nope", n=4, kl=0.5), "unknown inference procedure"),
+        (dict(inference="bot", n=4, kl=0.5), "has no closed-form win rate: plan it on calibration tables"),
         (dict(inference="bon", n=0, kl=0.5), "positive integer"),
         (dict(inference="bon", n=4, kl=0.0), "KL budget"),
         (dict(inference="bon", n=4, kl=float("nan")), "KL budget"),

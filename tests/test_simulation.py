@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from ctrl_offline.calibration import build_tables
+from ctrl_offline.planner import MIN_TRAINABLE_BETA, plan, trainable_beta
 from ctrl_offline.simulation import plan_by_simulation, quantile_rewards, simulated_win_rate
 from ctrl_offline.theory import bon_win_rate, won_win_rate
 
@@ -36,12 +37,26 @@ def test_order_based_selectors_match_the_closed_forms(tables, selector, closed):
 
 
 def test_plan_for_best_of_tails(tables):
-    result = plan_by_simulation(tables, "bot", 8, 0.5, prompts=3000, selector_args={"lam": 0.1})
+    result = plan("bot", 8, 0.5, tables=tables, simulation_prompts=3000, selector_args={"lam": 0.1})
     assert [r.transform for r in result.rows] == ["identity", "log", "exp", "negexp"]
     assert all(r.kl == pytest.approx(0.5, rel=1e-6) and 0.5 < r.win_rate < 1 for r in result.rows)
     assert result.inference == "bot"
+    # The same β guard as closed-form plans: every row can be trained.
+    from ctrl_offline.transforms import get_transform
+
+    assert all(trainable_beta(get_transform(r.transform, r.t), r.beta) >= MIN_TRAINABLE_BETA * (1 - 1e-9)
+               for r in result.rows)
 
 
-def test_bad_budget(tables):
+def test_simulated_plans_keep_beta_trainable(tables):
+    with pytest.raises(ValueError, match="trainable"):
+        plan("soft_bon", 4, 2.0, families=("negexp",), t_range=(20.0, 40.0), tables=tables, simulation_prompts=500)
+
+
+def test_bad_budget_and_the_deprecated_wrapper(tables):
     with pytest.raises(ValueError, match="KL budget"):
+        plan("soft_bon", 4, 0.0, tables=tables)
+    with pytest.warns(DeprecationWarning, match="plan_by_simulation"), pytest.raises(ValueError, match="KL budget"):
         plan_by_simulation(tables, "soft_bon", 4, 0.0)
+    with pytest.raises(ValueError, match="finite-K plans"):
+        plan("soft_bon", 4, 0.5, tables=tables, k=8)
