@@ -1,6 +1,6 @@
 """ctrl-offline: inference-aware offline alignment by calibrating and transforming rewards.
 
-The numeric core (calibration, transforms, theory, planner) imports numpy/scipy/pandas only;
+The numeric core (calibration, transforms, theory, procedures, planner) imports numpy/scipy/pandas only;
 file-level stages live in :mod:`ctrl_offline.stages`.
 """
 
@@ -15,14 +15,25 @@ from .evaluation import (
     u_statistic_win_rate,
 )
 from .planner import Plan, PlanRow, plan, solve_beta, tradeoff_curve
+from .procedures import (
+    OrderStatistic,
+    Procedure,
+    closed_form_names,
+    get_procedure,
+    procedure_names,
+    register_procedure,
+    unregister_procedure,
+)
 from .theory import (
     bon_win_rate,
-    inference_win_rate,
+    inference_win_rate,  # deprecated alias of tilted_win_rate, kept for one release
     kl_divergence,
     monte_carlo_win_rate,
     sample_tilted,
-    standard_win_rate,
+    standard_win_rate,  # deprecated alias of tilted_standard_win_rate, kept for one release
     tilted_density,
+    tilted_standard_win_rate,
+    tilted_win_rate,
     won_win_rate,
 )
 from .transforms import Transform, available_transforms, get_transform, register_transform
@@ -38,12 +49,19 @@ __all__ = [
     "available_transforms",
     "get_transform",
     "register_transform",
+    "Procedure",
+    "OrderStatistic",
+    "register_procedure",
+    "unregister_procedure",
+    "get_procedure",
+    "procedure_names",
+    "closed_form_names",
     "tilted_density",
     "kl_divergence",
-    "standard_win_rate",
+    "tilted_standard_win_rate",
     "bon_win_rate",
     "won_win_rate",
-    "inference_win_rate",
+    "tilted_win_rate",
     "monte_carlo_win_rate",
     "sample_tilted",
     "Plan",

@@ -47,6 +47,15 @@ def _number(value: float | None) -> str | None:
     return None if value is None else f"{value:.4g}"
 
 
+def _procedure_label(inference: str | None) -> str:
+    """``best-of-N`` for a registered procedure's name, the name itself for an unknown one."""
+    from .procedures import get_procedure, procedure_names
+
+    if not inference:
+        return "plain sampling"
+    return get_procedure(inference).description if inference in procedure_names() else inference
+
+
 def render_model_card(info: ModelCardInfo, repo_id: str) -> str:
     """A Markdown model card with Hub metadata (base model, dataset, tags)."""
     meta = {"base_model": info.base_model, "library_name": "peft",
@@ -54,7 +63,7 @@ def render_model_card(info: ModelCardInfo, repo_id: str) -> str:
     if info.dataset:
         meta["datasets"] = [info.dataset]
     header = "---\n" + "\n".join(f"{k}: {json.dumps(v)}" for k, v in meta.items()) + "\n---\n"
-    procedure = {"bon": "best-of-N", "won": "worst-of-N"}.get(info.inference or "", info.inference or "plain sampling")
+    procedure = _procedure_label(info.inference)
     lines = [
         f"# {repo_id.split('/')[-1]}",
         "",

@@ -35,7 +35,7 @@ from .config import CTRLConfig, CTRLPointwiseConfig
 from .hub import HubError
 from .io import BUILD_INFO_FILE, DataError, read_build_info
 from .modeling import ModelLoadingConfig
-from .selection import SELECTORS
+from .procedures import procedure_names
 from .stages.train import KL_BUDGET_FILE  # in the train folder: the KL held to the budget while training
 from .trainer import TrainingDataError
 
@@ -80,8 +80,10 @@ class RecipeConfig:
     num_samples: int = field(default=8, metadata={"help": "K, reference samples per prompt."})
     max_new_tokens: int = field(default=128, metadata={"help": "Longest sampled completion, in tokens."})
     sampling_batch_size: int = field(default=8, metadata={"help": "Prompts per generate call."})
-    inference: str = field(default="bon", metadata={"help": "Inference-time procedure aligned for: bon or won."})
-    inference_n: int = field(default=4, metadata={"help": "N of best-of-N / worst-of-N."})
+    inference: str = field(default="bon", metadata={
+        "help": f"Inference-time procedure aligned for ({', '.join(procedure_names())}); one without a closed form "
+                "is planned by simulation on the calibration tables."})
+    inference_n: int = field(default=4, metadata={"help": "N, the candidates of the inference-time procedure."})
     kl_budget: float = field(default=0.5, metadata={"help": "KL(π‖π_ref) budget in nats; the planner picks t and β."})
     hold_kl: bool = field(default=True, metadata={
         "help": "Stop training when the adapter's KL reaches kl_budget, estimated on held-out prompts "
@@ -98,7 +100,7 @@ class RecipeConfig:
         "help": "Train on completions cut at max_new_tokens too, as prefixes without EOS (false: leave them out)."})
     eval_n: list[int] = field(default_factory=lambda: [1, 2, 4], metadata={"help": "N values evaluated."})
     eval_selectors: list[str] = field(default_factory=lambda: ["bon", "won"], metadata={
-        "help": f"Selectors evaluated ({', '.join(SELECTORS)})."})
+        "help": f"Selectors evaluated ({', '.join(procedure_names())})."})
     eval_policy_samples: int = field(default=16, metadata={
         "help": "m, policy samples per evaluation prompt (≥ max(eval_n)); every win rate is the U-statistic over "
                 "all N-subsets of the m and M samples (docs/evaluation.md)."})
@@ -109,8 +111,8 @@ class RecipeConfig:
     overwrite: bool = field(default=False, metadata={"help": "Replace a run folder that holds another config."})
 
     def __post_init__(self):
-        if self.inference not in ("bon", "won"):
-            raise RecipeError(f"inference must be 'bon' or 'won', got {self.inference!r}")
+        if self.inference not in procedure_names():
+            raise RecipeError(f"unknown inference {self.inference!r}; choose from {', '.join(procedure_names())}")
         if self.data_format not in ("pairs", "pointwise"):
             raise RecipeError(f"data_format must be 'pairs' or 'pointwise', got {self.data_format!r}")
         for name in ("num_train_prompts", "num_eval_prompts", "inference_n", "max_new_tokens", "sampling_batch_size",
@@ -119,9 +121,9 @@ class RecipeConfig:
                 raise RecipeError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if not self.eval_n or any(int(n) != n or n < 1 for n in self.eval_n):
             raise RecipeError(f"eval_n must be positive integers, got {self.eval_n}")
-        unknown = [name for name in self.eval_selectors if name not in SELECTORS]
+        unknown = [name for name in self.eval_selectors if name not in procedure_names()]
         if unknown:
-            raise RecipeError(f"unknown eval_selectors {unknown}; choose from {', '.join(SELECTORS)}")
+            raise RecipeError(f"unknown eval_selectors {unknown}; choose from {', '.join(procedure_names())}")
         least = max(max(self.eval_n), 2)
         for name in ("eval_policy_samples", "eval_reference_samples"):
             value = getattr(self, name)

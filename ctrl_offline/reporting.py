@@ -40,8 +40,18 @@ def describe_build(build: dict) -> str:
             + describe_beta(build.get("beta"), build.get("phi_scale"), build.get("unscaled_beta")))
 
 
+_LINE_STYLES = ("-", "--", "-.", ":")
+
+
 def _pct(est: dict) -> str:
     return f"{100 * est['value']:.1f}% [{100 * est['ci_low']:.1f}, {100 * est['ci_high']:.1f}]"
+
+
+def _label(name: str) -> str:
+    """A procedure's description (``best-of-N``), or its name when it is not registered."""
+    from .procedures import get_procedure, procedure_names
+
+    return get_procedure(name).description if name in procedure_names() else name
 
 
 def _markdown(report: dict) -> str:
@@ -62,11 +72,14 @@ def _markdown(report: dict) -> str:
     ]
     for row in report["win_rates"]:
         lines.append(f"| {row['selector']} | {row['n']} | {_pct(row)} | {row['excluded_candidates']} |")
+    shortcut = [name for name in (report["calibrated_shortcut"] or [{}])[0] if name not in ("n", "standard")]
     lines += ["", "Calibrated-reward shortcut (the policy's N candidates against the reference's best/worst of N drawn "
               "from its stored candidates; docs/evaluation_shortcut.md):", "",
-              "| N | standard | best-of-N | worst-of-N |", "|---|---|---|---|"]
+              "| N | standard | " + " | ".join(_label(name) for name in shortcut) + " |",
+              "|---|---|" + "---|" * len(shortcut)]
     for row in report["calibrated_shortcut"]:
-        lines.append(f"| {row['n']} | {_pct(row['standard'])} | {_pct(row['bon'])} | {_pct(row['won'])} |")
+        lines.append(f"| {row['n']} | {_pct(row['standard'])} | " + " | ".join(_pct(row[name]) for name in shortcut)
+                     + " |")
     lines += ["", "![win rate vs KL](win_rate_vs_kl.png)", "![calibrated reward](calibration_hist.png)",
               "![win rate vs N](win_rate_vs_n.png)", ""]
     return "\n".join(lines)
@@ -90,6 +103,7 @@ def write_report(report: dict, policy_u: np.ndarray, folder: str | os.PathLike) 
     import matplotlib.pyplot as plt
 
     from .planner import plan, tradeoff_curve
+    from .procedures import closed_form_names
     from .transforms import get_transform
 
     folder = Path(folder)
@@ -99,7 +113,7 @@ def write_report(report: dict, policy_u: np.ndarray, folder: str | os.PathLike) 
     kl = max(report["kl"]["value"], 1e-3)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     measured = {(r["selector"], r["n"]): r for r in report["win_rates"]}
-    for inference in ("bon", "won"):
+    for inference in closed_form_names():  # the measured points of procedures with theory curves
         sizes = [r["n"] for r in report["win_rates"] if r["selector"] == inference]
         if not sizes:
             continue
@@ -108,7 +122,7 @@ def write_report(report: dict, policy_u: np.ndarray, folder: str | os.PathLike) 
         for row in plan(inference, size, kl).rows:
             curve = tradeoff_curve(get_transform(row.transform, row.t), inference, size, kls)
             t = "" if row.t is None else f" t={row.t:.3g}"
-            ax.plot(kls, curve, linestyle="--" if inference == "won" else "-", linewidth=1,
+            ax.plot(kls, curve, linestyle=_LINE_STYLES[closed_form_names().index(inference) % 4], linewidth=1,
                     label=f"theory {inference}-{size}: {row.transform}{t}")
         point = measured[(inference, size)]
         ax.errorbar([kl], [point["value"]], yerr=[[point["value"] - point["ci_low"]], [point["ci_high"] - point["value"]]],

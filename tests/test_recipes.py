@@ -68,8 +68,8 @@ def test_yaml_and_command_line_overrides_and_unknown_keys(tmp_path):
     # The tiny config's 4 evaluation samples per side cannot hold N = 8.
     with pytest.raises(RecipeError, match=r"eval_policy_samples must be an integer ≥ max\(eval_n\) = 8"):
         parse_recipe_args(["--config", str(TINY_WON), "--eval_n", "1", "8"])
-    with pytest.raises(RecipeError, match=r"unknown eval_selectors \['tsallis'\]; choose from bon, won"):
-        parse_recipe_args(["--config", str(TINY_WON), "--eval_selectors", "bon", "tsallis"])
+    with pytest.raises(RecipeError, match=r"unknown eval_selectors \['median'\]; choose from bon, won"):
+        parse_recipe_args(["--config", str(TINY_WON), "--eval_selectors", "bon", "median"])
     bad = tmp_path / "bad.yaml"
     bad.write_text(TINY_BON.read_text() + "lerning_rate: 0.1\n")
     with pytest.raises(RecipeError, match=r"unknown config key 'lerning_rate' in .*bad.yaml; did you mean 'learning_rate'\?"):
@@ -80,7 +80,7 @@ def test_yaml_and_command_line_overrides_and_unknown_keys(tmp_path):
     broken.write_text("eval_n: [1, 2\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         parse_recipe_args(["--config", str(broken)])
-    with pytest.raises(RecipeError, match="inference must be 'bon' or 'won'"):
+    with pytest.raises(RecipeError, match="unknown inference 'median'; choose from bon, won"):
         parse_recipe_args(["--config", str(TINY_BON), "--inference", "median"])
 
 

@@ -42,7 +42,7 @@ from ..generation import (
 )
 from ..io import DataError, atomic_output_dir, read_metadata, read_table, write_parquet
 from ..rewards import load_reward, reward_name
-from ..selection import SELECTORS
+from ..procedures import get_procedure, procedure_names
 from ._shards import process_device
 from .sample import load_prompts
 
@@ -210,10 +210,13 @@ def evaluate_policy(
     reference_samples: int | None = None,
     reference_pool: str | os.PathLike | None = None,
     max_subsets: int = MAX_SUBSETS,
+    selector_args: dict | None = None,
 ) -> EvalResult:
     """Evaluate ``adapter`` on ``model_name_or_path`` (or the base itself when no adapter is given).
 
-    ``beta`` is the selectors' β (regularised best-of-N, ITP), not the training β. ``build_info``
+    ``selectors`` are registered procedures (:mod:`ctrl_offline.procedures`). ``beta`` is the
+    selectors' β (regularised best-of-N, ITP), not the training β; ``selector_args`` holds any other
+    procedure setting (``{"alpha": 1.5}`` for tsallis). ``build_info``
     (optional, the training set's ``ctrl_build.json``) is recorded in the report under ``build``:
     transform, t, the trainer's ``beta``, ``phi_scale`` and the raw-Φ ``unscaled_beta``.
 
@@ -230,12 +233,15 @@ def evaluate_policy(
     n = tuple(sorted(set(int(x) for x in n)))
     if not n or n[0] < 1:
         raise ValueError(f"N must be positive integers, got {n}")
-    unknown = [s for s in selectors if s not in SELECTORS]
+    unknown = [s for s in selectors if s not in procedure_names()]
     if unknown:
-        raise ValueError(f"unknown selector(s) {unknown}; choose from {SELECTORS}")
+        raise ValueError(f"unknown selector(s) {unknown}; choose from {', '.join(procedure_names())}")
     for name, value in (("lambda", lam), ("beta", beta), ("kappa0", kappa0)):
         if not value > 0:
             raise ValueError(f"{name} must be > 0, got {value}")
+    selector_settings = {"lam": lam, "beta": beta, "kappa0": kappa0, **(selector_args or {})}
+    for selector in selectors:  # an unknown setting stops here, before any sampling
+        get_procedure(selector).settings(selector_settings)
     for name, value in (("policy_samples", policy_samples), ("reference_samples", reference_samples)):
         if value is not None and (int(value) != value or value < max(max(n), 2)):
             raise ValueError(f"{name} must be an integer ≥ max(N) = {max(n)} (and ≥ 2), got {value}")
@@ -301,7 +307,7 @@ def evaluate_policy(
         for size in n:
             results.append(u_statistic_win_rate(
                 r_pol, r_ref, size, selector, policy_ref_logps=policy_ref_logp, reference_ref_logps=ref_ref_logp,
-                max_subsets=max_subsets, lam=lam, beta=beta, kappa0=kappa0, num_boot=num_boot, rng=seed))
+                max_subsets=max_subsets, num_boot=num_boot, rng=seed, **selector_settings))
     standard = u_statistic_per_prompt(r_pol, r_ref, 1)  # every policy sample against every reference sample
     kl_per_prompt = (policy_logp - policy_ref_logp).mean(axis=1)
     report = {
@@ -315,7 +321,7 @@ def evaluate_policy(
         "reference_pool": None if pool_dir is None else {"path": str(pool_dir), "reused": pooled is not None},
         "estimator": "u_statistic",
         "max_subsets": max_subsets,
-        "selector_settings": {"lambda": lam, "beta": beta, "kappa0": kappa0},
+        "selector_settings": {"lambda": lam, "beta": beta, "kappa0": kappa0, **(selector_args or {})},
         "win_rates": [{k: v for k, v in row.items() if k != "per_prompt"} for row in results],
         "standard_win_rate": bootstrap_mean(standard, num_boot=num_boot, rng=seed).to_dict(),
         "calibrated_shortcut": [calibrated_shortcut(r_pol, size, tables=tables, prompt_ids=ids, num_boot=num_boot,
