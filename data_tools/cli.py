@@ -34,6 +34,8 @@ The first reward is also written as the `reward` column that `calibrate` reads.
 
 EXAMPLES_BUILD = """examples:
   ctrl-data build calib/ --format pairs --inference bon --n 4 --kl 0.5 --out pairs/
+  ctrl-data build calib/ --format pairs --inference soft_bon --n 4 --kl 0.5 --selector-arg lam=0.2 --out pairs/
+      a procedure without a closed form is planned by simulation on calib/'s tables
   ctrl-data build calib/ --format pointwise --transform exp --t 5 --beta 30 --out pointwise/
   ctrl-data build calib/ --format pairs --strategy best_vs_worst --transform identity --beta 0.1 --out baseline/
 """
@@ -53,6 +55,8 @@ EXAMPLES_PLAN = """examples:
   ctrl-data plan --inference bon --n 4 --kl 0.5
   ctrl-data plan --inference won --n 8 --kl 1 --json
   ctrl-data plan --inference bon --n 4 --kl 0.5 --plot tradeoff.png
+  ctrl-data plan --inference bot --n 8 --kl 0.5 --tables calib/
+      a procedure without a closed form, simulated on the calibration tables
 """
 
 
@@ -90,7 +94,34 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _selector_arg(text: str) -> tuple[str, float | int | None]:
+    """``NAME=VALUE``: a setting of a registered procedure (an int, a float, or ``none``)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    if value.lower() == "none":
+        return name, None
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"{name}: expected a number or none, got {value!r}")
+
+
+def _add_selector_arg(parser) -> None:
+    from ctrl_offline.procedures import get_procedure, procedure_names
+
+    settings = sorted({p for name in procedure_names() for p in get_procedure(name).params})
+    parser.add_argument("--selector-arg", type=_selector_arg, action="append", default=[], metavar="NAME=VALUE",
+                        help=f"a procedure's setting ({', '.join(settings)}); repeat for several")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # The registered procedures at the time the parser is built (one registered before main() runs is known).
+    from ctrl_offline.procedures import closed_form_names, procedure_names
+
+    procedures = list(procedure_names())
     parser = argparse.ArgumentParser(prog="ctrl-data", description="Build calibrated, inference-aware training data.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -158,11 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--transform", help="identity, log, exp, negexp or a registered name")
     bu.add_argument("--t", type=_positive_float, help="shape parameter of exp/negexp")
     bu.add_argument("--beta", type=_positive_float, help="KL coefficient β")
-    bu.add_argument("--inference", choices=["bon", "won"], help="plan transform, t and β for this procedure")
+    bu.add_argument("--inference", choices=procedures,
+                    help="plan transform, t and β for this procedure (simulated on the calibrated input's tables "
+                    "when it has no closed form)")
     bu.add_argument("--n", type=_positive_int, help="N of the inference procedure (with --inference)")
     bu.add_argument("--kl", type=_positive_float, help="KL budget (with --inference)")
     bu.add_argument("--strategy", default="all", choices=["all", "best_vs_rest", "best_vs_worst", "sampled"])
     bu.add_argument("--pairs-per-prompt", type=_positive_int, help="with --strategy sampled")
+    _add_selector_arg(bu)
     _add_estimator_args(bu)
     bu.add_argument("--k-infinity", action="store_true",
                     help="plan the exact K = ∞ tilt instead of the one trained from the K samples per prompt")
@@ -218,14 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reward", required=True, help="reward model id/folder or module:function")
     ev.add_argument("--out", required=True, help="report folder")
     ev.add_argument("--n", nargs="+", type=_positive_int, default=[1, 2, 4])
-    ev.add_argument("--selectors", nargs="+", default=["bon", "won"],
-                    choices=["bon", "won", "soft_bon", "rbon", "itp", "bot"])
+    ev.add_argument("--selectors", nargs="+", default=["bon", "won"], choices=procedures)
     ev.add_argument("--column", default="prompt")
     ev.add_argument("--limit", type=_positive_int)
     ev.add_argument("--max-new-tokens", type=_positive_int, default=64)
     ev.add_argument("--lam", type=_positive_float, default=0.1, help="λ of soft-BoN and Best-of-Tails")
     ev.add_argument("--beta", type=_positive_float, default=0.1, help="β of RBoN and ITP")
     ev.add_argument("--kappa0", type=_positive_float, default=0.1, help="κ₀ of Best-of-Tails")
+    _add_selector_arg(ev)
     ev.add_argument("--train-data", help="training set, to warn about evaluation prompts seen in training; a "
                     "`ctrl-data build` folder's transform, t and β are recorded in the report")
     ev.add_argument("--policy-samples", type=_positive_int, metavar="M_POLICY",
@@ -265,16 +299,18 @@ def build_parser() -> argparse.ArgumentParser:
         "plan",
         help="choose transform, t and β for an inference procedure and a KL budget",
         description="Predict the inference-time win rate of each transform family at a KL budget "
-        "(closed forms of the tilted policy) and pick exp/negexp's best t.",
+        "(closed forms of the tilted policy, or a simulation on calibration tables for procedures without one) "
+        "and pick exp/negexp's best t.",
         epilog=EXAMPLES_PLAN,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    pl.add_argument("--inference", required=True, choices=["bon", "won", "soft_bon", "itp", "bot"],
-                    help="best-of-N or worst-of-N (closed forms); soft_bon, itp or bot (Best-of-Tails) are simulated "
-                    "on --tables")
-    pl.add_argument("--tables", help="calibration tables (calibrate output) for the simulated selectors")
-    pl.add_argument("--lam", type=_positive_float, default=0.1, help="λ of soft_bon / bot (simulated selectors)")
-    pl.add_argument("--beta-selector", type=_positive_float, default=0.1, help="β of itp (simulated selectors)")
+    pl.add_argument("--inference", required=True, choices=procedures,
+                    help="the procedure planned for: closed forms for " + ", ".join(closed_form_names())
+                    + "; the others are simulated on --tables")
+    pl.add_argument("--tables", help="calibration tables (calibrate output) for procedures without a closed form")
+    pl.add_argument("--lam", type=_positive_float, default=0.1, help="λ of soft_bon / tsallis / bot (simulated)")
+    pl.add_argument("--beta-selector", type=_positive_float, default=0.1, help="β of rbon / itp (simulated)")
+    _add_selector_arg(pl)
     pl.add_argument("--n", required=True, type=_positive_int, help="number of candidates N")
     pl.add_argument("--kl", required=True, type=_positive_float, help="KL budget in nats")
     pl.add_argument("--transforms", nargs="+", default=None, help="families to tune (default: identity log exp negexp)")
@@ -346,6 +382,7 @@ def _run_build(args) -> int:
     result = build_dataset(args.calibrated, args.out, format=args.format, transform=args.transform, t=args.t,
                            beta=args.beta, inference=args.inference, n=args.n, kl=args.kl, strategy=args.strategy,
                            pairs_per_prompt=args.pairs_per_prompt, log_partition=args.log_partition,
+                           selector_args=dict(args.selector_arg) or None,
                            targets=args.targets, loss=args.loss, k_aware=not args.k_infinity,
                            keep_unfinished=args.keep_unfinished, tokenizer=args.tokenizer, seed=args.seed,
                            **({} if args.max_left_out is None else {"max_left_out": args.max_left_out}),
@@ -438,6 +475,7 @@ def _run_eval(args) -> int:
                              seed=args.seed, train_data=train_data, overwrite=args.overwrite,
                              policy_samples=args.policy_samples, reference_samples=args.reference_samples,
                              reference_pool=args.reference_pool, build_info=build_info,
+                             selector_args=dict(args.selector_arg) or None,
                              transform=None if build_info is None else build_info.get("transform"),
                              t=None if build_info is None else build_info.get("t"),
                              **({} if args.max_subsets is None else {"max_subsets": args.max_subsets}))
@@ -514,24 +552,25 @@ def _format_plan(plan) -> str:
 
 def _run_plan(args) -> int:
     from ctrl_offline.planner import DEFAULT_FAMILIES, DEFAULT_T_RANGE, MIN_TRAINABLE_BETA, plan
+    from ctrl_offline.procedures import get_procedure
 
-    families = tuple(args.transforms or DEFAULT_FAMILIES)
-    if args.inference in ("bon", "won"):
-        result = plan(args.inference, args.n, args.kl, families=families,
-                      t_range=tuple(args.t_range or DEFAULT_T_RANGE),
-                      min_beta=MIN_TRAINABLE_BETA if args.min_beta is None else args.min_beta,
-                      k=args.k, loss=args.loss or "dpo", strategy=args.strategy, targets=args.targets,
-                      log_partition=args.log_partition)
-    else:
+    procedure = get_procedure(args.inference)
+    tables = None
+    if procedure.win_rate is None:
         if not args.tables:
-            raise ValueError(f"--inference {args.inference} looks at raw rewards: give --tables (a calibrate output)")
+            raise ValueError(f"--inference {args.inference} has no closed-form win rate: give --tables (a calibrate "
+                             "output) to simulate it on")
         if args.plot:
-            raise ValueError("--plot draws the closed-form curves of bon/won; simulated selectors have no curve yet")
-        from ctrl_offline.simulation import plan_by_simulation
+            raise ValueError(f"--plot draws closed-form curves; {args.inference} has none (it is simulated)")
         from ctrl_offline.stages.calibrate import load_tables
 
-        result = plan_by_simulation(load_tables(args.tables), args.inference, args.n, args.kl, families=families,
-                                    selector_args={"lam": args.lam, "beta": args.beta_selector})
+        tables = load_tables(args.tables)
+    result = plan(args.inference, args.n, args.kl, families=tuple(args.transforms or DEFAULT_FAMILIES),
+                  t_range=tuple(args.t_range or DEFAULT_T_RANGE),
+                  min_beta=MIN_TRAINABLE_BETA if args.min_beta is None else args.min_beta,
+                  k=args.k, loss=args.loss or "dpo", strategy=args.strategy, targets=args.targets,
+                  log_partition=args.log_partition, tables=tables,
+                  selector_args={"lam": args.lam, "beta": args.beta_selector, **dict(args.selector_arg)})
     if args.plot:
         from ctrl_offline.plotting import plot_plan
 

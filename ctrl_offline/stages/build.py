@@ -30,9 +30,11 @@ import pandas as pd
 import pyarrow as pa
 
 from ..io import DataError, atomic_output_dir, fingerprint, read_metadata, read_table, require_columns
-from ..synthesis import make_pairs, pointwise_targets, sft_weights
+from ..pairs import make_pairs
+from ..pointwise import pointwise_targets, sft_weights
+from ..procedures import get_procedure
 from ..transforms import Rescaled, family_has_t, get_transform, unit_scale
-from .calibrate import CALIBRATED_FILE
+from .calibrate import CALIBRATED_FILE, TABLES_FILE, load_tables
 
 __all__ = ["BuildResult", "build_dataset", "FORMATS", "BUILD_METADATA", "MAX_LEFT_OUT", "MIN_ROWS_HINT"]
 
@@ -66,11 +68,27 @@ class BuildResult:
 DEFAULT_PLAN_LOSS = {"pairs": "dpo", "pointwise": "pointwise", "weights": "weighted_sft"}
 
 
-def _choose_transform(transform, t, beta, inference, n, kl, k=None, estimator=None):
+def _plan_tables(calibrated: Path):
+    """The calibration tables of a calibrate output: its ``tables.parquet``, or the tables it was calibrated against.
+
+    A procedure without a closed form is planned by simulation on them (docs/selector_planning.md).
+    """
+    recorded = read_metadata(calibrated).get("inputs", {}).get("tables", {}).get("path")
+    for candidate in (calibrated.parent / TABLES_FILE, recorded):
+        if candidate and Path(candidate).exists():
+            return load_tables(candidate)
+    raise DataError(f"no calibration tables found for {calibrated} (neither {TABLES_FILE} beside it nor recorded in its "
+                    "metadata): a procedure without a closed form is planned by simulation on them; pass the folder "
+                    "`ctrl-data calibrate` wrote")
+
+
+def _choose_transform(transform, t, beta, inference, n, kl, k=None, estimator=None, tables=None,
+                      selector_args=None):
     """(Transform, β, planner row or None): given outright, or planned for (inference, N, KL).
 
     With ``k`` the plan is K-aware: β and t are those at which ``estimator`` trained from K samples
-    per prompt meets the budget (docs/finite_k.md).
+    per prompt meets the budget (docs/finite_k.md). ``tables`` (with ``selector_args``) are for
+    procedures planned by simulation.
     """
     planned = None
     if inference is not None or n is not None or kl is not None:
@@ -80,7 +98,7 @@ def _choose_transform(transform, t, beta, inference, n, kl, k=None, estimator=No
 
         families = (transform,) if transform else ("identity", "log", "exp", "negexp")
         if k is None:
-            result = plan(inference, n, kl, families=families)
+            result = plan(inference, n, kl, families=families, tables=tables, selector_args=selector_args)
         else:
             result = plan(inference, n, kl, families=families, k=k, loss=estimator.loss,
                           strategy=estimator.strategy, targets=estimator.targets,
@@ -154,6 +172,7 @@ def build_dataset(
     targets: str = "loo",
     loss: str | None = None,
     k_aware: bool = True,
+    selector_args: dict | None = None,
     keep_unfinished: bool = True,
     max_left_out: float = MAX_LEFT_OUT,
     tokenizer: str | None = None,
@@ -183,7 +202,11 @@ def build_dataset(
     (default: dpo for pairs, pointwise for pointwise, weighted_sft for weights) actually trains
     from K samples meets the KL budget (docs/finite_k.md). ``k_aware=False`` plans the exact
     K = ∞ tilt instead. ``targets`` (``"loo"`` or ``"cell"``) and ``log_partition`` are the node
-    values and the pointwise normaliser (:mod:`ctrl_offline.synthesis`).
+    values and the pointwise normaliser (:mod:`ctrl_offline.synthesis`). ``inference`` is any
+    registered procedure (:mod:`ctrl_offline.procedures`); one without a closed form is planned for
+    the exact tilt by simulation on the calibration tables the calibrated input came with
+    (``tables.parquet`` beside it), with its settings from ``selector_args``
+    (docs/selector_planning.md).
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
@@ -198,17 +221,24 @@ def build_dataset(
     codes, _ = pd.factorize(all_ids)
     k_of_row = np.bincount(codes)[codes]
     k_plan = int(np.bincount(k_of_row).argmax()) if len(k_of_row) else None
-    planned_k, estimator = None, None
-    if k_aware and inference is not None and k_plan is not None and k_plan >= 2:
+    planned_k, estimator, tables = None, None, None
+    procedure = None if inference is None else get_procedure(inference)
+    if procedure is not None and procedure.win_rate is None:
+        tables = _plan_tables(path)
+    if k_aware and procedure is not None and k_plan is not None and k_plan >= 2:
         from ..finite_k import THEORY_STRATEGIES, Estimator
 
-        if format == "pairs" and strategy not in THEORY_STRATEGIES:
+        if procedure.win_rate is None or procedure.trained_win_rate is None:
+            logger.warning("no finite-K theory for %s (%s): planning the exact K = ∞ tilt", inference,
+                           procedure.description)
+        elif format == "pairs" and strategy not in THEORY_STRATEGIES:
             logger.warning("no finite-K theory for pair strategy %r: planning the exact K = ∞ tilt", strategy)
         else:
             estimator = Estimator(loss=loss or DEFAULT_PLAN_LOSS[format], strategy=strategy, targets=targets,
                                   log_partition=log_partition)
             planned_k = k_plan
-    phi, planner_beta, planned = _choose_transform(transform, t, beta, inference, n, kl, planned_k, estimator)
+    phi, planner_beta, planned = _choose_transform(transform, t, beta, inference, n, kl, planned_k, estimator, tables,
+                                                   selector_args)
     # Same π*, Φ in units where it spans 1: keeps soft labels σ(ΔΦ) and IPO targets in range.
     scale = unit_scale(phi)
     phi, beta = Rescaled(phi, scale), planner_beta / scale
@@ -316,7 +346,8 @@ def build_dataset(
         "unscaled_beta": planner_beta,
         "planner": None if planned is None else {
             "inference": inference, "n": n, "kl": kl, "row": planned.to_dict(), "k": planned_k,
-            "estimator": None if estimator is None else estimator.to_dict()},
+            "estimator": None if estimator is None else estimator.to_dict(), "simulated": tables is not None,
+            "selector_args": selector_args},
         "k": k_plan,
         "targets": targets,
         "strategy": strategy if format == "pairs" else None,
