@@ -50,13 +50,34 @@ def _bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def _check_beta(beta) -> None:
-    if beta is not None and not beta > 0:
-        raise ValueError(f"beta must be > 0 (or None to read it from the build metadata), got {beta!r}")
+@dataclass
+class _CTRLSettings:
+    """The fields and checks both CTRL configs add to their TRL config (listed before it in the bases,
+    so these fields and this ``__post_init__`` come first; ``super()`` then reaches TRL's)."""
+
+    _losses = ()
+
+    beta: float | None = field(default=None, metadata={"help": _BETA_HELP})
+    allow_beta_mismatch: bool = field(default=False, metadata={"help": _ALLOW_MISMATCH_HELP})
+    min_train_rows: int = field(default=MIN_TRAIN_ROWS, metadata={"help": _MIN_ROWS_HELP})
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision; defaults to on where the GPU supports it."}
+    )
+
+    def __post_init__(self):
+        if self.ctrl_loss not in self._losses:
+            raise ValueError(f"ctrl_loss must be one of {self._losses}, got {self.ctrl_loss!r}")
+        if self.beta is not None and not self.beta > 0:
+            raise ValueError(f"beta must be > 0 (or None to read it from the build metadata), got {self.beta!r}")
+        if self.min_train_rows < 0:
+            raise ValueError(f"min_train_rows must be ≥ 0, got {self.min_train_rows!r}")
+        if self.bf16 is None:
+            self.bf16 = _bf16_supported() and not self.fp16
+        super().__post_init__()
 
 
 @dataclass
-class CTRLConfig(DPOConfig):
+class CTRLConfig(_CTRLSettings, DPOConfig):
     r"""Config of the pairwise CTRL trainer. All of [`trl.DPOConfig`] plus:
 
     ``ctrl_loss`` picks the loss on the stored targets: ``dpo`` (soft labels, the default),
@@ -67,30 +88,16 @@ class CTRLConfig(DPOConfig):
     training set's build metadata; ``allow_beta_mismatch`` lets a different one through.
     """
 
+    _losses = PAIR_LOSSES
+
     ctrl_loss: str = field(
         default="dpo",
         metadata={"help": f"CTRL loss on preference pairs, one of {PAIR_LOSSES}.", "choices": list(PAIR_LOSSES)},
     )
-    beta: float | None = field(default=None, metadata={"help": _BETA_HELP})
-    allow_beta_mismatch: bool = field(default=False, metadata={"help": _ALLOW_MISMATCH_HELP})
-    min_train_rows: int = field(default=MIN_TRAIN_ROWS, metadata={"help": _MIN_ROWS_HELP})
-    bf16: bool | None = field(
-        default=None, metadata={"help": "bf16 mixed precision; defaults to on where the GPU supports it."}
-    )
-
-    def __post_init__(self):
-        if self.ctrl_loss not in PAIR_LOSSES:
-            raise ValueError(f"ctrl_loss must be one of {PAIR_LOSSES}, got {self.ctrl_loss!r}")
-        _check_beta(self.beta)
-        if self.min_train_rows < 0:
-            raise ValueError(f"min_train_rows must be ≥ 0, got {self.min_train_rows!r}")
-        if self.bf16 is None:
-            self.bf16 = _bf16_supported() and not self.fp16
-        super().__post_init__()
 
 
 @dataclass
-class CTRLPointwiseConfig(SFTConfig):
+class CTRLPointwiseConfig(_CTRLSettings, SFTConfig):
     r"""Config of the pointwise CTRL trainer. All of [`trl.SFTConfig`] plus:
 
     ``ctrl_loss``: ``pointwise`` (regress β·ρ onto ``target`` = Φ(Ĉ) − β log Z) or
@@ -99,26 +106,12 @@ class CTRLPointwiseConfig(SFTConfig):
     :class:`CTRLConfig`.
     """
 
+    _losses = SINGLE_LOSSES
+
     ctrl_loss: str = field(
         default="pointwise",
         metadata={"help": f"CTRL loss on single responses, one of {SINGLE_LOSSES}.", "choices": list(SINGLE_LOSSES)},
     )
-    beta: float | None = field(default=None, metadata={"help": _BETA_HELP})
-    allow_beta_mismatch: bool = field(default=False, metadata={"help": _ALLOW_MISMATCH_HELP})
-    min_train_rows: int = field(default=MIN_TRAIN_ROWS, metadata={"help": _MIN_ROWS_HELP})
     precompute_ref_batch_size: int | None = field(
         default=None, metadata={"help": "Batch size of the one-off reference pass when `ref_logp` is absent."}
     )
-    bf16: bool | None = field(
-        default=None, metadata={"help": "bf16 mixed precision; defaults to on where the GPU supports it."}
-    )
-
-    def __post_init__(self):
-        if self.ctrl_loss not in SINGLE_LOSSES:
-            raise ValueError(f"ctrl_loss must be one of {SINGLE_LOSSES}, got {self.ctrl_loss!r}")
-        _check_beta(self.beta)
-        if self.min_train_rows < 0:
-            raise ValueError(f"min_train_rows must be ≥ 0, got {self.min_train_rows!r}")
-        if self.bf16 is None:
-            self.bf16 = _bf16_supported() and not self.fp16
-        super().__post_init__()

@@ -238,7 +238,19 @@ def _sequence_logps(model, input_ids, attention_mask, loss_mask) -> tuple[torch.
     return per_token.sum(dim=1), loss_mask[:, 1:].sum(dim=1)
 
 
-class _MetricsMixin:
+class _CTRLMixin:
+    """What both CTRL trainers do around TRL's: check the config type and the data, resolve β, count rows;
+    record and log their own metrics."""
+
+    def _check_inputs(self, args, config_cls, train_dataset, eval_dataset, validate, unit: str,
+                      beta_required: bool = True) -> None:
+        if not isinstance(args, config_cls):
+            raise TypeError(f"args must be a {config_cls.__name__}, got {type(args).__name__}")
+        for name, dataset in _named(train_dataset, eval_dataset).items():
+            validate(dataset, args, name)
+        self.build_info = resolve_beta(args, train_dataset, eval_dataset, required=beta_required)
+        _check_size(_len(train_dataset), args, self.build_info, unit)
+
     def _record(self, mode: str, **values: torch.Tensor) -> None:
         for name, value in values.items():
             self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.detach()).float().mean().item())
@@ -253,7 +265,7 @@ class _MetricsMixin:
         self._metrics[mode].clear()
 
 
-class CTRLTrainer(_MetricsMixin, DPOTrainer):
+class CTRLTrainer(_CTRLMixin, DPOTrainer):
     """Offline CTRL on preference pairs: TRL's DPO trainer with CTRL's losses and targets."""
 
     _tag_names = ["trl", "dpo", "ctrl-offline"]
@@ -261,13 +273,8 @@ class CTRLTrainer(_MetricsMixin, DPOTrainer):
 
     def __init__(self, model, args: CTRLConfig, train_dataset, eval_dataset=None, processing_class=None,
                  peft_config=None, **kwargs):
-        if not isinstance(args, CTRLConfig):
-            raise TypeError(f"args must be a CTRLConfig, got {type(args).__name__}")
+        self._check_inputs(args, CTRLConfig, train_dataset, eval_dataset, self._validate, "pairs")
         datasets = _named(train_dataset, eval_dataset)
-        for name, dataset in datasets.items():
-            self._validate(dataset, args, name)
-        self.build_info = resolve_beta(args, train_dataset, eval_dataset)
-        _check_size(_len(train_dataset), args, self.build_info, "pairs")
         stored = all(all(c in d.column_names for c in REF_PAIR_COLUMNS) for d in datasets.values())
         # Stored reference log-probs: TRL must not recompute them; absent: TRL computes them once, batched.
         args.precompute_ref_log_probs = not stored
@@ -348,7 +355,7 @@ class CTRLTrainer(_MetricsMixin, DPOTrainer):
         return (loss, {"margins": margin}) if return_outputs else loss
 
 
-class CTRLPointwiseTrainer(_MetricsMixin, SFTTrainer):
+class CTRLPointwiseTrainer(_CTRLMixin, SFTTrainer):
     """Offline CTRL one response at a time: pointwise regression or weighted SFT, on TRL's SFT trainer."""
 
     _tag_names = ["trl", "sft", "ctrl-offline"]
@@ -356,17 +363,9 @@ class CTRLPointwiseTrainer(_MetricsMixin, SFTTrainer):
 
     def __init__(self, model, args: CTRLPointwiseConfig, train_dataset, eval_dataset=None, processing_class=None,
                  peft_config=None, **kwargs):
-        if not isinstance(args, CTRLPointwiseConfig):
-            raise TypeError(f"args must be a CTRLPointwiseConfig, got {type(args).__name__}")
-        datasets = _named(train_dataset, eval_dataset)
-        for name, dataset in datasets.items():
-            needed = ["prompt", "completion", "target" if args.ctrl_loss == "pointwise" else "weight"]
-            _check_columns(dataset, needed, f"{name} for ctrl_loss={args.ctrl_loss!r}")
-            _check_text(dataset, ["prompt", "completion"], name)
-            _check_finite(dataset, POINTWISE_EXTRA_COLUMNS, name)
         # weighted_sft's weights already hold β: it needs none to train.
-        self.build_info = resolve_beta(args, train_dataset, eval_dataset, required=args.ctrl_loss == "pointwise")
-        _check_size(_len(train_dataset), args, self.build_info, "rows")
+        self._check_inputs(args, CTRLPointwiseConfig, train_dataset, eval_dataset, self._validate, "rows",
+                           beta_required=args.ctrl_loss == "pointwise")
         args.completion_only_loss = True
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, peft_config=peft_config, **kwargs)
@@ -377,6 +376,13 @@ class CTRLPointwiseTrainer(_MetricsMixin, SFTTrainer):
                 self.train_dataset = self._add_ref_logps(self.train_dataset, "train")
             if self.eval_dataset is not None and "ref_logp" not in self.eval_dataset.column_names:
                 self.eval_dataset = self._add_ref_logps(self.eval_dataset, "eval")
+
+    @staticmethod
+    def _validate(dataset, args: CTRLPointwiseConfig, name: str) -> None:
+        needed = ["prompt", "completion", "target" if args.ctrl_loss == "pointwise" else "weight"]
+        _check_columns(dataset, needed, f"{name} for ctrl_loss={args.ctrl_loss!r}")
+        _check_text(dataset, ["prompt", "completion"], name)
+        _check_finite(dataset, POINTWISE_EXTRA_COLUMNS, name)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
