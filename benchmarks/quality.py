@@ -204,9 +204,9 @@ def train(method: str, setting: float, calibrated: Path, run: Path, args) -> dic
 
 def evaluate(run: Path, info: dict, eval_prompts, ref_rewards, args) -> dict:
     from ctrl_offline.embedded import vader_sentiment
-    from ctrl_offline.evaluation import inference_win_rate, kl_estimate, standard_win_rate
+    from ctrl_offline.evaluation import estimate_inference_win_rate, estimate_standard_win_rate, kl_estimate
     from ctrl_offline.generation import load_causal_lm, render_prompt
-    from ctrl_offline.theory import inference_win_rate as predicted_win_rate
+    from ctrl_offline.theory import tilted_win_rate
     from ctrl_offline.planner import solve_beta
     from ctrl_offline.transforms import get_transform
 
@@ -218,14 +218,14 @@ def evaluate(run: Path, info: dict, eval_prompts, ref_rewards, args) -> dict:
     rows, own, under_ref = draw(model, tokenizer, texts, args.n, args.max_new_tokens, seed=20_000, reference=False)
     rewards = np.array(vader_sentiment(None, [r["completion"] for r in rows])).reshape(len(texts), args.n)
     kl = kl_estimate(own, under_ref).to_dict()
-    result = {"kl": kl, "standard": standard_win_rate(rewards, ref_rewards).to_dict(),
+    result = {"kl": kl, "standard": estimate_standard_win_rate(rewards, ref_rewards).to_dict(),
               "mean_reward": float(rewards.mean()), "reference_mean_reward": float(ref_rewards.mean())}
     for selector in ("bon", "won"):
-        result[selector] = inference_win_rate(rewards, ref_rewards, selector, args.n)
+        result[selector] = estimate_inference_win_rate(rewards, ref_rewards, selector, args.n)
         # What the theory promises a CTRL policy of this transform at the KL actually reached.
         if not run.name.startswith("raw_") and kl["value"] > 1e-3:
             phi = get_transform(info["transform"], info["t"])
-            result[selector]["predicted"] = float(predicted_win_rate(phi, solve_beta(phi, kl["value"]), selector, args.n))
+            result[selector]["predicted"] = float(tilted_win_rate(phi, solve_beta(phi, kl["value"]), selector, args.n))
     cache.write_text(json.dumps(result, indent=2))
     return result
 

@@ -70,7 +70,7 @@ def test_pair_labels_match_monte_carlo():
 def test_ideal_tilt_reproduces_the_closed_forms(spec, beta):
     tilt = ideal_tilt(spec, beta)
     assert tilt.kl() == pytest.approx(theory.kl_divergence(spec, beta), rel=1e-9)
-    assert tilt.standard_win_rate() == pytest.approx(theory.standard_win_rate(spec, beta), abs=1e-9)
+    assert tilt.standard_win_rate() == pytest.approx(theory.tilted_standard_win_rate(spec, beta), abs=1e-9)
     assert tilt.bon_win_rate(4) == pytest.approx(theory.bon_win_rate(spec, beta, 4), abs=1e-6)
     assert tilt.won_win_rate(4) == pytest.approx(theory.won_win_rate(spec, beta, 4), abs=1e-6)
 
