@@ -201,7 +201,7 @@ def pretrain_reference(language: SyntheticLanguage, *, num_prompts: int | None =
 
 
 @torch.no_grad()
-def _tree_logprobs(model, prompt_ids: list[int], vocab: int, length: int, offset: int, eos: int,
+def _tree_logprobs(model, prompt_token_ids: list[int], vocab: int, length: int, offset: int, eos: int,
                    device) -> torch.Tensor:
     """log P(y, EOS | x) for every y in lexicographic order, one level of the response tree at a time.
 
@@ -212,7 +212,7 @@ def _tree_logprobs(model, prompt_ids: list[int], vocab: int, length: int, offset
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    out = model(input_ids=torch.tensor([prompt_ids], device=device), cache=cache, use_cache=True)
+    out = model(input_ids=torch.tensor([prompt_token_ids], device=device), cache=cache, use_cache=True)
     step = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
     cum = step[:, offset:offset + vocab].reshape(-1)  # level 1: log P(y_1)
     symbols = torch.arange(vocab, device=device)
@@ -442,7 +442,7 @@ def sample_from_model(model, tokenizer, language: SyntheticLanguage, prompts: li
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    prompt_ids = torch.tensor([tokenizer(p)["input_ids"] for p in prompts])
+    prompt_token_ids = torch.tensor([tokenizer(p)["input_ids"] for p in prompts])
     out = np.empty((len(prompts), k, length), dtype=np.int64)
     todo = np.array([(i, j) for i in range(len(prompts)) for j in range(k)])
     rounds = 0
@@ -454,12 +454,12 @@ def sample_from_model(model, tokenizer, language: SyntheticLanguage, prompts: li
                                    "the model rarely writes `length` response symbols then EOS (is it pretrained?)")
             kept = []
             for chunk in np.array_split(todo, max(1, -(-len(todo) // batch_size))):
-                ids = prompt_ids[chunk[:, 0]]
+                ids = prompt_token_ids[chunk[:, 0]]
                 for _ in range(length + 1):
                     logits = model(input_ids=ids.to(device), use_cache=False).logits[:, -1].float().cpu()
                     nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
                     ids = torch.cat([ids, nxt], dim=1)
-                resp = ids[:, prompt_ids.shape[1]:].numpy()
+                resp = ids[:, prompt_token_ids.shape[1]:].numpy()
                 ok = ((resp[:, :length] >= offset) & (resp[:, :length] < offset + vocab)).all(axis=1)
                 ok &= resp[:, length] == eos
                 out[chunk[ok, 0], chunk[ok, 1]] = resp[ok, :length] - offset
@@ -485,12 +485,12 @@ def sequence_logprobs(model, tokenizer, language: SyntheticLanguage, prompts: li
     """
     offset = tokenizer.convert_tokens_to_ids("r0")
     symbols = np.asarray(symbols)
-    prompt_ids = torch.tensor([tokenizer(p)["input_ids"] for p in prompts])
-    ids = torch.cat([prompt_ids[:, None, :].expand(-1, symbols.shape[1], -1),
+    prompt_token_ids = torch.tensor([tokenizer(p)["input_ids"] for p in prompts])
+    ids = torch.cat([prompt_token_ids[:, None, :].expand(-1, symbols.shape[1], -1),
                      torch.from_numpy(np.array(symbols, dtype=np.int64)) + offset,
                      torch.full(symbols.shape[:2] + (1,), tokenizer.eos_token_id)], dim=2).reshape(
-        -1, prompt_ids.shape[1] + language.length + 1)
-    start = prompt_ids.shape[1]
+        -1, prompt_token_ids.shape[1] + language.length + 1)
+    start = prompt_token_ids.shape[1]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -54,9 +54,13 @@ logger = logging.getLogger(__name__)
 PAIR_EXTRA_COLUMNS = ("target_margin", "label", "weight")
 REF_PAIR_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 POINTWISE_EXTRA_COLUMNS = ("target", "weight", "ref_logp")
+#: TRL's token-id columns of a tokenised pair (``DPOTrainer._prepare_dataset``). ``prompt_ids`` there is the
+#: prompt's token ids — not the ``prompt_id`` values (hashed prompt ids) of the CTRL datasets.
+TRL_TOKEN_COLUMNS = {"prompt": "prompt_ids", "chosen": "chosen_ids", "rejected": "rejected_ids"}
 #: Per-row flags of a build: False where the completion was cut at max_new_tokens (no EOS).
 #: Token-id column → (text column, flag column).
-PAIR_FINISHED_COLUMNS = {"chosen_ids": ("chosen", "chosen_finished"), "rejected_ids": ("rejected", "rejected_finished")}
+PAIR_FINISHED_COLUMNS = {TRL_TOKEN_COLUMNS["chosen"]: ("chosen", "chosen_finished"),
+                         TRL_TOKEN_COLUMNS["rejected"]: ("rejected", "rejected_finished")}
 POINTWISE_FINISHED_COLUMN = "finished"
 
 
@@ -319,8 +323,7 @@ class CTRLTrainer(_CTRLMixin, DPOTrainer):
                            self.args.max_length)
         if self.args.max_length is None:
             return
-        lengths = zip(self.train_dataset["prompt_ids"], self.train_dataset["chosen_ids"],
-                      self.train_dataset["rejected_ids"])
+        lengths = zip(*(self.train_dataset[TRL_TOKEN_COLUMNS[c]] for c in ("prompt", "chosen", "rejected")))
         long = sum(len(p) + max(len(c), len(r)) > self.args.max_length for p, c, r in lengths)
         if long:
             logger.warning(

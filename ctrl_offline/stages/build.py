@@ -142,10 +142,10 @@ def _verified_ref_logps(ref: np.ndarray, table: pa.Table, prompt_col: str, token
         finished = np.ones(len(prompts), dtype=bool)
     mismatched = 0
     for prompt, completion, ids, done in zip(prompts, completions, sampled, finished):
-        prompt_ids = tok(prompt)["input_ids"]
+        prompt_token_ids = tok(prompt)["input_ids"]
         tail = eos if done and not completion.endswith(eos) else ""
         full = tok(prompt + completion + tail)["input_ids"]
-        mismatched += full != prompt_ids + list(ids)
+        mismatched += full != prompt_token_ids + list(ids)
     if mismatched:
         logger.warning(
             "%d of %d completions do not re-tokenise to their sampled ids, so their stored reference log-probs would "
@@ -237,11 +237,12 @@ def build_dataset(
             estimator = Estimator(loss=loss or DEFAULT_PLAN_LOSS[format], strategy=strategy, targets=targets,
                                   log_partition=log_partition)
             planned_k = k_plan
-    phi, planner_beta, planned = _choose_transform(transform, t, beta, inference, n, kl, planned_k, estimator, tables,
-                                                   selector_args)
+    # From here on `transform` is the Transform object (the argument only names its family).
+    transform, planner_beta, planned = _choose_transform(transform, t, beta, inference, n, kl, planned_k, estimator,
+                                                         tables, selector_args)
     # Same π*, Φ in units where it spans 1: keeps soft labels σ(ΔΦ) and IPO targets in range.
-    scale = unit_scale(phi)
-    phi, beta = Rescaled(phi, scale), planner_beta / scale
+    scale = unit_scale(transform)
+    transform, beta = Rescaled(transform, scale), planner_beta / scale
     table = table.append_column("_k", pa.array(k_of_row.astype(np.int64)))
     prompt_col = "prompt_text" if "prompt_text" in table.column_names else "prompt"
     if not 0 <= max_left_out <= 1:
@@ -296,7 +297,7 @@ def build_dataset(
         ref = _verified_ref_logps(ref, table, prompt_col, tokenizer, flags)
 
     if format == "pairs":
-        pairs = make_pairs(ids, u, phi, beta, strategy=strategy, pairs_per_prompt=pairs_per_prompt, seed=seed,
+        pairs = make_pairs(ids, u, transform, beta, strategy=strategy, pairs_per_prompt=pairs_per_prompt, seed=seed,
                            targets=targets, k=k_row)
         columns = {
             "prompt_id": ids[pairs.chosen],
@@ -318,10 +319,10 @@ def build_dataset(
     else:
         columns = {"prompt_id": ids, "prompt": prompts, "completion": completions, "u": u}
         if format == "pointwise":
-            columns["target"] = pointwise_targets(ids, u, phi, beta, log_partition=log_partition, targets=targets,
+            columns["target"] = pointwise_targets(ids, u, transform, beta, log_partition=log_partition, targets=targets,
                                                   k=k_row)
         else:
-            columns["weight"] = sft_weights(ids, u, phi, beta, targets=targets, k=k_row)
+            columns["weight"] = sft_weights(ids, u, transform, beta, targets=targets, k=k_row)
         if ref is not None:
             columns["ref_logp"] = ref
         if flags is not None:
@@ -339,8 +340,8 @@ def build_dataset(
     metadata = {
         "stage": "build",
         "format": format,
-        "transform": phi.name,
-        "t": phi.t,
+        "transform": transform.name,
+        "t": transform.t,
         "beta": beta,  # the trainer's β (Φ rescaled by phi_scale)
         "phi_scale": scale,
         "unscaled_beta": planner_beta,
@@ -366,4 +367,5 @@ def build_dataset(
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         dataset.save_to_disk(str(tmp))
         (tmp / BUILD_METADATA).write_text(json.dumps(metadata, indent=2, default=str))
-    return BuildResult(Path(out_dir), format, len(dataset), phi.name, phi.t, beta, scale, planner_beta, planned_k)
+    return BuildResult(Path(out_dir), format, len(dataset), transform.name, transform.t, beta, scale, planner_beta,
+                       planned_k)
