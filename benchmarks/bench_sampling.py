@@ -94,7 +94,7 @@ def main() -> None:
         finally:
             generation._RecordedLogps.token_logps = recorded
         assert [r["completion_ids"] for r in forced_rows] == [r["completion_ids"] for r in ours_rows]
-        logp_diff = max(abs(a["ref_logp"] - b["ref_logp"]) for a, b in zip(ours_rows, forced_rows))
+        logp_diff = max(abs(a["logp"] - b["logp"]) for a, b in zip(ours_rows, forced_rows))
         torch.manual_seed(0)
         start = time.perf_counter()
         naive_rows = naive_sampling(model, tokenizer, prompts, args.k, args.max_new_tokens)

@@ -2,9 +2,11 @@
 
 Calibration assumes the samples come from π_ref itself, so sampling is plain ancestral
 sampling (temperature 1, no top-k, no top-p) unless the caller says otherwise. Each
-completion is recorded with its token ids and the summed log-prob of those ids under π_ref
-(teacher-forced on exactly the generated ids, so it is the value the trainer needs), its
-token count and whether it ended with EOS.
+completion is recorded with its token ids and ``logp``, the summed log-prob of those ids under
+the model that drew them (the value teacher forcing on exactly the generated ids gives, so for
+reference samples it is the ``ref_logp`` the trainer needs), its token count and whether it
+ended with EOS. ``logp`` is the sampling model's: π_ref's when the reference draws, the
+policy's when the policy does; ``ref_logp`` always means log π_ref (written by ``sample``).
 """
 
 from __future__ import annotations
@@ -15,8 +17,25 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["SamplingConfig", "hex_prompt_id", "load_causal_lm", "prompt_id", "render_prompt", "sample_completions",
-           "sequence_logps", "completion_logps"]
+from ._deprecation import warn_deprecated
+
+__all__ = ["SamplingConfig", "SampleRow", "hex_prompt_id", "load_causal_lm", "prompt_id", "render_prompt",
+           "sample_completions", "sequence_logps", "completion_logps"]
+
+
+class SampleRow(dict):
+    """One drawn completion (a dict): ``batch_prompt``, ``sample_idx``, ``completion``, ``completion_ids``,
+    ``logp`` (Σ log-prob under the model that drew it), ``num_tokens``, ``finished``.
+
+    ``row["ref_logp"]``, the name earlier versions gave ``logp`` whichever model drew the sample,
+    still reads ``logp`` with a DeprecationWarning (kept for one release).
+    """
+
+    def __missing__(self, key):
+        if key == "ref_logp" and "logp" in self:
+            warn_deprecated('a sampled row\'s "ref_logp" (the log-prob under the model that drew it)', '"logp"')
+            return self["logp"]
+        raise KeyError(key)
 
 
 @dataclass
@@ -140,8 +159,12 @@ class _RecordedLogps:
 
 
 @torch.no_grad()
-def sample_completions(model, tokenizer, prompt_texts: list[str], config: SamplingConfig, seed: int) -> list[dict]:
+def sample_completions(model, tokenizer, prompt_texts: list[str], config: SamplingConfig,
+                       seed: int) -> list[SampleRow]:
     """K samples for each rendered prompt; rows in prompt order, ``sample_idx`` 0..K−1.
+
+    Each row's ``logp`` is the completion's log-prob under ``model`` (the policy's when ``model``
+    is the policy); see :class:`SampleRow`.
 
     Deterministic for a given seed, model, prompt list and batch size.
     """
@@ -189,15 +212,15 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], config: Sampli
             n = int(completion_mask[row].sum())
             ids = generated[row, :n].tolist()
             rows.append(
-                {
+                SampleRow({
                     "batch_prompt": start + row // config.k,
                     "sample_idx": row % config.k,
                     "completion": tokenizer.decode(ids, skip_special_tokens=True),
                     "completion_ids": ids,
-                    "ref_logp": float(logps[row]),
+                    "logp": float(logps[row]),
                     "num_tokens": n,
                     "finished": bool(is_eos[row, :n].any()),
-                }
+                })
             )
     return rows
 

@@ -76,6 +76,6 @@ def test_embedded_model_samples_and_scores(smollm2_folder):
     text = render_prompt(tokenizer, "Describe a sunny morning in one sentence.")
     rows = sample_completions(model, tokenizer, [text], SamplingConfig(k=2, max_new_tokens=16), seed=0)
     assert len(rows) == 2 and all(r["completion"].strip() for r in rows)
-    assert all(np.isfinite(r["ref_logp"]) and r["ref_logp"] < 0 for r in rows)
+    assert all(np.isfinite(r["logp"]) and r["logp"] < 0 for r in rows)
     rewards = load_reward("vader")(["p", "p"], [r["completion"] for r in rows])
     assert np.all((-1 <= rewards) & (rewards <= 1))

@@ -28,13 +28,24 @@ def test_recorded_logps_equal_a_teacher_forced_pass(tiny, monkeypatch, temperatu
         completion = torch.tensor([row["completion_ids"]])
         sequence = torch.cat([ids, completion], dim=1)
         expected = sequence_logps(model, sequence, torch.ones_like(sequence), ids.size(1), torch.ones_like(completion))
-        assert row["ref_logp"] == pytest.approx(float(expected), abs=1e-4)
+        assert row["logp"] == pytest.approx(float(expected), abs=1e-4)
     # The teacher-forced pass is gone: sampling never calls it.
     import ctrl_offline.generation as generation
 
     monkeypatch.setattr(generation, "sequence_logps", lambda *a, **k: pytest.fail("second log-prob pass ran"))
     again = sample_completions(model, tokenizer, prompts, config, seed=1)
-    assert [r["ref_logp"] for r in again] == [r["ref_logp"] for r in rows]
+    assert [r["logp"] for r in again] == [r["logp"] for r in rows]
+
+
+def test_a_sampled_rows_old_ref_logp_key_warns_and_reads_logp(tiny):
+    """Rows name the log-prob under the model that drew them `logp`; the old `ref_logp` key still reads it."""
+    model, tokenizer = tiny
+    row = sample_completions(model, tokenizer, ["a "], SamplingConfig(k=2, max_new_tokens=3), seed=0)[0]
+    assert "ref_logp" not in row
+    with pytest.warns(DeprecationWarning, match='"logp"'):
+        assert row["ref_logp"] == row["logp"]
+    with pytest.raises(KeyError):
+        row["policy_logp"]
 
 
 def test_hooks_are_removed_even_when_generate_fails(tiny, monkeypatch):

@@ -156,7 +156,7 @@ def _write_pool(pool: Path, ids: list[str], rows: list[dict], rewards: np.ndarra
         "sample_idx": [rows[j]["sample_idx"] for j in keep],
         "completion": [rows[j]["completion"] for j in keep],
         "reward": np.asarray(rewards, dtype=float)[keep],
-        "ref_logp": [rows[j]["ref_logp"] for j in keep],
+        "ref_logp": [rows[j]["logp"] for j in keep],  # reference samples: log π_ref
         "num_tokens": [rows[j]["num_tokens"] for j in keep],
         "finished": [rows[j]["finished"] for j in keep],
     })
@@ -276,20 +276,20 @@ def evaluate_policy(
             logger.info("wrote the reference pool %s", pool_dir)
     else:
         reference = [{"batch_prompt": i, "sample_idx": int(row.sample_idx), "completion": row.completion,
-                      "ref_logp": float(row.ref_logp), "reward": float(row.reward)}
+                      "logp": float(row.ref_logp), "reward": float(row.reward)}
                      for i, pid in enumerate(ids) for row in pooled[pid].head(big_m).itertuples()]
         ref_rewards = np.array([r["reward"] for r in reference])
     policy = _draw(model, tokenizer, texts, SamplingConfig(k=m, max_new_tokens=max_new_tokens), seed, reference=False)
 
-    # Log-probs of the policy's samples under both models (for the KL estimate); `ref_logp` of a
-    # sample drawn from the policy is its policy log-prob.
+    # Log-probs of the policy's samples under both models (for the KL estimate). A drawn row's `logp`
+    # is under the model that drew it: the policy's for `policy`, π_ref's for `reference`.
     policy_texts = [texts[r["batch_prompt"]] for r in policy]
     policy_ids = [r["completion_ids"] for r in policy]
     import contextlib
 
     with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
         policy_under_ref = completion_logps(model, tokenizer, policy_texts, policy_ids)
-    policy_logp = np.array([r["ref_logp"] for r in policy]).reshape(len(prompts), m)
+    policy_logp = np.array([r["logp"] for r in policy]).reshape(len(prompts), m)
     policy_ref_logp = np.array(policy_under_ref).reshape(len(prompts), m)
 
     r_pol = np.asarray(score([prompts[r["batch_prompt"]] for r in policy], [r["completion"] for r in policy]))
@@ -297,7 +297,7 @@ def evaluate_policy(
     ref_rewards = np.asarray(ref_rewards, dtype=float)
     rewards = np.concatenate([r_pol.ravel(), ref_rewards])
     r_ref = ref_rewards.reshape(len(prompts), big_m)
-    ref_ref_logp = np.array([r["ref_logp"] for r in reference]).reshape(len(prompts), big_m)
+    ref_ref_logp = np.array([r["logp"] for r in reference]).reshape(len(prompts), big_m)
 
     tables = build_tables(np.repeat(ids, big_m), r_ref.ravel())
     u_pol = calibrate(tables, np.repeat(ids, m), r_pol.ravel()).reshape(len(prompts), m)

@@ -23,7 +23,8 @@ from pathlib import Path
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from ..generation import SamplingConfig, hex_prompt_id, load_causal_lm, prompt_id, render_prompt, sample_completions
+from ..generation import (SampleRow, SamplingConfig, hex_prompt_id, load_causal_lm, prompt_id, render_prompt,
+                          sample_completions)
 from ..io import DataError, fingerprint
 from ._shards import MANIFEST, ShardedOutput, process_device
 
@@ -148,7 +149,8 @@ def sample_prompts(
                     "completion": [r["completion"] for r in rows],
                     "completion_ids": pa.array([r["completion_ids"] for r in rows], pa.list_(pa.int32())),
                     "sample_idx": pa.array([r["sample_idx"] for r in rows], pa.int32()),
-                    "ref_logp": [r["ref_logp"] for r in rows],
+                    # The reference drew them: their log-prob under the sampling model is log π_ref.
+                    "ref_logp": [r["logp"] for r in rows],
                     "num_tokens": pa.array([r["num_tokens"] for r in rows], pa.int32()),
                     "finished": [r["finished"] for r in rows],
                 }
@@ -228,9 +230,9 @@ class _VLLMBackend(_TransformersBackend):
         rows = []
         for i, request in enumerate(self.llm.generate(texts, params, use_tqdm=False)):
             for j, out in enumerate(request.outputs):
-                rows.append({"batch_prompt": i, "sample_idx": j, "completion": out.text,
-                             "completion_ids": list(out.token_ids), "ref_logp": float(out.cumulative_logprob),
-                             "num_tokens": len(out.token_ids), "finished": out.finish_reason == "stop"})
+                rows.append(SampleRow({"batch_prompt": i, "sample_idx": j, "completion": out.text,
+                                       "completion_ids": list(out.token_ids), "logp": float(out.cumulative_logprob),
+                                       "num_tokens": len(out.token_ids), "finished": out.finish_reason == "stop"}))
         return rows
 
 
