@@ -5,20 +5,18 @@
 
 prompts → K reference samples → reward → per-prompt calibration → planner's transform and β for
 best-of-N at the KL budget → synthetic pairs → QLoRA (CTRL soft-label DPO) → best-of-N / worst-of-N
-win rates and KL → Hub. Each stage is skipped when its output exists. Any config key can be
-overridden on the command line (``--learning_rate 1e-4``).
+win rates and KL → Hub. Each stage is skipped when its output exists. Every setting is in the YAML
+file (without --config: configs/hh_bon.yaml); any key can be overridden on the command line
+(``--learning_rate 1e-4``). The pipeline is ``ctrl_pipeline.py`` beside this file.
 """
 
 import sys
+from pathlib import Path
 
-from ctrl_offline.recipe import main
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # ctrl_pipeline, however this script is launched
 
-DEFAULTS = {
-    "dataset_name": "Anthropic/hh-rlhf",
-    "dataset_subsets": ["helpful-base"],
-    "inference": "bon",
-    "model_name_or_path": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
-}
+from ctrl_pipeline import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(defaults=DEFAULTS))
+    sys.exit(main(default_config=HERE / "configs" / "hh_bon.yaml"))

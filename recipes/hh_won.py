@@ -4,20 +4,18 @@
     python recipes/hh_won.py --config recipes/configs/hh_won_tiny.yaml --output_dir runs/tiny-won   # CPU, no network
 
 Worst-of-N asks that the *worst* of N samples still scores well, so the tilt falls on the bottom of
-the calibrated reward: the negexp transform, with t and β from the planner at the KL budget.
+the calibrated reward: the negexp transform, with t and β from the planner at the KL budget. Every
+setting is in the YAML file (without --config: configs/hh_won.yaml); the pipeline is
+``ctrl_pipeline.py`` beside this file.
 """
 
 import sys
+from pathlib import Path
 
-from ctrl_offline.recipe import main
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # ctrl_pipeline, however this script is launched
 
-DEFAULTS = {
-    "dataset_name": "Anthropic/hh-rlhf",
-    "dataset_subsets": ["harmless-base"],
-    "inference": "won",
-    "transform": "negexp",
-    "model_name_or_path": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
-}
+from ctrl_pipeline import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(defaults=DEFAULTS))
+    sys.exit(main(default_config=HERE / "configs" / "hh_won.yaml"))

@@ -193,7 +193,7 @@ def next_token_kl(tokenizer):
 
 def pair_rows(n=8):
     return {"prompt": [PROMPTS[i % 4] for i in range(n)], "chosen": [GOOD[i % 4] for i in range(n)],
-            "rejected": [BAD[i % 4] for i in range(n)], "target_margin": [4.0] * n}
+            "rejected": [BAD[i % 4] for i in range(n)], "target_phi_gap": [4.0] * n}
 
 
 @pytest.mark.parametrize("interpolate", [True, False])
@@ -315,7 +315,7 @@ def test_recipe_holds_kl_by_default_and_validates_its_settings(tmp_path):
 
 def test_recipe_estimates_kl_on_prompts_neither_trained_nor_evaluated_on(tmp_path, caplog):
     from ctrl_offline.hh import EMBEDDED_HH, hh_prompts
-    from ctrl_offline.recipe import _kl_prompts, _write_prompts
+    from ctrl_offline.prompts import kl_prompts as _kl_prompts, write_prompts as _write_prompts
 
     pool = hh_prompts(EMBEDDED_HH, ["helpful-base"], "train")
     assert len(pool) == 36
@@ -329,7 +329,7 @@ def test_recipe_estimates_kl_on_prompts_neither_trained_nor_evaluated_on(tmp_pat
     # Every prompt of the split trained on: the training prompts, with a warning.
     _write_prompts(tmp_path / "all" / "train", pool)
     _write_prompts(tmp_path / "all" / "eval", pool[:1])
-    with caplog.at_level(logging.WARNING, logger="ctrl_offline.recipe"):
+    with caplog.at_level(logging.WARNING, logger="ctrl_offline.prompts"):
         prompts, source = _kl_prompts(recipe, tmp_path / "all")
     assert prompts == pool[:5] and source == "training prompts" and "no held-out prompts" in caplog.text
 

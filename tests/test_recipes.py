@@ -1,5 +1,7 @@
-"""The recipes (recipes/hh_bon.py, hh_won.py): config parsing, the resumable run, refusals, push checks."""
+"""The recipes (recipes/hh_bon.py, hh_won.py over recipes/ctrl_pipeline.py): config parsing, the resumable run,
+refusals, push checks."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,12 +12,25 @@ import numpy as np
 import pytest
 
 from ctrl_offline.hh import EMBEDDED_HH, dialogue_to_messages, hh_prompts
-from ctrl_offline.recipe import RecipeError, main, parse_recipe_args
+from ctrl_offline.recipe import RecipeError, parse_recipe_args
 from tiny_models import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BON = ROOT / "recipes" / "configs" / "hh_bon_tiny.yaml"
 TINY_WON = ROOT / "recipes" / "configs" / "hh_won_tiny.yaml"
+
+
+def _load_pipeline():
+    """recipes/ctrl_pipeline.py, the script the recipes run (not part of the installed package)."""
+    spec = importlib.util.spec_from_file_location("ctrl_pipeline", ROOT / "recipes" / "ctrl_pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("ctrl_pipeline", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+pipeline = _load_pipeline()
+main = pipeline.main
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +125,7 @@ def test_recipe_runs_end_to_end_then_resumes_and_guards_its_folder(tiny_chat_mod
     # Same config again: every stage is skipped and nothing is rewritten.
     adapter_time = (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
     caplog.clear()
-    with caplog.at_level("INFO", logger="ctrl_offline.recipe"):
+    with caplog.at_level("INFO", logger=pipeline.logger.name):
         assert main(tiny_args(tiny_chat_model, out)) == 0
     skipped = {r.getMessage().split("]")[0].lstrip("[") for r in caplog.records if "skipped" in r.getMessage()}
     assert skipped == {"prompts", "sample", "score", "calibrate", "build", "train", "evaluate"}
@@ -206,7 +221,8 @@ def test_recipe_on_a_plain_text_prompt_file_and_a_function_reward(tiny_chat_mode
 def test_prompt_splits_of_any_source(tmp_path):
     import datasets
 
-    from ctrl_offline.recipe import RecipeConfig, _prompt_splits
+    from ctrl_offline.prompts import prompt_splits as _prompt_splits
+    from ctrl_offline.recipe import RecipeConfig
 
     lines = [f"question {i} " for i in range(20)]
     (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")

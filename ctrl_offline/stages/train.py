@@ -29,8 +29,9 @@ from pathlib import Path
 
 from ..io import BUILD_INFO_FILE, DataError, read_build_info, read_metadata, write_json
 
-__all__ = ["TrainResult", "build_loss", "build_reference_model", "training_config", "train_adapter",
-           "train_from_build", "TRAIN_INFO_FILE", "KL_BUDGET_FILE"]
+__all__ = ["TrainResult", "build_loss", "build_reference_model", "training_config", "make_trainer", "train_adapter",
+           "train_from_build", "TRAIN_INFO_FILE", "KL_BUDGET_FILE", "FORMAT_LOSSES", "DEFAULT_LOSS",
+           "RUN_ONLY_TRAINING_ARGS"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +39,17 @@ TRAIN_INFO_FILE = "ctrl_train.json"
 KL_BUDGET_FILE = "kl_budget.json"
 SETTINGS_FILE = "ctrl_train_settings.json"  # in the checkpoint folder: what its checkpoints were trained with
 
-#: The losses each build format can serve (its columns), and the one it trains by default.
-FORMAT_LOSSES = {"pairs": ("dpo", "ipo", "distill"), "pointwise": ("pointwise",), "weights": ("weighted_sft",)}
+#: The losses each build format can serve (its columns), and the one it trains by default. ``dpo_hard``
+#: (the usual hard-label DPO, the baseline) reads the pairs' chosen/rejected only. The pair losses are
+#: ``ctrl_offline.losses.PAIR_LOSSES``, spelt out so that reading this table does not import torch.
+FORMAT_LOSSES = {"pairs": ("dpo", "dpo_hard", "ipo", "distill"), "pointwise": ("pointwise",), "weights": ("weighted_sft",)}
 DEFAULT_LOSS = {"pairs": "dpo", "pointwise": "pointwise", "weights": "weighted_sft"}
+#: Training arguments that change how a run is logged or saved, not what it trains: checkpoints
+#: trained with other values of these are still resumed (and ``hub_token`` is never written down).
+RUN_ONLY_TRAINING_ARGS = frozenset({
+    "logging_dir", "logging_steps", "logging_first_step", "report_to", "run_name", "disable_tqdm",
+    "save_steps", "save_total_limit", "dataloader_num_workers", "resume_from_checkpoint", "push_to_hub",
+    "hub_model_id", "hub_private_repo", "hub_revision", "hub_token", "hub_strategy"})
 
 
 @dataclass
@@ -81,7 +90,7 @@ def _check_loss(info: dict, loss: str | None) -> str:
         return planned
     if loss not in FORMAT_LOSSES[fmt]:
         raise DataError(f"a {fmt} build cannot train loss {loss!r}: its rows serve {', '.join(FORMAT_LOSSES[fmt])} "
-                        f"(rebuild with --format {'pairs' if loss in FORMAT_LOSSES['pairs'] else _format_of(loss)})")
+                        f"(rebuild with --data-format {'pairs' if loss in FORMAT_LOSSES['pairs'] else _format_of(loss)})")
     if loss != planned and info.get("planner"):
         logger.warning("the build was planned for loss %r: %r trains another tilt, so the planned KL and win rate "
                        "do not hold (rebuild with --loss %s for a plan made for it)", planned, loss, loss)
@@ -114,14 +123,14 @@ def _latest_checkpoint(folder: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
 
 
-def train_adapter(data_dir, adapter_dir, loading, args, *, callbacks=(), kl_callback=None, kl_info: dict | None = None,
-                  train_info: dict | None = None) -> tuple[int, dict | None]:
-    """Train ``args`` (a CTRL config whose ``output_dir`` holds the checkpoints) on a build folder.
+def make_trainer(data_dir, loading, args, *, callbacks=()):
+    """The CTRL trainer of ``args`` on the training set in ``data_dir``, not yet trained.
 
-    Resumes from the newest checkpoint in ``args.output_dir``; writes the adapter atomically into
-    ``adapter_dir`` with the tokenizer, the build metadata and ``ctrl_train.json``; the KL record of
-    ``kl_callback`` goes to ``args.output_dir/kl_budget.json`` and the adapter folder. Returns
-    (optimizer steps, KL record or None). Every process of a distributed run calls it.
+    ``loading`` is a :class:`~ctrl_offline.modeling.ModelLoadingConfig` (the base model, LoRA/QLoRA);
+    ``args`` a :class:`~ctrl_offline.config.CTRLConfig` (pairs: :class:`~ctrl_offline.trainer.CTRLTrainer`)
+    or :class:`~ctrl_offline.config.CTRLPointwiseConfig` (:class:`~ctrl_offline.trainer.CTRLPointwiseTrainer`),
+    e.g. from :func:`training_config`. No β is passed: the trainers read it from ``data_dir``'s
+    ``ctrl_build.json``. The tokenizer is the trainer's ``processing_class``.
     """
     from datasets import load_from_disk
     from transformers import AutoTokenizer
@@ -131,7 +140,6 @@ def train_adapter(data_dir, adapter_dir, loading, args, *, callbacks=(), kl_call
     from ..modeling import load_policy
     from ..trainer import CTRLPointwiseTrainer, CTRLTrainer
 
-    data_dir, adapter_dir = Path(data_dir), Path(adapter_dir)
     dataset = load_from_disk(str(data_dir))
     model, lora = load_policy(loading)
     try:
@@ -142,8 +150,25 @@ def train_adapter(data_dir, adapter_dir, loading, args, *, callbacks=(), kl_call
         tokenizer.pad_token = tokenizer.eos_token
     trainer_cls = CTRLTrainer if isinstance(args, CTRLConfig) else CTRLPointwiseTrainer
     trainer = trainer_cls(model, args, dataset, processing_class=tokenizer, peft_config=lora)
-    for callback in (*callbacks, *([kl_callback] if kl_callback is not None else [])):
+    for callback in callbacks:
         trainer.add_callback(callback)
+    return trainer
+
+
+def train_adapter(data_dir, adapter_dir, loading, args, *, callbacks=(), kl_callback=None, kl_info: dict | None = None,
+                  train_info: dict | None = None) -> tuple[int, dict | None]:
+    """Train ``args`` (a CTRL config whose ``output_dir`` holds the checkpoints) on a build folder.
+
+    The trainer is :func:`make_trainer`'s. Resumes from the newest checkpoint in ``args.output_dir``;
+    writes the adapter atomically into ``adapter_dir`` with the tokenizer, the build metadata and
+    ``ctrl_train.json``; the KL record of ``kl_callback`` goes to ``args.output_dir/kl_budget.json``
+    and the adapter folder. Returns (optimizer steps, KL record or None). Every process of a
+    distributed run calls it.
+    """
+    data_dir, adapter_dir = Path(data_dir), Path(adapter_dir)
+    trainer = make_trainer(data_dir, loading, args,
+                           callbacks=(*callbacks, *([kl_callback] if kl_callback is not None else [])))
+    tokenizer = trainer.processing_class
     checkpoint = _latest_checkpoint(Path(args.output_dir))
     if checkpoint is not None:
         logger.info("resuming from %s", checkpoint)
@@ -188,7 +213,9 @@ def train_from_build(
     kl_samples: int = 4,
     kl_every_n_steps: int = 10,
     kl_max_new_tokens: int = 64,
+    kl_batch_size: int = 8,
     kl_column: str = "prompt",
+    kl_prompts_source: str | None = None,
     checkpoint_dir=None,
     keep_checkpoints: bool = False,
     overwrite: bool = False,
@@ -204,7 +231,10 @@ def train_from_build(
     With ``kl_prompts`` (held-out prompts: a file, folder, Hub id or list) training is held to
     ``kl_budget`` — by default the KL the build was planned for — by
     :class:`~ctrl_offline.kl_budget.KLBudgetCallback` with a :class:`~ctrl_offline.kl_budget.SampledKL`
-    estimate every ``kl_every_n_steps`` steps (docs/kl_budget.md). Input errors (not a build folder,
+    estimate every ``kl_every_n_steps`` steps (docs/kl_budget.md); ``kl_prompts_source`` says where the
+    prompts came from in the KL record (default: the path given). Checkpoints (in ``checkpoint_dir``,
+    default ``<out>.checkpoints``) are resumed only when trained with the same data, model, loss and
+    arguments, :data:`RUN_ONLY_TRAINING_ARGS` aside. Input errors (not a build folder,
     a loss the rows cannot serve, another model than the stored log-probs', an existing ``out``)
     raise :class:`~ctrl_offline.io.DataError` before any model is loaded.
     """
@@ -240,7 +270,8 @@ def train_from_build(
         raise DataError(f"output {out} exists and is not empty (pass --overwrite to replace it)")
     checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else out.with_name(out.name + ".checkpoints")
     settings = {"data": str(data.resolve()), "build_num_rows": info.get("num_rows"), "model": str(model),
-                "loss": loss, "loading": loading or {}, "training_args": training_args or {}}
+                "loss": loss, "loading": loading or {},
+                "training_args": {k: v for k, v in (training_args or {}).items() if k not in RUN_ONLY_TRAINING_ARGS}}
     kl_callback, kl_info = None, None
     if kl_prompts is not None:
         planned_kl = (info.get("planner") or {}).get("kl")
@@ -248,7 +279,11 @@ def train_from_build(
         if budget is None:
             raise DataError(f"{data} was not planned for a KL: pass --kl-budget to hold one")
         kl_callback, kl_info = _kl_callback(budget, kl_prompts, model, kl_samples, kl_every_n_steps,
-                                            kl_max_new_tokens, kl_column, (training_args or {}).get("seed", 42))
+                                            kl_max_new_tokens, kl_batch_size, kl_column,
+                                            (training_args or {}).get("seed", 42))
+        source = kl_prompts_source or (str(kl_prompts) if isinstance(kl_prompts, (str, Path)) else None)
+        if source is not None:
+            kl_info["prompts_source"] = source
     elif kl_budget is not None:
         raise DataError("holding a KL budget needs held-out prompts to estimate it on (--kl-prompts)")
     loading_config = ModelLoadingConfig(model_name_or_path=str(model), **{"load_in_4bit": False, **(loading or {})})
@@ -299,7 +334,7 @@ def _check_checkpoints(folder: Path, settings: dict, overwrite: bool) -> None:
     write_json(record, settings)
 
 
-def _kl_callback(budget, prompts, model, num_samples, every_n_steps, max_new_tokens, column, seed):
+def _kl_callback(budget, prompts, model, num_samples, every_n_steps, max_new_tokens, batch_size, column, seed):
     from transformers import AutoTokenizer
 
     from ..embedded import resolve_model
@@ -314,7 +349,8 @@ def _kl_callback(budget, prompts, model, num_samples, every_n_steps, max_new_tok
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(str(model)))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    estimator = SampledKL(prompts, tokenizer, num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed)
+    estimator = SampledKL(prompts, tokenizer, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, seed=seed)
     callback = KLBudgetCallback(budget, estimator, every_n_steps=every_n_steps)
     return callback, {"prompts": len(prompts), "samples_per_prompt": num_samples, "max_new_tokens": max_new_tokens,
                       "every_n_steps": every_n_steps}
