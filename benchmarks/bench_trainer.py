@@ -12,7 +12,7 @@ optimisation steps; fp32 on a CPU, bf16 mixed precision on a GPU that supports i
 * TRL: ``trl.DPOTrainer`` as a user runs it by default, on the ``prompt``/``chosen``/``rejected``
   columns only: every step runs the reference forward pass (the base with the adapter disabled),
   and that time is counted.
-* Ours: ``CTRLTrainer`` (``ctrl_loss="dpo"``, soft labels from ``target_margin``) on the same pairs
+* Ours: ``CTRLTrainer`` (``ctrl_loss="dpo"``, soft labels from ``target_phi_gap``) on the same pairs
   plus ``ref_chosen_logps``/``ref_rejected_logps``, so it never runs the reference. Those values
   are computed here once, before either trainer starts, with the base model; in the pipeline they
   come free from sampling. That time is NOT counted.
@@ -110,7 +110,7 @@ def make_pairs(words: list[str], n: int, prompt_words: int, completion_words: in
     return {"prompt": [text(prompt_words) for _ in range(n)],
             "chosen": [" " + text(completion_words) for _ in range(n)],
             "rejected": [" " + text(completion_words) for _ in range(n)],
-            "target_margin": rng.uniform(-2.0, 2.0, n).round(3).tolist()}
+            "target_phi_gap": rng.uniform(-2.0, 2.0, n).round(3).tolist()}
 
 
 def reference_logps(folder: Path, rows: dict, batch_size: int = 16, device: str = "cpu") -> None:

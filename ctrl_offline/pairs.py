@@ -1,16 +1,16 @@
 """Preference pairs within prompts from calibrated rows (docs/theory.md §4, docs/finite_k.md §4).
 
 With ρ = log π_θ − log π_ref, the tilted policy π* ∝ π_ref·exp(Φ(Ĉ)/β) solves
-β·ρ(x, y) = Φ(Ĉ(x, y)) − β·log Z, so for a pair of responses to one prompt, ``target_margin`` =
+β·ρ(x, y) = Φ(Ĉ(x, y)) − β·log Z, so for a pair of responses to one prompt, ``target_phi_gap`` =
 Φ(u_chosen) − Φ(u_rejected) = β(ρ*₁ − ρ*₂) ≥ 0 (the IPO and distillation target) and the
-Bradley–Terry soft label ``label`` = σ(target_margin) = σ(β(ρ*₁ − ρ*₂)), which is exactly what
+Bradley–Terry soft label ``label`` = σ(target_phi_gap) = σ(β(ρ*₁ − ρ*₂)), which is exactly what
 ``losses.dpo_loss`` (logits β·Δρ) is fitted to at π*. The rows, their checks and node values Φ:
 :mod:`ctrl_offline.calibrated_rows`; the pairs are group arithmetic on prompt codes
 (:mod:`ctrl_offline.groups`), no loop per prompt.
 
 >>> import numpy as np
 >>> pairs = make_pairs(["a", "a", "b", "b"], [0.0, 1.0, 0.5, 0.5], "identity", 0.5)
->>> pairs.chosen.tolist(), pairs.rejected.tolist(), pairs.target_margin.tolist()
+>>> pairs.chosen.tolist(), pairs.rejected.tolist(), pairs.target_phi_gap.tolist()
 ([1], [0], [1.0])
 """
 
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ._deprecation import warn_deprecated
 from .calibrated_rows import SynthesisError, prepare
 from .groups import all_pairs, extreme_per_group, group_layout, rank_in_group
 from .transforms import Transform
@@ -35,19 +36,27 @@ PAIR_STRATEGIES = ("all", "best_vs_rest", "best_vs_worst", "sampled")
 class Pairs:
     """Preference pairs within prompts, one entry per pair (arrays of equal length).
 
-    ``chosen`` / ``rejected``: row indices into the input arrays; ``target_margin``:
-    Φ(u_chosen) − Φ(u_rejected) ≥ 0; ``label``: the soft label σ(target_margin) (Φ in the units
-    of β — see :func:`make_pairs`); ``weight``: per-pair weight, 1.0.
+    ``chosen`` / ``rejected``: row indices into the input arrays; ``target_phi_gap``:
+    Φ(u_chosen) − Φ(u_rejected) ≥ 0, the Φ difference β·Δρ is fitted to; ``label``: the soft
+    label σ(target_phi_gap) (Φ in the units of β — see :func:`make_pairs`); ``weight``: per-pair
+    weight, 1.0. (``target_margin``, its name in earlier versions, still reads it with a
+    DeprecationWarning; "margin" is kept for the trainer's β·Δρ, TRL's ``rewards/margins``.)
     """
 
     chosen: np.ndarray
     rejected: np.ndarray
-    target_margin: np.ndarray
+    target_phi_gap: np.ndarray
     label: np.ndarray
     weight: np.ndarray
 
     def __len__(self) -> int:
         return len(self.chosen)
+
+    @property
+    def target_margin(self) -> np.ndarray:
+        """Deprecated name of :attr:`target_phi_gap` (kept for one release)."""
+        warn_deprecated("Pairs.target_margin", "Pairs.target_phi_gap")
+        return self.target_phi_gap
 
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -116,9 +125,9 @@ def make_pairs(
 
     For a pair (1 = chosen, 2 = rejected)::
 
-        target_margin = Φ(u₁) − Φ(u₂)  (≥ 0)         label = σ(target_margin)        weight = 1
+        target_phi_gap = Φ(u₁) − Φ(u₂)  (≥ 0)         label = σ(target_phi_gap)        weight = 1
 
-    At π*, β(ρ₁ − ρ₂) = Φ(u₁) − Φ(u₂): the margin is the IPO / distillation target and the label is
+    At π*, β(ρ₁ − ρ₂) = Φ(u₁) − Φ(u₂): the Φ gap is the IPO / distillation target and the label is
     the Bradley–Terry probability σ(β(ρ₁ − ρ₂)) that ``losses.dpo_loss`` (logits β·Δρ) is fitted to,
     so its optimum is π*. (Φ is in the units of β, as the planner's β is: the label is σ(ΔΦ), not
     σ(ΔΦ/β).)
@@ -141,7 +150,7 @@ def make_pairs(
     prompt's row count), finite for ``log`` (docs/finite_k.md §5).
 
     ``drop_ties`` skips pairs with equal u: they carry no preference under hard labels.
-    ``drop_ties=False`` keeps them with margin 0 and label ½ (chosen = the earlier row), which
+    ``drop_ties=False`` keeps them with Φ gap 0 and label ½ (chosen = the earlier row), which
     the soft-label DPO, IPO and distillation losses can use (they pull ρ₁ − ρ₂ to 0).
 
     Output order: by the prompt's first appearance in ``prompt_ids``, then chosen row, then
@@ -174,9 +183,9 @@ def make_pairs(
 
     order = np.lexsort((rejected, chosen, codes[chosen]))
     chosen, rejected = chosen[order], rejected[order]
-    margin = phi[chosen] - phi[rejected]
-    if np.any(margin < 0):
-        wrong = np.flatnonzero(margin < 0)
+    phi_gap = phi[chosen] - phi[rejected]
+    if np.any(phi_gap < 0):
+        wrong = np.flatnonzero(phi_gap < 0)
         raise SynthesisError(
             f"transform {transform.spec!r} is not increasing: Φ(u_chosen) < Φ(u_rejected) for "
             f"{len(wrong)} pair(s), e.g. rows {chosen[wrong[0]]} (u = {u[chosen[wrong[0]]]}) and "
@@ -185,7 +194,7 @@ def make_pairs(
     return Pairs(
         chosen=chosen,
         rejected=rejected,
-        target_margin=margin,
-        label=1.0 / (1.0 + np.exp(-margin)),  # margin ≥ 0: no overflow
+        target_phi_gap=phi_gap,
+        label=1.0 / (1.0 + np.exp(-phi_gap)),  # phi_gap ≥ 0: no overflow
         weight=np.ones(len(chosen)),
     )

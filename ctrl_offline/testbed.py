@@ -82,7 +82,7 @@ def run_testbed(transform: Transform | str, beta: float, k: int, estimator: Esti
         pairs = make_pairs(ids, u, unit, unit_beta, strategy=estimator.strategy, targets=estimator.targets,
                            pairs_per_prompt=None if estimator.strategy == "all" else 2 * k, seed=seed)
         chosen, rejected = _legendre(exact[pairs.chosen], degree), _legendre(exact[pairs.rejected], degree)
-        margin, label = torch.from_numpy(pairs.target_margin), torch.from_numpy(pairs.label)
+        phi_gap, label = torch.from_numpy(pairs.target_phi_gap), torch.from_numpy(pairs.label)
         examples = len(pairs)
 
         def objective() -> torch.Tensor:
@@ -90,8 +90,8 @@ def run_testbed(transform: Transform | str, beta: float, k: int, estimator: Esti
             if loss_kind == "dpo":
                 return dpo_loss(rc, rr, unit_beta, label).mean()
             if loss_kind == "ipo":
-                return ipo_loss(rc, rr, unit_beta, margin).mean()
-            return distill_loss(rc, rr, unit_beta, margin).mean()
+                return ipo_loss(rc, rr, unit_beta, phi_gap).mean()
+            return distill_loss(rc, rr, unit_beta, phi_gap).mean()
     else:
         basis = _legendre(exact, degree)
         examples = len(exact)

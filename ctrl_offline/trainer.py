@@ -5,11 +5,15 @@ reference is the base with adapters disabled, never a second copy), logging, che
 the fused LM head that gives per-token log-probs without materialising the logits — and
 override ``compute_loss`` only, as TRL's customisation docs recommend.
 
-Pairs (``prompt``, ``chosen``, ``rejected``, + ``target_margin`` / ``label`` / ``weight``):
+Pairs (``prompt``, ``chosen``, ``rejected``, + ``target_phi_gap`` / ``label`` / ``weight``):
 when ``ref_chosen_logps`` and ``ref_rejected_logps`` are stored (recorded at sampling time)
 no reference forward pass runs at all; otherwise TRL computes them once, batched, before
 training. Pointwise rows (``prompt``, ``completion``, ``target`` or ``weight``, ``ref_logp``)
-need one sequence per example instead of two.
+need one sequence per example instead of two. ``target_phi_gap`` is the Φ difference
+Φ(u_chosen) − Φ(u_rejected) that β·Δρ is fitted to; "margin" is left to the trainer's β·Δρ
+(TRL's ``rewards/margins`` metric). A set written before the rename, with ``target_margin``, is
+renamed on load with a one-line FutureWarning (:data:`RENAMED_COLUMNS`), so earlier build
+folders keep training.
 
 Completions cut at ``max_new_tokens`` are trained as prefixes: TRL appends EOS to every
 completion when it tokenises, so where a build flags a completion as cut (``chosen_finished`` /
@@ -34,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -51,7 +56,10 @@ __all__ = ["CTRLTrainer", "CTRLPointwiseTrainer", "TrainingDataError", "resolve_
 
 logger = logging.getLogger(__name__)
 
-PAIR_EXTRA_COLUMNS = ("target_margin", "label", "weight")
+PAIR_EXTRA_COLUMNS = ("target_phi_gap", "label", "weight")
+#: Columns of CTRL's own that earlier versions wrote under another name: old name → new. The
+#: trainers rename them on load (a FutureWarning says so), so earlier build folders keep training.
+RENAMED_COLUMNS = {"target_margin": "target_phi_gap"}
 REF_PAIR_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 POINTWISE_EXTRA_COLUMNS = ("target", "weight", "ref_logp")
 #: TRL's token-id columns of a tokenised pair (``DPOTrainer._prepare_dataset``). ``prompt_ids`` there is the
@@ -154,6 +162,20 @@ def _strip_appended_eos(dataset, args, tokenizer, columns: dict, name: str):
     return dataset.map(strip, **_map_kwargs(dataset, args, f"Leaving EOS off the cut completions of the {name} dataset"))
 
 
+def _with_current_names(dataset, name: str):
+    """``dataset`` with the columns of :data:`RENAMED_COLUMNS` under their current names (warning once if any)."""
+    if dataset is None:
+        return None
+    names = _column_names(dataset)
+    old = {o: n for o, n in RENAMED_COLUMNS.items() if o in names and n not in names}
+    if not old:
+        return dataset
+    shown = ", ".join(f"{o!r} → {n!r}" for o, n in old.items())
+    warnings.warn(f"{name}: column(s) renamed on load ({shown}): the names of earlier versions are deprecated; "
+                  "rebuild the set (ctrl-data build) to write the current ones", FutureWarning, stacklevel=4)
+    return dataset.rename_columns(old)
+
+
 def _named(train_dataset, eval_dataset) -> dict:
     """The datasets to validate, by the argument names the messages use."""
     return {"train_dataset": train_dataset, **({"eval_dataset": eval_dataset} if eval_dataset is not None else {})}
@@ -247,13 +269,17 @@ class _CTRLMixin:
     record and log their own metrics."""
 
     def _check_inputs(self, args, config_cls, train_dataset, eval_dataset, validate, unit: str,
-                      beta_required: bool = True) -> None:
+                      beta_required: bool = True) -> tuple:
+        """The (train, eval) datasets with current column names (:data:`RENAMED_COLUMNS`), once checked."""
         if not isinstance(args, config_cls):
             raise TypeError(f"args must be a {config_cls.__name__}, got {type(args).__name__}")
+        train_dataset = _with_current_names(train_dataset, "train_dataset")
+        eval_dataset = _with_current_names(eval_dataset, "eval_dataset")
         for name, dataset in _named(train_dataset, eval_dataset).items():
             validate(dataset, args, name)
         self.build_info = resolve_beta(args, train_dataset, eval_dataset, required=beta_required)
         _check_size(_len(train_dataset), args, self.build_info, unit)
+        return train_dataset, eval_dataset
 
     def _record(self, mode: str, **values: torch.Tensor) -> None:
         for name, value in values.items():
@@ -277,7 +303,8 @@ class CTRLTrainer(_CTRLMixin, DPOTrainer):
 
     def __init__(self, model, args: CTRLConfig, train_dataset, eval_dataset=None, processing_class=None,
                  peft_config=None, **kwargs):
-        self._check_inputs(args, CTRLConfig, train_dataset, eval_dataset, self._validate, "pairs")
+        train_dataset, eval_dataset = self._check_inputs(args, CTRLConfig, train_dataset, eval_dataset, self._validate,
+                                                         "pairs")
         datasets = _named(train_dataset, eval_dataset)
         stored = all(all(c in d.column_names for c in REF_PAIR_COLUMNS) for d in datasets.values())
         # Stored reference log-probs: TRL must not recompute them; absent: TRL computes them once, batched.
@@ -304,9 +331,9 @@ class CTRLTrainer(_CTRLMixin, DPOTrainer):
         what = f"{name} for ctrl_loss={args.ctrl_loss!r}"
         _check_columns(dataset, ["prompt", "chosen", "rejected"], what)
         if args.ctrl_loss in ("ipo", "distill"):
-            _check_columns(dataset, ["target_margin"], what)
+            _check_columns(dataset, ["target_phi_gap"], what)
         if args.ctrl_loss == "dpo" and "label" not in dataset.column_names:
-            _check_columns(dataset, ["target_margin"], what + " (soft labels come from `label` or `target_margin`)")
+            _check_columns(dataset, ["target_phi_gap"], what + " (soft labels come from `label` or `target_phi_gap`)")
         _check_text(dataset, ["prompt", "chosen", "rejected"], name)
         _check_finite(dataset, PAIR_EXTRA_COLUMNS + REF_PAIR_COLUMNS, name)
         if "label" in dataset.column_names and any(not 0 <= p <= 1 for p in dataset["label"]):
@@ -342,17 +369,17 @@ class CTRLTrainer(_CTRLMixin, DPOTrainer):
         rejected_ratio = rejected_logps - inputs["ref_rejected_logps"].to(logps.dtype)
         beta, kind = self.args.beta, self.args.ctrl_loss
         if kind == "dpo":
-            label = inputs["label"] if "label" in inputs else soft_label(inputs["target_margin"])
+            label = inputs["label"] if "label" in inputs else soft_label(inputs["target_phi_gap"])
             per_pair = dpo_loss(chosen_ratio, rejected_ratio, beta, label.to(logps.dtype))
         elif kind == "dpo_hard":
             per_pair = dpo_loss(chosen_ratio, rejected_ratio, beta, 1.0)
         elif kind == "ipo":
-            per_pair = ipo_loss(chosen_ratio, rejected_ratio, beta, inputs["target_margin"].to(logps.dtype))
+            per_pair = ipo_loss(chosen_ratio, rejected_ratio, beta, inputs["target_phi_gap"].to(logps.dtype))
         else:
-            per_pair = distill_loss(chosen_ratio, rejected_ratio, beta, inputs["target_margin"].to(logps.dtype))
+            per_pair = distill_loss(chosen_ratio, rejected_ratio, beta, inputs["target_phi_gap"].to(logps.dtype))
         weight = inputs.get("weight")
         loss = (per_pair * weight.to(per_pair.dtype)).mean() if weight is not None else per_pair.mean()
-        margin = beta * (chosen_ratio - rejected_ratio)
+        margin = beta * (chosen_ratio - rejected_ratio)  # TRL's `rewards/margins`: β·Δρ, not the target Φ gap
         self._record(mode, **{"rewards/margins": margin, "rewards/accuracies": (margin > 0).float(),
                               "logps/chosen": chosen_logps, "logps/rejected": rejected_logps})
         return (loss, {"margins": margin}) if return_outputs else loss
@@ -367,8 +394,9 @@ class CTRLPointwiseTrainer(_CTRLMixin, SFTTrainer):
     def __init__(self, model, args: CTRLPointwiseConfig, train_dataset, eval_dataset=None, processing_class=None,
                  peft_config=None, **kwargs):
         # weighted_sft's weights already hold β: it needs none to train.
-        self._check_inputs(args, CTRLPointwiseConfig, train_dataset, eval_dataset, self._validate, "rows",
-                           beta_required=args.ctrl_loss == "pointwise")
+        train_dataset, eval_dataset = self._check_inputs(args, CTRLPointwiseConfig, train_dataset, eval_dataset,
+                                                         self._validate, "rows",
+                                                         beta_required=args.ctrl_loss == "pointwise")
         args.completion_only_loss = True
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, peft_config=peft_config, **kwargs)

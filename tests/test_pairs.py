@@ -58,12 +58,12 @@ def test_pairs_match_brute_force(strategy, drop_ties, seed):
     chosen, rejected = brute_pairs(ids, u, strategy, drop_ties)
     # Same pairs, same orientation, same (first appearance, chosen, rejected) order.
     assert pairs.chosen.tolist() == chosen and pairs.rejected.tolist() == rejected
-    np.testing.assert_array_equal(pairs.target_margin, transform.phi(u[pairs.chosen]) - transform.phi(u[pairs.rejected]))
-    np.testing.assert_allclose(pairs.label, 1 / (1 + np.exp(-pairs.target_margin)), rtol=1e-15)
+    np.testing.assert_array_equal(pairs.target_phi_gap, transform.phi(u[pairs.chosen]) - transform.phi(u[pairs.rejected]))
+    np.testing.assert_allclose(pairs.label, 1 / (1 + np.exp(-pairs.target_phi_gap)), rtol=1e-15)
     np.testing.assert_array_equal(pairs.weight, np.ones(len(pairs)))
-    assert np.all(pairs.target_margin >= 0) and np.all(u[pairs.chosen] >= u[pairs.rejected])
+    assert np.all(pairs.target_phi_gap >= 0) and np.all(u[pairs.chosen] >= u[pairs.rejected])
     if drop_ties:
-        assert np.all(pairs.target_margin > 0)
+        assert np.all(pairs.target_phi_gap > 0)
 
 
 def test_pair_counts_for_tie_free_prompts():
@@ -72,14 +72,14 @@ def test_pair_counts_for_tie_free_prompts():
     assert len(make_pairs(ids, u, "identity", 1.0)) == 5 * 15
     assert len(make_pairs(ids, u, "identity", 1.0, strategy="best_vs_rest")) == 5 * 5
     worst_best = make_pairs(ids, u, "identity", 1.0, strategy="best_vs_worst")
-    assert len(worst_best) == 5 and np.all(worst_best.target_margin == 1.0)
+    assert len(worst_best) == 5 and np.all(worst_best.target_phi_gap == 1.0)
 
 
-def test_ties_kept_on_request_have_margin_zero_and_label_half():
+def test_ties_kept_on_request_have_phi_gap_zero_and_label_half():
     ids, u = np.array(["a", "a", "a"]), np.array([0.5, 0.5, 1.0])
     kept = make_pairs(ids, u, EXP, 1.0, drop_ties=False)
     assert list(zip(kept.chosen.tolist(), kept.rejected.tolist())) == [(0, 1), (2, 0), (2, 1)]
-    assert kept.target_margin[0] == 0.0 and kept.label[0] == 0.5
+    assert kept.target_phi_gap[0] == 0.0 and kept.label[0] == 0.5
     assert len(make_pairs(ids, u, EXP, 1.0)) == 2
     # A prompt whose responses all tie gives no pair unless ties are kept; one row never does.
     assert len(make_pairs(["a", "a", "b"], [0.3, 0.3, 0.9], EXP, 1.0)) == 0
@@ -101,10 +101,10 @@ def test_soft_labels_are_the_bradley_terry_probabilities_of_the_tilted_policy():
         pi_star /= pi_star.sum()
         rho[sel] = np.log(pi_star * sel.sum())  # log π*/π_ref with π_ref = 1/n
     delta = beta * (rho[pairs.chosen] - rho[pairs.rejected])
-    np.testing.assert_allclose(pairs.target_margin, delta, atol=1e-12)
+    np.testing.assert_allclose(pairs.target_phi_gap, delta, atol=1e-12)
     np.testing.assert_allclose(pairs.label, 1 / (1 + np.exp(-delta)), atol=1e-12)
     np.testing.assert_allclose(targets, beta * rho, atol=1e-12)  # pointwise target = β ρ*
-    assert not np.allclose(pairs.label, 1 / (1 + np.exp(-pairs.target_margin / beta)))
+    assert not np.allclose(pairs.label, 1 / (1 + np.exp(-pairs.target_phi_gap / beta)))
 
 
 # -- sampled pairs ---------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def test_sampled_pairs_are_a_reproducible_subset_with_the_right_counts(m):
     every = set(zip(everything.chosen.tolist(), everything.rejected.tolist()))
     a = make_pairs(ids, u, EXP, 1.0, strategy="sampled", pairs_per_prompt=m, seed=7)
     b = make_pairs(ids, u, EXP, 1.0, strategy="sampled", pairs_per_prompt=m, seed=7)
-    for field in ("chosen", "rejected", "target_margin", "label", "weight"):
+    for field in ("chosen", "rejected", "target_phi_gap", "label", "weight"):
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
     got = list(zip(a.chosen.tolist(), a.rejected.tolist()))
     assert len(set(got)) == len(got) and set(got) <= every
@@ -126,10 +126,10 @@ def test_sampled_pairs_are_a_reproducible_subset_with_the_right_counts(m):
     for c in a.chosen:
         picked[ids[c]] += 1
     assert picked == {p: min(m, n) for p, n in available.items()}
-    # Sorted like every other strategy, with margins and labels from the formula.
+    # Sorted like every other strategy, with Φ gaps and labels from the formula.
     order = [(list(dict.fromkeys(ids.tolist())).index(ids[c]), c, r) for c, r in got]
     assert order == sorted(order)
-    np.testing.assert_array_equal(a.target_margin, EXP.phi(u[a.chosen]) - EXP.phi(u[a.rejected]))
+    np.testing.assert_array_equal(a.target_phi_gap, EXP.phi(u[a.chosen]) - EXP.phi(u[a.rejected]))
     if m == 100:
         np.testing.assert_array_equal(a.chosen, everything.chosen)
     else:
@@ -225,3 +225,9 @@ def test_vectorised_at_scale():
     assert len(pairs) == 100_000 * 28 and len(sampled) <= 400_000 and len(extremes) <= 100_000
     assert np.all(ids[pairs.chosen] == ids[pairs.rejected])
     assert elapsed < 5.0, f"{elapsed:.2f} s"
+
+
+def test_the_old_target_margin_name_warns_and_reads_the_phi_gap():
+    pairs = make_pairs(["a", "a"], [0.0, 1.0], "identity", 0.5)
+    with pytest.warns(DeprecationWarning, match="Pairs.target_phi_gap"):
+        np.testing.assert_array_equal(pairs.target_margin, pairs.target_phi_gap)

@@ -97,12 +97,12 @@ def test_scores_calibration_and_builds(pipeline):
     np.testing.assert_allclose(calibrated.u, (rank - 1) / (K - 1))
 
     pairs = load_from_disk(str(pipeline / "pairs"))
-    assert {"prompt", "chosen", "rejected", "target_margin", "label", "weight"} <= set(pairs.column_names)
+    assert {"prompt", "chosen", "rejected", "target_phi_gap", "label", "weight"} <= set(pairs.column_names)
     usable = calibrated[calibrated.completion.str.strip() != ""]  # empty completions are left out
     ties = usable.groupby("prompt_id").u.apply(lambda s: sum(a == b for i, a in enumerate(s) for b in list(s)[i + 1:]))
     sizes = usable.groupby("prompt_id").size()
     assert len(pairs) == (sizes * (sizes - 1) // 2).sum() - ties.sum()  # all pairs but the tied ones
-    assert all(m > 0 for m in pairs["target_margin"]) and all(0.5 < p <= 1 for p in pairs["label"])
+    assert all(m > 0 for m in pairs["target_phi_gap"]) and all(0.5 < p <= 1 for p in pairs["label"])
     meta = json.loads((pipeline / "pairs" / "ctrl_build.json").read_text())
     assert meta["transform"] == "exp" and meta["planner"]["inference"] == "bon"
 

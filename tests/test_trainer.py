@@ -35,7 +35,7 @@ def pair_rows(n=8, with_ref=None):
         "prompt": [PROMPTS[i % 4] for i in range(n)],
         "chosen": [GOOD[i % 4] for i in range(n)],
         "rejected": [BAD[i % 4] for i in range(n)],
-        "target_margin": [0.2 + 0.1 * (i % 3) for i in range(n)],
+        "target_phi_gap": [0.2 + 0.1 * (i % 3) for i in range(n)],
         "weight": [1.0 + 0.5 * (i % 2) for i in range(n)],
     }
     if with_ref is not None:
@@ -103,7 +103,7 @@ def test_pair_losses_train_and_the_adapter_reloads(loss, tiny_path, tokenizer, t
 def test_soft_label_dpo_raises_the_chosen_margin(tiny_path, tokenizer, tmp_path):
     model, lora = load_policy(ModelLoadingConfig(tiny_path, load_in_4bit=False, gradient_checkpointing=False))
     rows = pair_rows()
-    rows["target_margin"] = [4.0] * 8
+    rows["target_phi_gap"] = [4.0] * 8
     trainer = CTRLTrainer(model, config(CTRLConfig, tmp_path, max_steps=8, ctrl_loss="dpo"),
                           Dataset.from_dict(rows), processing_class=tokenizer, peft_config=lora)
     trainer.train()
@@ -195,9 +195,9 @@ def test_unknown_model_path_is_a_clear_error(tmp_path):
     [
         (lambda r: r.update(prompt=[""] + r["prompt"][1:]), CTRLConfig, "dpo", r"empty 'prompt' in 1 row\(s\): 0"),
         (lambda r: r.update(chosen=r["chosen"][:3] + ["  "] + r["chosen"][4:]), CTRLConfig, "dpo", r"empty 'chosen'.*: 3"),
-        (lambda r: r.update(target_margin=[float("nan")] * 8), CTRLConfig, "ipo", r"NaN.*'target_margin' in 8 row"),
+        (lambda r: r.update(target_phi_gap=[float("nan")] * 8), CTRLConfig, "ipo", r"NaN.*'target_phi_gap' in 8 row"),
         (lambda r: r.update(weight=[1.0] * 7 + [float("inf")]), CTRLConfig, "dpo", r"'weight' in 1 row\(s\): 7"),
-        (lambda r: r.pop("target_margin"), CTRLConfig, "distill", r"lacks column\(s\) target_margin"),
+        (lambda r: r.pop("target_phi_gap"), CTRLConfig, "distill", r"lacks column\(s\) target_phi_gap"),
     ],
 )
 def test_bad_pairs_are_refused_by_row(mutate, cls, loss, message, tiny_path, tokenizer, tmp_path):
@@ -309,6 +309,20 @@ def test_trainers_read_beta_from_the_build_metadata(cls, trainer_cls, rows, loss
     trainer = trainer_cls(model, config(cls, tmp_path, beta=0.37 * (1 + 1e-8), ctrl_loss=loss), data,
                           processing_class=tokenizer, peft_config=lora)
     assert trainer.args.beta == pytest.approx(0.37)
+
+
+def test_a_build_folder_with_the_old_target_margin_column_still_trains(tiny_path, tokenizer, tmp_path):
+    """Sets built before `target_margin` became `target_phi_gap` are renamed on load, with one FutureWarning."""
+    rows = pair_rows()
+    rows["target_margin"] = rows.pop("target_phi_gap")
+    data = build_folder(tmp_path, rows)
+    model, lora = load_policy(ModelLoadingConfig(tiny_path, load_in_4bit=False, gradient_checkpointing=False))
+    with pytest.warns(FutureWarning, match=r"'target_margin' → 'target_phi_gap'") as caught:
+        trainer = CTRLTrainer(model, config(CTRLConfig, tmp_path, beta=None, ctrl_loss="ipo", max_steps=1), data,
+                              processing_class=tokenizer, peft_config=lora)
+    assert sum(issubclass(w.category, FutureWarning) and "target_margin" in str(w.message) for w in caught) == 1
+    assert "target_phi_gap" in trainer.train_dataset.column_names and trainer.args.beta == 0.37
+    assert math.isfinite(trainer.train().training_loss)
 
 
 def test_a_contradicting_beta_is_refused(tiny_path, tokenizer, tmp_path, caplog):

@@ -201,7 +201,7 @@ def test_build_stops_when_dropping_cut_completions_leaves_out_most_rows(calibrat
 
 def test_too_few_pairs_are_refused(tiny_path, tokenizer, tmp_path):
     rows = Dataset.from_dict({"prompt": PROMPTS[:3], "chosen": [" yes good"] * 3, "rejected": [" no bad"] * 3,
-                              "target_margin": [0.5] * 3})
+                              "target_phi_gap": [0.5] * 3})
     model, lora = policy(tiny_path)
     with pytest.raises(TrainingDataError, match=r"3 pairs, fewer than min_train_rows=8.*larger K.*strategy 'all'"):
         CTRLTrainer(model, config(CTRLConfig, tmp_path, beta=0.5), rows, processing_class=tokenizer,
@@ -220,4 +220,4 @@ def test_sampled_logps_of_cut_completions_have_no_eos_term(tiny_path, tokenizer)
     assert cut and all(tokenizer.eos_token_id not in r["completion_ids"] and r["num_tokens"] == 3 for r in cut)
     again = completion_logps(model, tokenizer, [PROMPTS[r["batch_prompt"]] for r in rows],
                              [r["completion_ids"] for r in rows])
-    np.testing.assert_allclose(again, [r["ref_logp"] for r in rows], atol=1e-4)
+    np.testing.assert_allclose(again, [r["logp"] for r in rows], atol=1e-4)

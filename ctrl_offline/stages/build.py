@@ -3,13 +3,21 @@
 Formats, each a `datasets` folder (``datasets.load_from_disk``) that TRL's DPO trainer and the
 project's trainers read without conversion:
 
-* ``pairs``      prompt, chosen, rejected, target_margin, label, weight, ref_chosen_logps, ref_rejected_logps,
+* ``pairs``      prompt, chosen, rejected, target_phi_gap, label, weight, ref_chosen_logps, ref_rejected_logps,
   chosen_finished, rejected_finished
 * ``pointwise``  prompt, completion, target, ref_logp, finished
 * ``weights``    prompt, completion, weight, ref_logp, finished
 
-``prompt`` is the text the reference model saw (chat template applied), so the trainer
-tokenises exactly what was sampled and the stored reference log-probs stay valid.
+(each also carries ``prompt_id`` and ``u`` — ``u_chosen`` / ``u_rejected`` for pairs). Column
+names are those of docs/data_layout.md: TRL's own (``prompt``, ``chosen``, ``rejected``,
+``completion``, ``ref_chosen_logps``, ``ref_rejected_logps``) as TRL names them, CTRL's as there.
+
+``prompt`` is TRL's prompt column, so it holds what the trainer must tokenise: the text the
+reference model saw (chat template applied), the calibrated input's ``prompt_text`` — not its
+``prompt`` (the prompt as given, which the build output does not carry; ``prompt_id`` leads back to
+it). So the trainer tokenises exactly what was sampled and the stored reference log-probs stay valid.
+``target_phi_gap`` (Φ(u_chosen) − Φ(u_rejected)) was ``target_margin`` before; the trainers still
+read sets built with that name.
 
 Completions cut at ``max_new_tokens`` before EOS are kept by default, as what they are: prefixes.
 The ``*finished`` flags (written when the samples record ``finished``) tell the trainers not to
@@ -304,7 +312,7 @@ def build_dataset(
             "prompt": prompts[pairs.chosen],
             "chosen": completions[pairs.chosen],
             "rejected": completions[pairs.rejected],
-            "target_margin": pairs.target_margin,
+            "target_phi_gap": pairs.target_phi_gap,
             "label": pairs.label,
             "weight": pairs.weight,
             "u_chosen": u[pairs.chosen],
