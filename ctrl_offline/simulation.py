@@ -8,7 +8,8 @@ sampling, linear between order statistics); the tilted policy's rewards are the 
 function at u drawn from the tilted density f. Win rates of T(π*) over T(π_ref) are then
 estimated by Monte Carlo over prompts, with common random numbers across candidates (t, β) so
 the search over t is smooth. :func:`ctrl_offline.planner.plan` plans on these win rates for every
-registered procedure without a closed form (``plan(..., tables=...)``).
+registered procedure without a closed form (``plan(..., tables=...)``). This module does not plan:
+it is the per-prompt counterpart of :mod:`ctrl_offline.theory` (the prompt-free tilt in calibrated space).
 """
 
 from __future__ import annotations

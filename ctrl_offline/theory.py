@@ -13,6 +13,11 @@ Integrals use a fixed composite Gauss–Legendre rule graded toward u = 1 (where
 of increasing transforms peak); F comes from each transform's closed form. A procedure's closed
 form is found through the registry (:mod:`ctrl_offline.procedures`, its ``win_rate``); any other
 selection rule is handled by :func:`monte_carlo_win_rate`.
+
+Nothing here plans or looks at a prompt: this module is the tilt in calibrated space, where every
+prompt is the same. Procedures that read raw reward values depend on each prompt's reward
+distribution and are simulated on the calibration tables (:mod:`ctrl_offline.simulation`);
+:mod:`ctrl_offline.planner` plans on either.
 """
 
 from __future__ import annotations

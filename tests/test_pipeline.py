@@ -76,11 +76,11 @@ def test_samples_have_the_documented_columns_and_logps(pipeline, assets):
     model = AutoModelForCausalLM.from_pretrained(assets["model"]).eval()
     tok = build_tokenizer()
     for _, row in samples.head(6).iterrows():
-        prompt_ids = tok(row.prompt_text)["input_ids"]
-        ids = torch.tensor([prompt_ids + list(row.completion_ids)])
+        prompt_token_ids = tok(row.prompt_text)["input_ids"]
+        ids = torch.tensor([prompt_token_ids + list(row.completion_ids)])
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-        expected = logp[len(prompt_ids) - 1:].gather(1, ids[0, len(prompt_ids):, None]).sum().item()
+        expected = logp[len(prompt_token_ids) - 1:].gather(1, ids[0, len(prompt_token_ids):, None]).sum().item()
         assert row.ref_logp == pytest.approx(expected, abs=1e-3)
 
 
