@@ -130,33 +130,29 @@ def evaluation_reference(out: Path, args):
     return eval_prompts, rewards
 
 
+#: The benchmark's LoRA (r 16, α 32, every projection, no dropout) on a full-precision base.
+LORA = dict(load_in_4bit=False, gradient_checkpointing=False, lora_r=16, lora_alpha=32, lora_dropout=0.0)
+#: The benchmark's trainer settings (anything here can be overridden per call).
+TRAINING = dict(per_device_train_batch_size=8, logging_steps=4, save_strategy="no", report_to="none", seed=0,
+                max_length=256, disable_tqdm=True)
+
+
 def make_trainer(model_name: str, fmt: str, loss: str, data_dir: Path, train_dir: Path, *, callbacks=(),
                  torch_dtype: str = "auto", **overrides):
-    """A LoRA (r 16, α 32, every projection) CTRL trainer on the training set in ``data_dir``.
+    """The benchmark's CTRL trainer on the training set in ``data_dir``, not yet trained.
 
-    ``overrides`` go to the trainer config (learning_rate, num_train_epochs or max_steps, batch
-    size, bf16, ...). No beta: the trainers read it from ``data_dir``'s ctrl_build.json (the β for
-    the rescaled Φ).
+    A thin wrapper over :func:`ctrl_offline.stages.train.make_trainer` with :data:`LORA` and
+    :data:`TRAINING` (``overrides`` go to the trainer config: learning_rate, num_train_epochs or
+    max_steps, batch size, bf16, ...), for scripts that drive the trainer themselves
+    (benchmarks/smollm_comparison.py). No beta: the trainers read it from ``data_dir``'s
+    ctrl_build.json (the β for the rescaled Φ).
     """
-    from datasets import load_from_disk
-    from transformers import AutoTokenizer
+    from ctrl_offline.modeling import ModelLoadingConfig
+    from ctrl_offline.stages.train import make_trainer as trainer_of, training_config
 
-    from ctrl_offline.config import CTRLConfig, CTRLPointwiseConfig
-    from ctrl_offline.embedded import resolve_model
-    from ctrl_offline.modeling import ModelLoadingConfig, load_policy
-    from ctrl_offline.trainer import CTRLPointwiseTrainer, CTRLTrainer
-
-    model, lora = load_policy(ModelLoadingConfig(model_name, load_in_4bit=False, gradient_checkpointing=False,
-                                                 lora_r=16, lora_alpha=32, lora_dropout=0.0, torch_dtype=torch_dtype))
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_name))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    common = dict(output_dir=str(train_dir), per_device_train_batch_size=8, logging_steps=4, save_strategy="no",
-                  report_to="none", seed=0, max_length=256, disable_tqdm=True)
-    common.update(overrides)
-    config_cls, trainer_cls = (CTRLConfig, CTRLTrainer) if fmt == "pairs" else (CTRLPointwiseConfig, CTRLPointwiseTrainer)
-    return trainer_cls(model, config_cls(ctrl_loss=loss, **common), load_from_disk(str(data_dir)),
-                       processing_class=tokenizer, peft_config=lora, callbacks=list(callbacks) or None)
+    args = training_config(fmt, loss, {**TRAINING, "output_dir": str(train_dir), **overrides})
+    return trainer_of(data_dir, ModelLoadingConfig(model_name, torch_dtype=torch_dtype, **LORA), args,
+                      callbacks=callbacks)
 
 
 def train(method: str, setting: float, calibrated: Path, run: Path, args) -> dict:
@@ -164,6 +160,7 @@ def train(method: str, setting: float, calibrated: Path, run: Path, args) -> dic
 
     from ctrl_offline.io import read_build_info
     from ctrl_offline.stages.build import build_dataset
+    from ctrl_offline.stages.train import train_from_build
 
     build_kwargs, loss, fmt, sweep = METHODS[method]
     build_kwargs = dict(build_kwargs)
@@ -195,10 +192,9 @@ def train(method: str, setting: float, calibrated: Path, run: Path, args) -> dic
     info = read_build_info(run / "data")
     adapter = run / "adapter"
     if not (adapter / "adapter_config.json").exists():
-        trainer = make_trainer(args.model, fmt, loss, run / "data", run / "train", learning_rate=args.lr,
-                               num_train_epochs=args.epochs)
-        trainer.train()
-        trainer.save_model(str(adapter))
+        train_from_build(run / "data", adapter, args.model, loss=loss, loading=LORA,
+                         training_args={**TRAINING, "learning_rate": args.lr, "num_train_epochs": args.epochs},
+                         checkpoint_dir=run / "train", overwrite=True)
     return info
 
 
