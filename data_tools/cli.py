@@ -2,6 +2,15 @@
 
 Errors in the input (bad files, bad values, bad arguments) print one clear line on stderr and
 exit with status 2; nothing half-written is left behind.
+
+One name per setting, the recipe config's (``recipes/configs/*.yaml``) with dashes: ``--num-samples``
+(K), ``--inference-n`` and ``--kl-budget`` (what a build is planned for), ``--data-format``,
+``--pair-strategy``, ``--eval-n``, ``--eval-selectors``, ``--eval-policy-samples``,
+``--eval-reference-samples``, ``--kl-eval-samples``, ``--kl-every-n-steps``. The earlier spellings
+(``--k``, ``--n``, ``--kl``, ``--format``, ``--strategy``, ``--selectors``, ``--policy-samples``,
+``--reference-samples``, ``--kl-samples``, ``--kl-every``) still work for one release and warn
+(:data:`RENAMED_FLAGS`). Choice lists come from the library (the procedure and transform registries,
+the formats, strategies, losses and estimator settings it defines).
 """
 
 from __future__ import annotations
@@ -10,7 +19,27 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
+
+#: (subcommand, old flag) → the flag's one name, for the release that still takes the old spelling.
+RENAMED_FLAGS = {
+    ("sample", "--k"): "--num-samples",
+    ("build", "--format"): "--data-format",
+    ("build", "--n"): "--inference-n",
+    ("build", "--kl"): "--kl-budget",
+    ("build", "--strategy"): "--pair-strategy",
+    ("plan", "--n"): "--inference-n",
+    ("plan", "--kl"): "--kl-budget",
+    ("plan", "--k"): "--num-samples",
+    ("plan", "--strategy"): "--pair-strategy",
+    ("train", "--kl-samples"): "--kl-eval-samples",
+    ("train", "--kl-every"): "--kl-every-n-steps",
+    ("eval", "--n"): "--eval-n",
+    ("eval", "--selectors"): "--eval-selectors",
+    ("eval", "--policy-samples"): "--eval-policy-samples",
+    ("eval", "--reference-samples"): "--eval-reference-samples",
+}
 
 EXAMPLES_CALIBRATE = """examples:
   ctrl-data calibrate scored.parquet --out calib/
@@ -20,7 +49,7 @@ EXAMPLES_CALIBRATE = """examples:
 """
 
 EXAMPLES_SAMPLE = """examples:
-  ctrl-data sample prompts.jsonl --model HuggingFaceTB/SmolLM2-135M-Instruct --k 8 --out samples/
+  ctrl-data sample prompts.jsonl --model HuggingFaceTB/SmolLM2-135M-Instruct --num-samples 8 --out samples/
   ctrl-data sample Anthropic/hh-rlhf --column chosen --limit 1000 --model ./sft-model --out samples/
   accelerate launch -m data_tools sample prompts.jsonl --model ./sft --out samples/   # one share per process
 A killed run resumes where it stopped when re-run with the same arguments.
@@ -33,11 +62,11 @@ The first reward is also written as the `reward` column that `calibrate` reads.
 """
 
 EXAMPLES_BUILD = """examples:
-  ctrl-data build calib/ --format pairs --inference bon --n 4 --kl 0.5 --out pairs/
-  ctrl-data build calib/ --format pairs --inference soft_bon --n 4 --kl 0.5 --selector-arg lam=0.2 --out pairs/
+  ctrl-data build calib/ --data-format pairs --inference bon --inference-n 4 --kl-budget 0.5 --out pairs/
+  ctrl-data build calib/ --inference soft_bon --inference-n 4 --kl-budget 0.5 --selector-arg lam=0.2 --out pairs/
       a procedure without a closed form is planned by simulation on calib/'s tables
-  ctrl-data build calib/ --format pointwise --transform exp --t 5 --beta 30 --out pointwise/
-  ctrl-data build calib/ --format pairs --strategy best_vs_worst --transform identity --beta 0.1 --out baseline/
+  ctrl-data build calib/ --data-format pointwise --transform exp --t 5 --beta 30 --out pointwise/
+  ctrl-data build calib/ --pair-strategy best_vs_worst --transform identity --beta 0.1 --out baseline/
 """
 
 EXAMPLES_TRAIN = """examples:
@@ -52,23 +81,23 @@ A killed run resumes from its newest checkpoint (in ADAPTER.checkpoints) when re
 """
 
 EXAMPLES_PLAN = """examples:
-  ctrl-data plan --inference bon --n 4 --kl 0.5
-  ctrl-data plan --inference won --n 8 --kl 1 --json
-  ctrl-data plan --inference bon --n 4 --kl 0.5 --plot tradeoff.png
-  ctrl-data plan --inference bot --n 8 --kl 0.5 --tables calib/
+  ctrl-data plan --inference bon --inference-n 4 --kl-budget 0.5
+  ctrl-data plan --inference won --inference-n 8 --kl-budget 1 --json
+  ctrl-data plan --inference bon --inference-n 4 --kl-budget 0.5 --plot tradeoff.png
+  ctrl-data plan --inference bot --inference-n 8 --kl-budget 0.5 --tables calib/
       a procedure without a closed form, simulated on the calibration tables
 """
 
 
 EXAMPLES_EVAL = """examples:
-  ctrl-data eval heldout.jsonl --model ./base --adapter ./ctrl-bon4 --reward ./rm --n 1 2 4 8 \\
-      --selectors bon won bot --out report/
-  ctrl-data eval heldout.jsonl --model ./base --adapter ./ctrl-bon4 --reward ./rm --n 1 4 \\
-      --policy-samples 16 --reference-samples 16 --reference-pool pool/ --out report-a/
+  ctrl-data eval heldout.jsonl --model ./base --adapter ./ctrl-bon4 --reward ./rm --eval-n 1 2 4 8 \\
+      --eval-selectors bon won bot --out report/
+  ctrl-data eval heldout.jsonl --model ./base --adapter ./ctrl-bon4 --reward ./rm --eval-n 1 4 \\
+      --eval-policy-samples 16 --eval-reference-samples 16 --reference-pool pool/ --out report-a/
       win rates averaged over every N-subset of 16 policy and 16 reference samples per prompt; the
       reference samples are drawn once into pool/ and read back by later runs on the same prompts
-  ctrl-data eval heldout.jsonl --model ./base --adapter ./ctrl-exp --reward ./rm --n 1 4 \\
-      --policy-samples 16 --reference-pool pool/ --out report-b/
+  ctrl-data eval heldout.jsonl --model ./base --adapter ./ctrl-exp --reward ./rm --eval-n 1 4 \\
+      --eval-policy-samples 16 --reference-pool pool/ --out report-b/
   ctrl-data compare report-a/ report-b/
       A − B per selector and N with a paired bootstrap interval over the prompts
 """
@@ -92,6 +121,37 @@ def _positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
+
+
+class _RenamedFlag(argparse.Action):
+    """A flag's earlier spelling, kept for one release: stores into the new flag's destination and warns."""
+
+    def __init__(self, option_strings, dest, new_flag: str = "", **kwargs):
+        self.new_flag = new_flag
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        message = f"{option_string} is deprecated (kept for one release); use {self.new_flag}"
+        print(f"{parser.prog}: warning: {message}", file=sys.stderr)
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        setattr(namespace, self.dest, values)
+
+
+def _add_renamed(parser, stage: str, flag: str, **kwargs) -> None:
+    """``flag`` (the setting's one name) and its earlier spelling from :data:`RENAMED_FLAGS`.
+
+    A required flag is checked after parsing (``main``), so that the old spelling satisfies it.
+    """
+    required = kwargs.pop("required", False)
+    action = parser.add_argument(flag, **kwargs)
+    if required:
+        parser.set_defaults(**{action.dest: None})
+        parser._ctrl_required = [*getattr(parser, "_ctrl_required", []), (action.dest, flag)]
+    for (where, old), new in RENAMED_FLAGS.items():
+        if where == stage and new == flag:
+            parser.add_argument(old, dest=action.dest, action=_RenamedFlag, new_flag=flag, type=kwargs.get("type"),
+                                nargs=kwargs.get("nargs"), choices=kwargs.get("choices"), default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS)
 
 
 def _selector_arg(text: str) -> tuple[str, float | int | None]:
@@ -119,9 +179,14 @@ def _add_selector_arg(parser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     # The registered procedures at the time the parser is built (one registered before main() runs is known).
+    from ctrl_offline.finite_k import THEORY_STRATEGIES
+    from ctrl_offline.pairs import PAIR_STRATEGIES
     from ctrl_offline.procedures import closed_form_names, procedure_names
+    from ctrl_offline.stages.train import FORMAT_LOSSES
+    from ctrl_offline.transforms import available_transforms
 
     procedures = list(procedure_names())
+    transforms = list(available_transforms())
     parser = argparse.ArgumentParser(prog="ctrl-data", description="Build calibrated, inference-aware training data.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -157,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--column", default="prompt", help="prompt column (default: prompt)")
     sa.add_argument("--split", default="train", help="dataset split (default: train)")
     sa.add_argument("--limit", type=_positive_int, help="use the first LIMIT prompts")
-    sa.add_argument("--k", type=int, default=4, help="samples per prompt (default 4, at least 2)")
+    _add_renamed(sa, "sample", "--num-samples", type=int, default=4, metavar="K",
+                 help="K, samples per prompt (default 4, at least 2)")
     sa.add_argument("--max-new-tokens", type=_positive_int, default=128)
     sa.add_argument("--temperature", type=_positive_float, default=1.0, help="1.0 samples π_ref itself")
     sa.add_argument("--top-p", type=_positive_float, default=1.0)
@@ -185,17 +251,19 @@ def build_parser() -> argparse.ArgumentParser:
                            "(and TRL's DPO trainer).")
     bu.add_argument("calibrated", help="output folder of `ctrl-data calibrate` (or its calibrated.parquet)")
     bu.add_argument("--out", required=True)
-    bu.add_argument("--format", choices=["pairs", "pointwise", "weights"], default="pairs")
-    bu.add_argument("--transform", help="identity, log, exp, negexp or a registered name")
+    _add_renamed(bu, "build", "--data-format", choices=list(FORMAT_LOSSES), default="pairs")
+    bu.add_argument("--transform", choices=transforms, help="transform family (default: the planner's best)")
     bu.add_argument("--t", type=_positive_float, help="shape parameter of exp/negexp")
     bu.add_argument("--beta", type=_positive_float, help="KL coefficient β")
     bu.add_argument("--inference", choices=procedures,
                     help="plan transform, t and β for this procedure (simulated on the calibrated input's tables "
                     "when it has no closed form)")
-    bu.add_argument("--n", type=_positive_int, help="N of the inference procedure (with --inference)")
-    bu.add_argument("--kl", type=_positive_float, help="KL budget (with --inference)")
-    bu.add_argument("--strategy", default="all", choices=["all", "best_vs_rest", "best_vs_worst", "sampled"])
-    bu.add_argument("--pairs-per-prompt", type=_positive_int, help="with --strategy sampled")
+    _add_renamed(bu, "build", "--inference-n", type=_positive_int, metavar="N",
+                 help="N of the inference procedure (with --inference)")
+    _add_renamed(bu, "build", "--kl-budget", type=_positive_float, metavar="KL",
+                 help="KL(π‖π_ref) budget in nats (with --inference)")
+    _add_renamed(bu, "build", "--pair-strategy", default="all", choices=list(PAIR_STRATEGIES))
+    bu.add_argument("--pairs-per-prompt", type=_positive_int, help="with --pair-strategy sampled")
     _add_selector_arg(bu)
     _add_estimator_args(bu)
     bu.add_argument("--k-infinity", action="store_true",
@@ -222,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("data", help="output folder of `ctrl-data build`")
     tr.add_argument("--out", required=True, help="adapter folder (written once training ends)")
     tr.add_argument("--model", help="base model (default: the reference model recorded at sampling)")
-    tr.add_argument("--loss", choices=sorted({x for xs in _format_losses().values() for x in xs}),
+    tr.add_argument("--loss", choices=sorted({x for xs in FORMAT_LOSSES.values() for x in xs}),
                     help="override the loss the build was planned for (within its format)")
     tr.add_argument("--load-in-4bit", action="store_true", help="QLoRA: quantise the base to 4-bit NF4 (bitsandbytes)")
     tr.add_argument("--lora-r", type=_positive_int, default=16)
@@ -232,8 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-gradient-checkpointing", action="store_true")
     tr.add_argument("--kl-prompts", help="held-out prompts (file, folder or Hub id): hold training to a KL budget")
     tr.add_argument("--kl-budget", type=_positive_float, help="KL to hold (default: the build's planned KL)")
-    tr.add_argument("--kl-samples", type=_positive_int, default=4, help="policy samples per KL prompt per estimate")
-    tr.add_argument("--kl-every", type=_positive_int, default=10, help="optimizer steps between KL estimates")
+    _add_renamed(tr, "train", "--kl-eval-samples", type=_positive_int, default=4,
+                 help="policy samples per KL prompt per estimate")
+    _add_renamed(tr, "train", "--kl-every-n-steps", type=_positive_int, default=10,
+                 help="optimizer steps between KL estimates")
     tr.add_argument("--kl-max-new-tokens", type=_positive_int, default=64)
     tr.add_argument("--keep-checkpoints", action="store_true", help="keep ADAPTER.checkpoints once the adapter is written")
     tr.add_argument("--overwrite", action="store_true", help="replace an existing adapter and its checkpoints")
@@ -251,8 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", help="PEFT adapter folder of the aligned policy (omit to evaluate the base)")
     ev.add_argument("--reward", required=True, help="reward model id/folder or module:function")
     ev.add_argument("--out", required=True, help="report folder")
-    ev.add_argument("--n", nargs="+", type=_positive_int, default=[1, 2, 4])
-    ev.add_argument("--selectors", nargs="+", default=["bon", "won"], choices=procedures)
+    _add_renamed(ev, "eval", "--eval-n", nargs="+", type=_positive_int, default=[1, 2, 4], metavar="N",
+                 help="N values evaluated (default 1 2 4)")
+    _add_renamed(ev, "eval", "--eval-selectors", nargs="+", default=["bon", "won"], choices=procedures,
+                 help="procedures evaluated (default bon won)")
     ev.add_argument("--column", default="prompt")
     ev.add_argument("--limit", type=_positive_int)
     ev.add_argument("--max-new-tokens", type=_positive_int, default=64)
@@ -262,10 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selector_arg(ev)
     ev.add_argument("--train-data", help="training set, to warn about evaluation prompts seen in training; a "
                     "`ctrl-data build` folder's transform, t and β are recorded in the report")
-    ev.add_argument("--policy-samples", type=_positive_int, metavar="M_POLICY",
-                    help="samples per prompt from the policy, ≥ max(N) (default max(N))")
-    ev.add_argument("--reference-samples", type=_positive_int, metavar="M_REF",
-                    help="samples per prompt from the reference, ≥ max(N) (default max(N), or all of a reused pool's)")
+    _add_renamed(ev, "eval", "--eval-policy-samples", type=_positive_int, metavar="M_POLICY",
+                 help="samples per prompt from the policy, ≥ max(N) (default max(N))")
+    _add_renamed(ev, "eval", "--eval-reference-samples", type=_positive_int, metavar="M_REF",
+                 help="samples per prompt from the reference, ≥ max(N) (default max(N), or all of a reused pool's)")
     ev.add_argument("--reference-pool", metavar="DIR",
                     help="shared reference samples: read when DIR holds a pool for the same prompts, model, reward "
                     "and --max-new-tokens; drawn and written there when DIR does not exist")
@@ -311,18 +383,21 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--lam", type=_positive_float, default=0.1, help="λ of soft_bon / tsallis / bot (simulated)")
     pl.add_argument("--beta-selector", type=_positive_float, default=0.1, help="β of rbon / itp (simulated)")
     _add_selector_arg(pl)
-    pl.add_argument("--n", required=True, type=_positive_int, help="number of candidates N")
-    pl.add_argument("--kl", required=True, type=_positive_float, help="KL budget in nats")
-    pl.add_argument("--transforms", nargs="+", default=None, help="families to tune (default: identity log exp negexp)")
+    _add_renamed(pl, "plan", "--inference-n", required=True, type=_positive_int, metavar="N",
+                 help="number of candidates N")
+    _add_renamed(pl, "plan", "--kl-budget", required=True, type=_positive_float, metavar="KL",
+                 help="KL(π‖π_ref) budget in nats")
+    pl.add_argument("--transforms", nargs="+", default=None, choices=transforms,
+                    help="families to tune (default: identity log exp negexp)")
     pl.add_argument("--t-range", nargs=2, type=_positive_float, default=None, metavar=("LOW", "HIGH"),
                     help="search range of t for exp/negexp (default 0.01 40)")
     pl.add_argument("--min-beta", type=float, default=None,
                     help="smallest trainable β with Φ rescaled to span 1 (default 1e-3; 0 turns the guard off)")
-    pl.add_argument("--k", type=_positive_int, default=None,
-                    help="reference samples per prompt: plan the tilt actually trained from K samples "
-                    "(default: the exact tilt, K = ∞)")
-    pl.add_argument("--strategy", default="all", choices=["all", "sampled"],
-                    help="how pairs are drawn (K-aware plans of pair losses; both draw pairs uniformly)")
+    _add_renamed(pl, "plan", "--num-samples", type=_positive_int, default=None, metavar="K",
+                 help="reference samples per prompt: plan the tilt actually trained from K samples "
+                 "(default: the exact tilt, K = ∞)")
+    _add_renamed(pl, "plan", "--pair-strategy", default="all", choices=list(THEORY_STRATEGIES),
+                 help="how pairs are drawn (K-aware plans of pair losses; both draw pairs uniformly)")
     _add_estimator_args(pl)
     pl.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     pl.add_argument("--plot", metavar="FILE.png", help="draw win rate vs KL for the planned transforms")
@@ -356,13 +431,13 @@ def _run_sample(args) -> int:
     from ctrl_offline.generation import SamplingConfig
     from ctrl_offline.stages.sample import sample_prompts
 
-    sampling = SamplingConfig(k=args.k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    sampling = SamplingConfig(k=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p, batch_size=args.batch_size)
     result = sample_prompts(args.prompts, args.out, args.model, column=args.column, split=args.split,
                             limit=args.limit, sampling=sampling, seed=args.seed, shard_size=args.shard_size,
                             overwrite=args.overwrite, backend=args.backend)
     state = "complete" if result.complete else "this process's shards done"
-    print(f"sampled {result.num_prompts:,} prompts × {args.k} into {result.num_shards} shard(s) "
+    print(f"sampled {result.num_prompts:,} prompts × {args.num_samples} into {result.num_shards} shard(s) "
           f"({result.shards_written} written now, {state}): {result.out_dir}")
     return 0
 
@@ -379,8 +454,9 @@ def _run_score(args) -> int:
 def _run_build(args) -> int:
     from ctrl_offline.stages.build import build_dataset
 
-    result = build_dataset(args.calibrated, args.out, format=args.format, transform=args.transform, t=args.t,
-                           beta=args.beta, inference=args.inference, n=args.n, kl=args.kl, strategy=args.strategy,
+    result = build_dataset(args.calibrated, args.out, format=args.data_format, transform=args.transform, t=args.t,
+                           beta=args.beta, inference=args.inference, n=args.inference_n, kl=args.kl_budget,
+                           strategy=args.pair_strategy,
                            pairs_per_prompt=args.pairs_per_prompt, log_partition=args.log_partition,
                            selector_args=dict(args.selector_arg) or None,
                            targets=args.targets, loss=args.loss, k_aware=not args.k_infinity,
@@ -392,12 +468,6 @@ def _run_build(args) -> int:
           f"(the trainer's β, Φ rescaled by phi_scale={result.phi_scale:.4g}; unscaled_beta={result.unscaled_beta:.4g}"
           + ("" if result.k is None else f"; planned for K={result.k}") + f"): {result.out_dir}")
     return 0
-
-
-def _format_losses() -> dict:
-    from ctrl_offline.stages.train import FORMAT_LOSSES
-
-    return FORMAT_LOSSES
 
 
 def training_overrides(cls, extra: list[str]) -> dict:
@@ -438,7 +508,7 @@ def _run_train(args) -> int:
                "gradient_checkpointing": checkpointing}
     result = train_from_build(args.data, args.out, args.model, loss=args.loss, loading=loading,
                               training_args=overrides, kl_budget=args.kl_budget, kl_prompts=args.kl_prompts,
-                              kl_samples=args.kl_samples, kl_every_n_steps=args.kl_every,
+                              kl_samples=args.kl_eval_samples, kl_every_n_steps=args.kl_every_n_steps,
                               kl_max_new_tokens=args.kl_max_new_tokens, keep_checkpoints=args.keep_checkpoints,
                               overwrite=args.overwrite)
     kl = ""
@@ -469,11 +539,11 @@ def _run_eval(args) -> int:
         if train_data is None and trained.is_file():  # its training set, to count evaluation prompts seen in training
             data = json.loads(trained.read_text()).get("data")
             train_data = data if data and Path(data).is_dir() else None
-    result = evaluate_policy(args.prompts, args.out, args.model, args.reward, adapter=args.adapter, n=tuple(args.n),
-                             selectors=tuple(args.selectors), column=args.column, limit=args.limit,
+    result = evaluate_policy(args.prompts, args.out, args.model, args.reward, adapter=args.adapter, n=tuple(args.eval_n),
+                             selectors=tuple(args.eval_selectors), column=args.column, limit=args.limit,
                              max_new_tokens=args.max_new_tokens, lam=args.lam, beta=args.beta, kappa0=args.kappa0,
                              seed=args.seed, train_data=train_data, overwrite=args.overwrite,
-                             policy_samples=args.policy_samples, reference_samples=args.reference_samples,
+                             policy_samples=args.eval_policy_samples, reference_samples=args.eval_reference_samples,
                              reference_pool=args.reference_pool, build_info=build_info,
                              selector_args=dict(args.selector_arg) or None,
                              transform=None if build_info is None else build_info.get("transform"),
@@ -565,10 +635,10 @@ def _run_plan(args) -> int:
         from ctrl_offline.stages.calibrate import load_tables
 
         tables = load_tables(args.tables)
-    result = plan(args.inference, args.n, args.kl, families=tuple(args.transforms or DEFAULT_FAMILIES),
+    result = plan(args.inference, args.inference_n, args.kl_budget, families=tuple(args.transforms or DEFAULT_FAMILIES),
                   t_range=tuple(args.t_range or DEFAULT_T_RANGE),
                   min_beta=MIN_TRAINABLE_BETA if args.min_beta is None else args.min_beta,
-                  k=args.k, loss=args.loss or "dpo", strategy=args.strategy, targets=args.targets,
+                  k=args.num_samples, loss=args.loss or "dpo", strategy=args.pair_strategy, targets=args.targets,
                   log_partition=args.log_partition, tables=tables,
                   selector_args={"lam": args.lam, "beta": args.beta_selector, **dict(args.selector_arg)})
     if args.plot:
@@ -589,6 +659,10 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    stage = parser._subparsers._group_actions[0].choices[args.stage]
+    missing = [flag for dest, flag in getattr(stage, "_ctrl_required", []) if getattr(args, dest) is None]
+    if missing:
+        stage.error(f"the following arguments are required: {', '.join(missing)}")
     args.extra = extra
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:

@@ -194,12 +194,12 @@ def test_existing_output_needs_overwrite_and_survives_a_failed_run(tmp_path, cap
 
 
 def test_plan_table_json_and_plot(tmp_path, capsys):
-    code, out, _ = run_cli("plan", "--inference", "bon", "--n", "4", "--kl", "0.5", capsys=capsys)
+    code, out, _ = run_cli("plan", "--inference", "bon", "--inference-n", "4", "--kl-budget", "0.5", capsys=capsys)
     assert code == 0
     assert out.splitlines()[0].split()[:3] == ["transform", "t", "beta"]
     assert "best for bon-4 at KL 0.5: exp" in out
 
-    code, out, _ = run_cli("plan", "--inference", "won", "--n", "4", "--kl", "0.5", "--json", "--plot",
+    code, out, _ = run_cli("plan", "--inference", "won", "--inference-n", "4", "--kl-budget", "0.5", "--json", "--plot",
                            tmp_path / "won.png", capsys=capsys)
     assert code == 0
     result = json.loads(out.strip().splitlines()[-1])
@@ -210,7 +210,8 @@ def test_plan_table_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "won.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("args", [["--n", "0", "--kl", "0.5"], ["--n", "4", "--kl", "-1"], ["--n", "4", "--kl", "99"]])
+@pytest.mark.parametrize("args", [["--inference-n", "0", "--kl-budget", "0.5"], ["--inference-n", "4", "--kl-budget", "-1"],
+                                  ["--inference-n", "4", "--kl-budget", "99"], ["--kl-budget", "0.5"]])
 def test_plan_bad_arguments_exit_non_zero(args, capsys):
     with pytest.raises(SystemExit) as exc:
         code = main(["plan", "--inference", "bon", *args])
@@ -219,10 +220,64 @@ def test_plan_bad_arguments_exit_non_zero(args, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_old_flag_spellings_still_work_for_one_release_and_warn(capsys):
+    from data_tools.cli import RENAMED_FLAGS, build_parser
+
+    new = ["plan", "--inference", "bon", "--inference-n", "4", "--kl-budget", "0.5", "--num-samples", "8",
+           "--pair-strategy", "sampled", "--json"]
+    assert main(new) == 0
+    expected, err = capsys.readouterr()
+    assert "deprecated" not in err
+    with pytest.warns(DeprecationWarning, match=r"--n is deprecated \(kept for one release\); use --inference-n"):
+        assert main(["plan", "--inference", "bon", "--n", "4", "--kl", "0.5", "--k", "8", "--strategy", "sampled",
+                     "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert out == expected  # the same plan
+    for old, flag in [("--n", "--inference-n"), ("--kl", "--kl-budget"), ("--k", "--num-samples"),
+                      ("--strategy", "--pair-strategy")]:
+        assert f"ctrl-data plan: warning: {old} is deprecated (kept for one release); use {flag}" in err
+    # Every old spelling writes the new flag's setting, with its type and choices, and is left out of --help.
+    stages = build_parser()._subparsers._group_actions[0].choices
+    for (stage, old), flag in RENAMED_FLAGS.items():
+        actions = {s: a for a in stages[stage]._actions for s in a.option_strings}
+        assert actions[old].dest == actions[flag].dest and actions[old].type == actions[flag].type
+        assert actions[old].choices == actions[flag].choices and actions[old].nargs == actions[flag].nargs
+        assert not re.search(rf"(?<![\w-]){re.escape(old)}(?![\w-])", stages[stage].format_help())
+    with pytest.raises(SystemExit):
+        main(["build", "calib", "--out", "x", "--strategy", "median"])  # the old spelling checks choices too
+    assert "invalid choice: 'median'" in capsys.readouterr().err
+
+
+def test_choice_lists_come_from_the_library():
+    from ctrl_offline import losses
+    from ctrl_offline.finite_k import POINTWISE_NORMALISERS, TARGET_SCHEMES, THEORY_STRATEGIES
+    from ctrl_offline.pairs import PAIR_STRATEGIES
+    from ctrl_offline.procedures import procedure_names
+    from ctrl_offline.stages.build import FORMATS
+    from ctrl_offline.stages.train import FORMAT_LOSSES
+    from ctrl_offline.transforms import available_transforms
+    from data_tools.cli import build_parser
+
+    stages = build_parser()._subparsers._group_actions[0].choices
+
+    def choices(stage, flag):
+        return tuple(next(a for a in stages[stage]._actions if flag in a.option_strings).choices)
+
+    assert choices("build", "--data-format") == tuple(FORMAT_LOSSES) == FORMATS
+    assert FORMAT_LOSSES["pairs"] == losses.PAIR_LOSSES  # spelt out in stages/train.py, not imported (torch)
+    assert set(choices("train", "--loss")) == set(losses.LOSS_TYPES)
+    assert choices("build", "--pair-strategy") == PAIR_STRATEGIES
+    assert choices("plan", "--pair-strategy") == THEORY_STRATEGIES
+    assert choices("build", "--transform") == choices("plan", "--transforms") == tuple(available_transforms())
+    assert choices("plan", "--targets") == choices("build", "--targets") == TARGET_SCHEMES
+    assert choices("build", "--log-partition") == POINTWISE_NORMALISERS
+    assert choices("eval", "--eval-selectors") == choices("build", "--inference") == tuple(procedure_names())
+
+
 def test_console_script_runs_as_a_module():
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    proc = subprocess.run([sys.executable, "-m", "data_tools", "plan", "--inference", "bon", "--n", "2", "--kl", "0.1",
-                           "--json"], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "data_tools", "plan", "--inference", "bon", "--inference-n", "2",
+                           "--kl-budget", "0.1", "--json"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["n"] == 2
 
@@ -232,9 +287,9 @@ def test_plan_simulates_raw_reward_selectors_on_tables(tmp_path, capsys):
     frame.to_parquet(tmp_path / "scored.parquet")
     assert main(["calibrate", str(tmp_path / "scored.parquet"), "--out", str(tmp_path / "calib")]) == 0
     capsys.readouterr()
-    assert main(["plan", "--inference", "bot", "--n", "4", "--kl", "0.5", "--json"]) == 2
+    assert main(["plan", "--inference", "bot", "--inference-n", "4", "--kl-budget", "0.5", "--json"]) == 2
     assert "give --tables" in capsys.readouterr().err
-    assert main(["plan", "--inference", "bot", "--n", "4", "--kl", "0.5", "--tables", str(tmp_path / "calib"),
+    assert main(["plan", "--inference", "bot", "--inference-n", "4", "--kl-budget", "0.5", "--tables", str(tmp_path / "calib"),
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["inference"] == "bot" and len(result["rows"]) == 4
@@ -263,7 +318,7 @@ def test_eval_records_the_build_of_its_training_data(tmp_path, capsys, monkeypat
     (data / BUILD_INFO_FILE).write_text(json.dumps(build))
     plain = tmp_path / "plain"
     plain.mkdir()
-    base = ["eval", tmp_path / "prompts.jsonl", "--model", "m", "--reward", "r", "--out", tmp_path / "out", "--n", "1"]
+    base = ["eval", tmp_path / "prompts.jsonl", "--model", "m", "--reward", "r", "--out", tmp_path / "out", "--eval-n", "1"]
     for extra in (["--train-data", data], [], ["--train-data", plain]):
         code, out, err = run_cli(*base, *extra, capsys=capsys)
         assert code == 0, err

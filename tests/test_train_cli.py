@@ -47,13 +47,13 @@ def chain(run, root: Path) -> Path:
     (root / "prompts.txt").write_text("\n".join(prompts[:12]) + "\n")
     (root / "heldout.txt").write_text("\n".join(prompts[12:]) + "\n")
     model = build_tiny_model(root / "lm", hidden=32)
-    run("sample", "prompts.txt", "--model", model, "--out", "samples", "--k", 4, "--max-new-tokens", 6, cwd=root)
+    run("sample", "prompts.txt", "--model", model, "--out", "samples", "--num-samples", 4, "--max-new-tokens", 6, cwd=root)
     run("score", "samples", "--reward", "words=tiny_models:word_count_reward", "--out", "scored", cwd=root)
     run("calibrate", "scored", "--out", "calib", cwd=root)
-    run("build", "calib", "--inference", "bon", "--n", 4, "--kl", 0.5, "--keep-unfinished", "--out", "pairs", cwd=root)
+    run("build", "calib", "--inference", "bon", "--inference-n", 4, "--kl-budget", 0.5, "--keep-unfinished", "--out", "pairs", cwd=root)
     run("train", "pairs", "--out", "adapter", *FAST, cwd=root)
     run("eval", "heldout.txt", "--model", model, "--adapter", "adapter", "--reward",
-        "words=tiny_models:word_count_reward", "--n", 1, 2, "--max-new-tokens", 6, "--out", "report", cwd=root)
+        "words=tiny_models:word_count_reward", "--eval-n", 1, 2, "--max-new-tokens", 6, "--out", "report", cwd=root)
     return model
 
 
@@ -127,7 +127,7 @@ def test_holds_the_planned_kl_on_held_out_prompts(pipeline, tmp_path):
     root = pipeline["root"]
     out = tmp_path / "adapter"
     assert cli("train", root / "pairs", "--out", out, "--kl-prompts", root / "heldout.txt", "--kl-budget", 0.05,
-               "--kl-every", 1, "--kl-samples", 2, "--kl-max-new-tokens", 6, *FAST[2:], "--max_steps", 4,
+               "--kl-every-n-steps", 1, "--kl-eval-samples", 2, "--kl-max-new-tokens", 6, *FAST[2:], "--max_steps", 4,
                "--learning_rate", 3e-2) == 0
     kl = json.loads((out / "ctrl_train.json").read_text())["kl"]
     assert kl["budget"] == 0.05 and kl["prompts"] == 4 and kl["history"]
