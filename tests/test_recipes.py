@@ -99,6 +99,21 @@ def test_yaml_and_command_line_overrides_and_unknown_keys(tmp_path):
         parse_recipe_args(["--config", str(TINY_BON), "--inference", "median"])
 
 
+def test_a_script_without_config_reads_its_own_yaml_and_holds_no_settings():
+    own = ROOT / "recipes" / "configs" / "hh_won.yaml"
+    assert pipeline._with_config(["--output_dir", "x"], own) == ["--config", str(own), "--output_dir", "x"]
+    assert pipeline._with_config(["--config", "a.yaml"], own) == ["--config", "a.yaml"]
+    assert pipeline._with_config(["--config=a.yaml"], own) == ["--config=a.yaml"]
+    recipe, model, training = parse_recipe_args(pipeline._with_config([], own))
+    assert (recipe.inference, recipe.transform, recipe.dataset_subsets) == ("won", "negexp", ["harmless-base"])
+    assert model.model_name_or_path == "HuggingFaceTB/SmolLM2-1.7B-Instruct" and training.output_dir == "runs/hh_won"
+    for name in ("hh_bon", "hh_won"):  # the YAML is the one source of settings: the scripts only name theirs
+        recipe, _, training = parse_recipe_args(["--config", str(ROOT / "recipes" / "configs" / f"{name}.yaml")])
+        assert recipe.inference == name[3:] and training.output_dir == f"runs/{name}"  # the full configs parse
+        text = (ROOT / "recipes" / f"{name}.py").read_text()
+        assert "DEFAULTS" not in text and f'"configs" / "{name}.yaml"' in text
+
+
 def test_recipe_runs_end_to_end_then_resumes_and_guards_its_folder(tiny_chat_model, tmp_path, capsys, caplog):
     out = tmp_path / "run"
     with caplog.at_level("INFO", logger="ctrl_offline.trainer"):
