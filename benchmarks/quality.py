@@ -104,7 +104,7 @@ def draw(model, tokenizer, texts, k, max_new_tokens, seed, reference):
     context = model.disable_adapter() if reference and hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with context:
         rows = sample_completions(model, tokenizer, texts, SamplingConfig(k=k, max_new_tokens=max_new_tokens, batch_size=8), seed)
-    own = np.array([r["ref_logp"] for r in rows]).reshape(len(texts), k)
+    own = np.array([r["logp"] for r in rows]).reshape(len(texts), k)
     if reference or not hasattr(model, "disable_adapter"):
         return rows, own, own
     with model.disable_adapter():
