@@ -5,7 +5,7 @@ to know about it. Every place that takes a procedure by name reads this registry
 (:func:`ctrl_offline.selection.select`), the closed forms (:func:`ctrl_offline.theory.tilted_win_rate`),
 the planner (:func:`ctrl_offline.planner.plan`: closed form where there is one, simulation on the
 calibration tables otherwise), the evaluation (:mod:`ctrl_offline.evaluation`), the recipe and the
-``ctrl-data`` command line (``--inference``, ``--selectors``). The selection maths lives in
+``ctrl-data`` command line (``--inference``, ``--eval-selectors``). The selection maths lives in
 :mod:`ctrl_offline.selection` as pure functions; the entries below refer to them.
 
 >>> from ctrl_offline.procedures import procedure_names, closed_form_names

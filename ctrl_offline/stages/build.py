@@ -101,7 +101,7 @@ def _choose_transform(transform, t, beta, inference, n, kl, k=None, estimator=No
     planned = None
     if inference is not None or n is not None or kl is not None:
         if None in (inference, n, kl):
-            raise ValueError("the planner needs all of --inference, --n and --kl")
+            raise ValueError("the planner needs all of --inference, --inference-n and --kl-budget")
         from ..planner import plan
 
         families = (transform,) if transform else ("identity", "log", "exp", "negexp")
@@ -115,10 +115,10 @@ def _choose_transform(transform, t, beta, inference, n, kl, k=None, estimator=No
                 logger.info("K-aware plan left out %s", note)
         planned = result.best()
         if t is not None or beta is not None:
-            raise ValueError("give either t/beta or --inference/--n/--kl, not both")
+            raise ValueError("give either t/beta or --inference/--inference-n/--kl-budget, not both")
         return get_transform(planned.transform, planned.t), planned.beta, planned
     if transform is None or beta is None:
-        raise ValueError("give --transform and --beta (and --t for exp/negexp), or --inference/--n/--kl to plan them")
+        raise ValueError("give --transform and --beta (and --t for exp/negexp), or --inference/--inference-n/--kl-budget to plan them")
     if family_has_t(transform) and t is None:
         raise ValueError(f"transform {transform!r} needs --t")
     return get_transform(transform, t), float(beta), planned
@@ -344,7 +344,7 @@ def build_dataset(
             "the %s set has only %d row(s): the trainers refuse fewer than min_train_rows=%d by default. Sample more "
             "prompts or a larger K%s%s", format, len(dataset), MIN_ROWS_HINT,
             ", keep the cut completions (keep_unfinished=True)" if cut else "",
-            ", or use --strategy all" if format == "pairs" and strategy != "all" else "")
+            ", or use --pair-strategy all" if format == "pairs" and strategy != "all" else "")
     metadata = {
         "stage": "build",
         "format": format,
