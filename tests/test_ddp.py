@@ -33,10 +33,10 @@ def test_two_processes_train_the_adapter_of_one_with_the_doubled_batch(tmp_path)
     rng = np.random.default_rng(5)
     (tmp_path / "prompts.txt").write_text("".join(" ".join(rng.choice(WORDS, size=3)) + " \n" for _ in range(16)))
     model = build_tiny_model(tmp_path / "lm", hidden=32)
-    for args in (["sample", "prompts.txt", "--model", model, "--out", "samples", "--k", 4, "--max-new-tokens", 6],
+    for args in (["sample", "prompts.txt", "--model", model, "--out", "samples", "--num-samples", 4, "--max-new-tokens", 6],
                  ["score", "samples", "--reward", "words=tiny_models:word_count_reward", "--out", "scored"],
                  ["calibrate", "scored", "--out", "calib"],
-                 ["build", "calib", "--inference", "bon", "--n", 4, "--kl", 0.5, "--keep-unfinished", "--out", "pairs"]):
+                 ["build", "calib", "--inference", "bon", "--inference-n", 4, "--kl-budget", 0.5, "--keep-unfinished", "--out", "pairs"]):
         cwd = os.getcwd()
         os.chdir(tmp_path)
         try:

@@ -44,7 +44,7 @@ def cli(*args):
 
 
 def sample_args(assets, out):
-    return ["sample", assets["prompts"], "--model", assets["model"], "--out", out, "--k", K, "--max-new-tokens", 8,
+    return ["sample", assets["prompts"], "--model", assets["model"], "--out", out, "--num-samples", K, "--max-new-tokens", 8,
             "--shard-size", 4, "--batch-size", 4, "--seed", 3]
 
 
@@ -55,9 +55,9 @@ def pipeline(assets):
     assert cli("score", root / "samples", "--reward", f"rm={assets['rm']}",
                "--reward", "words=tiny_models:word_count_reward", "--out", root / "scored") == 0
     assert cli("calibrate", root / "scored", "--out", root / "calib") == 0
-    assert cli("build", root / "calib", "--format", "pairs", "--inference", "bon", "--n", 4, "--kl", 0.5,
+    assert cli("build", root / "calib", "--data-format", "pairs", "--inference", "bon", "--inference-n", 4, "--kl-budget", 0.5,
                "--keep-unfinished", "--out", root / "pairs") == 0
-    assert cli("build", root / "calib", "--format", "pointwise", "--transform", "exp", "--t", 3, "--beta", 5,
+    assert cli("build", root / "calib", "--data-format", "pointwise", "--transform", "exp", "--t", 3, "--beta", 5,
                "--keep-unfinished", "--out", root / "pointwise") == 0
     return root
 
@@ -136,7 +136,7 @@ def test_stored_reference_logps_are_verified_against_the_trainer_tokenisation(pi
         pq.write_table(variant.replace_schema_metadata(table.schema.metadata), tmp_path / name / "calibrated.parquet")
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            assert cli("build", tmp_path / name, "--format", "pairs", "--transform", "identity", "--beta", 0.1,
+            assert cli("build", tmp_path / name, "--data-format", "pairs", "--transform", "identity", "--beta", 0.1,
                        "--keep-unfinished", "--out", tmp_path / f"pairs-{name}") == 0
         columns = load_from_disk(str(tmp_path / f"pairs-{name}")).column_names
         assert ("ref_chosen_logps" in columns) == (name == "clean")
@@ -149,7 +149,7 @@ def test_build_without_finished_completions_says_why(pipeline, capsys, tmp_path)
     cut = table.set_column(table.column_names.index("finished"), "finished", pa.array([False] * table.num_rows))
     (tmp_path / "cut").mkdir()
     pq.write_table(cut.replace_schema_metadata(table.schema.metadata), tmp_path / "cut" / "calibrated.parquet")
-    assert cli("build", tmp_path / "cut", "--format", "pairs", "--transform", "identity", "--beta", 0.1,
+    assert cli("build", tmp_path / "cut", "--data-format", "pairs", "--transform", "identity", "--beta", 0.1,
                "--drop-unfinished", "--out", tmp_path / "empty") == 2
     err = capsys.readouterr().err
     assert "no usable completions" in err and "--keep-unfinished" in err and not (tmp_path / "empty").exists()
@@ -275,7 +275,7 @@ def test_processes_split_the_shards_and_merge(assets, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--k", "1"], "K must be at least 2"),
+        (["--num-samples", "1"], "K must be at least 2"),
         (["--column", "text"], "lack column 'text'"),
         (["--model", "/nonexistent/model"], "cannot load model ./nonexistent/model.*offline"),
     ],
@@ -292,7 +292,7 @@ def test_empty_prompts_and_settings_changes_are_refused(assets, tmp_path, capsys
     assert "empty prompt" in capsys.readouterr().err
     out = tmp_path / "s2"
     assert cli(*sample_args(assets, out)[:-2], "--limit", 4) == 0
-    assert cli(*sample_args(assets, out)[:-2], "--limit", 4, "--k", 3) == 2
+    assert cli(*sample_args(assets, out)[:-2], "--limit", 4, "--num-samples", 3) == 2
     assert "different settings" in capsys.readouterr().err
 
 
@@ -333,7 +333,7 @@ def test_eval_reports_win_rates_kl_and_plots(pipeline, assets, tmp_path, capsys)
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the cat", "why is it good", "tell me"]))
     code = cli("eval", heldout, "--model", assets["model"], "--adapter", tmp_path / "adapter", "--reward",
-               f"rm={assets['rm']}", "--n", 1, 2, 4, "--selectors", "bon", "won", "bot", "itp", "--max-new-tokens", 6,
+               f"rm={assets['rm']}", "--eval-n", 1, 2, 4, "--eval-selectors", "bon", "won", "bot", "itp", "--max-new-tokens", 6,
                "--train-data", pipeline / "pairs", "--out", tmp_path / "report")
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "report" / "report.json").read_text())
@@ -348,7 +348,7 @@ def test_eval_reports_win_rates_kl_and_plots(pipeline, assets, tmp_path, capsys)
 
     # The reference against itself: the KL estimate is 0 up to float32 rounding (the two log-probs come
     # from differently padded batches of the same model).
-    code = cli("eval", heldout, "--model", assets["model"], "--reward", "tiny_models:word_count_reward", "--n", 2,
+    code = cli("eval", heldout, "--model", assets["model"], "--reward", "tiny_models:word_count_reward", "--eval-n", 2,
                "--out", tmp_path / "self")
     assert code == 0
     self_report = json.loads((tmp_path / "self" / "report.json").read_text())

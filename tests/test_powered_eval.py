@@ -310,12 +310,12 @@ def test_compare_pairs_two_reports_on_the_same_prompts(tiny, capsys):
     from data_tools.cli import main
 
     root = tiny["root"]
-    code = main(["eval", tiny["prompts"], "--model", tiny["model"], "--reward", REWARD, "--n", "1", "4",
-                 "--selectors", "bon", "won", "--max-new-tokens", "6", "--policy-samples", "8",
+    code = main(["eval", tiny["prompts"], "--model", tiny["model"], "--reward", REWARD, "--eval-n", "1", "4",
+                 "--eval-selectors", "bon", "won", "--max-new-tokens", "6", "--eval-policy-samples", "8",
                  "--reference-pool", str(root / "cli-pool"), "--seed", "1", "--out", str(root / "cli-a")])
     assert code == 0, capsys.readouterr().err
-    code = main(["eval", tiny["prompts"], "--model", tiny["model"], "--reward", REWARD, "--n", "1", "4",
-                 "--selectors", "bon", "won", "--max-new-tokens", "6", "--policy-samples", "8",
+    code = main(["eval", tiny["prompts"], "--model", tiny["model"], "--reward", REWARD, "--eval-n", "1", "4",
+                 "--eval-selectors", "bon", "won", "--max-new-tokens", "6", "--eval-policy-samples", "8",
                  "--reference-pool", str(root / "cli-pool"), "--seed", "2", "--out", str(root / "cli-b")])
     out = capsys.readouterr().out
     assert code == 0 and "reference pool: " in out and "(reused)" in out and "8 policy × 4 reference" in out

@@ -157,30 +157,30 @@ def test_a_new_procedure_through_the_command_line(sbon, tmp_path, capsys):
         assert code == 0, capsys.readouterr().err
         return capsys.readouterr().out
 
-    cli("sample", tmp_path / "prompts.txt", "--model", model, "--out", tmp_path / "samples", "--k", 8,
+    cli("sample", tmp_path / "prompts.txt", "--model", model, "--out", tmp_path / "samples", "--num-samples", 8,
         "--max-new-tokens", 6)
     cli("score", tmp_path / "samples", "--reward", reward, "--out", tmp_path / "scored")
     cli("calibrate", tmp_path / "scored", "--out", tmp_path / "calib")
 
     # plan: no closed form, so simulated on the calibration tables
-    assert main(["plan", "--inference", "sbon", "--n", "4", "--kl", "0.5"]) == 2
+    assert main(["plan", "--inference", "sbon", "--inference-n", "4", "--kl-budget", "0.5"]) == 2
     assert "give --tables" in capsys.readouterr().err
-    result = json.loads(cli("plan", "--inference", "sbon", "--n", 4, "--kl", 0.5, "--tables", tmp_path / "calib",
+    result = json.loads(cli("plan", "--inference", "sbon", "--inference-n", 4, "--kl-budget", 0.5, "--tables", tmp_path / "calib",
                             "--json").strip().splitlines()[-1])
     rows = {row["transform"]: row for row in result["rows"]}
     assert result["inference"] == "sbon" and set(rows) == {"identity", "log", "exp", "negexp"}
     assert 0.5 < rows["identity"]["win_rate"] < 1 and rows["identity"]["kl"] == pytest.approx(0.5)
 
     # build: the simulated plan on the tables the calibrated input came with (K = ∞: no finite-K theory)
-    cli("build", tmp_path / "calib", "--inference", "sbon", "--n", 4, "--kl", 0.5, "--out", tmp_path / "pairs")
+    cli("build", tmp_path / "calib", "--inference", "sbon", "--inference-n", 4, "--kl-budget", 0.5, "--out", tmp_path / "pairs")
     build = json.loads((tmp_path / "pairs" / "ctrl_build.json").read_text())
     planner = build["planner"]
     assert (planner["inference"], planner["n"], planner["simulated"], planner["k"]) == ("sbon", 4, True, None)
     assert planner["row"]["transform"] == build["transform"] and planner["row"]["win_rate"] > 0.5
 
     # eval: sbon next to bon; at N = 1 every procedure picks the single candidate
-    cli("eval", tmp_path / "heldout.txt", "--model", model, "--reward", reward, "--n", 1, 2, 4,
-        "--selectors", "bon", "sbon", "--max-new-tokens", 6, "--out", tmp_path / "report")
+    cli("eval", tmp_path / "heldout.txt", "--model", model, "--reward", reward, "--eval-n", 1, 2, 4,
+        "--eval-selectors", "bon", "sbon", "--max-new-tokens", 6, "--out", tmp_path / "report")
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     rates = {(row["selector"], row["n"]): row for row in report["win_rates"]}
     assert {("sbon", n) for n in (1, 2, 4)} <= set(rates)
