@@ -295,7 +295,8 @@ def qlora_worker(folder: Path, args) -> dict:
     config = CTRLConfig(output_dir=str(folder / "out"), ctrl_loss="dpo", per_device_train_batch_size=1,
                         max_steps=args.qlora_steps, learning_rate=1e-4, beta=0.1, max_length=seq, report_to="none",
                         save_strategy="no", logging_steps=10**6, disable_tqdm=True, gradient_checkpointing=True,
-                        use_cpu=not cuda, seed=args.seed)
+                        use_cpu=not cuda, seed=args.seed,
+                        min_train_rows=0)  # 4 pairs on purpose: the step's memory and time are measured, not learning
     trainer = _instrumented(CTRLTrainer)(model, config, Dataset.from_dict(rows), processing_class=tokenizer,
                                          peft_config=lora)
     trainer.bench_tokens = []

@@ -7,7 +7,8 @@
 # /work/.library/device/KINDS.md) already holds torch, transformers, peft, accelerate, pyarrow, pandas,
 # fsspec, xxhash, huggingface-hub, jinja2, psutil and pyyaml. What it lacks is bitsandbytes, trl and
 # datasets, and datasets' small pure-Python needs dill and multiprocess. xxhash and fsspec come along
-# too (small) in case an image lacks them; pyarrow (~40 MB) does not.
+# too (small) in case an image lacks them; pyarrow (~40 MB) does not. gguf and vaderSentiment (the embedded
+# model's reader and reward) are for benchmarks/gpu_smollm.sh.
 #
 # Versions: those installed in this checkout's environment (what the tests ran with), else the newest.
 # Platform: manylinux x86_64, CPython for each version in PY_VERSIONS (default: 3.12, the device image's,
@@ -25,7 +26,7 @@ PY=${PYTHON:-python3}
 HERE_PY=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 PY_VERSIONS=${PY_VERSIONS:-"3.12 $HERE_PY"}
 BNB_KEEP=${BNB_KEEP:-"cpu cuda13"}
-PACKAGES=${PACKAGES:-"bitsandbytes trl datasets dill multiprocess xxhash fsspec"}
+PACKAGES=${PACKAGES:-"bitsandbytes trl datasets dill multiprocess xxhash fsspec gguf vaderSentiment"}
 mkdir -p "$DEST"
 
 # name==version as installed here (so the device runs what the tests here ran with); bare name otherwise.

@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
             ("sampling-batch", int, "prompts per generate call of the reference samples")):
         parser.add_argument(f"--{name}", type=kind, default=None, help=text)
     parser.add_argument("--kl", type=float, nargs="+", default=None, help="KL budgets (nats), default 0.25 0.5")
+    parser.add_argument("--baseline-kl", type=float, nargs="+", default=None,
+                        help="KL budgets of the baseline methods (default: --kl). A CTRL run can spend less KL on "
+                             "held-out prompts than its budget; these hold the baselines at what it spent, and every "
+                             "CTRL run is then compared with every baseline run (the KL gap is printed beside)")
     parser.add_argument("--n", type=int, default=4, help="N of the BoN-N / WoN-N win rates and of the plans")
     parser.add_argument("--dpo-beta", type=float, default=0.1, help="β of the raw best-vs-worst DPO baseline")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
@@ -172,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--measure-costs", action="store_true",
                         help="time sampling 8 prompts × 4, the log-probs, a KL estimate and 4 training steps; write "
                              "costs.json under --out, print the runtime estimate and stop")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train and evaluate nothing: tabulate and compare the runs of --methods at their budgets "
+                             "that are already evaluated under --out")
     parser.add_argument("--dry-run", action="store_true", help="print the sizes, the estimate and the decision rule, "
                                                                "then stop (nothing is written)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
@@ -208,22 +215,22 @@ def estimate_runtime(args, costs: dict) -> dict:
     """
     scale = args.max_new_tokens / costs.get("max_new_tokens", 48)
     sample, logp, step, load = scale * costs["sample_s"], scale * costs["logp_s"], costs["step_s"], costs["load_s"]
-    runs = len(args.methods) * len(args.kl)
+    schedule = [(budget, m) for m in args.methods for budget in method_budgets(m, args)]
     parts = {
         "reference samples": load + args.train_prompts * args.k * sample,
         "reference pool": args.eval_prompts * args.big_m * sample,
     }
     train = evaluate = 0.0
-    for budget in args.kl:
+    per = args.kl_prompts * args.kl_samples * (sample + 2 * logp)
+    for budget, m in schedule:
         steps = steps_to_budget(budget, args)
         estimates = steps // args.kl_every + 1 + args.max_bisections
-        per = args.kl_prompts * args.kl_samples * (sample + 2 * logp)
         # The trainer recomputes the pairs' reference log-probs when some completion does not re-tokenise
         # to its sampled ids (the usual case with SmolLM2's tokenizer): one pass over every pair, per run.
-        rows = [args.train_prompts * (1 if METHODS[m][0]["strategy"] == "best_vs_worst" else args.pairs_per_prompt)
-                for m in args.methods]
-        train += sum(2 * load + steps * step * args.batch_size / 8 + estimates * per + 2 * r * logp for r in rows)
-        evaluate += len(args.methods) * (load + args.eval_prompts * args.m * (sample + logp))
+        rows = args.train_prompts * (1 if METHODS[m][0]["strategy"] == "best_vs_worst" else args.pairs_per_prompt)
+        train += 2 * load + steps * step * args.batch_size / 8 + estimates * per + 2 * rows * logp
+        evaluate += load + args.eval_prompts * args.m * (sample + logp)
+    runs = len(schedule)
     parts["training (KL held)"] = train
     parts["evaluation"] = evaluate
     return {"seconds": parts, "total_s": sum(parts.values()), "runs": runs, "costs": costs}
@@ -271,7 +278,8 @@ def toy_model(out: Path) -> str:
 
 
 #: Settings that may change between invocations into the same --out (what runs, not what a run gives).
-_FREE_SETTINGS = {"out", "json", "measure_costs", "dry_run", "target_half_width", "methods", "kl"}
+_FREE_SETTINGS = {"out", "json", "measure_costs", "dry_run", "target_half_width", "methods", "kl",
+                  "baseline_kl", "report_only"}
 
 
 def check_out_folder(out: Path, args) -> None:
@@ -316,7 +324,10 @@ def train_held(method: str, budget: float, calibrated: Path, run: Path, kl_promp
         build_dataset(calibrated, run / "data", seed=args.seed, keep_unfinished=args.keep_unfinished, **build)
     info = read_build_info(run / "data")
     record_path = run / "kl_budget.json"
-    if (run / "adapter" / "adapter_config.json").exists() and record_path.exists():
+    # Done: the adapter is here, or the run was trained and evaluated elsewhere (a GPU machine) and only its
+    # record and evaluation came back.
+    if record_path.exists() and ((run / "adapter" / "adapter_config.json").exists()
+                                 or (run / "eval" / "report.json").exists()):
         return {"build": info, "kl_held": json.loads(record_path.read_text())}
     started = time.perf_counter()
     trainer = quality.make_trainer(
@@ -368,29 +379,38 @@ def verdict(difference: dict) -> str:
                             effect=EFFECT_POINTS / 100, null=NULL_POINTS / 100)
 
 
+def method_budgets(method: str, args) -> list[float]:
+    """The KL budgets ``method`` is trained at: ``--kl``, or ``--baseline-kl`` for a baseline when given."""
+    if METHODS[method][2] == "baseline" and args.baseline_kl is not None:
+        return list(args.baseline_kl)
+    return list(args.kl)
+
+
 def comparisons(runs: dict, args) -> list[dict]:
-    """CTRL − baseline, paired by prompt, for every CTRL run against every baseline run at the same budget."""
+    """CTRL − baseline, paired by prompt: every CTRL run against every baseline run at the same budget, or, with
+    ``--baseline-kl``, against every baseline run at those budgets."""
     from ctrl_offline.stages.compare import compare_reports
 
     rows = []
-    for budget in args.kl:
-        for ctrl in (m for m in args.methods if METHODS[m][2] == "ctrl"):
-            for base in (m for m in args.methods if METHODS[m][2] == "baseline"):
-                a, b = runs.get((ctrl, budget)), runs.get((base, budget))
-                if a is None or b is None:
-                    continue
-                result = compare_reports(a["dir"] / "eval", b["dir"] / "eval", num_boot=args.num_boot, seed=args.seed)
-                selector = METHODS[ctrl][3]
-                main_row = next(r for r in result["rows"]
-                                if r["metric"] == "win_rate" and r["selector"] == selector and r["n"] == args.n)
-                diff = main_row["difference"]
-                half = (diff["ci_high"] - diff["ci_low"]) / 2
-                rows.append({"ctrl": ctrl, "baseline": base, "kl_budget": budget, "selector": selector, "n": args.n,
-                             "ctrl_value": main_row["value_a"], "baseline_value": main_row["value_b"],
-                             "difference": diff, "half_width": half,
-                             "meets_target_half_width": bool(half <= args.target_half_width),
-                             "verdict": verdict(diff), "num_prompts": result["num_prompts"],
-                             "rows": result["rows"]})
+    for (ctrl, budget), a in runs.items():
+        if METHODS[ctrl][2] != "ctrl":
+            continue
+        for (base, base_budget), b in runs.items():
+            if METHODS[base][2] != "baseline" or (args.baseline_kl is None and base_budget != budget):
+                continue
+            result = compare_reports(a["dir"] / "eval", b["dir"] / "eval", num_boot=args.num_boot, seed=args.seed)
+            selector = METHODS[ctrl][3]
+            main_row = next(r for r in result["rows"]
+                            if r["metric"] == "win_rate" and r["selector"] == selector and r["n"] == args.n)
+            diff = main_row["difference"]
+            half = (diff["ci_high"] - diff["ci_low"]) / 2
+            rows.append({"ctrl": ctrl, "baseline": base, "kl_budget": budget, "baseline_kl_budget": base_budget,
+                         "selector": selector, "n": args.n,
+                         "ctrl_value": main_row["value_a"], "baseline_value": main_row["value_b"],
+                         "difference": diff, "half_width": half,
+                         "meets_target_half_width": bool(half <= args.target_half_width),
+                         "verdict": verdict(diff), "num_prompts": result["num_prompts"],
+                         "rows": result["rows"]})
     return rows
 
 
@@ -489,20 +509,23 @@ def main(argv=None) -> int:
     pool = out / "pool"
     runs: dict = {}
     summaries = []
-    for budget in args.kl:
-        for method in args.methods:
-            run = out / "runs" / f"{method}-kl{budget:g}"
-            t0 = time.perf_counter()
-            trained = train_held(method, budget, calibrated, run, sets["kl"], args)
-            report = evaluate_run(run, eval_source, pool, trained["build"], args)
-            runs[(method, budget)] = {"dir": run, "report": report}
-            summary = run_summary(method, budget, trained, report)
-            summaries.append(summary)
-            held = summary["kl_held"] or {"value": float("nan"), "stderr": float("nan")}
-            logger.info("%s @ KL %g: held %.3f ± %.3f, eval KL %.3f, BoN-%d %.3f, WoN-%d %.3f (%.0f s)", method, budget,
-                        held["value"], held["stderr"], report["kl"]["value"], args.n,
-                        summary["win_rates"]["bon"]["value"], args.n, summary["win_rates"]["won"]["value"],
-                        time.perf_counter() - t0)
+    schedule = sorted({(budget, method) for method in args.methods for budget in method_budgets(method, args)},
+                      key=lambda bm: (bm[0], args.methods.index(bm[1])))
+    for budget, method in schedule:
+        run = out / "runs" / f"{method}-kl{budget:g}"
+        if args.report_only and not (run / "eval" / "report.json").exists():
+            continue
+        t0 = time.perf_counter()
+        trained = train_held(method, budget, calibrated, run, sets["kl"], args)
+        report = evaluate_run(run, eval_source, pool, trained["build"], args)
+        runs[(method, budget)] = {"dir": run, "report": report}
+        summary = run_summary(method, budget, trained, report)
+        summaries.append(summary)
+        held = summary["kl_held"] or {"value": float("nan"), "stderr": float("nan")}
+        logger.info("%s @ KL %g: held %.3f ± %.3f, eval KL %.3f, BoN-%d %.3f, WoN-%d %.3f (%.0f s)", method, budget,
+                    held["value"], held["stderr"], report["kl"]["value"], args.n,
+                    summary["win_rates"]["bon"]["value"], args.n, summary["win_rates"]["won"]["value"],
+                    time.perf_counter() - t0)
     compared = comparisons(runs, args)
     elapsed = time.perf_counter() - started
 
@@ -523,13 +546,14 @@ def main(argv=None) -> int:
         print("* budget not reached within --max-steps: that run spends less KL than the others")
     print(f"\ncomparisons CTRL − baseline (paired by prompt, shared reference pool; target half-width "
           f"≤ {args.target_half_width:g})")
-    print(f"{'CTRL':<16} {'baseline':<16} {'budget':>6} {'metric':>7} {'CTRL':>6} {'base':>6} {'gap (pts)':>9} "
+    print(f"{'CTRL':<16} {'baseline':<16} {'budgets':>9} {'metric':>7} {'CTRL':>6} {'base':>6} {'gap (pts)':>9} "
           f"{'95% CI (pts)':>16} {'±':>6} {'KL gap':>7}  verdict")
     for c in compared:
         d = c["difference"]
         kl_gap = next(r for r in c["rows"] if r["metric"] == "kl")["difference"]["value"]
         interval = f"[{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
-        print(f"{c['ctrl']:<16} {c['baseline']:<16} {c['kl_budget']:>6g} {c['selector'] + '-' + str(c['n']):>7} "
+        budgets = f"{c['kl_budget']:g}/{c['baseline_kl_budget']:g}"
+        print(f"{c['ctrl']:<16} {c['baseline']:<16} {budgets:>9} {c['selector'] + '-' + str(c['n']):>7} "
               f"{c['ctrl_value']:>6.3f} {c['baseline_value']:>6.3f} {100 * d['value']:>+9.1f} "
               f"{interval:>16} {c['half_width']:>6.3f} {kl_gap:>+7.3f}  {c['verdict']}")
     widths = [c["half_width"] for c in compared]

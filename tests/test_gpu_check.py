@@ -84,3 +84,18 @@ def test_toy_run_reports_every_part(tmp_path):
             "ratio_vs_naive_loop"} <= set(sampling["summary"])
     assert sampling["result"]["batched"]["completions"] == sampling["result"]["per_prompt"]["completions"] == 16
     assert "QLoRA 7B step within 24 GB" in proc.stdout
+
+
+def test_qlora_step_path_runs_on_cpu(tmp_path):
+    """The QLoRA part's whole path (random model saved, reloaded 4-bit NF4, CTRLTrainer steps) at the toy shape on the
+    CPU: the only guard of that path off a GPU (its first H100 run failed on the trainer's minimum-rows check)."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("trl")
+    out = tmp_path / "check"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--toy", "--parts", "qlora_7b", "--qlora-cpu-smoke",
+                           "--budget", "300", "--out", str(out)], capture_output=True, text=True, timeout=400, cwd=ROOT)
+    report = json.loads((out / "gpu_check.json").read_text())
+    qlora = report["parts"]["qlora_7b"]
+    assert qlora["status"] == "ok", proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert qlora["result"]["nf4_linear_layers"] > 0
+    assert len(qlora["result"]["step_seconds"]) == 2 and all(s > 0 for s in qlora["result"]["step_seconds"])

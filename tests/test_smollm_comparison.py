@@ -90,3 +90,16 @@ def test_toy_end_to_end(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     rerun = json.loads(again.stdout.strip().splitlines()[-1])
     assert rerun["runs"] == result["runs"] and rerun["comparisons"] == result["comparisons"]
+
+
+def test_baseline_budgets():
+    """--baseline-kl holds the baselines at other budgets than CTRL's (the KL a CTRL run actually spent)."""
+    module = _module()
+    args = module.resolve_sizes(module.build_parser().parse_args(["--kl", "0.5", "--baseline-kl", "0.1", "0.2"]))
+    assert module.method_budgets("ctrl_exp_bon", args) == [0.5]
+    assert module.method_budgets("raw_bvw_dpo", args) == [0.1, 0.2]
+    assert module.method_budgets("calib_identity", args) == [0.1, 0.2]
+    same = module.resolve_sizes(module.build_parser().parse_args(["--kl", "0.25", "0.5"]))
+    assert all(module.method_budgets(m, same) == [0.25, 0.5] for m in module.METHODS)
+    # Five runs to estimate: one CTRL at 0.5, two baselines at 0.1 and 0.2.
+    assert module.estimate_runtime(args, module.COSTS["idle_2_cores"])["runs"] == 5
