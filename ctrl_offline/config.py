@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import DPOConfig, SFTConfig
 
-from .losses import PAIR_LOSSES, SINGLE_LOSSES
+from .losses import PAIR_LOSSES, SINGLE_LOSSES, get_loss, loss_names
 
 __all__ = ["CTRLConfig", "CTRLPointwiseConfig", "MIN_TRAIN_ROWS"]
 
@@ -55,7 +55,7 @@ class _CTRLSettings:
     """The fields and checks both CTRL configs add to their TRL config (listed before it in the bases,
     so these fields and this ``__post_init__`` come first; ``super()`` then reaches TRL's)."""
 
-    _losses = ()
+    _pairwise = True  # which trainer's losses (the registry's pairs losses, or the single-response ones)
 
     beta: float | None = field(default=None, metadata={"help": _BETA_HELP})
     allow_beta_mismatch: bool = field(default=False, metadata={"help": _ALLOW_MISMATCH_HELP})
@@ -65,8 +65,9 @@ class _CTRLSettings:
     )
 
     def __post_init__(self):
-        if self.ctrl_loss not in self._losses:
-            raise ValueError(f"ctrl_loss must be one of {self._losses}, got {self.ctrl_loss!r}")
+        names = tuple(n for n in loss_names() if get_loss(n).pairwise == self._pairwise)
+        if self.ctrl_loss not in names:
+            raise ValueError(f"ctrl_loss must be one of {names}, got {self.ctrl_loss!r}")
         if self.beta is not None and not self.beta > 0:
             raise ValueError(f"beta must be > 0 (or None to read it from the build metadata), got {self.beta!r}")
         if self.min_train_rows < 0:
@@ -88,11 +89,12 @@ class CTRLConfig(_CTRLSettings, DPOConfig):
     training set's build metadata; ``allow_beta_mismatch`` lets a different one through.
     """
 
-    _losses = PAIR_LOSSES
+    _pairwise = True
 
     ctrl_loss: str = field(
         default="dpo",
-        metadata={"help": f"CTRL loss on preference pairs, one of {PAIR_LOSSES}.", "choices": list(PAIR_LOSSES)},
+        # No argparse `choices`: the registry (losses.register_loss) may hold more than the built-ins by then.
+        metadata={"help": f"CTRL loss on preference pairs: a registered pairs loss ({', '.join(PAIR_LOSSES)}, …)."},
     )
 
 
@@ -106,11 +108,11 @@ class CTRLPointwiseConfig(_CTRLSettings, SFTConfig):
     :class:`CTRLConfig`.
     """
 
-    _losses = SINGLE_LOSSES
+    _pairwise = False
 
     ctrl_loss: str = field(
         default="pointwise",
-        metadata={"help": f"CTRL loss on single responses, one of {SINGLE_LOSSES}.", "choices": list(SINGLE_LOSSES)},
+        metadata={"help": f"CTRL loss on single responses: a registered one ({', '.join(SINGLE_LOSSES)}, …)."},
     )
     precompute_ref_batch_size: int | None = field(
         default=None, metadata={"help": "Batch size of the one-off reference pass when `ref_logp` is absent."}

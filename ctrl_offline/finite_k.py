@@ -48,6 +48,7 @@ from scipy import special, stats
 
 from ._quadrature import gauss_legendre_between, nodes_and_weights, panel_breaks
 from .calibrated_rows import SynthesisError, as_transform, check_beta
+from .losses import get_loss
 from .transforms import Rescaled, Transform, get_transform, unit_scale
 
 __all__ = [
@@ -71,7 +72,6 @@ TARGET_SCHEMES = ("loo", "cell")
 POINTWISE_NORMALISERS = ("population", "empirical", "continuous")
 #: Pair strategies with a finite-K theory: both make every pair of a prompt's samples equally likely.
 THEORY_STRATEGIES = ("all", "sampled")
-PAIR_LOSSES = ("dpo", "ipo", "distill")
 
 _DPO_NODES = 96  # Gauss–Legendre nodes for the DPO fixed point (its h is smooth: a few dozen suffice)
 
@@ -93,7 +93,7 @@ class Estimator:
         if self.log_partition not in POINTWISE_NORMALISERS:
             raise ValueError(f"log_partition must be one of {', '.join(POINTWISE_NORMALISERS)}, "
                              f"got {self.log_partition!r}")
-        if self.loss in PAIR_LOSSES and self.strategy not in THEORY_STRATEGIES:
+        if get_loss(self.loss).pairwise and self.strategy not in THEORY_STRATEGIES:
             raise ValueError(f"no finite-K theory for pair strategy {self.strategy!r} (its pairs are not uniform "
                              f"over a prompt's samples); use one of {', '.join(THEORY_STRATEGIES)}")
 

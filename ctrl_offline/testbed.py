@@ -27,7 +27,7 @@ import torch
 
 from .calibration import calibrate_reference
 from .finite_k import Estimator, TrainedTilt
-from .losses import distill_loss, dpo_loss, ipo_loss, pointwise_loss, weighted_sft_loss
+from .losses import get_loss
 from .pairs import make_pairs
 from .pointwise import pointwise_targets, sft_weights
 from .transforms import Rescaled, Transform, get_transform, unit_scale
@@ -77,35 +77,32 @@ def run_testbed(transform: Transform | str, beta: float, k: int, estimator: Esti
         # ρ = g(C) − log E_ref[e^{g(C)}]; C is uniform under π_ref (the response set is uniform).
         return basis @ theta - torch.logsumexp(basis_nodes @ theta + log_weights, dim=0)
 
-    loss_kind = estimator.loss
-    if loss_kind in ("dpo", "ipo", "distill"):
+    loss_kind, loss = estimator.loss, get_loss(estimator.loss)
+    if loss.pairwise:
         pairs = make_pairs(ids, u, unit, unit_beta, strategy=estimator.strategy, targets=estimator.targets,
                            pairs_per_prompt=None if estimator.strategy == "all" else 2 * k, seed=seed)
         chosen, rejected = _legendre(exact[pairs.chosen], degree), _legendre(exact[pairs.rejected], degree)
-        phi_gap, label = torch.from_numpy(pairs.target_phi_gap), torch.from_numpy(pairs.label)
+        batch = {"target_phi_gap": torch.from_numpy(pairs.target_phi_gap), "label": torch.from_numpy(pairs.label)}
         examples = len(pairs)
 
         def objective() -> torch.Tensor:
-            rc, rr = chosen @ theta, rejected @ theta  # the normaliser cancels in a difference
-            if loss_kind == "dpo":
-                return dpo_loss(rc, rr, unit_beta, label).mean()
-            if loss_kind == "ipo":
-                return ipo_loss(rc, rr, unit_beta, phi_gap).mean()
-            return distill_loss(rc, rr, unit_beta, phi_gap).mean()
+            # The normaliser cancels in a difference: the pairs' log-ratios are the basis times θ.
+            return loss.compute(chosen @ theta, rejected @ theta, unit_beta, batch).mean()
     else:
         basis = _legendre(exact, degree)
         examples = len(exact)
         if loss_kind == "pointwise":
-            target = torch.from_numpy(pointwise_targets(ids, u, unit, unit_beta, log_partition=estimator.log_partition,
-                                                        targets=estimator.targets))
-
-            def objective() -> torch.Tensor:
-                return pointwise_loss(log_ratio(basis), unit_beta, target).mean()
+            batch = {"target": torch.from_numpy(pointwise_targets(ids, u, unit, unit_beta,
+                                                                  log_partition=estimator.log_partition,
+                                                                  targets=estimator.targets))}
         else:
-            weight = torch.from_numpy(sft_weights(ids, u, unit, unit_beta, targets=estimator.targets))
+            batch = {"weight": torch.from_numpy(sft_weights(ids, u, unit, unit_beta, targets=estimator.targets))}
 
-            def objective() -> torch.Tensor:
-                return weighted_sft_loss(log_ratio(basis), weight).mean()
+        def objective() -> torch.Tensor:
+            # log π_θ − log π_ref for both: the reference's log-prob is constant in θ (weighted SFT's gradient is
+            # unchanged by it).
+            ratio = log_ratio(basis)
+            return loss.compute(ratio, ratio, unit_beta, batch).mean()
 
     optimiser = torch.optim.LBFGS([theta], lr=1.0, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
                                   history_size=50, line_search_fn="strong_wolfe")

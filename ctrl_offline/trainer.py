@@ -50,7 +50,7 @@ from trl.trainer.utils import use_adapter
 
 from .config import CTRLConfig, CTRLPointwiseConfig, MIN_TRAIN_ROWS
 from .io import read_build_info
-from .losses import distill_loss, dpo_loss, ipo_loss, pointwise_loss, soft_label, weighted_sft_loss
+from .losses import get_loss
 
 __all__ = ["CTRLTrainer", "CTRLPointwiseTrainer", "TrainingDataError", "resolve_beta"]
 
@@ -86,6 +86,14 @@ def _check_columns(dataset, required, what: str) -> None:
     missing = [c for c in required if c not in dataset.column_names]
     if missing:
         raise TrainingDataError(f"{what} lacks column(s) {', '.join(missing)} (it has: {', '.join(dataset.column_names)})")
+
+
+def _check_loss_columns(dataset, loss: str, what: str) -> None:
+    """The columns the registered loss reads (``Loss.columns``: any one of each entry's alternatives)."""
+    missing = get_loss(loss).missing_columns(dataset.column_names)
+    if missing:
+        spelt = ", ".join(m.replace("|", " or ") for m in missing)
+        raise TrainingDataError(f"{what} lacks column(s) {spelt} (it has: {', '.join(dataset.column_names)})")
 
 
 def _check_text(dataset, columns, what: str) -> None:
@@ -330,10 +338,7 @@ class CTRLTrainer(_CTRLMixin, DPOTrainer):
     def _validate(dataset, args: CTRLConfig, name: str) -> None:
         what = f"{name} for ctrl_loss={args.ctrl_loss!r}"
         _check_columns(dataset, ["prompt", "chosen", "rejected"], what)
-        if args.ctrl_loss in ("ipo", "distill"):
-            _check_columns(dataset, ["target_phi_gap"], what)
-        if args.ctrl_loss == "dpo" and "label" not in dataset.column_names:
-            _check_columns(dataset, ["target_phi_gap"], what + " (soft labels come from `label` or `target_phi_gap`)")
+        _check_loss_columns(dataset, args.ctrl_loss, what)
         _check_text(dataset, ["prompt", "chosen", "rejected"], name)
         _check_finite(dataset, PAIR_EXTRA_COLUMNS + REF_PAIR_COLUMNS, name)
         if "label" in dataset.column_names and any(not 0 <= p <= 1 for p in dataset["label"]):
@@ -367,16 +372,8 @@ class CTRLTrainer(_CTRLMixin, DPOTrainer):
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)  # the batch is [all chosen; all rejected]
         chosen_ratio = chosen_logps - inputs["ref_chosen_logps"].to(logps.dtype)
         rejected_ratio = rejected_logps - inputs["ref_rejected_logps"].to(logps.dtype)
-        beta, kind = self.args.beta, self.args.ctrl_loss
-        if kind == "dpo":
-            label = inputs["label"] if "label" in inputs else soft_label(inputs["target_phi_gap"])
-            per_pair = dpo_loss(chosen_ratio, rejected_ratio, beta, label.to(logps.dtype))
-        elif kind == "dpo_hard":
-            per_pair = dpo_loss(chosen_ratio, rejected_ratio, beta, 1.0)
-        elif kind == "ipo":
-            per_pair = ipo_loss(chosen_ratio, rejected_ratio, beta, inputs["target_phi_gap"].to(logps.dtype))
-        else:
-            per_pair = distill_loss(chosen_ratio, rejected_ratio, beta, inputs["target_phi_gap"].to(logps.dtype))
+        beta = self.args.beta
+        per_pair = get_loss(self.args.ctrl_loss).compute(chosen_ratio, rejected_ratio, beta, inputs)
         weight = inputs.get("weight")
         loss = (per_pair * weight.to(per_pair.dtype)).mean() if weight is not None else per_pair.mean()
         margin = beta * (chosen_ratio - rejected_ratio)  # TRL's `rewards/margins`: β·Δρ, not the target Φ gap
@@ -396,13 +393,13 @@ class CTRLPointwiseTrainer(_CTRLMixin, SFTTrainer):
         # weighted_sft's weights already hold β: it needs none to train.
         train_dataset, eval_dataset = self._check_inputs(args, CTRLPointwiseConfig, train_dataset, eval_dataset,
                                                          self._validate, "rows",
-                                                         beta_required=args.ctrl_loss == "pointwise")
+                                                         beta_required=get_loss(args.ctrl_loss).needs_beta)
         args.completion_only_loss = True
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, peft_config=peft_config, **kwargs)
         self.data_collator = _CarryColumns(self.data_collator, POINTWISE_EXTRA_COLUMNS)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        if args.ctrl_loss == "pointwise":
+        if get_loss(args.ctrl_loss).needs_ref_logps:
             if "ref_logp" not in self.train_dataset.column_names:
                 self.train_dataset = self._add_ref_logps(self.train_dataset, "train")
             if self.eval_dataset is not None and "ref_logp" not in self.eval_dataset.column_names:
@@ -410,8 +407,9 @@ class CTRLPointwiseTrainer(_CTRLMixin, SFTTrainer):
 
     @staticmethod
     def _validate(dataset, args: CTRLPointwiseConfig, name: str) -> None:
-        needed = ["prompt", "completion", "target" if args.ctrl_loss == "pointwise" else "weight"]
-        _check_columns(dataset, needed, f"{name} for ctrl_loss={args.ctrl_loss!r}")
+        what = f"{name} for ctrl_loss={args.ctrl_loss!r}"
+        _check_columns(dataset, ["prompt", "completion"], what)
+        _check_loss_columns(dataset, args.ctrl_loss, what)
         _check_text(dataset, ["prompt", "completion"], name)
         _check_finite(dataset, POINTWISE_EXTRA_COLUMNS, name)
 
@@ -465,12 +463,13 @@ class CTRLPointwiseTrainer(_CTRLMixin, SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         logps = _pointwise_logps(model, inputs)
-        if self.args.ctrl_loss == "pointwise":
-            ratio = logps - inputs["ref_logp"].to(logps.dtype)
-            per_example = pointwise_loss(ratio, self.args.beta, inputs["target"].to(logps.dtype))
-            self._record(mode, **{"logratio": ratio, "target": inputs["target"]})
-        else:
-            per_example = weighted_sft_loss(logps, inputs["weight"].to(logps.dtype))
+        loss_spec = get_loss(self.args.ctrl_loss)
+        ratio = logps - inputs["ref_logp"].to(logps.dtype) if loss_spec.needs_ref_logps else None
+        per_example = loss_spec.compute(logps, ratio, self.args.beta, inputs)
+        if ratio is not None:
+            self._record(mode, logratio=ratio)
+        if "target" in inputs:
+            self._record(mode, target=inputs["target"])
         self._record(mode, **{"logps": logps})
         loss = per_example.mean()
         return (loss, {"logps": logps}) if return_outputs else loss

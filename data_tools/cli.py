@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ctrl_offline.finite_k import THEORY_STRATEGIES
     from ctrl_offline.pairs import PAIR_STRATEGIES
     from ctrl_offline.procedures import closed_form_names, procedure_names
-    from ctrl_offline.stages.train import FORMAT_LOSSES
+    from ctrl_offline.losses import LOSS_FORMATS, loss_names
     from ctrl_offline.transforms import available_transforms
 
     procedures = list(procedure_names())
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(and TRL's DPO trainer).")
     bu.add_argument("calibrated", help="output folder of `ctrl-data calibrate` (or its calibrated.parquet)")
     bu.add_argument("--out", required=True)
-    _add_renamed(bu, "build", "--data-format", choices=list(FORMAT_LOSSES), default="pairs")
+    _add_renamed(bu, "build", "--data-format", choices=list(LOSS_FORMATS), default="pairs")
     bu.add_argument("--transform", choices=transforms, help="transform family (default: the planner's best)")
     bu.add_argument("--t", type=_positive_float, help="shape parameter of exp/negexp")
     bu.add_argument("--beta", type=_positive_float, help="KL coefficient β")
@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("data", help="output folder of `ctrl-data build`")
     tr.add_argument("--out", required=True, help="adapter folder (written once training ends)")
     tr.add_argument("--model", help="base model (default: the reference model recorded at sampling)")
-    tr.add_argument("--loss", choices=sorted({x for xs in FORMAT_LOSSES.values() for x in xs}),
+    tr.add_argument("--loss", choices=list(loss_names()),
                     help="override the loss the build was planned for (within its format)")
     tr.add_argument("--load-in-4bit", action="store_true", help="QLoRA: quantise the base to 4-bit NF4 (bitsandbytes)")
     tr.add_argument("--lora-r", type=_positive_int, default=16)

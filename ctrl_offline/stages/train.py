@@ -30,7 +30,7 @@ from pathlib import Path
 from ..io import BUILD_INFO_FILE, DataError, read_build_info, read_metadata, write_json
 
 __all__ = ["TrainResult", "build_loss", "build_reference_model", "training_config", "make_trainer", "train_adapter",
-           "train_from_build", "TRAIN_INFO_FILE", "KL_BUDGET_FILE", "FORMAT_LOSSES", "DEFAULT_LOSS",
+           "train_from_build", "TRAIN_INFO_FILE", "KL_BUDGET_FILE", "DEFAULT_LOSS",
            "RUN_ONLY_TRAINING_ARGS"]
 
 logger = logging.getLogger(__name__)
@@ -39,10 +39,8 @@ TRAIN_INFO_FILE = "ctrl_train.json"
 KL_BUDGET_FILE = "kl_budget.json"
 SETTINGS_FILE = "ctrl_train_settings.json"  # in the checkpoint folder: what its checkpoints were trained with
 
-#: The losses each build format can serve (its columns), and the one it trains by default. ``dpo_hard``
-#: (the usual hard-label DPO, the baseline) reads the pairs' chosen/rejected only. The pair losses are
-#: ``ctrl_offline.losses.PAIR_LOSSES``, spelt out so that reading this table does not import torch.
-FORMAT_LOSSES = {"pairs": ("dpo", "dpo_hard", "ipo", "distill"), "pointwise": ("pointwise",), "weights": ("weighted_sft",)}
+#: The loss each build format trains by default. Which losses a format can serve is the loss registry's
+#: (:func:`ctrl_offline.losses.format_losses`).
 DEFAULT_LOSS = {"pairs": "dpo", "pointwise": "pointwise", "weights": "weighted_sft"}
 #: Training arguments that change how a run is logged or saved, not what it trains: checkpoints
 #: trained with other values of these are still resumed (and ``hub_token`` is never written down).
@@ -82,23 +80,25 @@ def build_reference_model(info: dict) -> str | None:
 
 
 def _check_loss(info: dict, loss: str | None) -> str:
+    from ..losses import LOSS_FORMATS, get_loss
+
     fmt = info.get("format")
-    if fmt not in FORMAT_LOSSES:
+    if fmt not in LOSS_FORMATS:
         raise DataError(f"{info['path']}: unknown build format {fmt!r}")
     planned = build_loss(info)
     if loss is None:
         return planned
-    if loss not in FORMAT_LOSSES[fmt]:
-        raise DataError(f"a {fmt} build cannot train loss {loss!r}: its rows serve {', '.join(FORMAT_LOSSES[fmt])} "
-                        f"(rebuild with --data-format {'pairs' if loss in FORMAT_LOSSES['pairs'] else _format_of(loss)})")
+    try:
+        served = get_loss(loss).data_format
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    if served != fmt:
+        raise DataError(f"a {fmt} build cannot train loss {loss!r}: it trains on {served} rows "
+                        f"(rebuild with --data-format {served})")
     if loss != planned and info.get("planner"):
         logger.warning("the build was planned for loss %r: %r trains another tilt, so the planned KL and win rate "
                        "do not hold (rebuild with --loss %s for a plan made for it)", planned, loss, loss)
     return loss
-
-
-def _format_of(loss: str) -> str:
-    return next(fmt for fmt, losses in FORMAT_LOSSES.items() if loss in losses)
 
 
 def training_config(fmt: str, loss: str, overrides: dict):
@@ -109,7 +109,9 @@ def training_config(fmt: str, loss: str, overrides: dict):
     """
     from ..config import CTRLConfig, CTRLPointwiseConfig
 
-    cls = CTRLConfig if fmt == "pairs" else CTRLPointwiseConfig
+    from ..losses import get_loss
+
+    cls = CTRLConfig if get_loss(loss).pairwise else CTRLPointwiseConfig
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(overrides) - names)
     if unknown:
