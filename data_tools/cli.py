@@ -25,6 +25,8 @@ from pathlib import Path
 #: (subcommand, old flag) → the flag's one name, for the release that still takes the old spelling.
 RENAMED_FLAGS = {
     ("sample", "--k"): "--num-samples",
+    ("sample", "--column"): "--prompt-column",
+    ("sample", "--batch-size"): "--sampling-batch-size",
     ("build", "--format"): "--data-format",
     ("build", "--n"): "--inference-n",
     ("build", "--kl"): "--kl-budget",
@@ -36,6 +38,7 @@ RENAMED_FLAGS = {
     ("train", "--kl-samples"): "--kl-eval-samples",
     ("train", "--kl-every"): "--kl-every-n-steps",
     ("eval", "--n"): "--eval-n",
+    ("eval", "--column"): "--prompt-column",
     ("eval", "--selectors"): "--eval-selectors",
     ("eval", "--policy-samples"): "--eval-policy-samples",
     ("eval", "--reference-samples"): "--eval-reference-samples",
@@ -50,7 +53,7 @@ EXAMPLES_CALIBRATE = """examples:
 
 EXAMPLES_SAMPLE = """examples:
   ctrl-data sample prompts.jsonl --model HuggingFaceTB/SmolLM2-135M-Instruct --num-samples 8 --out samples/
-  ctrl-data sample Anthropic/hh-rlhf --column chosen --limit 1000 --model ./sft-model --out samples/
+  ctrl-data sample Anthropic/hh-rlhf --prompt-column chosen --limit 1000 --model ./sft-model --out samples/
   accelerate launch -m data_tools sample prompts.jsonl --model ./sft --out samples/   # one share per process
 A killed run resumes where it stopped when re-run with the same arguments.
 """
@@ -219,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("prompts", help="JSONL/JSON/Parquet/CSV/TXT file, datasets folder, or Hub dataset id")
     sa.add_argument("--model", required=True, help="reference model: Hub id or local folder")
     sa.add_argument("--out", required=True, help="output folder (shard-*.parquet)")
-    sa.add_argument("--column", default="prompt", help="prompt column (default: prompt)")
+    _add_renamed(sa, "sample", "--prompt-column", default="prompt", help="prompt column (default: prompt)")
     sa.add_argument("--split", default="train", help="dataset split (default: train)")
     sa.add_argument("--limit", type=_positive_int, help="use the first LIMIT prompts")
     _add_renamed(sa, "sample", "--num-samples", type=int, default=4, metavar="K",
@@ -227,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--max-new-tokens", type=_positive_int, default=128)
     sa.add_argument("--temperature", type=_positive_float, default=1.0, help="1.0 samples π_ref itself")
     sa.add_argument("--top-p", type=_positive_float, default=1.0)
-    sa.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call")
+    _add_renamed(sa, "sample", "--sampling-batch-size", type=_positive_int, default=8,
+                 help="prompts per generate call (default 8)")
     sa.add_argument("--shard-size", type=_positive_int, default=32, help="prompts per output shard")
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
@@ -325,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="N values evaluated (default 1 2 4)")
     _add_renamed(ev, "eval", "--eval-selectors", nargs="+", default=["bon", "won"], choices=procedures,
                  help="procedures evaluated (default bon won)")
-    ev.add_argument("--column", default="prompt")
+    _add_renamed(ev, "eval", "--prompt-column", default="prompt", help="prompt column (default: prompt)")
     ev.add_argument("--limit", type=_positive_int)
     ev.add_argument("--max-new-tokens", type=_positive_int, default=64)
     ev.add_argument("--lam", type=_positive_float, default=0.1, help="λ of soft-BoN and Best-of-Tails")
@@ -432,8 +436,8 @@ def _run_sample(args) -> int:
     from ctrl_offline.stages.sample import sample_prompts
 
     sampling = SamplingConfig(k=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_p=args.top_p, batch_size=args.batch_size)
-    result = sample_prompts(args.prompts, args.out, args.model, column=args.column, split=args.split,
+                              top_p=args.top_p, batch_size=args.sampling_batch_size)
+    result = sample_prompts(args.prompts, args.out, args.model, column=args.prompt_column, split=args.split,
                             limit=args.limit, sampling=sampling, seed=args.seed, shard_size=args.shard_size,
                             overwrite=args.overwrite, backend=args.backend)
     state = "complete" if result.complete else "this process's shards done"
@@ -540,7 +544,7 @@ def _run_eval(args) -> int:
             data = json.loads(trained.read_text()).get("data")
             train_data = data if data and Path(data).is_dir() else None
     result = evaluate_policy(args.prompts, args.out, args.model, args.reward, adapter=args.adapter, n=tuple(args.eval_n),
-                             selectors=tuple(args.eval_selectors), column=args.column, limit=args.limit,
+                             selectors=tuple(args.eval_selectors), column=args.prompt_column, limit=args.limit,
                              max_new_tokens=args.max_new_tokens, lam=args.lam, beta=args.beta, kappa0=args.kappa0,
                              seed=args.seed, train_data=train_data, overwrite=args.overwrite,
                              policy_samples=args.eval_policy_samples, reference_samples=args.eval_reference_samples,

@@ -45,7 +45,7 @@ def cli(*args):
 
 def sample_args(assets, out):
     return ["sample", assets["prompts"], "--model", assets["model"], "--out", out, "--num-samples", K, "--max-new-tokens", 8,
-            "--shard-size", 4, "--batch-size", 4, "--seed", 3]
+            "--shard-size", 4, "--sampling-batch-size", 4, "--seed", 3]
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +276,7 @@ def test_processes_split_the_shards_and_merge(assets, tmp_path, monkeypatch):
     "args,message",
     [
         (["--num-samples", "1"], "K must be at least 2"),
-        (["--column", "text"], "lack column 'text'"),
+        (["--prompt-column", "text"], "lack column 'text'"),
         (["--model", "/nonexistent/model"], "cannot load model ./nonexistent/model.*offline"),
     ],
 )
