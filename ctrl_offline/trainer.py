@@ -88,6 +88,11 @@ def _check_columns(dataset, required, what: str) -> None:
         raise TrainingDataError(f"{what} lacks column(s) {', '.join(missing)} (it has: {', '.join(dataset.column_names)})")
 
 
+def _extra_columns(base: tuple[str, ...], loss: str) -> tuple[str, ...]:
+    """The per-example float columns carried to ``compute_loss``: the trainer's own and those the loss reads."""
+    return tuple(dict.fromkeys([*base, *(c for alternatives in get_loss(loss).columns for c in alternatives)]))
+
+
 def _check_loss_columns(dataset, loss: str, what: str) -> None:
     """The columns the registered loss reads (``Loss.columns``: any one of each entry's alternatives)."""
     missing = get_loss(loss).missing_columns(dataset.column_names)
@@ -322,7 +327,8 @@ class CTRLTrainer(_CTRLMixin, DPOTrainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, peft_config=peft_config, **kwargs)
         self.precompute_ref_logps = True  # the batch always carries the reference log-probs now
-        self.data_collator = _CarryColumns(self.data_collator, PAIR_EXTRA_COLUMNS + REF_PAIR_COLUMNS)
+        self.data_collator = _CarryColumns(self.data_collator,
+                                           _extra_columns(PAIR_EXTRA_COLUMNS, args.ctrl_loss) + REF_PAIR_COLUMNS)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._report_truncation(raw_rows)
         if _len(self.train_dataset) != raw_rows:
@@ -340,13 +346,14 @@ class CTRLTrainer(_CTRLMixin, DPOTrainer):
         _check_columns(dataset, ["prompt", "chosen", "rejected"], what)
         _check_loss_columns(dataset, args.ctrl_loss, what)
         _check_text(dataset, ["prompt", "chosen", "rejected"], name)
-        _check_finite(dataset, PAIR_EXTRA_COLUMNS + REF_PAIR_COLUMNS, name)
+        _check_finite(dataset, _extra_columns(PAIR_EXTRA_COLUMNS, args.ctrl_loss) + REF_PAIR_COLUMNS, name)
         if "label" in dataset.column_names and any(not 0 <= p <= 1 for p in dataset["label"]):
             raise TrainingDataError(f"{name}: soft labels must lie in [0, 1]")
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *PAIR_EXTRA_COLUMNS]))
+        extra = _extra_columns(PAIR_EXTRA_COLUMNS, self.args.ctrl_loss)
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
 
     def _report_truncation(self, raw_rows: int) -> None:
         dropped = raw_rows - len(self.train_dataset)
@@ -397,7 +404,7 @@ class CTRLPointwiseTrainer(_CTRLMixin, SFTTrainer):
         args.completion_only_loss = True
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, peft_config=peft_config, **kwargs)
-        self.data_collator = _CarryColumns(self.data_collator, POINTWISE_EXTRA_COLUMNS)
+        self.data_collator = _CarryColumns(self.data_collator, _extra_columns(POINTWISE_EXTRA_COLUMNS, args.ctrl_loss))
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         if get_loss(args.ctrl_loss).needs_ref_logps:
             if "ref_logp" not in self.train_dataset.column_names:
@@ -411,11 +418,12 @@ class CTRLPointwiseTrainer(_CTRLMixin, SFTTrainer):
         _check_columns(dataset, ["prompt", "completion"], what)
         _check_loss_columns(dataset, args.ctrl_loss, what)
         _check_text(dataset, ["prompt", "completion"], name)
-        _check_finite(dataset, POINTWISE_EXTRA_COLUMNS, name)
+        _check_finite(dataset, _extra_columns(POINTWISE_EXTRA_COLUMNS, args.ctrl_loss), name)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *POINTWISE_EXTRA_COLUMNS]))
+        extra = _extra_columns(POINTWISE_EXTRA_COLUMNS, self.args.ctrl_loss)
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         """TRL's preparation (EOS appended, tokenised, truncated), then EOS taken off again where a completion was cut."""

@@ -142,3 +142,24 @@ def test_a_loss_missing_its_columns_is_refused_by_name(tiny_path, tmp_path):
                         processing_class=build_tokenizer())
     finally:
         unregister_loss("needs_gap")
+
+
+def test_a_loss_reads_its_own_column(tiny_path, tmp_path):
+    """A column the loss names (not one of the trainer's own) reaches ``compute`` in the batch."""
+    def margin_hinge(chosen, rejected, beta, batch):
+        return torch.relu(batch["hinge_margin"].to(chosen.dtype) - beta * (chosen - rejected))
+
+    register_loss(Loss("margin_hinge", "pairs", margin_hinge, columns=(("hinge_margin",),)))
+    try:
+        rows = {**pair_rows(), "hinge_margin": [0.5, 1.0, 1.5, 2.0] * 2}
+        args = CTRLConfig(output_dir=str(tmp_path / "out"), use_cpu=True, max_steps=1, per_device_train_batch_size=4,
+                          report_to="none", save_strategy="no", beta=0.5, ctrl_loss="margin_hinge", min_train_rows=0)
+        trainer = CTRLTrainer(AutoModelForCausalLM.from_pretrained(tiny_path), args, Dataset.from_dict(rows),
+                              processing_class=build_tokenizer(),
+                              peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        assert batch["hinge_margin"].tolist() == [0.5, 1.0, 1.5, 2.0]
+        # ρ = 0 at initialisation: the loss is the mean margin.
+        assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(1.25, abs=1e-5)
+    finally:
+        unregister_loss("margin_hinge")
