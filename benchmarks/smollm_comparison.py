@@ -64,7 +64,8 @@ DECISION_RULE = (
     "method was planned for, N as evaluated, 95% paired bootstrap interval over prompts):\n"
     f"  shows the effect  gap ≥ {EFFECT_POINTS:g} points and the interval excludes 0 (lower bound > 0)\n"
     f"  refutes it        gap ≤ {NULL_POINTS:g} point and the upper bound < {EFFECT_POINTS:g} points\n"
-    "  inconclusive      otherwise")
+    "  inconclusive      otherwise\n"
+    "Only at matched KL: a comparison whose paired 95% interval of the KL difference excludes 0 gets no verdict.")
 
 METHODS = {
     # name: build kwargs (``n``/``kl`` added per run for planned builds), trainer loss, role, selector compared on
@@ -404,12 +405,16 @@ def comparisons(runs: dict, args) -> list[dict]:
                             if r["metric"] == "win_rate" and r["selector"] == selector and r["n"] == args.n)
             diff = main_row["difference"]
             half = (diff["ci_high"] - diff["ci_low"]) / 2
+            kl_diff = next(r for r in result["rows"] if r["metric"] == "kl")["difference"]
+            matched = bool(kl_diff["ci_low"] <= 0 <= kl_diff["ci_high"])
             rows.append({"ctrl": ctrl, "baseline": base, "kl_budget": budget, "baseline_kl_budget": base_budget,
                          "selector": selector, "n": args.n,
                          "ctrl_value": main_row["value_a"], "baseline_value": main_row["value_b"],
                          "difference": diff, "half_width": half,
                          "meets_target_half_width": bool(half <= args.target_half_width),
-                         "verdict": verdict(diff), "num_prompts": result["num_prompts"],
+                         "kl_matched": matched,
+                         "verdict": verdict(diff) if matched else "no verdict (KL not matched)",
+                         "num_prompts": result["num_prompts"],
                          "rows": result["rows"]})
     return rows
 

@@ -80,7 +80,10 @@ def test_toy_end_to_end(tmp_path):
     base = [m for m in config["methods"] if not m.startswith("ctrl_")]
     assert len(result["comparisons"]) == len(ctrl) * len(base) * len(config["kl"])
     for row in result["comparisons"]:
-        assert row["verdict"] in ("shows the effect", "refutes it", "inconclusive")
+        kl_gap = next(r for r in row["rows"] if r["metric"] == "kl")["difference"]
+        assert row["kl_matched"] == (kl_gap["ci_low"] <= 0 <= kl_gap["ci_high"])
+        assert row["verdict"] in (("shows the effect", "refutes it", "inconclusive") if row["kl_matched"]
+                                  else ("no verdict (KL not matched)",))
         assert row["half_width"] >= 0 and {"value", "ci_low", "ci_high"} <= set(row["difference"])
         metrics = {(r["metric"], r["selector"]) for r in row["rows"]}
         assert {("win_rate", "bon"), ("win_rate", "won"), ("standard_win_rate", None), ("kl", None)} <= metrics
