@@ -38,6 +38,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ..io import DataError, atomic_output_dir, fingerprint, read_metadata, read_table, require_columns
+from ..losses import LOSS_FORMATS
 from ..pairs import make_pairs
 from ..pointwise import pointwise_targets, sft_weights
 from ..procedures import get_procedure
@@ -48,7 +49,8 @@ __all__ = ["BuildResult", "build_dataset", "FORMATS", "BUILD_METADATA", "MAX_LEF
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("pairs", "pointwise", "weights")
+#: The build formats: the loss registry's (each loss trains on one of them).
+FORMATS = LOSS_FORMATS
 BUILD_METADATA = "ctrl_build.json"
 #: The largest fraction of the calibrated rows the build may leave out (cut before EOS when dropping
 #: them, or empty) before it stops: training on the rest would tilt toward the short answers that
