@@ -7,20 +7,27 @@ the model that drew them (the value teacher forcing on exactly the generated ids
 reference samples it is the ``ref_logp`` the trainer needs), its token count and whether it
 ended with EOS. ``logp`` is the sampling model's: π_ref's when the reference draws, the
 policy's when the policy does; ``ref_logp`` always means log π_ref (written by ``sample``).
+
+:func:`completion_kl` scores sampled completions under a policy and its reference at once: per
+sample, the exact per-token KL summed along the completion and the sequence log-ratio
+(docs/kl_budget.md, "The per-token estimator"). The KL callback's :class:`~ctrl_offline.kl_budget.SampledKL`
+and ``ctrl-data eval`` both estimate KL(π‖π_ref) with it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ._deprecation import warn_deprecated
 
-__all__ = ["SamplingConfig", "SampleRow", "hex_prompt_id", "load_causal_lm", "prompt_id", "render_prompt",
-           "sample_completions", "sequence_logps", "completion_logps"]
+__all__ = ["SamplingConfig", "SampleRow", "CompletionKL", "hex_prompt_id", "load_causal_lm", "prompt_id",
+           "render_prompt", "sample_completions", "sequence_logps", "completion_logps", "completion_kl"]
 
 
 class SampleRow(dict):
@@ -249,3 +256,146 @@ def completion_logps(model, tokenizer, prompt_texts: list[str], completion_ids: 
         logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
         out.extend((logp * target[:, 1:]).sum(dim=1).tolist())
     return out
+
+
+@dataclass(frozen=True)
+class CompletionKL:
+    """Per sampled completion y of a prompt x (float64 arrays, one value per row given to :func:`completion_kl`):
+
+    * ``token``    — Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)), the exact KL of each next-token distribution
+      summed over y's positions (the per-token estimator);
+    * ``logp``     — log π(y|x) = Σ_t log π(y_t|x, y_<t);
+    * ``ref_logp`` — log π_ref(y|x);
+    * ``num_tokens`` — |y|, the positions summed.
+
+    ``sequence`` = ``logp`` − ``ref_logp`` is the sequence-level log-ratio.
+    """
+
+    token: np.ndarray
+    logp: np.ndarray
+    ref_logp: np.ndarray
+    num_tokens: np.ndarray
+
+    @property
+    def sequence(self) -> np.ndarray:
+        """log π(y|x) − log π_ref(y|x) per sample: the sequence-level Monte Carlo term."""
+        return self.logp - self.ref_logp
+
+
+def _takes_logits_to_keep(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _tail_logits(model, ids: torch.Tensor, attention: torch.Tensor, keep: int) -> torch.Tensor:
+    """The logits of the last ``keep`` positions, [rows, keep, vocab] in the model's dtype.
+
+    Models that take ``logits_to_keep`` (transformers' causal LMs) compute only those: the prompt
+    positions before them never reach the vocabulary projection.
+    """
+    extra = {"logits_to_keep": keep} if _takes_logits_to_keep(model) else {}
+    logits = model(input_ids=ids, attention_mask=attention, use_cache=False, **extra).logits
+    return logits[:, -keep:]
+
+
+def _kl_and_logps(policy: torch.Tensor, reference: torch.Tensor, targets: torch.Tensor):
+    """For rows of logits (one next-token distribution each): KL(π‖π_ref) over the vocabulary, log π and log π_ref
+    of ``targets``. Computed in float32 at least (float64 for a float64 model)."""
+    dtype = torch.promote_types(policy.dtype, torch.float32)
+    logp = torch.log_softmax(policy.to(dtype), dim=-1)
+    ref = torch.log_softmax(reference.to(dtype), dim=-1)
+    p = logp.exp()
+    # 0·log(0/q) = 0: a token the policy never emits adds nothing, even where π_ref is 0 too (−inf − −inf).
+    kl = torch.where(p > 0, p * (logp - ref), torch.zeros((), dtype=dtype, device=p.device)).sum(dim=-1)
+    picked = targets[:, None]
+    return kl, logp.gather(-1, picked)[:, 0], ref.gather(-1, picked)[:, 0]
+
+
+@torch.no_grad()
+def completion_kl(model, tokenizer, prompt_texts: list[str], completion_ids: list[list[int]], *, reference=None,
+                  batch_size: int = 16, chunk_size: int = 256) -> CompletionKL:
+    """Score sampled completions under a policy and its reference: the per-token KL and both log-probs.
+
+    For each row (prompt text x, completion ids y), teacher-forced on exactly those ids:
+
+        token(y)    = Σ_{t=1..|y|} Σ_v π(v|x, y_<t) [log π(v|x, y_<t) − log π_ref(v|x, y_<t)]
+        sequence(y) = Σ_{t=1..|y|} [log π(y_t|x, y_<t) − log π_ref(y_t|x, y_<t)]   (= logp − ref_logp)
+
+    For y ~ π(·|x) both are unbiased for KL(π(·|x)‖π_ref(·|x)) by the chain rule of KL:
+    E[token(y)] = Σ_t E_{y_<t}[KL_t] = KL. ``token`` replaces each sampled log-ratio by its
+    expectation over the next token given the prefix (the "Rao-Blackwellised" estimator of Amini,
+    Vieira & Cotterell 2025), so its variance is at most the sequence-level one's and usually far
+    smaller (docs/kl_budget.md). A completion cut at ``max_new_tokens`` is summed over the tokens
+    drawn: the average is then the KL of the first ``max_new_tokens`` tokens, a lower bound on the
+    KL of whole completions (the data-processing inequality).
+
+    ``reference`` is π_ref: None for ``model`` with its PEFT adapters disabled, or a model sharing
+    the tokenizer; passing ``model`` itself scores one pass for both (every KL is then exactly 0).
+    Prompt and padding positions are never scored. Memory stays flat on long completions:
+    ``batch_size`` rows go through each model at a time, whose logits are kept from the first
+    position that predicts a completion token on (only those are computed where the model takes
+    ``logits_to_keep``), and the float32 log-softmax of both models is taken over ``chunk_size``
+    completion positions at a time, reduced to three numbers each and discarded.
+    """
+    if len(prompt_texts) != len(completion_ids):
+        raise ValueError(f"{len(prompt_texts)} prompts for {len(completion_ids)} completions: give one prompt per row")
+    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
+        if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
+    if reference is None and not hasattr(model, "disable_adapter"):
+        raise ValueError(f"completion_kl needs a reference: {type(model).__name__} is not a PEFT model (no adapters to "
+                         "disable); pass reference= (a model of π_ref)")
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prompts = [tokenizer(t)["input_ids"] for t in prompt_texts]
+    empty = [i for i, p in enumerate(prompts) if not p]
+    if empty:
+        raise ValueError(f"prompt {empty[0]} tokenizes to no ids: its first completion token has no position to be "
+                         "predicted from")
+    rows = [p + list(c) for p, c in zip(prompts, completion_ids)]
+    sums = np.zeros((3, len(rows)))  # token KL, log π, log π_ref
+    # Rows of similar length share a batch: less padding scored for nothing.
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for begin in range(0, len(order), batch_size):
+        index = [i for i in order[begin : begin + batch_size] if completion_ids[i]]
+        if not index:
+            continue
+        width = max(len(rows[i]) for i in index)
+        ids = torch.full((len(index), width), pad_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for j, i in enumerate(index):
+            ids[j, : len(rows[i])] = torch.tensor(rows[i])
+            attention[j, : len(rows[i])] = 1
+        ids, attention = ids.to(device), attention.to(device)
+        # Position s predicts token s + 1: completion tokens at [len(prompt), len(row)) are predicted from
+        # [len(prompt) − 1, len(row) − 1). Logits before the earliest of those are never needed.
+        first = min(len(prompts[i]) for i in index) - 1
+        keep = width - first
+        policy_logits = _tail_logits(model, ids, attention, keep)
+        if reference is model:
+            reference_logits = policy_logits
+        elif reference is None:
+            with model.disable_adapter():
+                reference_logits = _tail_logits(model, ids, attention, keep)
+        else:
+            reference_logits = _tail_logits(reference, ids, attention, keep)
+        if reference_logits.shape != policy_logits.shape:
+            raise ValueError(f"the reference's logits have shape {tuple(reference_logits.shape)}, the policy's "
+                             f"{tuple(policy_logits.shape)}: π and π_ref must share the vocabulary")
+        row_of = torch.cat([torch.full((len(completion_ids[i]),), j, dtype=torch.long) for j, i in enumerate(index)])
+        position = torch.cat([torch.arange(len(prompts[i]) - 1, len(rows[i]) - 1) for i in index])
+        row_of, position = row_of.to(device), position.to(device)
+        targets = ids[row_of, position + 1]
+        global_row = np.asarray(index)[row_of.cpu().numpy()]
+        for c in range(0, len(row_of), chunk_size):
+            part = slice(c, c + chunk_size)
+            r, s = row_of[part], position[part] - first
+            values = _kl_and_logps(policy_logits[r, s], reference_logits[r, s], targets[part])
+            for k, value in enumerate(values):
+                np.add.at(sums[k], global_row[part], value.double().cpu().numpy())
+        del policy_logits, reference_logits
+    lengths = np.array([len(c) for c in completion_ids], dtype=np.int64)
+    return CompletionKL(token=sums[0], logp=sums[1], ref_logp=sums[2], num_tokens=lengths)

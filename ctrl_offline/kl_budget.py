@@ -17,19 +17,20 @@ optimizer state is stale afterwards, which does not matter as training has stopp
 
 :class:`SampledKL` is the estimator for real models: ``num_samples`` completions per held-out
 prompt drawn from π_θ (ancestral, temperature 1, the same seed at every call so successive
-estimates share their random numbers), then
+estimates share their random numbers), each scored by the exact per-token KL along it,
 
-    KL ≈ (1/P) Σ_x (1/n) Σ_i [log π_θ(y_i|x) − log π_ref(y_i|x)],   y_i ~ π_θ(·|x),
+    KL ≈ (1/P) Σ_x (1/n) Σ_i Σ_t KL(π_θ(·|x, y_i,<t) ‖ π_ref(·|x, y_i,<t)),   y_i ~ π_θ(·|x),
 
-with standard error std_x(per-prompt mean) / √P (prompt-to-prompt spread included). π_ref is the
-base with the adapters disabled for a PEFT model, or a separate ``reference_model``. Completions
-cut at ``max_new_tokens`` give the KL of the first ``max_new_tokens`` tokens, a lower bound on
-the KL of whole completions.
+(:func:`ctrl_offline.generation.completion_kl`; unbiased, with far less variance than the
+sequence-level mean of log π_θ(y_i|x) − log π_ref(y_i|x), which it also returns), with standard
+error std_x(per-prompt mean) / √P (prompt-to-prompt spread included). π_ref is the base with the
+adapters disabled for a PEFT model, or a separate ``reference_model``. Completions cut at
+``max_new_tokens`` give the KL of the first ``max_new_tokens`` tokens, a lower bound on the KL of
+whole completions.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -45,11 +46,34 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class KLEstimate:
-    """An estimate of KL(π‖π_ref) in nats; ``stderr`` and ``num_samples`` are 0 when it is exact."""
+    """An estimate of KL(π‖π_ref) in nats; ``stderr`` and ``num_samples`` are 0 when it is exact.
+
+    A sampled estimate over prompts (:class:`SampledKL`) also carries ``per_prompt``, each
+    prompt's mean in prompt order (``value`` is their mean, ``stderr`` their standard deviation
+    over √P), and the sequence-level Monte Carlo estimate from the same samples,
+    ``sequence_value`` ± ``sequence_stderr`` with its ``per_prompt_sequence``, for comparison
+    (None and empty when not computed).
+    """
 
     value: float
     stderr: float
     num_samples: int = 0
+    per_prompt: tuple[float, ...] = ()
+    sequence_value: float | None = None
+    sequence_stderr: float | None = None
+    per_prompt_sequence: tuple[float, ...] = ()
+
+    @property
+    def prompt_sd(self) -> float | None:
+        """The standard deviation of ``per_prompt`` over prompts (the prompt-to-prompt spread), None below 2."""
+        return _sd(self.per_prompt)
+
+
+def _sd(values) -> float | None:
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -70,16 +94,16 @@ def _load(params: dict[str, torch.nn.Parameter], under: dict[str, torch.Tensor],
 
 
 def _same_on_every_rank(estimate: KLEstimate, model) -> KLEstimate:
-    """Rank 0's estimate everywhere, so that all ranks stop (and bisect) alike."""
+    """Rank 0's estimate everywhere (all of it, per-prompt values included), so that all ranks stop (and bisect)
+    alike."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return estimate
     device = next(model.parameters()).device if dist.get_backend() == "nccl" else torch.device("cpu")
-    values = torch.tensor([estimate.value, estimate.stderr, float(estimate.num_samples)], dtype=torch.float64,
-                          device=device)
-    dist.broadcast(values, src=0)
-    return KLEstimate(float(values[0]), float(values[1]), int(values[2]))
+    held = [estimate]
+    dist.broadcast_object_list(held, src=0, device=device)
+    return held[0]
 
 
 class KLBudgetCallback(TrainerCallback):
@@ -144,6 +168,8 @@ class KLBudgetCallback(TrainerCallback):
         estimate = _same_on_every_rank(estimate, model)
         entry = {"step": state.global_step, "kl": estimate.value, "stderr": estimate.stderr}
         log = {"kl": estimate.value, "kl_stderr": estimate.stderr}
+        if estimate.sequence_value is not None:  # the sequence-level estimate beside it, for comparison
+            entry["kl_sequence"] = log["kl_sequence"] = estimate.sequence_value
         if alpha is not None:
             entry["alpha"] = log["kl_alpha"] = alpha
         self.history.append(entry)
@@ -238,26 +264,31 @@ class KLBudgetCallback(TrainerCallback):
 
 
 class SampledKL:
-    """Monte-Carlo KL(π‖π_ref) on held-out prompts: a ``Callable[[model], KLEstimate]``.
+    """KL(π‖π_ref) on held-out prompts by the per-token estimator: a ``Callable[[model], KLEstimate]``.
 
     Draws ``num_samples`` completions per prompt from the model passed (ancestral sampling,
     temperature 1, at most ``max_new_tokens`` tokens, ``batch_size`` prompts per generate call;
-    seeded with ``seed`` at every call without disturbing the caller's random state), and scores
-    each with log π(y|x) (the model) and log π_ref(y|x) (the model with its PEFT adapters
-    disabled, or ``reference_model``). The estimate is the mean over prompts of the per-prompt
-    mean log-ratio; its standard error the standard deviation of the per-prompt means over √P.
-    Prompts are text or chat messages; ``chat_template`` None applies the tokenizer's chat
-    template when it has one, True requires it, False feeds text prompts as they are.
+    seeded with ``seed`` at every call without disturbing the caller's random state) and scores
+    each by :func:`~ctrl_offline.generation.completion_kl` against π_ref (the model with its PEFT
+    adapters disabled, or ``reference_model``): Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)), exact over
+    the vocabulary at every position of the sample. The estimate is the mean over prompts of the
+    per-prompt mean, its standard error the standard deviation of the per-prompt means over √P;
+    the :class:`KLEstimate` also holds the per-prompt values and the sequence-level estimate
+    (mean of log π(y|x) − log π_ref(y|x)) from the same samples. ``chunk_size`` completion
+    positions at a time are scored (memory, not results). Prompts are text or chat messages;
+    ``chat_template`` None applies the tokenizer's chat template when it has one, True requires it,
+    False feeds text prompts as they are. ``prompts`` keeps the prompts as given.
     """
 
     def __init__(self, prompts: list[str], tokenizer, *, num_samples: int = 4, max_new_tokens: int = 64,
-                 batch_size: int = 8, seed: int = 0, chat_template: bool | None = None, reference_model=None):
+                 batch_size: int = 8, seed: int = 0, chat_template: bool | None = None, reference_model=None,
+                 chunk_size: int = 256):
         from .generation import render_prompt
 
         if not prompts:
             raise ValueError("SampledKL needs at least one prompt")
         for name, value in (("num_samples", num_samples), ("max_new_tokens", max_new_tokens),
-                            ("batch_size", batch_size)):
+                            ("batch_size", batch_size), ("chunk_size", chunk_size)):
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
         has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -269,24 +300,22 @@ class SampledKL:
             self.prompt_texts = list(prompts)
         else:
             self.prompt_texts = [render_prompt(tokenizer, p) for p in prompts]
+        self.prompts = list(prompts)
         self.tokenizer = tokenizer
         self.num_samples, self.max_new_tokens, self.batch_size, self.seed = num_samples, max_new_tokens, batch_size, seed
+        self.chunk_size = chunk_size
         self.reference_model = reference_model
 
-    def _reference(self, model):
-        """(reference model, context in which to call it)."""
-        if self.reference_model is not None:
-            return self.reference_model, contextlib.nullcontext()
-        if hasattr(model, "disable_adapter"):
-            return model, model.disable_adapter()
-        raise ValueError(f"SampledKL needs a reference: {type(model).__name__} is not a PEFT model (no adapters to "
-                         "disable); pass reference_model= (a frozen copy of the starting model)")
+    def _check_reference(self, model) -> None:
+        if self.reference_model is None and not hasattr(model, "disable_adapter"):
+            raise ValueError(f"SampledKL needs a reference: {type(model).__name__} is not a PEFT model (no adapters to "
+                             "disable); pass reference_model= (a frozen copy of the starting model)")
 
     @torch.no_grad()
     def __call__(self, model) -> KLEstimate:
-        from .generation import SamplingConfig, completion_logps, sample_completions
+        from .generation import SamplingConfig, completion_kl, sample_completions
 
-        reference, context = self._reference(model)
+        self._check_reference(model)
         config = SamplingConfig(k=max(2, self.num_samples), max_new_tokens=self.max_new_tokens,
                                 batch_size=self.batch_size)
         config.k = self.num_samples  # K ≥ 2 is calibration's need, not this estimate's
@@ -300,15 +329,28 @@ class SampledKL:
                 rows = sample_completions(model, self.tokenizer, self.prompt_texts, config, self.seed)
             texts = [self.prompt_texts[r["batch_prompt"]] for r in rows]
             ids = [r["completion_ids"] for r in rows]
-            # Both log-probs from the same teacher-forced pass: identical models give exactly 0.
-            policy = completion_logps(model, self.tokenizer, texts, ids, batch_size=self.batch_size * self.num_samples)
-            with context:
-                ref = completion_logps(reference, self.tokenizer, texts, ids,
-                                       batch_size=self.batch_size * self.num_samples)
+            # Both models teacher-forced on the same batches: identical models give exactly 0.
+            scored = completion_kl(model, self.tokenizer, texts, ids, reference=self.reference_model,
+                                   batch_size=self.batch_size * self.num_samples, chunk_size=self.chunk_size)
         finally:
             model.train(was_training)
             self.tokenizer.padding_side = padding_side
-        ratios = torch.tensor(policy, dtype=torch.float64) - torch.tensor(ref, dtype=torch.float64)
-        per_prompt = ratios.view(len(self.prompt_texts), self.num_samples).mean(dim=1)
-        stderr = float(per_prompt.std(unbiased=True) / math.sqrt(len(per_prompt))) if len(per_prompt) > 1 else 0.0
-        return KLEstimate(float(per_prompt.mean()), stderr, int(ratios.numel()))
+        shape = (len(self.prompt_texts), self.num_samples)
+        token = _per_prompt_means(scored.token.reshape(shape))
+        sequence = _per_prompt_means(scored.sequence.reshape(shape))
+        return KLEstimate(_mean(token), _stderr(token), len(rows), per_prompt=token, sequence_value=_mean(sequence),
+                          sequence_stderr=_stderr(sequence), per_prompt_sequence=sequence)
+
+
+def _per_prompt_means(values) -> tuple[float, ...]:
+    return tuple(float(v) for v in values.mean(axis=1))
+
+
+def _mean(values: tuple[float, ...]) -> float:
+    return float(math.fsum(values) / len(values))
+
+
+def _stderr(values: tuple[float, ...]) -> float:
+    """std over prompts / √P (0 for one prompt: no spread to measure)."""
+    sd = _sd(values)
+    return 0.0 if sd is None else sd / math.sqrt(len(values))

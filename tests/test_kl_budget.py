@@ -263,7 +263,8 @@ def test_sampled_kl_is_zero_at_init_and_matches_the_exact_kl(tiny_path, tokenize
     expected_draw = torch.rand(3)
     torch.manual_seed(123)
     at_init = estimator(model)  # LoRA B = 0: the policy is the reference
-    assert at_init == KLEstimate(0.0, 0.0, 8 * 64)
+    assert at_init == KLEstimate(0.0, 0.0, 8 * 64, per_prompt=(0.0,) * 8, sequence_value=0.0, sequence_stderr=0.0,
+                                 per_prompt_sequence=(0.0,) * 8)
     assert torch.equal(torch.rand(3), expected_draw)  # the caller's random state is untouched
     assert tokenizer.padding_side == "right"
 
@@ -276,7 +277,14 @@ def test_sampled_kl_is_zero_at_init_and_matches_the_exact_kl(tiny_path, tokenize
     estimate = estimator(model)
     assert exact > 0.5 and estimate.value > 0 and 0 < estimate.stderr < 0.5
     assert abs(estimate.value - exact) <= 3 * estimate.stderr
+    # The sequence-level estimate from the same samples, kept beside it, is unbiased too but noisier.
+    assert abs(estimate.sequence_value - exact) <= 4 * estimate.sequence_stderr
+    assert len(estimate.per_prompt) == 8 and estimate.prompt_sd == pytest.approx(estimate.stderr * math.sqrt(8))
     assert estimator(model) == estimate  # the same seed at every call: common random numbers
+    callback = KLBudgetCallback(0.5, estimator)
+    callback._estimate(model, TrainerState(global_step=3))  # what every check records
+    assert callback.history == [{"step": 3, "kl": estimate.value, "stderr": estimate.stderr,
+                                 "kl_sequence": estimate.sequence_value}]
     model.train()
     assert estimator(model) == estimate and model.training  # evaluated in eval mode, mode restored
 
@@ -289,7 +297,8 @@ def test_sampled_kl_with_a_separate_reference(tiny_path, tokenizer):
         SampledKL(PROMPTS[:2], tokenizer, max_new_tokens=2)(policy)
     reference = AutoModelForCausalLM.from_pretrained(tiny_path).eval()
     estimator = SampledKL(PROMPTS[:4], tokenizer, num_samples=16, max_new_tokens=2, reference_model=reference)
-    assert estimator(policy) == KLEstimate(0.0, 0.0, 64)
+    same = estimator(policy)
+    assert (same.value, same.stderr, same.num_samples, same.sequence_value) == (0.0, 0.0, 64, 0.0)
     with torch.no_grad():
         policy.lm_head.weight.mul_(20.0)
     assert estimator(policy).value > 0.05

@@ -1,0 +1,177 @@
+"""The per-token KL estimator (ctrl_offline.generation.completion_kl, SampledKL): exact checks by enumerating every
+completion of two tiny Llamas over a 5-token vocabulary, max_new_tokens 3."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ctrl_offline.generation import completion_kl
+from ctrl_offline.kl_budget import KLEstimate, SampledKL
+
+EOS = 0
+VOCAB = ["<eos>", "a", "b", "c", "d"]
+MAX_NEW = 3
+PROMPTS = ["a b", "c", "d d a", "b c d a", "a", "c a"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    inner = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(VOCAB)}, unk_token="<eos>"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=inner, eos_token="<eos>", pad_token="<eos>")
+
+
+def tiny_llama(seed: int, dtype=torch.float64):
+    """A random 5-token Llama; a wide initialisation so that its next-token distributions are far from uniform."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                         initializer_range=0.1, pad_token_id=EOS, eos_token_id=EOS, bos_token_id=None,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_llama(0), tiny_llama(1)
+
+
+def completions():
+    """Every completion of at most MAX_NEW tokens, ending at its first EOS or cut at MAX_NEW."""
+    out = [[EOS]]
+    for length in range(2, MAX_NEW + 1):
+        for body in itertools.product(range(1, len(VOCAB)), repeat=length - 1):
+            out += [[*body, EOS]] if length < MAX_NEW else [[*body, last] for last in range(len(VOCAB))]
+    return out
+
+
+@torch.no_grad()
+def enumerate_prompt(policy, reference, tok, prompt):
+    """(completions, π(y|x), log π(y|x) − log π_ref(y|x)) for every completion, one plain forward per prefix."""
+    ids = tok(prompt)["input_ids"]
+    ys, probs, ratios = completions(), [], []
+    for y in ys:
+        logp = ref = 0.0
+        for t in range(len(y)):
+            x = torch.tensor([ids + y[:t]])
+            logp += float(torch.log_softmax(policy(input_ids=x).logits[0, -1], -1)[y[t]])
+            ref += float(torch.log_softmax(reference(input_ids=x).logits[0, -1], -1)[y[t]])
+        probs.append(math.exp(logp))
+        ratios.append(logp - ref)
+    return ys, np.array(probs), np.array(ratios)
+
+
+@pytest.fixture(scope="module")
+def exact(models, tok):
+    """Per prompt: the completions, their probabilities under π, and KL(π‖π_ref) over completions."""
+    policy, reference = models
+    out = []
+    for prompt in PROMPTS[:3]:
+        ys, probs, ratios = enumerate_prompt(policy, reference, tok, prompt)
+        assert len(ys) == 1 + 4 + 4 * 4 * 5 and probs.sum() == pytest.approx(1.0, abs=1e-12)
+        out.append({"prompt": prompt, "ys": ys, "probs": probs, "ratios": ratios, "kl": float(probs @ ratios)})
+    return out
+
+
+def test_the_per_token_estimator_is_unbiased_exactly(models, tok, exact):
+    policy, reference = models
+    for case in exact:
+        scored = completion_kl(policy, tok, [case["prompt"]] * len(case["ys"]), case["ys"], reference=reference,
+                               batch_size=7, chunk_size=5)
+        np.testing.assert_allclose(scored.sequence, case["ratios"], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(np.exp(scored.logp), case["probs"], rtol=1e-9, atol=0)
+        assert case["kl"] > 0.05
+        assert abs(case["probs"] @ scored.token - case["kl"]) < 1e-6  # E_y[Σ_t KL_t] = KL(π‖π_ref)
+        assert np.all(scored.token > 0)
+        # Its variance over y ~ π is below the sequence-level log-ratio's, computed exactly.
+        var_token = case["probs"] @ (scored.token - case["kl"]) ** 2
+        var_sequence = case["probs"] @ (scored.sequence - case["kl"]) ** 2
+        assert var_token < var_sequence / 10
+
+
+def test_sampled_kl_is_within_its_error_and_steadier_than_the_sequence_estimate(models, tok, exact):
+    policy, reference = models
+    prompts = [case["prompt"] for case in exact]
+    truth = float(np.mean([case["kl"] for case in exact]))
+    token, sequence = [], []
+    for seed in range(5):
+        estimate = SampledKL(prompts, tok, num_samples=48, max_new_tokens=MAX_NEW, seed=seed,
+                             reference_model=reference)(policy)
+        assert estimate.num_samples == 3 * 48 and len(estimate.per_prompt) == len(estimate.per_prompt_sequence) == 3
+        assert estimate.value == pytest.approx(np.mean(estimate.per_prompt), abs=1e-12)
+        assert estimate.sequence_value == pytest.approx(np.mean(estimate.per_prompt_sequence), abs=1e-12)
+        assert abs(estimate.value - truth) <= 4 * estimate.stderr
+        # Per prompt, against that prompt's exact KL.
+        assert all(abs(v - case["kl"]) < 0.25 * case["kl"] for v, case in zip(estimate.per_prompt, exact))
+        token.append(estimate.value)
+        sequence.append(estimate.sequence_value)
+    assert np.std(token) < np.std(sequence) / 2, (token, sequence)
+
+
+def test_identical_models_give_exactly_zero(tok):
+    policy, copy = tiny_llama(3, torch.float32), tiny_llama(3, torch.float32)
+    estimate = SampledKL(PROMPTS, tok, num_samples=8, max_new_tokens=MAX_NEW, reference_model=copy)(policy)
+    assert estimate == KLEstimate(0.0, 0.0, len(PROMPTS) * 8, per_prompt=(0.0,) * len(PROMPTS), sequence_value=0.0,
+                                  sequence_stderr=0.0, per_prompt_sequence=(0.0,) * len(PROMPTS))
+    scored = completion_kl(policy, tok, PROMPTS, [[1, 2, EOS]] * len(PROMPTS), reference=policy)
+    assert not scored.token.any() and not scored.sequence.any()
+
+
+def test_chunked_positions_and_batched_rows_give_the_same_values(tok, monkeypatch):
+    """Memory: at most chunk_size positions are log-softmaxed at once, and the chunking changes no value."""
+    policy, reference = tiny_llama(4, torch.float32), tiny_llama(5, torch.float32)
+    rng = np.random.default_rng(0)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(12)]
+    ys = [list(rng.integers(1, len(VOCAB), size=rng.integers(1, 6))) for _ in prompts]
+    ys = [y + [EOS] if i % 3 else y for i, y in enumerate(ys)]  # some end with EOS, some are cut
+    rows_seen = []
+    log_softmax = torch.log_softmax
+
+    def recording(x, *args, **kwargs):
+        rows_seen.append(x.shape[0] if x.dim() == 2 else math.inf)
+        return log_softmax(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "log_softmax", recording)
+    one = completion_kl(policy, tok, prompts, ys, reference=reference, batch_size=4, chunk_size=1)
+    assert rows_seen and max(rows_seen) == 1
+    rows_seen.clear()
+    big = completion_kl(policy, tok, prompts, ys, reference=reference, batch_size=4, chunk_size=10_000)
+    assert max(rows_seen) > 1
+    monkeypatch.undo()
+    np.testing.assert_allclose(one.token, big.token, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(one.sequence, big.sequence, rtol=1e-12, atol=1e-12)
+    # One row at a time (no padding, every prompt alone) against all rows in one padded batch.
+    alone = completion_kl(policy, tok, prompts, ys, reference=reference, batch_size=1)
+    together = completion_kl(policy, tok, prompts, ys, reference=reference, batch_size=64)
+    np.testing.assert_allclose(alone.token, together.token, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(alone.logp, together.logp, rtol=1e-5, atol=1e-5)
+    assert list(together.num_tokens) == [len(y) for y in ys]
+
+
+def test_bad_input_is_refused(models, tok):
+    policy, reference = models
+    with pytest.raises(ValueError, match="one prompt per row"):
+        completion_kl(policy, tok, ["a"], [[1], [2]], reference=reference)
+    with pytest.raises(ValueError, match="chunk_size must be an integer ≥ 1"):
+        completion_kl(policy, tok, ["a"], [[1]], reference=reference, chunk_size=0)
+    with pytest.raises(ValueError, match="needs a reference.*reference="):
+        completion_kl(policy, tok, ["a"], [[1]])
+    with pytest.raises(ValueError, match="tokenizes to no ids"):
+        completion_kl(policy, tok, [""], [[1]], reference=reference)
+    assert completion_kl(policy, tok, ["a"], [[]], reference=reference).token.tolist() == [0.0]
