@@ -7,6 +7,15 @@ file-level stages live in :mod:`ctrl_offline.stages`.
 __version__ = "0.1.0"
 
 from .calibration import CalibrationError, CalibrationTables, build_tables, calibrate, calibrate_reference
+from .diagnostics import (
+    PlanDiagnostics,
+    exact_kl_split,
+    kl_efficiency,
+    label_entropy_floor,
+    plan_fidelity,
+    sampled_kl_split,
+    tilt_fidelity,
+)
 from .evaluation import (
     decision_verdict,
     paired_bootstrap_difference,
@@ -74,6 +83,13 @@ __all__ = [
     "subset_selection_weights",
     "decision_verdict",
     "paired_bootstrap_difference",
+    "PlanDiagnostics",
+    "kl_efficiency",
+    "plan_fidelity",
+    "exact_kl_split",
+    "sampled_kl_split",
+    "tilt_fidelity",
+    "label_entropy_floor",
     # KL budget during training (imported on first use: it pulls in torch / transformers)
     "KLEstimate",
     "KLBudgetCallback",
