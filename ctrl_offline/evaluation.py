@@ -25,11 +25,14 @@ when they lie among the a above r). Because b ~ Binomial(K, F(r)) and E[C(b, N)]
 reference's fresh best-/worst-of-N; the older form
 max(Ĉ)^N is not (a policy equal to its reference scores 0.600 at K = N = 4 instead of ½). The
 derivation is in docs/evaluation_shortcut.md. N ≤ K is required: N reference candidates cannot
-be drawn from fewer stored rewards. KL(π‖π_ref) is estimated by the mean log-ratio of the
-policy's own samples.
+be drawn from fewer stored rewards. KL(π‖π_ref) is summarised per prompt from per-sample
+estimates (:func:`kl_summary`): the per-token KL of the policy's own samples, and the sequence-level
+mean log-ratio beside it (:func:`kl_estimate`; docs/kl_budget.md).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 
@@ -49,7 +52,7 @@ from .u_statistics import (
 )
 
 __all__ = ["Estimate", "pairwise_win_matrix", "estimate_inference_win_rate", "estimate_standard_win_rate",
-           "calibrated_shortcut", "calibrated_shortcut_per_prompt", "shortcut_procedures", "kl_estimate",
+           "calibrated_shortcut", "calibrated_shortcut_per_prompt", "shortcut_procedures", "kl_estimate", "kl_summary",
            "bootstrap_mean", "subset_selection_weights", "u_statistic_per_prompt", "u_statistic_win_rate", "paired_bootstrap_difference", "decision_verdict",
            "MAX_SUBSETS"]
 
@@ -165,7 +168,35 @@ def calibrated_shortcut(policy_rewards, n: int, *, tables: CalibrationTables, pr
 
 
 def kl_estimate(policy_logps, reference_logps, *, num_boot: int = 2000, rng=0) -> Estimate:
-    """KL(π‖π_ref) ≈ mean over the policy's samples of log π(y|x) − log π_ref(y|x)."""
+    """The sequence-level KL(π‖π_ref) ≈ mean over the policy's samples of log π(y|x) − log π_ref(y|x).
+
+    Unbiased but noisy: :func:`kl_summary` of the per-token KL sums
+    (:func:`ctrl_offline.generation.completion_kl`) estimates the same KL with far less variance.
+    """
     ratio = np.asarray(policy_logps, dtype=float) - np.asarray(reference_logps, dtype=float)
     per_prompt = ratio.mean(axis=1) if ratio.ndim == 2 else ratio
     return bootstrap_mean(per_prompt, num_boot=num_boot, rng=rng)
+
+
+def kl_summary(per_sample, *, num_boot: int = 2000, rng=0) -> dict:
+    """KL(π‖π_ref) over prompts from per-sample estimates, with its per-prompt values and their spread.
+
+    ``per_sample`` is a (prompts, samples) array of unbiased per-sample estimates of each prompt's
+    KL — the per-token sums Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)), or the sequence log-ratios
+    log π(y|x) − log π_ref(y|x) — of samples y ~ π(·|x) (NaN for a missing sample). With m_x the
+    mean of prompt x's row, returns ``{"value", "ci_low", "ci_high", "num_prompts"}`` of
+    (1/P) Σ_x m_x with a percentile bootstrap over prompts, ``"sd"`` = std_x(m_x) (ddof 1; the
+    prompt-to-prompt spread; None below 2 prompts), ``"stderr"`` = sd / √P (None likewise) and
+    ``"per_prompt"``, the m_x in row order.
+    """
+    values = np.asarray(per_sample, dtype=float)
+    if values.ndim != 2:
+        raise ValueError(f"per-sample KL estimates must be a (prompts, samples) array, got shape {values.shape}")
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a prompt with no sample is NaN, said by num_prompts
+        per_prompt = np.nanmean(values, axis=1) if values.size else np.full(values.shape[0], np.nan)
+    estimate = bootstrap_mean(per_prompt, num_boot=num_boot, rng=rng).to_dict()
+    held = per_prompt[~np.isnan(per_prompt)]
+    sd = float(held.std(ddof=1)) if len(held) > 1 else None
+    return {**estimate, "sd": sd, "stderr": None if sd is None else sd / float(np.sqrt(len(held))),
+            "per_prompt": [float(v) for v in per_prompt]}

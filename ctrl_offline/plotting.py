@@ -1,4 +1,9 @@
-"""Figures: the planner's win-rate-vs-KL curves (matplotlib, headless)."""
+"""Figures: the planner's win-rate-vs-KL curves (matplotlib, headless).
+
+A curve is drawn where the planner can solve β for its KL; points beyond (a KL past the planner's
+range, or one no β reaches) are left out of the line rather than stopping the figure
+(:func:`tradeoff_points`).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,22 @@ from .planner import Plan, tradeoff_curve
 from .procedures import get_procedure
 from .transforms import get_transform
 
-__all__ = ["plot_plan"]
+__all__ = ["plot_plan", "tradeoff_points"]
+
+
+def tradeoff_points(transform, inference: str, n: int, kls) -> np.ndarray:
+    """:func:`~ctrl_offline.planner.tradeoff_curve` at each KL in ``kls``, NaN where β cannot be solved for it.
+
+    A KL beyond what the planner resolves (over its maximum, or out of reach for the transform)
+    raises there; a figure draws the rest of the curve and leaves a gap.
+    """
+    out = np.full(len(kls), np.nan)
+    for i, kl in enumerate(kls):
+        try:
+            out[i] = tradeoff_curve(transform, inference, n, [kl])[0]
+        except ValueError:
+            continue
+    return out
 
 
 def plot_plan(plan: Plan, path: str | os.PathLike, num_points: int = 24) -> None:
@@ -27,7 +47,7 @@ def plot_plan(plan: Plan, path: str | os.PathLike, num_points: int = 24) -> None
     for i, row in enumerate(plan.rows):
         transform = get_transform(row.transform, row.t)
         label = transform.name if row.t is None else f"{transform.name} (t={row.t:.3g})"
-        ax.plot(kls, tradeoff_curve(transform, plan.inference, plan.n, kls), styles[i % 4], label=label)
+        ax.plot(kls, tradeoff_points(transform, plan.inference, plan.n, kls), styles[i % 4], label=label)
         ax.scatter([row.kl], [row.win_rate], s=18)
     ax.axvline(plan.kl, color="grey", linestyle=":", linewidth=1)
     procedure = get_procedure(plan.inference).description

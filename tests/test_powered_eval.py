@@ -230,9 +230,10 @@ def test_null_run_every_interval_contains_one_half(tiny):
         assert row["num_prompts"] == 16
     methods = {(r["selector"], r["n"]): r["method"] for r in report["win_rates"]}
     assert methods[("bon", 4)] == "closed_form" and methods[("itp", 4)] == "all_subsets"
-    assert abs(report["kl"]["value"]) < 1e-4
+    assert report["kl"]["value"] == report["kl_sequence"]["value"] == 0.0  # π is π_ref: one pass scores both
     per_prompt = pq_read(result.out_dir / "per_prompt.parquet")
-    assert set(per_prompt.metric) == {"win_rate", "standard_win_rate", "kl"} and per_prompt.prompt_id.nunique() == 16
+    assert set(per_prompt.metric) == {"win_rate", "standard_win_rate", "kl", "kl_sequence"}
+    assert per_prompt.prompt_id.nunique() == 16
     bon4 = per_prompt[(per_prompt.metric == "win_rate") & (per_prompt.selector == "bon") & (per_prompt.n == 4)]
     assert bon4.value.mean() == pytest.approx(next(r for r in report["win_rates"]
                                                    if (r["selector"], r["n"]) == ("bon", 4))["value"])

@@ -175,3 +175,130 @@ def test_bad_input_is_refused(models, tok):
     with pytest.raises(ValueError, match="tokenizes to no ids"):
         completion_kl(policy, tok, [""], [[1]], reference=reference)
     assert completion_kl(policy, tok, ["a"], [[]], reference=reference).token.tolist() == [0.0]
+
+
+# -- ctrl-data eval's KL ---------------------------------------------------------------------------
+HELD_OUT = ["tell me about the dog", "why is it good", "what is a cat"]
+EVAL_PROMPTS = ["the cat sat", "a dog ran fast", "is it fine", "yes or no"]
+REWARD = "tiny_models:word_count_reward"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny base, a LoRA adapter moved off zero, and its ctrl_train.json as `ctrl-data train --kl-prompts` writes
+    it: the KL record of the callback's own estimator (its prompts, seed and batches), with its last estimate."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ctrl_offline.stages.train import _kl_callback
+    from tiny_models import build_tiny_model
+
+    root = tmp_path_factory.mktemp("eval_kl")
+    base = build_tiny_model(root / "base", hidden=32)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "lm_head"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+    model.eval()
+    callback, record = _kl_callback(0.5, HELD_OUT, base, 3, 1, 4, 2, "prompt", 11)
+    assert record["prompt_list"] == HELD_OUT and (record["seed"], record["batch_size"]) == (11, 2)
+    assert record["estimator"] == "per_token" and record["prompts"] == 3
+    final = callback.estimate_kl(model)
+    model.save_pretrained(root / "adapter", save_embedding_layers=False)
+    from dataclasses import asdict
+
+    (root / "adapter" / "ctrl_train.json").write_text(json.dumps({
+        "loss": "dpo", "kl": {"budget": 0.5, "reached": True, "final": asdict(final), "history": [],
+                              "prompts_source": "heldout.txt", **record}}))
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in EVAL_PROMPTS))
+    return {"root": root, "base": str(base), "adapter": str(root / "adapter"), "final": final,
+            "prompts": str(root / "prompts.jsonl")}
+
+
+def run_eval(trained, out, **kwargs):
+    from ctrl_offline.stages.evaluate import evaluate_policy
+
+    args = {"adapter": trained["adapter"], "n": (1, 2), "selectors": ("bon",), "max_new_tokens": 4, "num_boot": 200,
+            "policy_samples": 4, "reference_samples": 4, **kwargs}
+    return evaluate_policy(trained["prompts"], out, trained["base"], REWARD, **args)
+
+
+def test_eval_reports_the_per_token_kl_per_prompt_beside_the_sequence_level_one(trained, monkeypatch):
+    import json
+
+    import pandas as pd
+
+    import ctrl_offline.reporting
+
+    # The planner's curves are the other test's business (and take seconds): no theory curves here.
+    monkeypatch.setattr(ctrl_offline.reporting, "theory_curves", lambda report: (np.array([]), [], []))
+    result = run_eval(trained, trained["root"] / "report")
+    report = json.loads((result.out_dir / "report.json").read_text())
+    kl, sequence = report["kl"], report["kl_sequence"]
+    assert (kl["estimator"], sequence["estimator"]) == ("per_token", "sequence")
+    for est in (kl, sequence):
+        assert len(est["per_prompt"]) == est["num_prompts"] == len(EVAL_PROMPTS)
+        assert est["value"] == pytest.approx(np.mean(est["per_prompt"]))
+        assert est["sd"] == pytest.approx(np.std(est["per_prompt"], ddof=1))
+        assert est["stderr"] == pytest.approx(est["sd"] / 2) and est["ci_low"] <= est["value"] <= est["ci_high"]
+    assert kl["value"] > 0.01 and all(v > 0 for v in kl["per_prompt"])  # exact KLs of each position: positive
+    table = pd.read_parquet(result.out_dir / "per_prompt.parquet")
+    for metric, est in (("kl", kl), ("kl_sequence", sequence)):
+        rows = table[table.metric == metric].sort_values("prompt_index")
+        np.testing.assert_allclose(rows.value, est["per_prompt"])
+
+    # The prompts training was held on: the callback's estimator again, on the adapter as saved.
+    held = report["kl_training_prompts"]
+    assert (held["num_prompts"], held["samples_per_prompt"], held["max_new_tokens"], held["seed"]) == (3, 3, 4, 11)
+    assert held["source"] == "heldout.txt" and held["budget"] == 0.5
+    assert held["held_in_training"] == pytest.approx(trained["final"].value)
+    assert held["kl"]["value"] == pytest.approx(trained["final"].value, rel=1e-6)
+    assert held["kl_sequence"]["value"] == pytest.approx(trained["final"].sequence_value, rel=1e-6)
+    markdown = (result.out_dir / "report.md").read_text()
+    assert "per-token estimate (`kl`" in markdown and "sequence-level estimate (`kl_sequence`" in markdown
+    assert "prompts training was held on" in markdown and "| prompt | kl (per-token) | kl_sequence |" in markdown
+    assert report["figure_notes"] == []
+
+    # Without an adapter the policy is the reference: both estimates are exactly 0, and nothing was held.
+    base = run_eval(trained, trained["root"] / "base_report", adapter=None).report
+    assert base["kl"]["per_prompt"] == [0.0] * 4 and base["kl_sequence"]["value"] == 0.0
+    assert base["kl_training_prompts"] is None
+
+
+def test_eval_far_past_any_plannable_kl_still_writes_its_report(trained, monkeypatch):
+    """An adapter trained far too hard (KL ≈ 21.6 nats, where no t gives exp a trainable β): the samples, win rates
+    and KL are written, the curves that cannot be planned are left off the figure, and the report says why."""
+    import json
+
+    from ctrl_offline.generation import CompletionKL
+    from ctrl_offline.reporting import theory_curves
+    from ctrl_offline.stages import evaluate
+
+    def far(model, tokenizer, texts, ids, **kwargs):
+        rows = len(ids)
+        return CompletionKL(token=np.full(rows, 21.5968), logp=np.full(rows, -1.0), ref_logp=np.full(rows, -23.0),
+                            num_tokens=np.array([len(i) for i in ids]))
+
+    monkeypatch.setattr(evaluate, "completion_kl", far)
+    result = run_eval(trained, trained["root"] / "far", selectors=("bon", "won"), training_kl_prompts=False)
+    out = result.out_dir
+    report = json.loads((out / "report.json").read_text())
+    assert report["kl"]["value"] == pytest.approx(21.5968) and report["kl_sequence"]["value"] == pytest.approx(22.0)
+    assert len(report["win_rates"]) == 4 and report["kl_training_prompts"] is None
+    notes = report["figure_notes"]
+    assert notes and all("beyond what the plan covers" in note for note in notes)
+    assert any("bon-2 with exp" in note for note in notes) and any("won-2" in note for note in notes)
+    markdown = (out / "report.md").read_text()
+    assert "beyond what the plan covers for bon-2 with exp" in markdown and "21.5968 nats" in markdown
+    for name in ("samples.parquet", "per_prompt.parquet", "win_rate_vs_kl.png", "calibration_hist.png",
+                 "win_rate_vs_n.png"):
+        assert (out / name).is_file(), name
+
+    # Past the planner's range altogether: every family is left out, with the reason.
+    kls, curves, notes = theory_curves({**report, "kl": {"value": 40.0}})
+    assert curves == [] and len(notes) == 2 and all("identity, log, exp, negexp" in note for note in notes)

@@ -7,9 +7,14 @@ for every selector and every N ≤ min(m, M) reports the win rate of T(policy) o
 averaged over every N-subset of both sides (the U-statistic, docs/evaluation.md) with a bootstrap
 interval, the standard win rate, the calibrated-reward shortcut (the policy's candidates against
 the reference's best-/worst-of-N drawn from tables built from the reference candidates,
-docs/evaluation_shortcut.md) and KL(π‖π_ref) from the policy samples' log-ratios. Writes
-``report.json``, ``report.md``, ``samples.parquet``, ``per_prompt.parquet`` (the per-prompt values
-``ctrl-data compare`` pairs) and three figures.
+docs/evaluation_shortcut.md) and KL(π‖π_ref) of the policy samples: the per-token exact KL summed
+along each sample (``kl``) and the sequence-level log-ratio (``kl_sequence``), each per prompt with
+its spread (:func:`ctrl_offline.generation.completion_kl`, docs/kl_budget.md). An adapter whose
+``ctrl_train.json`` lists the prompts its training was held on (``ctrl-data train --kl-prompts``)
+also gets the per-token KL on those prompts (``kl_training_prompts``). Writes ``report.json``,
+``report.md``, ``samples.parquet``, ``per_prompt.parquet`` (the per-prompt values ``ctrl-data
+compare`` pairs) and three figures; a figure that cannot be drawn (a KL beyond what the planner
+covers) is noted in the report, never lost with it.
 """
 
 from __future__ import annotations
@@ -28,13 +33,13 @@ from ..evaluation import (
     MAX_SUBSETS,
     bootstrap_mean,
     calibrated_shortcut,
-    kl_estimate,
+    kl_summary,
     u_statistic_per_prompt,
     u_statistic_win_rate,
 )
 from ..generation import (
     SamplingConfig,
-    completion_logps,
+    completion_kl,
     load_causal_lm,
     prompt_id,
     render_prompt,
@@ -165,8 +170,11 @@ def _write_pool(pool: Path, ids: list[str], rows: list[dict], rewards: np.ndarra
                                                "num_prompts": len(first), "seed": seed})
 
 
-def _per_prompt_table(ids: list[str], win_rates: list[dict], standard: np.ndarray, kl: np.ndarray) -> pa.Table:
-    """Long table of per-prompt values: metric (win_rate, standard_win_rate, kl), selector, n, value."""
+def _per_prompt_table(ids: list[str], win_rates: list[dict], standard: np.ndarray, kl: np.ndarray,
+                      kl_sequence: np.ndarray) -> pa.Table:
+    """Long table of per-prompt values: metric (win_rate, standard_win_rate, kl, kl_sequence), selector, n, value.
+
+    ``kl`` is the per-token estimate of each prompt's KL, ``kl_sequence`` the sequence-level one."""
     cols = {"prompt_id": [], "prompt_index": [], "metric": [], "selector": [], "n": [], "value": []}
 
     def add(metric, selector, n, values):
@@ -181,6 +189,7 @@ def _per_prompt_table(ids: list[str], win_rates: list[dict], standard: np.ndarra
         add("win_rate", row["selector"], row["n"], row["per_prompt"])
     add("standard_win_rate", None, 1, standard)
     add("kl", None, None, kl)
+    add("kl_sequence", None, None, kl_sequence)
     return pa.table({**cols, "selector": pa.array(cols["selector"], pa.string()), "n": pa.array(cols["n"], pa.int64())})
 
 
@@ -211,6 +220,7 @@ def evaluate_policy(
     reference_pool: str | os.PathLike | None = None,
     max_subsets: int = MAX_SUBSETS,
     selector_args: dict | None = None,
+    training_kl_prompts: bool = True,
 ) -> EvalResult:
     """Evaluate ``adapter`` on ``model_name_or_path`` (or the base itself when no adapter is given).
 
@@ -229,6 +239,14 @@ def evaluate_policy(
     the reference again (M defaults to all of them); when it does not exist, the M reference
     samples are drawn, scored and written there. A pool that does not match is a DataError.
     ``max_subsets`` caps the N-subsets enumerated per prompt for the adaptive selectors.
+
+    KL(π‖π_ref) is reported as ``kl`` (the per-token estimator: Σ_t of the exact next-token KL
+    along each policy sample) and ``kl_sequence`` (the mean of log π(y|x) − log π_ref(y|x)), each
+    with its bootstrap interval, the prompt-to-prompt ``sd``, ``stderr`` and ``per_prompt`` values.
+    With ``training_kl_prompts`` (default) an adapter whose ``ctrl_train.json`` lists the prompts its
+    training was held on also gets ``kl_training_prompts``: the per-token KL there, drawn as the
+    callback drew, beside the KL the callback left. ``figure_notes`` says what the figures left out
+    (a planner curve that cannot be planned at the measured KL).
     """
     n = tuple(sorted(set(int(x) for x in n)))
     if not n or n[0] < 1:
@@ -281,16 +299,17 @@ def evaluate_policy(
         ref_rewards = np.array([r["reward"] for r in reference])
     policy = _draw(model, tokenizer, texts, SamplingConfig(k=m, max_new_tokens=max_new_tokens), seed, reference=False)
 
-    # Log-probs of the policy's samples under both models (for the KL estimate). A drawn row's `logp`
-    # is under the model that drew it: the policy's for `policy`, π_ref's for `reference`.
+    # The policy's samples under both models, teacher-forced on the same batches: the per-token KL
+    # along each, and log π_ref (which RBoN and ITP need). Without an adapter π is π_ref: one pass, KL 0.
     policy_texts = [texts[r["batch_prompt"]] for r in policy]
     policy_ids = [r["completion_ids"] for r in policy]
-    import contextlib
-
-    with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
-        policy_under_ref = completion_logps(model, tokenizer, policy_texts, policy_ids)
-    policy_logp = np.array([r["logp"] for r in policy]).reshape(len(prompts), m)
-    policy_ref_logp = np.array(policy_under_ref).reshape(len(prompts), m)
+    scored = completion_kl(model, tokenizer, policy_texts, policy_ids,
+                           reference=None if hasattr(model, "disable_adapter") else model)
+    policy_ref_logp = scored.ref_logp.reshape(len(prompts), m)
+    kl = kl_summary(scored.token.reshape(len(prompts), m), num_boot=num_boot, rng=seed)
+    kl_sequence = kl_summary(scored.sequence.reshape(len(prompts), m), num_boot=num_boot, rng=seed)
+    held = _training_kl_record(adapter) if training_kl_prompts else None
+    on_training_prompts = None if held is None else _kl_on_training_prompts(model, tokenizer, held, num_boot)
 
     r_pol = np.asarray(score([prompts[r["batch_prompt"]] for r in policy], [r["completion"] for r in policy]))
     r_pol = r_pol.reshape(len(prompts), m)
@@ -309,7 +328,6 @@ def evaluate_policy(
                 r_pol, r_ref, size, selector, policy_ref_logps=policy_ref_logp, reference_ref_logps=ref_ref_logp,
                 max_subsets=max_subsets, num_boot=num_boot, rng=seed, **selector_settings))
     standard = u_statistic_per_prompt(r_pol, r_ref, 1)  # every policy sample against every reference sample
-    kl_per_prompt = (policy_logp - policy_ref_logp).mean(axis=1)
     report = {
         "model": model_name_or_path,
         "adapter": adapter,
@@ -326,7 +344,9 @@ def evaluate_policy(
         "standard_win_rate": bootstrap_mean(standard, num_boot=num_boot, rng=seed).to_dict(),
         "calibrated_shortcut": [calibrated_shortcut(r_pol, size, tables=tables, prompt_ids=ids, num_boot=num_boot,
                                                     rng=seed) for size in n],
-        "kl": kl_estimate(policy_logp, policy_ref_logp, num_boot=num_boot, rng=seed).to_dict(),
+        "kl": {**kl, "estimator": "per_token"},
+        "kl_sequence": {**kl_sequence, "estimator": "sequence"},
+        "kl_training_prompts": on_training_prompts,
         "mean_policy_u": float(u_pol.mean()),
         "transform": {"name": transform, "t": t},
         "build": None if build_info is None else {k: build_info.get(k) for k in BUILD_REPORT_KEYS},
@@ -339,13 +359,60 @@ def evaluate_policy(
         "reward": rewards,
         "u": np.concatenate([u_pol.ravel(), np.full(len(reference), np.nan)]),
     })
-    per_prompt = _per_prompt_table(ids, results, standard, kl_per_prompt)
+    per_prompt = _per_prompt_table(ids, results, standard, kl["per_prompt"], kl_sequence["per_prompt"])
     from ..reporting import write_report
 
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         write_parquet(samples, tmp / "samples.parquet", {"stage": "eval"})
         write_parquet(per_prompt, tmp / PER_PROMPT_FILE, {"stage": "eval", "reward": reward,
                                                            "model": model_name_or_path, "adapter": adapter})
+        try:
+            notes = write_report(report, u_pol.ravel(), tmp) or []
+        except Exception as err:  # noqa: BLE001 — a figure must never cost the samples and the numbers
+            logger.exception("the report's figures could not be drawn; report.json and the samples are written")
+            notes = [f"report.md and the figures could not be written: {type(err).__name__}: {err}"]
+        report["figure_notes"] = notes
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        write_report(report, u_pol.ravel(), tmp)
     return EvalResult(Path(out_dir), report)
+
+
+def _training_kl_record(adapter: str | None) -> dict | None:
+    """The KL record of ``adapter``'s ``ctrl_train.json`` when it lists the prompts training was held on, else None."""
+    from .train import TRAIN_INFO_FILE
+
+    path = Path(adapter) / TRAIN_INFO_FILE if adapter else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text()).get("kl")
+    except ValueError as err:
+        logger.warning("cannot read %s (%s): no KL on the prompts training was held on", path, err)
+        return None
+    if not record or not record.get("prompt_list"):
+        return None  # not held, or held by a version that did not record its prompts
+    return record
+
+
+def _kl_on_training_prompts(model, tokenizer, record: dict, num_boot: int) -> dict:
+    """The per-token KL of the evaluated policy on the prompts the KL callback held training on.
+
+    Drawn as the callback drew (its samples per prompt, ``max_new_tokens`` and seed), so it is the
+    callback's own estimate of these weights; ``held_in_training`` is the KL the callback left.
+    """
+    from ..kl_budget import SampledKL
+
+    prompts = record["prompt_list"]
+    settings = {"num_samples": int(record.get("samples_per_prompt", 4)),
+                "max_new_tokens": int(record.get("max_new_tokens", 64)), "seed": int(record.get("seed", 0)),
+                "batch_size": int(record.get("batch_size", 8))}
+    estimate = SampledKL(prompts, tokenizer, **settings,
+                         reference_model=None if hasattr(model, "disable_adapter") else model)(model)
+    final = record.get("final") or {}
+    return {"num_prompts": len(prompts), "source": record.get("prompts_source"),
+            "samples_per_prompt": settings["num_samples"], "max_new_tokens": settings["max_new_tokens"],
+            "seed": settings["seed"],
+            "kl": {**kl_summary(np.array(estimate.per_prompt)[:, None], num_boot=num_boot, rng=settings["seed"]),
+                   "estimator": "per_token"},
+            "kl_sequence": {**kl_summary(np.array(estimate.per_prompt_sequence)[:, None], num_boot=num_boot,
+                                         rng=settings["seed"]), "estimator": "sequence"},
+            "held_in_training": final.get("value"), "budget": record.get("budget")}

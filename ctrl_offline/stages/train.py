@@ -234,9 +234,11 @@ def train_from_build(
     ``kl_budget`` — by default the KL the build was planned for — by
     :class:`~ctrl_offline.kl_budget.KLBudgetCallback` with a :class:`~ctrl_offline.kl_budget.SampledKL`
     estimate every ``kl_every_n_steps`` steps (docs/kl_budget.md); ``kl_prompts_source`` says where the
-    prompts came from in the KL record (default: the path given). Checkpoints (in ``checkpoint_dir``,
-    default ``<out>.checkpoints``) are resumed only when trained with the same data, model, loss and
-    arguments, :data:`RUN_ONLY_TRAINING_ARGS` aside. Input errors (not a build folder,
+    prompts came from in the KL record (default: the path given). The KL record (``kl`` in
+    ``ctrl_train.json``) lists the prompts (``prompt_list``) with the seed and batch size they were
+    sampled with, so that ``ctrl-data eval`` of the adapter reports the KL on them too. Checkpoints
+    (in ``checkpoint_dir``, default ``<out>.checkpoints``) are resumed only when trained with the same
+    data, model, loss and arguments, :data:`RUN_ONLY_TRAINING_ARGS` aside. Input errors (not a build folder,
     a loss the rows cannot serve, another model than the stored log-probs', an existing ``out``)
     raise :class:`~ctrl_offline.io.DataError` before any model is loaded.
     """
@@ -354,5 +356,8 @@ def _kl_callback(budget, prompts, model, num_samples, every_n_steps, max_new_tok
     estimator = SampledKL(prompts, tokenizer, num_samples=num_samples, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, seed=seed)
     callback = KLBudgetCallback(budget, estimator, every_n_steps=every_n_steps)
+    # The prompts themselves and how they were sampled: `ctrl-data eval` of the adapter re-estimates the
+    # KL there exactly as the callback did (the same fixed set, seed and batches).
     return callback, {"prompts": len(prompts), "samples_per_prompt": num_samples, "max_new_tokens": max_new_tokens,
-                      "every_n_steps": every_n_steps}
+                      "every_n_steps": every_n_steps, "estimator": "per_token", "seed": seed,
+                      "batch_size": batch_size, "prompt_list": prompts}
