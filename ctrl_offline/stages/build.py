@@ -126,6 +126,35 @@ def _choose_transform(transform, t, beta, inference, n, kl, k=None, estimator=No
     return get_transform(transform, t), float(beta), planned
 
 
+def _ranks_per_row(path: Path, table: pa.Table) -> tuple[np.ndarray, bool]:
+    """(K of each row's estimator, whether the rows were ranked against stored tables) (docs/finite_k.md §8).
+
+    K is how many leave-one-out ranks a row's u can take.
+
+    A reference sample (the calibrate stage's leave-one-out u) is ranked among the K − 1 other
+    samples of its prompt: K ranks, counted from the rows before any is left out below. A response
+    calibrated against stored tables (``ctrl-data calibrate --tables``, e.g. a policy sample of an
+    on-policy round) is ranked among all K reference rewards of its prompt: its rank is
+    Binomial(K, c), the leave-one-out rank of K + 1 samples, so its estimator is the K + 1 one.
+    """
+    ids = table["prompt_id"].to_numpy(zero_copy_only=False)
+    metadata = read_metadata(path)
+    tables_path = metadata.get("inputs", {}).get("tables", {}).get("path")
+    if metadata.get("settings", {}).get("mode") != "apply tables" or not tables_path:
+        codes, _ = pd.factorize(ids)
+        return np.bincount(codes)[codes], False
+    if not Path(tables_path).exists():
+        raise DataError(f"{path} was calibrated against tables {tables_path}, which are gone: the build needs their "
+                        "K per prompt to plan for the ranks its rows can take")
+    tables = load_tables(tables_path)
+    k = tables.k[tables.codes_of(ids)]
+    loo_column = metadata["settings"].get("leave_one_out_column")
+    if loo_column and loo_column in table.column_names:
+        reference = np.asarray(table[loo_column].to_numpy(zero_copy_only=False), dtype=bool)
+        return np.where(reference, k, k + 1), True
+    return k + 1, True
+
+
 def _verified_ref_logps(ref: np.ndarray, table: pa.Table, prompt_col: str, tokenizer_path: str | None,
                         finished: np.ndarray | None):
     """``ref`` if re-tokenising each row as the trainer does gives back the sampled ids, else None.
@@ -225,11 +254,14 @@ def build_dataset(
         path = path / CALIBRATED_FILE
     table = read_table(path)
     require_columns(table, ["prompt_id", "prompt", "completion", "u"], f"calibrated input {path}")
-    # K of each prompt: its reference samples in the calibrated input, before any row is left out
-    # below (the u were ranked among all of them).
-    all_ids = table["prompt_id"].to_numpy(zero_copy_only=False)
-    codes, _ = pd.factorize(all_ids)
-    k_of_row = np.bincount(codes)[codes]
+    k_of_row, against_tables = _ranks_per_row(path, table)
+    if against_tables and targets == "cell":
+        raise ValueError("cell targets share a prompt's quantile cells among its reference samples; rows calibrated "
+                         "against stored tables are outside samples: use targets='loo'")
+    if against_tables and format == "pairs":
+        logger.warning("pairs of responses calibrated against stored tables: the finite-K pair theory assumes a "
+                       "prompt's samples ranked among each other, so the K-aware plan is approximate; the pointwise "
+                       "format is exact for them (docs/finite_k.md §8)")
     k_plan = int(np.bincount(k_of_row).argmax()) if len(k_of_row) else None
     planned_k, estimator, tables = None, None, None
     procedure = None if inference is None else get_procedure(inference)
