@@ -44,13 +44,18 @@ sys.path.insert(0, str(ROOT))
 DECISION_RULE = ("a gap of >= 3 points with the 95% interval excluding 0 shows the effect; <= 1 point with the "
                  "upper end below 3 points refutes it; anything else is inconclusive")
 
-#: method → how its training set is made and trained.
+#: method → how its training set is made and trained. The CTRL methods without a suffix train in
+#: on-policy rounds (``kind="rounds"``: sample from the policy, calibrate against the reference
+#: tables, pointwise targets, train, repeat); ``_dpo`` is soft-label DPO on sampled pairs of the
+#: reference samples, ``_pointwise`` the pointwise loss on the reference samples (both offline).
 METHODS = {
     "raw_bvw_dpo": dict(kind="bvw", inference=None),
-    "calib_identity": dict(kind="ctrl", transform="identity", inference="bon"),
-    "ctrl_exp_bon": dict(kind="ctrl", transform="exp", inference="bon"),
-    "ctrl_negexp_won": dict(kind="ctrl", transform="negexp", inference="won"),
-    # On request (not in the default run): exp for BoN-4 through the pointwise estimator, every sample a row.
+    "calib_identity": dict(kind="rounds", transform="identity", inference="bon"),
+    "ctrl_exp_bon": dict(kind="rounds", transform="exp", inference="bon"),
+    "ctrl_negexp_won": dict(kind="rounds", transform="negexp", inference="won"),
+    "calib_identity_dpo": dict(kind="ctrl", transform="identity", inference="bon"),
+    "ctrl_exp_bon_dpo": dict(kind="ctrl", transform="exp", inference="bon"),
+    "ctrl_negexp_won_dpo": dict(kind="ctrl", transform="negexp", inference="won"),
     "ctrl_exp_bon_pointwise": dict(kind="ctrl", transform="exp", inference="bon", format="pointwise"),
 }
 DEFAULT_METHODS = ["raw_bvw_dpo", "calib_identity", "ctrl_exp_bon", "ctrl_negexp_won"]
@@ -150,16 +155,21 @@ def oracle(setup: Setup, kls, ks, n: int = 4) -> list[dict]:
 
 def reference_samples(out: Path, setup: Setup, k: int, seed: int) -> Path:
     """K samples per training prompt from π_ref with their rewards, as a scored Parquet file (cached)."""
+    path = out / "samples" / f"K{k}_seed{seed}" / "scored.parquet"
+    if not path.exists():
+        write_scored(path, setup, setup.model, k, seed)
+    return path
+
+
+def write_scored(path: Path, setup: Setup, model, k: int, seed: int) -> Path:
+    """K exact samples per training prompt from ``model``, scored, with their π_ref log-probs (response + EOS,
+    as the trainers score them: no reference pass at training), as a scored Parquet file."""
     import pyarrow as pa
 
     from ctrl_offline.io import write_parquet
     from ctrl_offline.lm_testbed import sample_from_model, sequence_logprobs
 
-    path = out / "samples" / f"K{k}_seed{seed}" / "scored.parquet"
-    if path.exists():
-        return path
-    symbols = sample_from_model(setup.model, setup.tokenizer, setup.language, setup.train_prompts, k, seed=seed)
-    # Stored reference log-probs (response + EOS, as the trainers score them): no reference pass at training.
+    symbols = sample_from_model(model, setup.tokenizer, setup.language, setup.train_prompts, k, seed=seed)
     ref_logps = sequence_logprobs(setup.model, setup.tokenizer, setup.language, setup.train_prompts, symbols)
     rows = {"prompt_id": [], "prompt": [], "completion": [], "sample_idx": [], "reward": [], "finished": [],
             "ref_logp": [], "completion_ids": []}
@@ -207,7 +217,7 @@ def train_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: int
 
     from ctrl_offline.config import CTRLConfig, CTRLPointwiseConfig
     from ctrl_offline.kl_budget import KLBudgetCallback
-    from ctrl_offline.lm_testbed import ExactKL, exact_metrics, response_logprobs
+    from ctrl_offline.lm_testbed import ExactKL
     from ctrl_offline.stages.build import build_dataset
     from ctrl_offline.stages.calibrate import calibrate_scored
     from ctrl_offline.trainer import CTRLPointwiseTrainer, CTRLTrainer
@@ -217,6 +227,8 @@ def train_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: int
     result_path = run_dir / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
+    if spec["kind"] == "rounds":
+        return rounds_run(out, setup, method, k, kl, seed, args)
     start = time.perf_counter()
     scored = reference_samples(out, setup, k, seed)
     planned = {}
@@ -254,16 +266,123 @@ def train_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: int
     trainer = trainer_cls(model=model, args=config, train_dataset=train, processing_class=setup.tokenizer,
                           callbacks=[callback], **extra)
     trainer.train()
-    logp, valid = response_logprobs(model, setup.tokenizer, setup.language, setup.eval_prompts)
-    metrics = exact_metrics(logp, setup.ref_logp, setup.eval_rewards, n_values=(4,))
     result = dict(method=method, k=k, kl_budget=kl, seed=seed, **planned, reached=callback.reached,
-                  steps=int(trainer.state.global_step), rows=len(train), exact_kl=metrics.kl,
-                  bon4=metrics.bon_win_rate[4], won4=metrics.won_win_rate[4], standard=metrics.standard_win_rate,
-                  valid_mass=float(valid.mean()), per_prompt=metrics.per_prompt,
+                  steps=int(trainer.state.global_step), rows=len(train), **measure(setup, model, planned),
                   kl_history=callback.history, seconds=time.perf_counter() - start)
     run_dir.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(result, indent=1, default=float))
     return result
+
+
+def rounds_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: int, args) -> dict:
+    """On-policy rounds through the library: each round draws ``--round-samples`` exact samples per training
+    prompt from the current policy, scores them, calibrates them against the K reference samples' tables
+    (``calibrate_scored(tables=…)``), builds pointwise targets Φ(u) − β log Z (``build_dataset``, K-aware:
+    an outside sample's rank among K is the K + 1 estimator's) and trains ``--round-steps`` steps of
+    ``CTRLPointwiseTrainer`` from where the last round stopped, held to the budget by the exact KL.
+    The learning rate falls linearly from ``--lr`` to ``--lr-end`` over the rounds."""
+    import copy
+
+    import datasets
+    import torch
+
+    from ctrl_offline.config import CTRLPointwiseConfig
+    from ctrl_offline.kl_budget import KLBudgetCallback
+    from ctrl_offline.lm_testbed import ExactKL
+    from ctrl_offline.stages.build import build_dataset
+    from ctrl_offline.stages.calibrate import calibrate_scored
+    from ctrl_offline.trainer import CTRLPointwiseTrainer
+
+    spec = METHODS[method]
+    run_dir = out / "runs" / f"{method}_K{k}_kl{kl:g}_seed{seed}"
+    start = time.perf_counter()
+    scored = reference_samples(out, setup, k, seed)
+    reference = scored.parent / "calibrated"
+    if not reference.exists():
+        calibrate_scored(scored, reference)
+    model = copy.deepcopy(setup.model)
+    torch.manual_seed(seed)
+    exact_kl = ExactKL(setup.tokenizer, setup.language, setup.eval_prompts, setup.ref_logp)
+    history, planned, steps, reached, rows = [], {}, 0, False, 0
+    for rnd in range(args.rounds):
+        round_dir = run_dir / f"round{rnd}"
+        # Fresh draws every round (never the reference samples' seed).
+        samples = write_scored(round_dir / "scored.parquet", setup, model, args.round_samples,
+                               seed=100_000 + 1_000 * seed + rnd)
+        calibrate_scored(samples, round_dir / "calibrated", tables=reference / "tables.parquet", overwrite=True)
+        build = build_dataset(round_dir / "calibrated", round_dir / "build", format="pointwise", loss="pointwise",
+                              transform=spec["transform"], inference=spec["inference"], n=4, kl=kl,
+                              tokenizer=str(setup.path), seed=seed, overwrite=True)
+        if not planned:
+            info = json.loads((round_dir / "build" / "ctrl_build.json").read_text())
+            row = info["planner"]["row"]
+            planned = dict(transform=row["transform"], t=row["t"], beta=build.beta, unscaled_beta=row["beta"],
+                           planned_kl=row["kl"], planned_win_rate=row["win_rate"], plan_k=info["k"],
+                           estimator=info["planner"]["estimator"])
+        lr = args.lr + (args.lr_end - args.lr) * rnd / max(args.rounds - 1, 1)
+        config = CTRLPointwiseConfig(
+            ctrl_loss="pointwise", bf16=False, output_dir=str(round_dir / "trainer"), use_cpu=True, report_to="none",
+            save_strategy="no", logging_steps=10, per_device_train_batch_size=args.round_batch_size, learning_rate=lr,
+            max_steps=args.round_steps, lr_scheduler_type="constant", gradient_checkpointing=False,
+            seed=seed + rnd, disable_tqdm=True, max_length=None, dataloader_num_workers=0)
+        callback = KLBudgetCallback(kl, exact_kl, every_n_steps=args.kl_every, tolerance=args.kl_tolerance)
+        trainer = CTRLPointwiseTrainer(model=model, args=config, train_dataset=datasets.load_from_disk(
+            str(round_dir / "build")), processing_class=setup.tokenizer, callbacks=[callback])
+        trainer.train()
+        steps += int(trainer.state.global_step)
+        rows += build.num_rows
+        reached = reached or callback.reached
+        value = exact_kl(model).value
+        history.append(dict(round=rnd, steps=steps, lr=lr, kl=value, reached=callback.reached))
+        _log(f"  {method} round {rnd}: exact KL {value:.3f} after {steps} steps (lr {lr:.2g})")
+    result = dict(method=method, k=k, kl_budget=kl, seed=seed, **planned, reached=reached, steps=steps, rows=rows,
+                  **measure(setup, model, planned), kl_history=history, seconds=time.perf_counter() - start,
+                  rounds=dict(rounds=args.rounds, samples=args.round_samples, steps=args.round_steps, lr=args.lr,
+                              lr_end=args.lr_end))
+    result_path = run_dir / "result.json"
+    result_path.write_text(json.dumps(result, indent=1, default=float))
+    return result
+
+
+def measure(setup: Setup, model, planned: dict) -> dict:
+    """Exact figures of a trained model on the held-out prompts, with where its KL went (docs/diagnostics.md):
+    the chain-rule split into on-target (the quantile's law, 50 bins) and off-target KL, and for a planned
+    run the R² of its log-ratio against the planned log-density (weights π_ref)."""
+    from ctrl_offline.diagnostics import exact_kl_split, tilt_fidelity
+    from ctrl_offline.finite_k import Estimator, trained_tilt
+    from ctrl_offline.lm_testbed import exact_metrics, quantile_cells, response_logprobs
+
+    logp, valid = response_logprobs(model, setup.tokenizer, setup.language, setup.eval_prompts)
+    metrics = exact_metrics(logp, setup.ref_logp, setup.eval_rewards, n_values=(4,))
+    split = exact_kl_split(logp, setup.ref_logp, setup.eval_rewards, bins=50)
+    out = dict(exact_kl=metrics.kl, bon4=metrics.bon_win_rate[4], won4=metrics.won_win_rate[4],
+               standard=metrics.standard_win_rate, valid_mass=float(valid.mean()), per_prompt=metrics.per_prompt,
+               on_target_kl=split.on_target, off_target_kl=split.off_target)
+    if planned:
+        spec = planned["transform"] if planned["t"] is None else f"{planned['transform']}:{planned['t']}"
+        tilt = trained_tilt(spec, planned["unscaled_beta"], planned["plan_k"], Estimator(**planned["estimator"]))
+        mids = np.concatenate([((lo + hi) / 2)[group] for group, lo, hi in
+                               quantile_cells(setup.ref_logp, setup.eval_rewards)])
+        out["tilt_r2"] = tilt_fidelity(mids, (logp - setup.ref_logp).ravel(), tilt.log_density,
+                                       weights=np.exp(setup.ref_logp).ravel()).r2
+    return out
+
+
+def add_diagnostics(results: list[dict]) -> None:
+    """KL efficiency and plan fidelity of each CTRL run on BoN-4 and WoN-4, against its own plan's curve
+    (the same Φ, K and estimator with β varied; docs/diagnostics.md §2)."""
+    from ctrl_offline.diagnostics import kl_efficiency, plan_fidelity
+    from ctrl_offline.finite_k import Estimator
+
+    for r in results:
+        if not r.get("transform") or "bon4_efficiency" in r:
+            continue
+        spec = r["transform"] if r["t"] is None else f"{r['transform']}:{r['t']}"
+        estimator = Estimator(**r.get("estimator") or dict(loss="dpo", strategy="sampled"))
+        for metric, inference in (("bon4", "bon"), ("won4", "won")):
+            kw = dict(kl_spent=r["exact_kl"], reached=r[metric], k=r["plan_k"], estimator=estimator)
+            r[f"{metric}_efficiency"] = kl_efficiency(spec, inference, 4, **kw)
+            r[f"{metric}_fidelity"] = plan_fidelity(spec, inference, 4, **kw)
 
 
 def paired(results: list[dict], method: str, baseline: str, metric: str, k: int, kl: float,
@@ -305,7 +424,10 @@ def comparisons(results: list[dict]) -> list[dict]:
              ("calib_identity", "raw_bvw_dpo", "bon4"), ("calib_identity", "raw_bvw_dpo", "won4"),
              ("ctrl_exp_bon", "calib_identity", "bon4"), ("ctrl_negexp_won", "calib_identity", "won4"),
              ("ctrl_exp_bon_pointwise", "raw_bvw_dpo", "bon4"), ("ctrl_exp_bon_pointwise", "calib_identity", "bon4"),
-             ("ctrl_exp_bon_pointwise", "ctrl_exp_bon", "bon4")]
+             ("ctrl_exp_bon_pointwise", "ctrl_exp_bon", "bon4"),
+             # On-policy rounds (the default) against the offline soft-label DPO they replace.
+             ("ctrl_exp_bon", "ctrl_exp_bon_dpo", "bon4"), ("ctrl_negexp_won", "ctrl_negexp_won_dpo", "won4"),
+             ("calib_identity", "calib_identity_dpo", "bon4"), ("calib_identity", "calib_identity_dpo", "won4")]
     rows = []
     for k in sorted({r["k"] for r in results}):
         for kl in sorted({r["kl_budget"] for r in results}):
@@ -347,9 +469,10 @@ def add_planned_figures(results: list[dict]) -> None:
 
 
 def format_runs(results: list[dict]) -> str:
-    lines = ["| method | K | KL budget | seeds (reached) | planned KL | exact KL | BoN-4 planned | BoN-4 exact | "
-             "WoN-4 planned | WoN-4 exact | standard | steps |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | K | KL budget | seeds (reached) | planned KL | exact KL | off-target KL | BoN-4 planned | "
+             "BoN-4 exact | BoN-4 KL eff. | BoN-4 fidelity | WoN-4 planned | WoN-4 exact | WoN-4 KL eff. | "
+             "WoN-4 fidelity | tilt R² | steps |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     keys = sorted({(r["method"], r["k"], r["kl_budget"]) for r in results}, key=lambda x: (x[1], x[2], x[0]))
     for method, k, kl in keys:
         rs = [r for r in results if (r["method"], r["k"], r["kl_budget"]) == (method, k, kl)]
@@ -358,8 +481,10 @@ def format_runs(results: list[dict]) -> str:
             return f"{np.mean(values):.{digits}f}" if values else "–"
 
         lines.append(f"| {method} | {k} | {kl:g} | {len(rs)} ({sum(r['reached'] for r in rs)}) | "
-                     f"{mean('planned_kl')} | {mean('exact_kl')} | {mean('planned_bon4')} | {mean('bon4')} | "
-                     f"{mean('planned_won4')} | {mean('won4')} | {mean('standard')} | {mean('steps', 0)} |")
+                     f"{mean('planned_kl')} | {mean('exact_kl')} | {mean('off_target_kl')} | {mean('planned_bon4')} | "
+                     f"{mean('bon4')} | {mean('bon4_efficiency', 2)} | {mean('bon4_fidelity', 2)} | "
+                     f"{mean('planned_won4')} | {mean('won4')} | {mean('won4_efficiency', 2)} | "
+                     f"{mean('won4_fidelity', 2)} | {mean('tilt_r2', 2)} | {mean('steps', 0)} |")
     return "\n".join(lines)
 
 
@@ -402,6 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bvw-beta", type=float, default=0.1, help="β of the best-vs-worst DPO baseline")
     parser.add_argument("--kl-every", type=int, default=20, help="steps between exact KL checks")
     parser.add_argument("--kl-tolerance", type=float, default=0.01)
+    parser.add_argument("--rounds", type=int, default=12, help="on-policy rounds (the default CTRL methods)")
+    parser.add_argument("--round-samples", type=int, default=16, help="policy samples per prompt per round")
+    parser.add_argument("--round-steps", type=int, default=50, help="optimizer steps per round")
+    parser.add_argument("--round-batch-size", type=int, default=128)
+    parser.add_argument("--lr-end", type=float, default=3e-5, help="learning rate of the last round")
     parser.add_argument("--skip-oracle", action="store_true")
     parser.add_argument("--report-only", action="store_true", help="train nothing: tabulate the runs already done")
     return parser
@@ -461,6 +591,7 @@ def run(args) -> tuple[dict, str]:
                          f"BoN-4 {r['bon4']:.3f}, WoN-4 {r['won4']:.3f} ({r['seconds']:.0f} s)")
                     results.append(r)
     add_planned_figures(results)
+    add_diagnostics(results)
     report["runs"] = [{k: v for k, v in r.items() if k not in ("per_prompt", "kl_history")} for r in results]
     report["comparisons"] = comparisons(results)
     report["seconds"] = time.perf_counter() - started
