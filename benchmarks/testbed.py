@@ -325,7 +325,9 @@ def rounds_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: in
             save_strategy="no", logging_steps=10, per_device_train_batch_size=args.round_batch_size, learning_rate=lr,
             max_steps=args.round_steps, lr_scheduler_type="constant", gradient_checkpointing=False,
             seed=seed + rnd, disable_tqdm=True, max_length=None, dataloader_num_workers=0)
-        callback = KLBudgetCallback(kl, exact_kl, every_n_steps=args.kl_every, tolerance=args.kl_tolerance)
+        # One check at the end of each round: a round that ends over the budget is bisected back along its
+        # own segment, so every round trains its full length and the policy never leaves the budget.
+        callback = KLBudgetCallback(kl, exact_kl, every_n_steps=args.round_steps, tolerance=args.kl_tolerance)
         trainer = CTRLPointwiseTrainer(model=model, args=config, train_dataset=datasets.load_from_disk(
             str(round_dir / "build")), processing_class=setup.tokenizer, callbacks=[callback])
         trainer.train()
@@ -364,7 +366,7 @@ def measure(setup: Setup, model, planned: dict) -> dict:
         mids = np.concatenate([((lo + hi) / 2)[group] for group, lo, hi in
                                quantile_cells(setup.ref_logp, setup.eval_rewards)])
         out["tilt_r2"] = tilt_fidelity(mids, (logp - setup.ref_logp).ravel(), tilt.log_density,
-                                       weights=np.exp(setup.ref_logp).ravel()).r2
+                                       weights=np.exp(setup.ref_logp).ravel()).r_squared
     return out
 
 

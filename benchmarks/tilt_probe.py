@@ -162,10 +162,10 @@ def main():
         tilt = trained_tilt(spec, row.beta, k_plan, est)
         tf = tilt_fidelity(mids, (lp - setup.ref_logp).ravel(), tilt.log_density, weights=np.exp(setup.ref_logp).ravel())
         rec = dict(step=step, kl=m.kl, bon4=m.bon_win_rate[4], won4=m.won_win_rate[4], win=win, eff=eff, fid=fid,
-                   valid=float(valid.mean()), on=split.on_target, off=split.off_target, r2=tf.r2)
+                   valid=float(valid.mean()), on=split.on_target, off=split.off_target, r2=tf.r_squared)
         history.append(rec)
         log(f"step {step}: KL {m.kl:.3f} (on {split.on_target:.3f} off {split.off_target:.3f}) BoN4 {rec['bon4']:.3f} "
-            f"WoN4 {rec['won4']:.3f} eff {eff:.2f} fid {fid:.2f} R2 {tf.r2:.2f} valid {rec['valid']:.3f}")
+            f"WoN4 {rec['won4']:.3f} eff {eff:.2f} fid {fid:.2f} R2 {tf.r_squared:.2f} valid {rec['valid']:.3f}")
         model.train()
 
     # The offline data: reference samples with LOO targets.

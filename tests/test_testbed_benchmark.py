@@ -59,3 +59,25 @@ def test_quick_run_prints_the_oracle_and_one_method(tmp_path, capsys):
     assert 0.5 < run["bon4"] <= run["planned_bon4"] + 0.01
     assert run["planned_kl"] == pytest.approx(0.5, abs=1e-3)
     assert (tmp_path / "tie_free" / "report.json").exists()
+
+
+def test_a_run_on_its_plan_has_kl_efficiency_and_fidelity_one():
+    """The diagnostics of a run read its own plan's curve: a run that lands on the plan scores 1, half the gain ½."""
+    from ctrl_offline.finite_k import Estimator, trained_tilt
+    from ctrl_offline.planner import plan
+
+    bench = load_benchmark("testbed")
+    estimator = Estimator(loss="pointwise")
+    row = plan("bon", 4, 0.5, families=("exp",), k=9, loss="pointwise").rows[0]
+    tilt = trained_tilt(f"exp:{row.t}", row.beta, 9, estimator)
+    on_plan = dict(method="ctrl_exp_bon", transform="exp", t=row.t, unscaled_beta=row.beta, plan_k=9,
+                   estimator=estimator.to_dict(), exact_kl=tilt.kl(), bon4=tilt.bon_win_rate(4),
+                   won4=tilt.won_win_rate(4))
+    half = dict(on_plan, bon4=0.5 + (tilt.bon_win_rate(4) - 0.5) / 2)
+    baseline = dict(method="raw_bvw_dpo", exact_kl=0.5, bon4=0.7, won4=0.7)
+    bench.add_diagnostics([on_plan, half, baseline])
+    assert on_plan["bon4_efficiency"] == pytest.approx(1, abs=1e-3)
+    assert on_plan["bon4_fidelity"] == pytest.approx(1, abs=1e-3)
+    assert on_plan["won4_fidelity"] == pytest.approx(1, abs=1e-3)
+    assert half["bon4_fidelity"] == pytest.approx(0.5, abs=1e-3) and half["bon4_efficiency"] < 0.5
+    assert "bon4_efficiency" not in baseline  # no plan, no curve
