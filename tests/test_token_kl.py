@@ -1,5 +1,6 @@
 """The per-token KL estimator (ctrl_offline.generation.completion_kl, SampledKL): exact checks by enumerating every
-completion of two tiny Llamas over a 5-token vocabulary, max_new_tokens 3."""
+completion of two tiny Llamas over a 5-token vocabulary, max_new_tokens 3; and ctrl-data eval's KL (kl beside
+kl_sequence, per prompt; the prompts training was held on; a report written whatever KL the plan cannot cover)."""
 
 import itertools
 import math
@@ -302,3 +303,11 @@ def test_eval_far_past_any_plannable_kl_still_writes_its_report(trained, monkeyp
     # Past the planner's range altogether: every family is left out, with the reason.
     kls, curves, notes = theory_curves({**report, "kl": {"value": 40.0}})
     assert curves == [] and len(notes) == 2 and all("identity, log, exp, negexp" in note for note in notes)
+
+    # `ctrl-data plan --plot` at a budget whose curve runs past the planner's range draws what it can.
+    from ctrl_offline.planner import plan
+    from ctrl_offline.plotting import plot_plan, tradeoff_points
+
+    assert np.isnan(tradeoff_points("identity", "bon", 4, [1.0, 30.0])).tolist() == [False, True]
+    plot_plan(plan("bon", 4, 15.0, families=("identity",)), trained["root"] / "plan.png")
+    assert (trained["root"] / "plan.png").is_file()
