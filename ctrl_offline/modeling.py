@@ -4,6 +4,11 @@ QLoRA follows Dettmers et al. (2023): NF4 weights with double quantisation, bf16
 ``prepare_model_for_kbit_training`` (norms in fp32, input grads for checkpointing), LoRA on
 every attention and MLP projection, gradient checkpointing. bitsandbytes ≥ 0.45 also runs NF4
 on CPU, so the same path is exercised without a GPU. Adapters save as standard PEFT folders.
+
+An adapter can also be trained further (an on-policy round, docs/rounds.md): :func:`saved_lora_settings`
+reads the LoRA shape a saved adapter fixes, :func:`continued_lora_config` gives its ``LoraConfig``
+ready for training, and :func:`load_adapter_weights` copies its weights into a model wrapped with that
+config (every LoRA weight must match by name and shape).
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import torch
 
 from .embedded import load_error_message, resolve_model
 
-__all__ = ["ModelLoadingConfig", "QuantizationUnavailable", "load_policy", "lora_config", "bitsandbytes_available"]
+__all__ = ["ModelLoadingConfig", "QuantizationUnavailable", "load_policy", "lora_config", "bitsandbytes_available",
+           "saved_lora_settings", "continued_lora_config", "load_adapter_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,3 +129,56 @@ def load_policy(config: ModelLoadingConfig):
         model.enable_input_require_grads()
     model.config.use_cache = False
     return model, lora_config(config)
+
+
+def saved_lora_settings(adapter_dir) -> dict:
+    """The :class:`ModelLoadingConfig` LoRA fields a saved PEFT adapter was trained with: ``lora_r``, ``lora_alpha``,
+    ``lora_dropout``, ``lora_target_modules`` (a sorted list, or the saved pattern string).
+
+    Raises ValueError for a folder without ``adapter_config.json`` or an adapter that is not LoRA.
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read the adapter config {path}: {err}") from err
+    if saved.get("peft_type") != "LORA":
+        raise ValueError(f"{adapter_dir} holds a {saved.get('peft_type')} adapter: only LoRA adapters are trained "
+                         "further")
+    targets = saved.get("target_modules")
+    return {"lora_r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"), "lora_dropout": saved.get("lora_dropout"),
+            "lora_target_modules": sorted(targets) if isinstance(targets, (list, tuple)) else targets}
+
+
+def continued_lora_config(adapter_dir, lora_dropout: float | None = None):
+    """The ``LoraConfig`` a saved adapter was trained with, set for training (not inference); ``lora_dropout``
+    replaces its dropout when given (the only setting that does not change what its weights mean)."""
+    from peft import LoraConfig
+
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    config.inference_mode = False
+    if lora_dropout is not None:
+        config.lora_dropout = lora_dropout
+    return config
+
+
+def load_adapter_weights(model, adapter_dir, adapter_name: str = "default") -> None:
+    """Copy a saved adapter's weights into ``model`` (a PEFT model whose ``adapter_name`` adapter has the same
+    config), in place; they stay trainable. Raises ValueError when a LoRA weight is missing on either side or has
+    another shape."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    device = next(model.parameters()).device
+    weights = load_peft_weights(str(adapter_dir), device=str(device))
+    try:
+        result = set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
+    except RuntimeError as err:  # size mismatches
+        raise ValueError(f"the weights of {adapter_dir} do not fit the adapter being trained: {err}") from err
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        shown = ", ".join([*missing[:2], *list(result.unexpected_keys)[:2]])
+        raise ValueError(f"the weights of {adapter_dir} do not match the adapter being trained ({len(missing)} LoRA "
+                         f"weight(s) missing, {len(result.unexpected_keys)} unexpected, e.g. {shown})")

@@ -44,6 +44,7 @@ from ..pointwise import pointwise_targets, sft_weights
 from ..procedures import get_procedure
 from ..transforms import Rescaled, family_has_t, get_transform, unit_scale
 from .calibrate import CALIBRATED_FILE, TABLES_FILE, load_tables
+from .rounds import build_round
 
 __all__ = ["BuildResult", "build_dataset", "FORMATS", "BUILD_METADATA", "MAX_LEFT_OUT", "MIN_ROWS_HINT"]
 
@@ -403,6 +404,8 @@ def build_dataset(
         "left_out": {"cut": cut, "empty": empty, "of": total},
         # The model whose samples (and stored log-probs) these are: `ctrl-data train` trains it by default.
         "reference_model": read_metadata(path).get("reference_model"),
+        # Which on-policy round the samples are of, and the adapter that drew them (docs/rounds.md).
+        **build_round(path),
         "inputs": {"calibrated": {"path": str(path.resolve()), "fingerprint": fingerprint(path)}},
         "num_rows": len(dataset),
     }

@@ -6,6 +6,14 @@ started by an earlier version resumes with its 16-hex-digit string ids), ``promp
 ``sample_idx``, ``ref_logp`` (Σ log π_ref of the completion tokens, EOS included when there is
 one), ``num_tokens``, ``finished`` (ended with EOS).
 
+With ``adapter`` (a PEFT adapter folder, ``ctrl-data sample --adapter``) the completions are drawn
+from the policy, the base with that adapter loaded, for an on-policy round (docs/rounds.md): each row
+then also has ``logp`` (Σ log π of the completion under the policy that drew it) and its ``ref_logp``
+is still log π_ref, scored teacher-forced by the same base with the adapter disabled, so the
+trainer's stored reference log-probs stay valid. The manifest's ``inputs`` record
+``reference_model`` (the base), ``policy_adapter`` (the adapter's absolute path), its fingerprint and
+``round`` (the adapter's round + 1; :mod:`ctrl_offline.stages.rounds`).
+
 A completion cut at ``max_new_tokens`` (``finished`` False) is a prefix: its ``completion_ids``
 and ``ref_logp`` stop at the cap, with no EOS. ``build`` keeps it as such by default and the
 trainers tokenise it without EOS, so the stored value stays the one the trainer needs. When most
@@ -23,10 +31,11 @@ from pathlib import Path
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from ..generation import (SampleRow, SamplingConfig, hex_prompt_id, load_causal_lm, prompt_id, render_prompt,
-                          sample_completions)
+from ..generation import (SampleRow, SamplingConfig, completion_logps, hex_prompt_id, load_causal_lm, prompt_id,
+                          render_prompt, sample_completions)
 from ..io import DataError, fingerprint
 from ._shards import MANIFEST, ShardedOutput, process_device
+from .rounds import check_base_model, read_adapter
 
 __all__ = ["SampleResult", "load_prompts", "sample_prompts"]
 
@@ -86,7 +95,7 @@ def load_prompts(source: str, column: str = "prompt", split: str = "train", limi
 def sample_prompts(
     prompts_source: str,
     out_dir: str | os.PathLike,
-    model_name_or_path: str,
+    model_name_or_path: str | None,
     *,
     column: str = "prompt",
     split: str = "train",
@@ -96,15 +105,31 @@ def sample_prompts(
     shard_size: int = 32,
     overwrite: bool = False,
     backend: str = "transformers",
+    adapter: str | os.PathLike | None = None,
 ) -> SampleResult:
     """Draw ``sampling.k`` reference completions per prompt into sharded Parquet under ``out_dir``.
 
     Re-running with the same settings resumes: finished shards are skipped, and since every
     shard is seeded from ``(seed, shard index)`` the result equals an uninterrupted run.
+
+    With ``adapter`` the completions come from the policy (``model_name_or_path`` + the adapter;
+    the model defaults to the adapter's recorded base, and another base is refused): rows gain
+    ``logp`` (the policy's) while ``ref_logp`` stays log π_ref (the base, adapter disabled), and the
+    manifest records ``policy_adapter`` and ``round`` (module docstring). The vLLM backend draws
+    reference samples only.
     """
     sampling = sampling or SamplingConfig()
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
+    policy = None
+    if adapter is not None:
+        policy = read_adapter(adapter)
+        model_name_or_path = check_base_model(policy, model_name_or_path)
+        if backend != "transformers":
+            raise ValueError(f"backend {backend!r} samples the reference model only: sample from an adapter with "
+                             "--backend transformers")
+    elif model_name_or_path is None:
+        raise ValueError("give the model to sample from (--model), or --adapter to sample a trained policy")
     prompts = load_prompts(prompts_source, column, split, limit)
     hex_ids = _started_with_hex_ids(Path(out_dir), overwrite)
     if hex_ids:
@@ -128,14 +153,17 @@ def sample_prompts(
         settings={**asdict(sampling), "seed": seed, "shard_size": shard_size, "backend": backend,
                   "column": column, "split": split, "limit": limit, **({} if hex_ids else {"prompt_id": "int64"})},
         inputs={"prompts": {"source": str(prompts_source), "fingerprint": source_print},
-                "reference_model": str(model_name_or_path)},
+                "reference_model": str(model_name_or_path),
+                **({} if policy is None else {"policy_adapter": str(policy.path),
+                                              "policy_adapter_fingerprint": fingerprint(policy.path),
+                                              "round": policy.samples_round})},
         overwrite=overwrite,
     )
     pending = output.my_pending(num_shards)
     written = 0
     drawn = cut = 0
     if pending:
-        generate = _backend(backend, model_name_or_path, sampling)
+        generate = _backend(backend, model_name_or_path, sampling, None if policy is None else str(policy.path))
         texts = generate.render(unique)
         for index in tqdm(pending, desc="sampling shards", unit="shard"):
             lo, hi = index * shard_size, min((index + 1) * shard_size, len(unique))
@@ -149,10 +177,12 @@ def sample_prompts(
                     "completion": [r["completion"] for r in rows],
                     "completion_ids": pa.array([r["completion_ids"] for r in rows], pa.list_(pa.int32())),
                     "sample_idx": pa.array([r["sample_idx"] for r in rows], pa.int32()),
-                    # The reference drew them: their log-prob under the sampling model is log π_ref.
-                    "ref_logp": [r["logp"] for r in rows],
+                    # The reference drew them: their log-prob under the sampling model is log π_ref. A policy drew
+                    # them: log π_ref is the base's with the adapter disabled (the backend's "ref_logp").
+                    "ref_logp": [r["logp"] if policy is None else r["ref_logp"] for r in rows],
                     "num_tokens": pa.array([r["num_tokens"] for r in rows], pa.int32()),
                     "finished": [r["finished"] for r in rows],
+                    **({} if policy is None else {"logp": [r["logp"] for r in rows]}),
                 }
             )
             output.write(index, table)
@@ -180,9 +210,12 @@ def _started_with_hex_ids(out_dir: Path, overwrite: bool) -> bool:
 
 
 class _TransformersBackend:
-    def __init__(self, model_name_or_path: str, sampling: SamplingConfig):
-        self.model, self.tokenizer = load_causal_lm(model_name_or_path, device=process_device())
+    """transformers ``generate`` on the reference model, or on the policy (the base + ``adapter``)."""
+
+    def __init__(self, model_name_or_path: str, sampling: SamplingConfig, adapter: str | None = None):
+        self.model, self.tokenizer = load_causal_lm(model_name_or_path, adapter, device=process_device())
         self.sampling = sampling
+        self.adapter = adapter
 
     def render(self, prompts: list) -> list[str]:
         texts = [render_prompt(self.tokenizer, p) for p in prompts]
@@ -200,7 +233,14 @@ class _TransformersBackend:
         return texts
 
     def __call__(self, texts: list[str], seed: int) -> list[dict]:
-        return sample_completions(self.model, self.tokenizer, texts, self.sampling, seed)
+        rows = sample_completions(self.model, self.tokenizer, texts, self.sampling, seed)
+        if self.adapter is not None:  # the policy drew them: log π_ref from the same base, adapter disabled
+            with self.model.disable_adapter():
+                ref = completion_logps(self.model, self.tokenizer, [texts[r["batch_prompt"]] for r in rows],
+                                       [r["completion_ids"] for r in rows], self.sampling.logp_batch_size)
+            for row, value in zip(rows, ref):
+                row["ref_logp"] = float(value)
+        return rows
 
 
 class _VLLMBackend(_TransformersBackend):
@@ -236,9 +276,9 @@ class _VLLMBackend(_TransformersBackend):
         return rows
 
 
-def _backend(name: str, model_name_or_path: str, sampling: SamplingConfig):
+def _backend(name: str, model_name_or_path: str, sampling: SamplingConfig, adapter: str | None = None):
     if name == "transformers":
-        return _TransformersBackend(model_name_or_path, sampling)
+        return _TransformersBackend(model_name_or_path, sampling, adapter)
     if name == "vllm":
         return _VLLMBackend(model_name_or_path, sampling)
     raise ValueError(f"unknown sampling backend {name!r}; choose 'transformers' or 'vllm'")

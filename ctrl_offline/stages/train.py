@@ -9,6 +9,13 @@ Everything the build decided travels with the data, so nothing is copied by hand
 * β, which the trainers read from ``ctrl_build.json`` themselves;
 * the reference model whose log-probs the build stored: training another model with them is refused.
 
+``init_adapter`` (``ctrl-data train --init-adapter PREV``) trains PREV's LoRA weights further instead
+of a fresh adapter — the train step of an on-policy round (docs/rounds.md). PREV fixes the LoRA shape
+(its rank, α and target modules; a different one asked for is refused, the dropout may change) and
+must have been trained on the same base. The reference stays the base with the adapter disabled, so
+the targets and stored reference log-probs keep meaning π_ref, not PREV. ``ctrl_train.json`` records
+``init_adapter`` (absolute path, or null) and ``round`` (the build's; :mod:`ctrl_offline.stages.rounds`).
+
 The adapter folder appears under its final name only once complete (written as ``<out>.partial``
 and renamed), with the tokenizer, the build's ``ctrl_build.json`` (so ``ctrl-data eval --adapter``
 and the Hub card find the transform, t and β) and ``ctrl_train.json`` (loss, β, steps, the KL held).
@@ -125,7 +132,7 @@ def _latest_checkpoint(folder: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
 
 
-def make_trainer(data_dir, loading, args, *, callbacks=()):
+def make_trainer(data_dir, loading, args, *, callbacks=(), init_adapter=None):
     """The CTRL trainer of ``args`` on the training set in ``data_dir``, not yet trained.
 
     ``loading`` is a :class:`~ctrl_offline.modeling.ModelLoadingConfig` (the base model, LoRA/QLoRA);
@@ -133,17 +140,24 @@ def make_trainer(data_dir, loading, args, *, callbacks=()):
     or :class:`~ctrl_offline.config.CTRLPointwiseConfig` (:class:`~ctrl_offline.trainer.CTRLPointwiseTrainer`),
     e.g. from :func:`training_config`. No β is passed: the trainers read it from ``data_dir``'s
     ``ctrl_build.json``. The tokenizer is the trainer's ``processing_class``.
+
+    With ``init_adapter`` (a saved PEFT adapter of the same base and LoRA shape) the trainer's adapter
+    starts from its weights. The trainer is built with a fresh adapter of that adapter's config and the
+    weights are copied in afterwards: the reference stays the base with the adapter disabled (TRL would
+    take a pretrained adapter handed to it as the reference of DPO).
     """
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
     from ..config import CTRLConfig
     from ..embedded import load_error_message, resolve_model
-    from ..modeling import load_policy
+    from ..modeling import continued_lora_config, load_adapter_weights, load_policy
     from ..trainer import CTRLPointwiseTrainer, CTRLTrainer
 
     dataset = load_from_disk(str(data_dir))
     model, lora = load_policy(loading)
+    if init_adapter is not None:
+        lora = continued_lora_config(init_adapter, loading.lora_dropout)
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(loading.model_name_or_path))
     except OSError as err:
@@ -152,16 +166,19 @@ def make_trainer(data_dir, loading, args, *, callbacks=()):
         tokenizer.pad_token = tokenizer.eos_token
     trainer_cls = CTRLTrainer if isinstance(args, CTRLConfig) else CTRLPointwiseTrainer
     trainer = trainer_cls(model, args, dataset, processing_class=tokenizer, peft_config=lora)
+    if init_adapter is not None:
+        load_adapter_weights(trainer.model, init_adapter)
     for callback in callbacks:
         trainer.add_callback(callback)
     return trainer
 
 
 def train_adapter(data_dir, adapter_dir, loading, args, *, callbacks=(), kl_callback=None, kl_info: dict | None = None,
-                  train_info: dict | None = None) -> tuple[int, dict | None]:
+                  train_info: dict | None = None, init_adapter=None) -> tuple[int, dict | None]:
     """Train ``args`` (a CTRL config whose ``output_dir`` holds the checkpoints) on a build folder.
 
-    The trainer is :func:`make_trainer`'s. Resumes from the newest checkpoint in ``args.output_dir``;
+    The trainer is :func:`make_trainer`'s (from ``init_adapter``'s weights when given). Resumes from the
+    newest checkpoint in ``args.output_dir``;
     writes the adapter atomically into ``adapter_dir`` with the tokenizer, the build metadata and
     ``ctrl_train.json``; the KL record of ``kl_callback`` goes to ``args.output_dir/kl_budget.json``
     and the adapter folder. Returns (optimizer steps, KL record or None). Every process of a
@@ -169,7 +186,8 @@ def train_adapter(data_dir, adapter_dir, loading, args, *, callbacks=(), kl_call
     """
     data_dir, adapter_dir = Path(data_dir), Path(adapter_dir)
     trainer = make_trainer(data_dir, loading, args,
-                           callbacks=(*callbacks, *([kl_callback] if kl_callback is not None else [])))
+                           callbacks=(*callbacks, *([kl_callback] if kl_callback is not None else [])),
+                           init_adapter=init_adapter)
     tokenizer = trainer.processing_class
     checkpoint = _latest_checkpoint(Path(args.output_dir))
     if checkpoint is not None:
@@ -222,6 +240,7 @@ def train_from_build(
     keep_checkpoints: bool = False,
     overwrite: bool = False,
     callbacks=(),
+    init_adapter=None,
 ) -> TrainResult:
     """Train the adapter a ``ctrl-data build`` folder was made for into ``out``.
 
@@ -229,6 +248,12 @@ def train_from_build(
     was planned for. ``loading`` holds :class:`~ctrl_offline.modeling.ModelLoadingConfig` fields
     (``load_in_4bit``, ``lora_r``, …; 4-bit is off unless asked for), ``training_args`` any TRL
     config field (``learning_rate``, ``num_train_epochs``, ``per_device_train_batch_size``, …).
+
+    ``init_adapter`` (an adapter folder) trains that adapter's weights further instead of a fresh
+    adapter: its base must be ``model`` and its LoRA shape is taken as saved (``lora_r``,
+    ``lora_alpha`` or ``lora_target_modules`` in ``loading`` that contradict it are refused). A build
+    whose samples came from another adapter than ``init_adapter`` (its ``parent_adapter``) is trained
+    with a warning.
 
     With ``kl_prompts`` (held-out prompts: a file, folder, Hub id or list) training is held to
     ``kl_budget`` — by default the KL the build was planned for — by
@@ -266,16 +291,24 @@ def train_from_build(
         if reference is None:
             raise DataError(f"{data} does not record its reference model: pass --model")
         model = reference
-    elif reference is not None and info.get("stored_ref_logps") and str(model) != str(reference):
+    loading = dict(loading or {})
+    if init_adapter is not None:  # before the build's own check: the adapter's base decides which model can train it
+        init_adapter, loading = _continued(init_adapter, model, loading, info)
+    if reference is not None and info.get("stored_ref_logps") and str(model) != str(reference):
         raise DataError(f"{data} stores reference log-probs of {reference}, not of {model}: train {reference} "
                         "(--model), or rebuild from samples of this model")
+    if init_adapter is None and info.get("parent_adapter"):
+        logger.warning("%s holds samples of the adapter %s: training a fresh adapter on them (pass --init-adapter %s "
+                       "to train that adapter further, as a round does)", data, info["parent_adapter"],
+                       info["parent_adapter"])
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise DataError(f"output {out} exists and is not empty (pass --overwrite to replace it)")
     checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else out.with_name(out.name + ".checkpoints")
     settings = {"data": str(data.resolve()), "build_num_rows": info.get("num_rows"), "model": str(model),
-                "loss": loss, "loading": loading or {},
-                "training_args": {k: v for k, v in (training_args or {}).items() if k not in RUN_ONLY_TRAINING_ARGS}}
+                "loss": loss, "loading": loading,
+                "training_args": {k: v for k, v in (training_args or {}).items() if k not in RUN_ONLY_TRAINING_ARGS},
+                **({} if init_adapter is None else {"init_adapter": init_adapter})}
     kl_callback, kl_info = None, None
     if kl_prompts is not None:
         planned_kl = (info.get("planner") or {}).get("kl")
@@ -290,7 +323,7 @@ def train_from_build(
             kl_info["prompts_source"] = source
     elif kl_budget is not None:
         raise DataError("holding a KL budget needs held-out prompts to estimate it on (--kl-prompts)")
-    loading_config = ModelLoadingConfig(model_name_or_path=str(model), **{"load_in_4bit": False, **(loading or {})})
+    loading_config = ModelLoadingConfig(model_name_or_path=str(model), **{"load_in_4bit": False, **loading})
     # The config first: it sets up the distributed state (its use_cpu decides gloo on CPU), which is shared.
     args = training_config(info["format"], loss, {**(training_args or {}), "output_dir": str(checkpoints)})
     args.device  # noqa: B018  (TrainingArguments sets the state up on first use of its device)
@@ -303,7 +336,9 @@ def train_from_build(
 
     try:
         steps, kl_record = train_adapter(data, out, loading_config, args, callbacks=callbacks, kl_callback=kl_callback,
-                                         kl_info=kl_info, train_info={"loss": loss, "beta": info["beta"]})
+                                         kl_info=kl_info, init_adapter=init_adapter,
+                                         train_info={"loss": loss, "beta": info["beta"], "round": info.get("round"),
+                                                     "init_adapter": init_adapter})
     except BaseException:
         if state.is_main_process and fresh and _latest_checkpoint(checkpoints) is None:
             shutil.rmtree(checkpoints, ignore_errors=True)  # nothing to resume: leave nothing behind
@@ -311,6 +346,38 @@ def train_from_build(
     if state.is_main_process and not keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
     return TrainResult(out, loss, float(info["beta"]), steps, kl_record, time.perf_counter() - started)
+
+
+def _continued(init_adapter, model, loading: dict, info: dict) -> tuple[str, dict]:
+    """(the adapter's absolute path, ``loading`` with its LoRA shape) for training ``init_adapter`` further.
+
+    Refuses an adapter that does not exist, was trained on another base than ``model``, or whose
+    LoRA shape contradicts one asked for in ``loading``; warns when the build's samples came from
+    another adapter.
+    """
+    from ..modeling import saved_lora_settings
+    from .rounds import check_base_model, read_adapter, same_model
+
+    record = read_adapter(init_adapter, "--init-adapter")
+    check_base_model(record, str(model), "--init-adapter")
+    saved = saved_lora_settings(record.path)
+    conflicts = [f"{key}={loading[key]!r} (the adapter has {value!r})" for key, value in saved.items()
+                 if key != "lora_dropout" and loading.get(key) is not None and not _same_setting(loading[key], value)]
+    if conflicts:
+        raise DataError(f"--init-adapter {record.path} fixes the LoRA shape its weights have; asked for "
+                        f"{', '.join(conflicts)}: leave the --lora-* flags out to train it further, or train a fresh "
+                        "adapter without --init-adapter")
+    parent = info.get("parent_adapter")
+    if parent and not same_model(parent, record.path):
+        logger.warning("%s holds samples of %s, not of %s: its adapter continues another policy than the one that "
+                       "drew the samples", info.get("path", "the build"), parent, record.path)
+    return str(record.path), {**loading, **{k: v for k, v in saved.items() if loading.get(k) is None}}
+
+
+def _same_setting(given, saved) -> bool:
+    if isinstance(given, (list, tuple, set)) and isinstance(saved, (list, tuple, set)):
+        return set(given) == set(saved)
+    return given == saved
 
 
 def _check_model(model) -> None:

@@ -1,0 +1,345 @@
+"""On-policy rounds: sample from the current policy, calibrate against the stored reference tables, train further.
+
+A round (docs/rounds.md; why: docs/finite_k.md §8) is sample → score → calibrate against the
+reference tables → build pointwise targets Φ(u) − β log Z → train the adapter further. The target
+holds for any response wherever it was sampled, so every round reuses the reference set's tables and
+no new reference samples are drawn.
+
+Numbering, one rule for every folder:
+
+* **round 0** is the reference set: the samples the tables were built from (``ctrl-data calibrate``
+  without ``--tables``), and a build of them;
+* the samples of **round r ≥ 1** are drawn from the policy of round r − 1 — the base itself for
+  round 1, the adapter trained in round r − 1 after that — and calibrated against the round-0 tables;
+* an adapter is of the round of the build it was trained on (an adapter trained offline on the
+  reference set's build is round 0; one whose ``ctrl_train.json`` records no round, written by an
+  earlier version or outside ``ctrl-data``, counts as round 0 too), so its samples are round r + 1.
+
+What each stage records (the keys this module reads and :func:`run_round` writes):
+
+* ``ctrl-data sample --adapter``: ``policy_adapter`` (absolute path), ``policy_adapter_fingerprint``
+  and ``round`` in its manifest's ``inputs``, and a ``logp`` column beside ``ref_logp``;
+* ``ctrl-data build``: ``round`` and ``parent_adapter`` in ``ctrl_build.json`` (:func:`build_round`);
+* ``ctrl-data train``: ``round`` and ``init_adapter`` in ``ctrl_train.json``;
+* ``ctrl-data round``: ``ctrl_round.json`` in the round folder (:data:`ROUND_FILE`).
+
+:func:`run_round` only chains the stage functions; each stage is skipped when its output is
+already complete, so a killed round resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+from ..io import BUILD_INFO_FILE, DataError, fingerprint, read_metadata, write_json
+
+if TYPE_CHECKING:
+    from .train import TrainResult
+
+__all__ = ["AdapterRecord", "RoundResult", "ROUND_FILE", "ROUND_FOLDERS", "build_round", "check_base_model",
+           "read_adapter", "run_round", "same_model"]
+
+logger = logging.getLogger(__name__)
+
+#: The record ``ctrl-data round`` keeps in its round folder: the round, its parent adapter and its settings.
+ROUND_FILE = "ctrl_round.json"
+#: The folders of one round, in the order the stages write them.
+ROUND_FOLDERS = ("samples", "scored", "calibrated", "build", "adapter")
+_TRAIN_INFO_FILE = "ctrl_train.json"  # stages.train.TRAIN_INFO_FILE (not imported: train imports this module)
+_MANIFEST = "_manifest.json"  # stages._shards.MANIFEST
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """What an adapter folder says about itself.
+
+    ``path`` is absolute; ``base_model`` the model it was trained on (``ctrl_train.json``'s
+    ``base_model``, else its build's ``reference_model``, else PEFT's ``base_model_name_or_path``;
+    None when none is recorded); ``round`` the round it was trained in (0 when not recorded);
+    ``recorded_round`` whether its ``ctrl_train.json`` says so.
+    """
+
+    path: Path
+    base_model: str | None
+    round: int
+    recorded_round: bool
+
+    @property
+    def samples_round(self) -> int:
+        """The round the samples drawn from this adapter feed."""
+        return self.round + 1
+
+
+def read_adapter(path: str | os.PathLike, what: str = "adapter") -> AdapterRecord:
+    """The :class:`AdapterRecord` of a PEFT adapter folder; DataError naming the fix when it is not one."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise DataError(f"{what} folder {folder} does not exist: pass the folder `ctrl-data train --out` (or "
+                        "`ctrl-data round`, ROUND_DIR/adapter) wrote")
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        raise DataError(f"{what} {folder} is not a PEFT adapter folder (no adapter_config.json): pass the folder "
+                        "`ctrl-data train --out` wrote")
+    train_info = _json(folder / _TRAIN_INFO_FILE)
+    build_info = _json(folder / BUILD_INFO_FILE)
+    base = (train_info.get("base_model") or build_info.get("reference_model")
+            or _json(config_file).get("base_model_name_or_path"))
+    recorded = train_info.get("round")
+    return AdapterRecord(folder.resolve(), None if base is None else str(base), int(recorded or 0),
+                         recorded is not None)
+
+
+def same_model(a, b) -> bool:
+    """Whether two model names mean the same model: equal local folders (resolved) or equal names."""
+    return _identity(a) == _identity(b)
+
+
+def check_base_model(adapter: AdapterRecord, model: str | None, what: str = "adapter") -> str:
+    """The base model to load ``adapter`` on: ``model`` when given (refused when the adapter records another), else
+    the adapter's own."""
+    if model is None:
+        if adapter.base_model is None:
+            raise DataError(f"{what} {adapter.path} does not record its base model: pass --model")
+        return adapter.base_model
+    if adapter.base_model is not None and not same_model(model, adapter.base_model):
+        raise DataError(f"{what} {adapter.path} was trained on base model {adapter.base_model}, not {model}: its LoRA "
+                        f"weights belong to that base. Pass --model {adapter.base_model} (or leave --model out), or "
+                        "an adapter trained on this base")
+    return str(model)
+
+
+def build_round(calibrated: str | os.PathLike) -> dict:
+    """``{"round", "parent_adapter"}`` of the samples behind a calibrate output, for its build's ``ctrl_build.json``.
+
+    Follows the metadata chain calibrated → scored (``inputs.scored.metadata``) → the sample folder's
+    manifest (``inputs.samples.path``). Rows calibrated leave-one-out are the reference set: round 0.
+    Rows calibrated against stored tables are round 1 when their samples came from the base and the
+    sample stage's ``round`` when they came from an adapter (``parent_adapter``: that adapter).
+    When the chain cannot be followed (a sample folder moved, rows written by hand) the round of rows
+    calibrated against tables is unknown: None, with a warning.
+    """
+    path = Path(calibrated)
+    metadata = read_metadata(path)
+    against_tables = metadata.get("settings", {}).get("mode") == "apply tables"
+    sampled = _samples_inputs(metadata)
+    parent = None if sampled is None else sampled.get("policy_adapter")
+    if not against_tables:
+        return {"round": 0, "parent_adapter": parent}
+    if sampled is None:
+        logger.warning("cannot follow %s back to its sample folder: its build records round null (run the stages on "
+                       "folders that stay where they were written to keep the round)", path)
+        return {"round": None, "parent_adapter": None}
+    return {"round": sampled.get("round") if parent else 1, "parent_adapter": parent}
+
+
+def _samples_inputs(calibrated_metadata: dict) -> dict | None:
+    """The ``inputs`` of the sample manifest a calibrate output traces back to, or None."""
+    scored = (calibrated_metadata.get("inputs") or {}).get("scored") or {}
+    samples = ((scored.get("metadata") or {}).get("inputs") or {}).get("samples") or {}
+    manifest = Path(samples["path"]) / _MANIFEST if samples.get("path") else None
+    if manifest is None or not manifest.is_file():
+        return None
+    record = _json(manifest)
+    return record.get("inputs") or {} if record.get("stage") == "sample" else None
+
+
+def _reference_seed(reference: Path) -> int | None:
+    """The seed the reference samples behind a calibrate output were drawn with, when traceable."""
+    scored = (read_metadata(reference / "calibrated.parquet").get("inputs") or {}).get("scored") or {}
+    samples = ((scored.get("metadata") or {}).get("inputs") or {}).get("samples") or {}
+    manifest = Path(samples["path"]) / _MANIFEST if samples.get("path") else None
+    if manifest is None or not manifest.is_file():
+        return None
+    return (_json(manifest).get("settings") or {}).get("seed")
+
+
+def _identity(name) -> str:
+    path = Path(str(name)).expanduser()
+    return str(path.resolve()) if path.exists() else str(name)
+
+
+def _json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read {path}: {err}") from err
+    return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """One round's folders (``out_dir``/samples, scored, calibrated, build, adapter), the stages skipped because
+    their output was already complete, and the training result (None when training was skipped)."""
+
+    round: int
+    out_dir: Path
+    parent_adapter: Path | None
+    skipped: tuple[str, ...]
+    train: TrainResult | None
+
+    @property
+    def adapter(self) -> Path:
+        return self.out_dir / "adapter"
+
+
+def run_round(
+    prompts: str,
+    reference: str | os.PathLike,
+    rewards: list[str],
+    out_dir: str | os.PathLike,
+    *,
+    adapter: str | os.PathLike | None = None,
+    model: str | None = None,
+    column: str = "prompt",
+    split: str = "train",
+    limit: int | None = None,
+    sampling=None,
+    seed: int = 0,
+    shard_size: int = 32,
+    score_batch_size: int = 16,
+    build: dict | None = None,
+    train: dict | None = None,
+    overwrite: bool = False,
+) -> RoundResult:
+    """One on-policy round into ``out_dir``: sample → score → calibrate against ``reference``'s tables → build
+    (pointwise) → train, each stage skipped when its output is already complete.
+
+    ``reference`` is the reference set's calibrate output (``tables.parquet`` beside its
+    ``calibrated.parquet``). ``adapter`` is the previous round's adapter: the round samples from it
+    and trains it further (``init_adapter``); without one it samples the base and trains a fresh
+    adapter (round 1). ``model`` is the base, by default the adapter's, else the model the reference
+    set was drawn from; another base than the reference set's is refused. ``sampling`` is a
+    :class:`~ctrl_offline.generation.SamplingConfig` (``k``: samples per prompt); round r samples with
+    seed ``seed + r``, and a round from the base whose seed is the reference samples' own is refused
+    (it would draw the reference samples again). ``build`` holds
+    :func:`~ctrl_offline.stages.build.build_dataset` arguments (the transform, or ``inference``/``n``/``kl``
+    to plan it; the format is pointwise), ``train``
+    :func:`~ctrl_offline.stages.train.train_from_build` arguments (``training_args``, ``loading``,
+    ``kl_prompts``, …). The round and its settings are recorded in ``out_dir``/:data:`ROUND_FILE`; a
+    folder holding a round with other settings is refused unless ``overwrite``, which starts it over.
+    """
+    from ..generation import SamplingConfig
+    from ._shards import is_complete
+    from .build import build_dataset
+    from .calibrate import CALIBRATED_FILE, TABLES_FILE, calibrate_scored
+    from .sample import sample_prompts
+    from .score import score_samples
+    from .train import TRAIN_INFO_FILE, train_from_build
+
+    build, train = dict(build or {}), dict(train or {})
+    for name, given, owned in (("build", build, ("format", "targets")),
+                               ("train", train, ("init_adapter", "model", "out", "data"))):
+        clash = sorted(set(given) & set(owned))
+        if clash:
+            raise ValueError(f"run_round sets {', '.join(clash)} of the {name} stage itself (a round builds pointwise "
+                             "loo targets and trains from the previous adapter)")
+    sampling = sampling or SamplingConfig()
+    out = Path(out_dir).resolve()
+    reference = Path(reference).resolve()
+    tables = reference / TABLES_FILE
+    if not tables.is_file() or not (reference / CALIBRATED_FILE).is_file():
+        raise DataError(f"--reference {reference} is not a reference calibrate output (no {TABLES_FILE} and "
+                        f"{CALIBRATED_FILE}): pass the folder `ctrl-data calibrate SCORED --out` wrote for the "
+                        "reference samples")
+    reference_model = read_metadata(tables).get("reference_model")
+    parent = read_adapter(adapter) if adapter is not None else None
+    if parent is not None:
+        base = check_base_model(parent, model)
+    elif model is not None:
+        base = str(model)
+    elif reference_model:
+        base = str(reference_model)
+    else:
+        raise DataError(f"{reference} does not record the model its samples were drawn from: pass --model")
+    if reference_model and not same_model(base, reference_model):
+        raise DataError(f"the reference tables in {reference} were drawn from {reference_model}, not {base}: a round "
+                        "samples a policy on the reference set's own base (pass that --model, or the reference "
+                        "tables of this base)")
+    number = parent.samples_round if parent is not None else 1
+    round_seed = seed + number
+    if parent is None and _reference_seed(reference) == round_seed:
+        raise DataError(f"round {number} samples the base with seed {round_seed}, the seed the reference samples in "
+                        f"{reference} were drawn with: it would draw them again instead of fresh samples. Pass "
+                        "another --seed")
+
+    record = {"round": number, "parent_adapter": None if parent is None else str(parent.path),
+              "parent_adapter_fingerprint": None if parent is None else fingerprint(parent.path),
+              "model": base, "reference": str(reference), "prompts": str(prompts), "rewards": list(rewards),
+              "column": column, "split": split, "limit": limit, "sampling": asdict(sampling), "seed": round_seed,
+              "shard_size": shard_size, "build": build, "train": _recorded_train_args(train)}
+    _start_round_folder(out, record, overwrite)
+
+    skipped = []
+    samples, scored, calibrated, build_dir, adapter_dir = (out / name for name in ROUND_FOLDERS)
+    if is_complete(samples):
+        skipped.append("samples")
+    else:
+        result = sample_prompts(prompts, samples, base, adapter=None if parent is None else str(parent.path),
+                                column=column, split=split, limit=limit, sampling=sampling, seed=round_seed,
+                                shard_size=shard_size)
+        if not result.complete:
+            raise DataError(f"{samples} is not complete (other processes' shards are missing): run `ctrl-data round` "
+                            "in one process, or the stages one by one under accelerate launch")
+    if is_complete(scored):
+        skipped.append("scored")
+    else:
+        score_samples(samples, scored, list(rewards), batch_size=score_batch_size)
+    if (calibrated / CALIBRATED_FILE).is_file():
+        skipped.append("calibrated")
+    else:
+        calibrate_scored(scored, calibrated, tables=tables)
+    if (build_dir / BUILD_INFO_FILE).is_file():
+        skipped.append("build")
+    else:
+        build_dataset(calibrated, build_dir, format="pointwise", **build)
+    trained = None
+    if (adapter_dir / TRAIN_INFO_FILE).is_file():
+        skipped.append("adapter")
+    else:
+        trained = train_from_build(build_dir, adapter_dir, base,
+                                   init_adapter=None if parent is None else str(parent.path), **train)
+    return RoundResult(number, out, None if parent is None else parent.path, tuple(skipped), trained)
+
+
+def _recorded_train_args(train: dict) -> dict:
+    """The training arguments a round records: what decides the adapter (run-only TRL arguments left out)."""
+    from .train import RUN_ONLY_TRAINING_ARGS
+
+    recorded = {k: v for k, v in train.items() if k != "callbacks"}
+    if "training_args" in recorded:
+        recorded["training_args"] = {k: v for k, v in (recorded["training_args"] or {}).items()
+                                     if k not in RUN_ONLY_TRAINING_ARGS}
+    return recorded
+
+
+def _start_round_folder(out: Path, record: dict, overwrite: bool) -> None:
+    """Create ``out`` with its round record, or resume the round it holds when the settings are the same."""
+    path = out / ROUND_FILE
+    comparable = json.loads(json.dumps(record, default=str))
+    if out.exists() and overwrite:
+        if path.is_file() or not any(out.iterdir()):
+            shutil.rmtree(out)
+        else:
+            raise DataError(f"{out} is not a round folder (no {ROUND_FILE}): --overwrite replaces round folders only; "
+                            "choose another --out")
+    elif path.is_file():
+        previous = _json(path)
+        changed = sorted(k for k in set(previous) | set(comparable) if previous.get(k) != comparable.get(k))
+        if changed:
+            detail = ", ".join(f"{k}: {previous.get(k)!r} → {comparable.get(k)!r}" for k in changed[:3])
+            raise DataError(f"{out} holds round {previous.get('round')} run with other settings ({detail}); pass "
+                            "--overwrite to start it over, or choose another --out")
+        return
+    elif out.exists() and any(out.iterdir()):
+        raise DataError(f"output folder {out} is not empty and holds no round ({ROUND_FILE}): choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(path, comparable)
