@@ -11,6 +11,10 @@ One name per setting, the recipe config's (``recipes/configs/*.yaml``) with dash
 ``--reference-samples``, ``--kl-samples``, ``--kl-every``) still work for one release and warn
 (:data:`RENAMED_FLAGS`). Choice lists come from the library (the procedure and transform registries,
 the formats, strategies, losses and estimator settings it defines).
+
+``ctrl-data round`` chains sample (from the previous round's adapter) → score → calibrate against the
+reference tables → build (pointwise) → train (from that adapter) for one on-policy round
+(:func:`ctrl_offline.stages.rounds.run_round`, docs/rounds.md).
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ EXAMPLES_CALIBRATE = """examples:
 EXAMPLES_SAMPLE = """examples:
   ctrl-data sample prompts.jsonl --model HuggingFaceTB/SmolLM2-135M-Instruct --num-samples 8 --out samples/
   ctrl-data sample Anthropic/hh-rlhf --prompt-column chosen --limit 1000 --model ./sft-model --out samples/
+  ctrl-data sample prompts.jsonl --adapter round1/adapter --num-samples 4 --seed 2 --out round2/samples/
+      from the policy (its base + the adapter): logp under the policy, ref_logp under the base
   accelerate launch -m data_tools sample prompts.jsonl --model ./sft --out samples/   # one share per process
 A killed run resumes where it stopped when re-run with the same arguments.
 """
@@ -80,7 +86,19 @@ EXAMPLES_TRAIN = """examples:
   ctrl-data train pairs/ --out adapter/ --kl-prompts heldout.jsonl
       held to the KL the build was planned for (--kl-budget to name another), estimated on held-out prompts
   accelerate launch -m data_tools train pairs/ --out adapter/ --per_device_train_batch_size 4
+  ctrl-data train round2/build/ --out round2/adapter/ --init-adapter round1/adapter/
+      train round 1's adapter further (its LoRA shape and base; the reference stays the base)
 A killed run resumes from its newest checkpoint (in ADAPTER.checkpoints) when re-run with the same arguments.
+"""
+
+EXAMPLES_ROUND = """examples:
+  ctrl-data round prompts.jsonl --reference calib/ --reward rm=./rm --out round1/ \\
+      --inference bon --inference-n 4 --kl-budget 0.5 --max_steps 200 --learning_rate 1e-4
+      round 1: samples of the base, calibrated against calib/'s tables, a fresh adapter in round1/adapter
+  ctrl-data round prompts.jsonl --reference calib/ --reward rm=./rm --out round2/ --adapter round1/adapter \\
+      --inference bon --inference-n 4 --kl-budget 0.5 --max_steps 200 --learning_rate 1e-4
+      round 2: samples of round 1's adapter, which is trained further into round2/adapter
+Each stage is skipped when its folder is complete: a killed round resumes when re-run with the same arguments.
 """
 
 EXAMPLES_PLAN = """examples:
@@ -180,6 +198,48 @@ def _add_selector_arg(parser) -> None:
                         help=f"a procedure's setting ({', '.join(settings)}); repeat for several")
 
 
+def _add_model_args(parser) -> None:
+    """How the base is loaded and the adapter shaped (ModelLoadingConfig); the --lora-* flags default to None so
+    that an adapter trained further keeps its own shape (:func:`_loading`)."""
+    parser.add_argument("--load-in-4bit", action="store_true",
+                        help="QLoRA: quantise the base to 4-bit NF4 (bitsandbytes)")
+    parser.add_argument("--lora-r", type=_positive_int,
+                        help="LoRA rank (default 16; an adapter trained further: its own)")
+    parser.add_argument("--lora-alpha", type=_positive_int,
+                        help="LoRA α (default 32; an adapter trained further: its own)")
+    parser.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
+    parser.add_argument("--lora-target-modules", nargs="+", help="default: every attention and MLP projection")
+    parser.add_argument("--no-gradient-checkpointing", action="store_true")
+
+
+def _add_kl_hold_args(parser, stage: str) -> None:
+    _add_renamed(parser, stage, "--kl-eval-samples", type=_positive_int, default=4,
+                 help="policy samples per KL prompt per estimate")
+    _add_renamed(parser, stage, "--kl-every-n-steps", type=_positive_int, default=10,
+                 help="optimizer steps between KL estimates")
+    parser.add_argument("--kl-max-new-tokens", type=_positive_int, default=64)
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep ADAPTER.checkpoints once the adapter is written")
+
+
+def _loading(args, overrides: dict, continued: bool) -> dict:
+    """The ModelLoadingConfig fields given on the command line. A fresh adapter gets the defaults of the flags left
+    out; one trained further (``continued``) only the flags given, the rest is its own."""
+    from dataclasses import fields
+
+    from ctrl_offline.modeling import ModelLoadingConfig
+
+    # One switch for the model and the trainer (TRL's --gradient_checkpointing wins when given).
+    checkpointing = overrides.setdefault("gradient_checkpointing", not args.no_gradient_checkpointing)
+    lora = {name: getattr(args, name) for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")}
+    if continued:
+        lora = {k: v for k, v in lora.items() if v is not None}
+    else:
+        defaults = {f.name: f.default for f in fields(ModelLoadingConfig) if f.name in lora}
+        lora = {k: defaults[k] if v is None else v for k, v in lora.items()}
+    return {"load_in_4bit": args.load_in_4bit, **lora, "gradient_checkpointing": checkpointing}
+
+
 def build_parser() -> argparse.ArgumentParser:
     # The registered procedures at the time the parser is built (one registered before main() runs is known).
     from ctrl_offline.finite_k import THEORY_STRATEGIES
@@ -220,7 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Draw K completions per prompt from the reference model, with their "
                            "reference log-probs (sharded, resumable).")
     sa.add_argument("prompts", help="JSONL/JSON/Parquet/CSV/TXT file, datasets folder, or Hub dataset id")
-    sa.add_argument("--model", required=True, help="reference model: Hub id or local folder")
+    sa.add_argument("--model", help="reference model: Hub id or local folder (with --adapter: its base, by default "
+                    "the one the adapter records)")
+    sa.add_argument("--adapter", help="PEFT adapter folder: sample the policy (base + adapter) for an on-policy round; "
+                    "rows get logp (the policy's) beside ref_logp (the base's)")
     sa.add_argument("--out", required=True, help="output folder (shard-*.parquet)")
     _add_renamed(sa, "sample", "--prompt-column", default="prompt", help="prompt column (default: prompt)")
     sa.add_argument("--split", default="train", help="dataset split (default: train)")
@@ -296,22 +359,66 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--model", help="base model (default: the reference model recorded at sampling)")
     tr.add_argument("--loss", choices=list(loss_names()),
                     help="override the loss the build was planned for (within its format)")
-    tr.add_argument("--load-in-4bit", action="store_true", help="QLoRA: quantise the base to 4-bit NF4 (bitsandbytes)")
-    tr.add_argument("--lora-r", type=_positive_int, default=16)
-    tr.add_argument("--lora-alpha", type=_positive_int, default=32)
-    tr.add_argument("--lora-dropout", type=float, default=0.05)
-    tr.add_argument("--lora-target-modules", nargs="+", help="default: every attention and MLP projection")
-    tr.add_argument("--no-gradient-checkpointing", action="store_true")
+    tr.add_argument("--init-adapter", metavar="PREV",
+                    help="train this adapter's LoRA weights further instead of a fresh adapter (same base; its LoRA "
+                    "shape: --lora-r/--lora-alpha/--lora-target-modules must agree with it or be left out)")
+    _add_model_args(tr)
     tr.add_argument("--kl-prompts", help="held-out prompts (file, folder or Hub id): hold training to a KL budget")
     tr.add_argument("--kl-budget", type=_positive_float, help="KL to hold (default: the build's planned KL)")
-    _add_renamed(tr, "train", "--kl-eval-samples", type=_positive_int, default=4,
-                 help="policy samples per KL prompt per estimate")
-    _add_renamed(tr, "train", "--kl-every-n-steps", type=_positive_int, default=10,
-                 help="optimizer steps between KL estimates")
-    tr.add_argument("--kl-max-new-tokens", type=_positive_int, default=64)
-    tr.add_argument("--keep-checkpoints", action="store_true", help="keep ADAPTER.checkpoints once the adapter is written")
+    _add_kl_hold_args(tr, "train")
     tr.add_argument("--overwrite", action="store_true", help="replace an existing adapter and its checkpoints")
     tr.set_defaults(func=_run_train, accepts_extra=True)
+
+    rd = stages.add_parser("round", help="one on-policy round: sample the policy, calibrate against the reference "
+                           "tables, build pointwise targets, train the adapter further",
+                           description="Sample the previous round's adapter (the base for round 1), score the samples, "
+                           "calibrate them against the reference set's stored tables, build pointwise targets "
+                           "Φ(u) − β log Z and train the adapter further, into OUT/{samples,scored,calibrated,build,"
+                           "adapter} (docs/rounds.md). Arguments this command does not know are TRL training arguments "
+                           "(SFTConfig), e.g. --max_steps 200 --learning_rate 1e-4.",
+                           epilog=EXAMPLES_ROUND, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           allow_abbrev=False)
+    rd.add_argument("prompts", help="training prompts (file, datasets folder or Hub id)")
+    rd.add_argument("--reference", required=True, metavar="REF_CAL",
+                    help="the reference samples' calibrate output (its tables.parquet calibrates every round)")
+    rd.add_argument("--reward", action="append", required=True,
+                    help="[NAME=]reward model id/folder or module:function, as for the reference samples")
+    rd.add_argument("--out", required=True, metavar="ROUND_DIR", help="round folder")
+    rd.add_argument("--adapter", metavar="PREV",
+                    help="the previous round's adapter: sampled, then trained further (omit for round 1: the base)")
+    rd.add_argument("--model", help="base model (default: the adapter's, else the reference samples' model)")
+    _add_renamed(rd, "round", "--prompt-column", default="prompt", help="prompt column (default: prompt)")
+    rd.add_argument("--split", default="train", help="dataset split (default: train)")
+    rd.add_argument("--limit", type=_positive_int, help="use the first LIMIT prompts")
+    _add_renamed(rd, "round", "--num-samples", type=int, default=4, metavar="M",
+                 help="policy samples per prompt (default 4, at least 2)")
+    rd.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    _add_renamed(rd, "round", "--sampling-batch-size", type=_positive_int, default=8,
+                 help="prompts per generate call (default 8)")
+    rd.add_argument("--shard-size", type=_positive_int, default=32, help="prompts per sample shard")
+    rd.add_argument("--seed", type=int, default=0, help="round r samples with seed SEED + r (default 0)")
+    rd.add_argument("--score-batch-size", type=_positive_int, default=16)
+    rd.add_argument("--transform", choices=transforms, help="transform family (default: the planner's best)")
+    rd.add_argument("--t", type=_positive_float, help="shape parameter of exp/negexp")
+    rd.add_argument("--beta", type=_positive_float, help="KL coefficient β")
+    rd.add_argument("--inference", choices=procedures, help="plan transform, t and β for this procedure")
+    _add_renamed(rd, "round", "--inference-n", type=_positive_int, metavar="N", help="N of the inference procedure")
+    _add_renamed(rd, "round", "--kl-budget", type=_positive_float, metavar="KL",
+                 help="with --inference: the KL(π‖π_ref) budget planned for (and held with --kl-prompts); with "
+                 "--transform/--beta: the KL held with --kl-prompts")
+    _add_selector_arg(rd)
+    from ctrl_offline.finite_k import POINTWISE_NORMALISERS
+
+    rd.add_argument("--log-partition", choices=POINTWISE_NORMALISERS, default="population",
+                    help="normaliser of the pointwise targets (default population)")
+    rd.add_argument("--k-infinity", action="store_true", help="plan the exact K = ∞ tilt instead of the K + 1 one")
+    rd.add_argument("--drop-unfinished", dest="keep_unfinished", action="store_false", default=True,
+                    help="leave out completions cut before EOS (default: kept as prefixes)")
+    _add_model_args(rd)
+    rd.add_argument("--kl-prompts", help="held-out prompts: hold training to the KL budget")
+    _add_kl_hold_args(rd, "round")
+    rd.add_argument("--overwrite", action="store_true", help="start the round folder over")
+    rd.set_defaults(func=_run_round, accepts_extra=True)
 
     ev = stages.add_parser("eval", help="inference-time win rates of a policy against its reference",
                            description="Draw m candidates per prompt from the policy (base + adapter) and M from the "
@@ -439,9 +546,10 @@ def _run_sample(args) -> int:
                               top_p=args.top_p, batch_size=args.sampling_batch_size)
     result = sample_prompts(args.prompts, args.out, args.model, column=args.prompt_column, split=args.split,
                             limit=args.limit, sampling=sampling, seed=args.seed, shard_size=args.shard_size,
-                            overwrite=args.overwrite, backend=args.backend)
+                            overwrite=args.overwrite, backend=args.backend, adapter=args.adapter)
     state = "complete" if result.complete else "this process's shards done"
-    print(f"sampled {result.num_prompts:,} prompts × {args.num_samples} into {result.num_shards} shard(s) "
+    source = f" from {args.adapter}" if args.adapter else ""
+    print(f"sampled {result.num_prompts:,} prompts × {args.num_samples}{source} into {result.num_shards} shard(s) "
           f"({result.shards_written} written now, {state}): {result.out_dir}")
     return 0
 
@@ -505,16 +613,12 @@ def _run_train(args) -> int:
         raise DataError(f"{args.data} is not a `ctrl-data build` output folder (no ctrl_build.json)")
     cls = CTRLConfig if info.get("format") == "pairs" else CTRLPointwiseConfig
     overrides = training_overrides(cls, args.extra)
-    # One switch for the model and the trainer (TRL's --gradient_checkpointing wins when given).
-    checkpointing = overrides.setdefault("gradient_checkpointing", not args.no_gradient_checkpointing)
-    loading = {"load_in_4bit": args.load_in_4bit, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
-               "lora_dropout": args.lora_dropout, "lora_target_modules": args.lora_target_modules,
-               "gradient_checkpointing": checkpointing}
+    loading = _loading(args, overrides, continued=args.init_adapter is not None)
     result = train_from_build(args.data, args.out, args.model, loss=args.loss, loading=loading,
                               training_args=overrides, kl_budget=args.kl_budget, kl_prompts=args.kl_prompts,
                               kl_samples=args.kl_eval_samples, kl_every_n_steps=args.kl_every_n_steps,
                               kl_max_new_tokens=args.kl_max_new_tokens, keep_checkpoints=args.keep_checkpoints,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, init_adapter=args.init_adapter)
     kl = ""
     if result.kl and result.kl.get("final"):
         kl = (f"; KL held at {result.kl['final']['value']:.3f} (budget {result.kl['budget']:.3g}"
@@ -523,8 +627,40 @@ def _run_train(args) -> int:
 
     if not PartialState().is_main_process:  # one summary line per launch
         return 0
-    print(f"trained {result.loss} (β={result.beta:.4g}) for {result.steps} step(s) in {result.seconds:.0f}s{kl}: "
+    init = f" from {args.init_adapter}" if args.init_adapter else ""
+    print(f"trained {result.loss} (β={result.beta:.4g}){init} for {result.steps} step(s) in {result.seconds:.0f}s{kl}: "
           f"{result.adapter_dir}")
+    return 0
+
+
+def _run_round(args) -> int:
+    from ctrl_offline.config import CTRLPointwiseConfig
+    from ctrl_offline.generation import SamplingConfig
+    from ctrl_offline.stages.rounds import run_round
+
+    overrides = training_overrides(CTRLPointwiseConfig, args.extra)
+    loading = _loading(args, overrides, continued=args.adapter is not None)
+    planned = args.inference is not None
+    build = {"transform": args.transform, "t": args.t, "beta": args.beta, "inference": args.inference,
+             "n": args.inference_n, "kl": args.kl_budget if planned else None,
+             "selector_args": dict(args.selector_arg) or None, "log_partition": args.log_partition,
+             "k_aware": not args.k_infinity, "keep_unfinished": args.keep_unfinished}
+    train = {"loading": loading, "training_args": overrides, "kl_prompts": args.kl_prompts,
+             "kl_budget": None if planned else args.kl_budget, "kl_samples": args.kl_eval_samples,
+             "kl_every_n_steps": args.kl_every_n_steps, "kl_max_new_tokens": args.kl_max_new_tokens,
+             "keep_checkpoints": args.keep_checkpoints}
+    sampling = SamplingConfig(k=args.num_samples, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.sampling_batch_size)
+    result = run_round(args.prompts, args.reference, args.reward, args.out, adapter=args.adapter, model=args.model,
+                       column=args.prompt_column, split=args.split, limit=args.limit, sampling=sampling,
+                       seed=args.seed, shard_size=args.shard_size, score_batch_size=args.score_batch_size,
+                       build=build, train=train, overwrite=args.overwrite)
+    parent = f"from {result.parent_adapter}" if result.parent_adapter else "from the base"
+    skipped = f" (already complete: {', '.join(result.skipped)})" if result.skipped else ""
+    print(f"round {result.round} {parent}{skipped}: {result.out_dir}")
+    if result.train is not None:
+        print(f"  trained {result.train.loss} (β={result.train.beta:.4g}) for {result.train.steps} step(s)")
+    print(f"adapter: {result.adapter}")
     return 0
 
 
