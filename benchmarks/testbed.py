@@ -267,7 +267,7 @@ def train_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: int
                           callbacks=[callback], **extra)
     trainer.train()
     result = dict(method=method, k=k, kl_budget=kl, seed=seed, **planned, reached=callback.reached,
-                  steps=int(trainer.state.global_step), rows=len(train), **measure(setup, model, planned),
+                  steps=int(trainer.state.global_step), rows=len(train), **measure(setup, model, planned, run_dir),
                   kl_history=callback.history, seconds=time.perf_counter() - start)
     run_dir.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(result, indent=1, default=float))
@@ -337,8 +337,10 @@ def rounds_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: in
         value = exact_kl(model).value
         history.append(dict(round=rnd, steps=steps, lr=lr, kl=value, reached=callback.reached))
         _log(f"  {method} round {rnd}: exact KL {value:.3f} after {steps} steps (lr {lr:.2g})")
+    alpha = settle(model, setup.model, exact_kl, kl, args.kl_tolerance)
     result = dict(method=method, k=k, kl_budget=kl, seed=seed, **planned, reached=reached, steps=steps, rows=rows,
-                  **measure(setup, model, planned), kl_history=history, seconds=time.perf_counter() - start,
+                  settle_alpha=alpha, **measure(setup, model, planned, run_dir),
+                  kl_history=history, seconds=time.perf_counter() - start,
                   rounds=dict(rounds=args.rounds, samples=args.round_samples, steps=args.round_steps, lr=args.lr,
                               lr_end=args.lr_end))
     result_path = run_dir / "result.json"
@@ -346,7 +348,40 @@ def rounds_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: in
     return result
 
 
-def measure(setup: Setup, model, planned: dict) -> dict:
+def settle(model, reference, exact_kl, budget: float, tolerance: float, max_alpha: float = 1.5) -> float:
+    """Hold the final policy to the budget: θ(α) = θ_ref + α(θ − θ_ref), α found by bisection on the exact KL.
+
+    Rounds end where the last round's check left them, anywhere within [budget − noise, budget]; matched-KL
+    comparisons need them within ``tolerance``. Leaves the model at θ(α) and returns α (1: untouched).
+    """
+    import torch
+
+    value = exact_kl(model).value
+    if abs(value - budget) <= tolerance:
+        return 1.0
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    start = dict(reference.named_parameters())
+
+    @torch.no_grad()
+    def set_alpha(alpha):
+        for n, p in model.named_parameters():
+            p.copy_(start[n] + alpha * (trained[n] - start[n]))
+        return exact_kl(model).value - budget
+
+    lo, hi = (0.0, 1.0) if value > budget else (1.0, max_alpha)
+    if value < budget and set_alpha(max_alpha) < 0:
+        return max_alpha  # even the largest step stays under: leave it there, the table says so
+    alpha = 1.0
+    for _ in range(20):
+        alpha = (lo + hi) / 2
+        gap = set_alpha(alpha)
+        if abs(gap) <= tolerance / 2:
+            break
+        lo, hi = (alpha, hi) if gap < 0 else (lo, alpha)
+    return alpha
+
+
+def measure(setup: Setup, model, planned: dict, run_dir: Path | None = None) -> dict:
     """Exact figures of a trained model on the held-out prompts, with where its KL went (docs/diagnostics.md):
     the chain-rule split into on-target (the quantile's law, 50 bins) and off-target KL, and for a planned
     run the R² of its log-ratio against the planned log-density (weights π_ref)."""
@@ -357,6 +392,9 @@ def measure(setup: Setup, model, planned: dict) -> dict:
     logp, valid = response_logprobs(model, setup.tokenizer, setup.language, setup.eval_prompts)
     metrics = exact_metrics(logp, setup.ref_logp, setup.eval_rewards, n_values=(4,))
     split = exact_kl_split(logp, setup.ref_logp, setup.eval_rewards, bins=50)
+    if run_dir is not None:  # the exact policy, so any diagnostic can be recomputed without training again
+        run_dir.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(run_dir / "policy_logp.npz", logp=logp.astype(np.float32))
     out = dict(exact_kl=metrics.kl, bon4=metrics.bon_win_rate[4], won4=metrics.won_win_rate[4],
                standard=metrics.standard_win_rate, valid_mass=float(valid.mean()), per_prompt=metrics.per_prompt,
                on_target_kl=split.on_target, off_target_kl=split.off_target)
