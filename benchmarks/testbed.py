@@ -425,6 +425,27 @@ def add_diagnostics(results: list[dict]) -> None:
             r[f"{metric}_fidelity"] = plan_fidelity(spec, inference, 4, **kw)
 
 
+TRAINING = {"rounds": "on-policy rounds (pointwise)", "ctrl": "offline soft-label DPO"}
+
+
+def efficiency_rows(results: list[dict]) -> list[dict]:
+    """Mean KL efficiency and plan fidelity per (training, transform, procedure, K, KL) for ``ctrl_offline.measured``:
+    each CTRL method on the procedure it was planned for, calibrated identity on both BoN-4 and WoN-4."""
+    groups = {}
+    for r in results:
+        spec = METHODS.get(r["method"], {})
+        if "bon4_efficiency" not in r or spec.get("kind") not in TRAINING:
+            continue
+        training = TRAINING[spec["kind"]] if spec.get("format") != "pointwise" else "offline pointwise"
+        metrics = ("bon4", "won4") if r["transform"] == "identity" else (spec["inference"] + "4",)
+        for metric in metrics:
+            key = (training, r["transform"], f"{metric[:3]}-4", r["k"], r["kl_budget"])
+            groups.setdefault(key, []).append((r[f"{metric}_efficiency"], r[f"{metric}_fidelity"]))
+    return [dict(training=t, transform=f, procedure=p, k=k, kl=kl, seeds=len(v),
+                 kl_efficiency=float(np.mean([e for e, _ in v])), plan_fidelity=float(np.mean([f for _, f in v])))
+            for (t, f, p, k, kl), v in sorted(groups.items())]
+
+
 def paired(results: list[dict], method: str, baseline: str, metric: str, k: int, kl: float,
            num_boot: int = 4000) -> dict | None:
     """Mean of method − baseline over seeds and prompts, with a two-stage bootstrap (seeds, then prompts)."""
@@ -574,6 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr-end", type=float, default=3e-5, help="learning rate of the last round")
     parser.add_argument("--skip-oracle", action="store_true")
     parser.add_argument("--report-only", action="store_true", help="train nothing: tabulate the runs already done")
+    parser.add_argument("--write-efficiency", type=Path, metavar="JSON",
+                        help="write the mean KL efficiency per training, transform, procedure and K (the file "
+                        "ctrl_offline/measured.py ships: ctrl_offline/data/testbed_efficiency.json)")
     return parser
 
 
@@ -632,6 +656,10 @@ def run(args) -> tuple[dict, str]:
                     results.append(r)
     add_planned_figures(results)
     add_diagnostics(results)
+    if args.write_efficiency:
+        args.write_efficiency.write_text(json.dumps(
+            {"date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/testbed.py " + " ".join(sys.argv[1:]),
+             "rows": efficiency_rows(results)}, indent=1) + "\n")
     report["runs"] = [{k: v for k, v in r.items() if k not in ("per_prompt", "kl_history")} for r in results]
     report["comparisons"] = comparisons(results)
     report["seconds"] = time.perf_counter() - started

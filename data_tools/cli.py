@@ -105,6 +105,8 @@ EXAMPLES_PLAN = """examples:
   ctrl-data plan --inference bon --inference-n 4 --kl-budget 0.5
   ctrl-data plan --inference won --inference-n 8 --kl-budget 1 --json
   ctrl-data plan --inference bon --inference-n 4 --kl-budget 0.5 --plot tradeoff.png
+  ctrl-data plan --inference bon --inference-n 4 --kl-budget 0.5 --num-samples 8 --on-policy
+      the plan ctrl-data round trains (policy samples ranked among 8 reference rewards)
   ctrl-data plan --inference bot --inference-n 8 --kl-budget 0.5 --tables calib/
       a procedure without a closed form, simulated on the calibration tables
 """
@@ -455,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-subsets", type=_positive_int, default=None,
                     help="N-subsets per prompt enumerated for soft_bon/itp/bot before random subsets are used "
                     "(default 1000)")
+    ev.add_argument("--no-tilt-fidelity", action="store_true",
+                    help="skip the tilt-fidelity curve of a planned build's adapter (one more pass of both models "
+                    "over the reference samples; docs/diagnostics.md §5)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--overwrite", action="store_true")
     ev.set_defaults(func=_run_eval)
@@ -510,6 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_renamed(pl, "plan", "--pair-strategy", default="all", choices=list(THEORY_STRATEGIES),
                  help="how pairs are drawn (K-aware plans of pair losses; both draw pairs uniformly)")
     _add_estimator_args(pl)
+    pl.add_argument("--on-policy", action="store_true",
+                    help="plan for on-policy rounds (ctrl-data round): policy samples ranked among the K reference "
+                    "rewards, trained pointwise; their ranks take K + 1 values (docs/finite_k.md §8). Needs "
+                    "--num-samples")
     pl.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     pl.add_argument("--plot", metavar="FILE.png", help="draw win rate vs KL for the planned transforms")
     pl.set_defaults(func=_run_plan)
@@ -685,7 +694,7 @@ def _run_eval(args) -> int:
                              seed=args.seed, train_data=train_data, overwrite=args.overwrite,
                              policy_samples=args.eval_policy_samples, reference_samples=args.eval_reference_samples,
                              reference_pool=args.reference_pool, build_info=build_info,
-                             selector_args=dict(args.selector_arg) or None,
+                             selector_args=dict(args.selector_arg) or None, tilt_fidelity=not args.no_tilt_fidelity,
                              transform=None if build_info is None else build_info.get("transform"),
                              t=None if build_info is None else build_info.get("t"),
                              **({} if args.max_subsets is None else {"max_subsets": args.max_subsets}))
@@ -694,6 +703,10 @@ def _run_eval(args) -> int:
           f"   ({report['policy_samples']} policy × {report['reference_samples']} reference samples per prompt)")
     for row in report["win_rates"]:
         print(f"  {row['selector']:>8}-{row['n']:<3} win rate {row['value']:.3f}  [{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
+    if report.get("plan_diagnostics"):
+        from ctrl_offline.diagnostics import PlanDiagnostics
+
+        print(f"against the plan: {PlanDiagnostics(**report['plan_diagnostics']).line()}")
     pool = report.get("reference_pool")
     if pool:
         print(f"reference pool: {pool['path']} ({'reused' if pool['reused'] else 'written'})")
@@ -733,7 +746,7 @@ def _add_estimator_args(parser) -> None:
                         help="normaliser of pointwise targets (population: right when the policy generalises)")
 
 
-def _format_plan(plan) -> str:
+def _format_plan(plan, on_policy: bool = False) -> str:
     header = ["transform", "t", "beta", "KL", "standard win rate", f"{plan.inference}-{plan.n} win rate"]
     rows = [
         [r.transform, "-" if r.t is None else f"{r.t:.4g}", f"{r.beta:.4g}", f"{r.kl:.4f}",
@@ -754,9 +767,15 @@ def _format_plan(plan) -> str:
                + ("" if best.t is None else f" (t={best.t:.4g})") + f", beta={best.beta:.4g}")
     if plan.k is not None:
         est = plan.estimator
-        out.append(f"figures of the tilt {est.loss} trains from K={plan.k} samples per prompt (pairs: {est.strategy}, "
-                   f"targets: {est.targets}); the trainer's β is beta / phi_scale = {best.beta / best.phi_scale:.4g}")
+        trained = (f"the tilt on-policy rounds train: policy samples ranked among K={plan.k - 1} reference rewards, "
+                   f"pointwise (the K + 1 = {plan.k} estimator)" if on_policy else
+                   f"the tilt {est.loss} trains from K={plan.k} samples per prompt (pairs: {est.strategy}, "
+                   f"targets: {est.targets})")
+        out.append(f"figures of {trained}; the trainer's β is beta / phi_scale = {best.beta / best.phi_scale:.4g}")
         out.extend(f"left out: {note}" for note in plan.skipped)
+    from ctrl_offline.measured import format_measured
+
+    out.extend(format_measured(best.transform, f"{plan.inference}-{plan.n}"))
     return "\n".join(out)
 
 
@@ -775,10 +794,18 @@ def _run_plan(args) -> int:
         from ctrl_offline.stages.calibrate import load_tables
 
         tables = load_tables(args.tables)
+    k, loss = args.num_samples, args.loss or "dpo"
+    if args.on_policy:
+        if k is None:
+            raise ValueError("--on-policy plans the ranks of policy samples among K reference rewards: give "
+                             "--num-samples K")
+        if args.loss not in (None, "pointwise"):
+            raise ValueError(f"--on-policy rounds train pointwise, not {args.loss}")
+        k, loss = k + 1, "pointwise"
     result = plan(args.inference, args.inference_n, args.kl_budget, families=tuple(args.transforms or DEFAULT_FAMILIES),
                   t_range=tuple(args.t_range or DEFAULT_T_RANGE),
                   min_beta=MIN_TRAINABLE_BETA if args.min_beta is None else args.min_beta,
-                  k=args.num_samples, loss=args.loss or "dpo", strategy=args.pair_strategy, targets=args.targets,
+                  k=k, loss=loss, strategy=args.pair_strategy, targets=args.targets,
                   log_partition=args.log_partition, tables=tables,
                   selector_args={"lam": args.lam, "beta": args.beta_selector, **dict(args.selector_arg)})
     if args.plot:
@@ -788,7 +815,7 @@ def _run_plan(args) -> int:
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
-        print(_format_plan(result))
+        print(_format_plan(result, on_policy=args.on_policy))
         if args.plot:
             print(f"wrote {args.plot}")
     return 0

@@ -73,3 +73,36 @@ def test_tables_that_are_gone_are_named(reference, tmp_path):
     with pytest.raises(Exception, match="calibrated against tables .* which are gone"):
         build_dataset(tmp_path / "cal1", tmp_path / "b", format="pointwise", transform="exp", inference="bon", n=4,
                       kl=0.5)
+
+
+def test_plan_on_policy_plans_the_k_plus_one_pointwise_tilt(capsys):
+    from ctrl_offline.planner import plan
+    from data_tools.cli import main
+
+    assert main(["plan", "--inference", "bon", "--inference-n", "4", "--kl-budget", "0.5", "--num-samples", "8",
+                 "--on-policy", "--transforms", "identity", "exp", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = plan("bon", 4, 0.5, families=("identity", "exp"), k=9, loss="pointwise")
+    assert printed["k"] == 9 and printed["estimator"]["loss"] == "pointwise"
+    assert [r["beta"] for r in printed["rows"]] == pytest.approx([r.beta for r in expected.rows], rel=1e-9)
+    assert main(["plan", "--inference", "bon", "--inference-n", "4", "--kl-budget", "0.5", "--on-policy"]) == 2
+    assert "give --num-samples" in capsys.readouterr().err
+    assert main(["plan", "--inference", "bon", "--inference-n", "4", "--kl-budget", "0.5", "--num-samples", "8",
+                 "--on-policy", "--loss", "dpo"]) == 2
+    assert "train pointwise" in capsys.readouterr().err
+
+
+def test_measured_efficiency_lines_come_from_the_testbed_file(tmp_path):
+    from ctrl_offline.measured import format_measured, measured_efficiency
+
+    path = tmp_path / "eff.json"
+    rows = [dict(training="on-policy rounds (pointwise)", transform="exp", procedure="bon-4", k=8, kl=0.5, seeds=3,
+                 kl_efficiency=0.84, plan_fidelity=0.95),
+            dict(training="offline soft-label DPO", transform="negexp", procedure="won-4", k=8, kl=0.5, seeds=3,
+                 kl_efficiency=0.3, plan_fidelity=0.6)]
+    path.write_text(json.dumps({"date": "2026-12-05", "rows": rows}))
+    assert measured_efficiency("exp", "bon-4", path) == rows[:1]
+    lines = format_measured("exp", "bon-4", path)
+    assert "2026-12-05" in lines[0] and "KL efficiency 0.84, plan fidelity 0.95 (3 seeds)" in lines[1]
+    assert format_measured("identity", "bon-4", path) == []
+    assert format_measured("exp", "bon-4", tmp_path / "missing.json") == []
