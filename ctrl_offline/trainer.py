@@ -386,7 +386,28 @@ class CTRLTrainer(_CTRLMixin, DPOTrainer):
         margin = beta * (chosen_ratio - rejected_ratio)  # TRL's `rewards/margins`: β·Δρ, not the target Φ gap
         self._record(mode, **{"rewards/margins": margin, "rewards/accuracies": (margin > 0).float(),
                               "logps/chosen": chosen_logps, "logps/rejected": rejected_logps})
+        if self.args.ctrl_loss == "dpo":
+            self._record(mode, loss_gap=_soft_label_loss_gap(loss, inputs))
         return (loss, {"margins": margin}) if return_outputs else loss
+
+
+def _soft_label_loss_gap(loss: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """The batch's soft-label DPO loss less its floor, mean w·H(p) (docs/diagnostics.md §6).
+
+    Cross-entropy against a soft label p is ≥ its binary entropy H(p), so the batch's loss (the mean
+    of w·loss over its pairs) is ≥ :func:`~ctrl_offline.diagnostics.label_entropy_floor` of its labels
+    and weights: a gap near 0 is a fit as good as the labels allow (a loss at ln 2 with p ≈ ½ is
+    done), a large one a stalled fit. The labels are the loss's own (``label``, or σ(ΔΦ) of
+    ``target_phi_gap``).
+    """
+    from .diagnostics import label_entropy_floor
+    from .losses import soft_label
+
+    label = inputs["label"] if "label" in inputs else soft_label(inputs["target_phi_gap"])
+    weight = inputs.get("weight")
+    floor = label_entropy_floor(label.detach().double().cpu().numpy(),
+                                None if weight is None else weight.detach().double().cpu().numpy())
+    return loss.detach() - floor
 
 
 class CTRLPointwiseTrainer(_CTRLMixin, SFTTrainer):
