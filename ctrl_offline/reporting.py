@@ -89,6 +89,38 @@ def _kl_lines(report: dict) -> list[str]:
     return lines
 
 
+def _interval(est: dict) -> str:
+    return f"{est['value']:.4f} [{est['ci_low']:.4f}, {est['ci_high']:.4f}]"
+
+
+def _diagnostic_lines(report: dict) -> list[str]:
+    """How the KL was spent against the build's plan (docs/diagnostics.md): one line per diagnostic, then the notes."""
+    from .diagnostics import PlanDiagnostics
+
+    keys = ("plan_diagnostics", "kl_split", "tilt_fidelity", "diagnostic_notes")
+    if not any(report.get(key) for key in keys):  # a report of an earlier version, or nothing to say
+        return []
+    lines = ["", "Against the plan (docs/diagnostics.md):", ""]
+    plan = report.get("plan_diagnostics")
+    if plan:
+        lines.append(f"- plan: {PlanDiagnostics(**plan).line()}")
+    split = report.get("kl_split")
+    if split:
+        m = split["num_stored"]
+        planned = ("" if split.get("planned_on_target") is None else
+                   f" (the plan's at M = {m}: {split['planned_on_target']:.4f})")
+        lines.append(f"- KL split from the policy samples' levels among M = {m} reference rewards (nats): on target "
+                     f"{_interval(split['on_target'])}{planned}, off target {_interval(split['off_target'])}, of the "
+                     f"sequence-level total {_interval(split['total'])}")
+    tilt = report.get("tilt_fidelity")
+    if tilt:
+        lines.append(f"- tilt fidelity on {tilt['num_points']} reference samples (h = log π_θ − log π_ref against "
+                     f"the planned log f(u)): R² {tilt['r_squared']:.3f}, slope {tilt['slope']:.3f} (1 = the planned "
+                     f"strength); the binned curve is `tilt_fidelity` in report.json")
+    lines += [f"- note: {note}" for note in report.get("diagnostic_notes") or []]
+    return lines
+
+
 def _per_prompt_kl(report: dict) -> list[str]:
     """The per-prompt KL table (prompt index as in per_prompt.parquet's ``prompt_index``)."""
     token = report["kl"].get("per_prompt")
@@ -112,6 +144,7 @@ def _markdown(report: dict, notes: list[str]) -> str:
         *_kl_lines(report),
         f"- standard win rate: {_pct(report['standard_win_rate'])}",
         *([f"- trained on: transform {describe_build(report['build'])}"] if report.get("build") else []),
+        *_diagnostic_lines(report),
         "",
         "| selector | N | win rate vs reference (95% CI) | excluded candidates |",
         "|---|---|---|---|",

@@ -11,7 +11,12 @@ docs/evaluation_shortcut.md) and KL(π‖π_ref) of the policy samples: the per-
 along each sample (``kl``) and the sequence-level log-ratio (``kl_sequence``), each per prompt with
 its spread (:func:`ctrl_offline.generation.completion_kl`, docs/kl_budget.md). An adapter whose
 ``ctrl_train.json`` lists the prompts its training was held on (``ctrl-data train --kl-prompts``)
-also gets the per-token KL on those prompts (``kl_training_prompts``). Writes ``report.json``,
+also gets the per-token KL on those prompts (``kl_training_prompts``). Against the plan its build
+was made for (``ctrl_build.json``), the report says how the KL was spent (docs/diagnostics.md): KL
+efficiency and plan fidelity (``plan_diagnostics``), the on-/off-target split of the KL from the
+policy samples' levels among the reference's (``kl_split``) and the tilt-fidelity curve on the
+reference samples (``tilt_fidelity``); what cannot be computed is noted (``diagnostic_notes``),
+never allowed to fail the report. Writes ``report.json``,
 ``report.md``, ``samples.parquet``, ``per_prompt.parquet`` (the per-prompt values ``ctrl-data
 compare`` pairs) and three figures; a figure that cannot be drawn (a KL beyond what the planner
 covers) is noted in the report, never lost with it.
@@ -28,12 +33,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..calibration import build_tables, calibrate
+from ..calibration import build_tables, calibrate, rank_counts
 from ..evaluation import (
     MAX_SUBSETS,
     bootstrap_mean,
     calibrated_shortcut,
     kl_summary,
+    level_kl_split,
+    plan_diagnostics,
+    planned_tilt,
+    reference_tilt_fidelity,
     u_statistic_per_prompt,
     u_statistic_win_rate,
 )
@@ -132,7 +141,13 @@ def _read_pool(pool: Path, ids: list[str], settings: dict, samples: int | None) 
         if meta.get(key) != settings[key]:
             raise DataError(f"reference pool {pool} was drawn with {what} {meta.get(key)!r}, this evaluation uses "
                             f"{settings[key]!r}: pass another --reference-pool folder")
-    table = read_table(path, columns=["prompt_id", "sample_idx", "completion", "reward", "ref_logp"]).to_pandas()
+    columns = ["prompt_id", "sample_idx", "completion", "reward", "ref_logp"]
+    # `finished` says where the sampled ids ended with EOS (the tilt fidelity re-tokenises the text); a pool
+    # written by hand may lack it.
+    import pyarrow.parquet as pq
+
+    columns += ["finished"] if "finished" in pq.read_schema(path).names else []
+    table = read_table(path, columns=columns).to_pandas()
     # Ids compared as sample writes them now: a pool (or a caller) of an earlier version has hex ids.
     table["prompt_id"] = _sample_ids(table["prompt_id"].tolist())
     caller = dict(zip(_sample_ids(ids), ids))
@@ -221,6 +236,7 @@ def evaluate_policy(
     max_subsets: int = MAX_SUBSETS,
     selector_args: dict | None = None,
     training_kl_prompts: bool = True,
+    tilt_fidelity: bool = True,
 ) -> EvalResult:
     """Evaluate ``adapter`` on ``model_name_or_path`` (or the base itself when no adapter is given).
 
@@ -247,6 +263,15 @@ def evaluate_policy(
     training was held on also gets ``kl_training_prompts``: the per-token KL there, drawn as the
     callback drew, beside the KL the callback left. ``figure_notes`` says what the figures left out
     (a planner curve that cannot be planned at the measured KL).
+
+    Diagnostics (docs/diagnostics.md, docs/evaluation.md): ``plan_diagnostics`` — KL efficiency and
+    plan fidelity of the procedure and N the build was planned for, at ``kl`` and its win rate;
+    ``kl_split`` — on target + off target of the sequence-level KL from the policy samples' levels
+    among the M reference rewards of their prompt, with the plan's own on-target at that M;
+    ``tilt_fidelity`` — h = log π_θ − log π_ref of the M reference samples against the planned
+    log-density at their leave-one-out Ĉ (one more teacher-forced pass of both models over the
+    reference samples; ``tilt_fidelity=False`` skips it). Each is None where it cannot be had (no
+    plan, a simulated plan, a KL off the plan's curve, …), with the reason in ``diagnostic_notes``.
     """
     n = tuple(sorted(set(int(x) for x in n)))
     if not n or n[0] < 1:
@@ -294,7 +319,8 @@ def evaluate_policy(
             logger.info("wrote the reference pool %s", pool_dir)
     else:
         reference = [{"batch_prompt": i, "sample_idx": int(row.sample_idx), "completion": row.completion,
-                      "logp": float(row.ref_logp), "reward": float(row.reward)}
+                      "logp": float(row.ref_logp), "reward": float(row.reward),
+                      **({"finished": bool(row.finished)} if hasattr(row, "finished") else {})}
                      for i, pid in enumerate(ids) for row in pooled[pid].head(big_m).itertuples()]
         ref_rewards = np.array([r["reward"] for r in reference])
     policy = _draw(model, tokenizer, texts, SamplingConfig(k=m, max_new_tokens=max_new_tokens), seed, reference=False)
@@ -351,6 +377,21 @@ def evaluate_policy(
         "transform": {"name": transform, "t": t},
         "build": None if build_info is None else {k: build_info.get(k) for k in BUILD_REPORT_KEYS},
     }
+    # How the KL was spent, against the build's plan (docs/diagnostics.md): a note where a figure cannot be had.
+    notes: list[str] = []
+    report["plan_diagnostics"] = _noted(notes, "plan diagnostics", lambda: plan_diagnostics(
+        build_info, kl["value"], report["win_rates"]).to_dict())
+    planned = build_info is not None and bool(build_info.get("planner"))  # else the note above says why
+    tilt = _noted(notes, "planned tilt", lambda: planned_tilt(build_info)) if planned else None
+    report["kl_split"] = _noted(notes, "KL split", lambda: _kl_split(tables, ids, r_pol, scored, tilt, notes,
+                                                                     num_boot, seed))
+    report["tilt_fidelity"] = None
+    if tilt is not None and not tilt_fidelity:
+        notes.append("tilt fidelity: skipped (tilt_fidelity=False, --no-tilt-fidelity)")
+    elif tilt is not None:
+        report["tilt_fidelity"] = _noted(notes, "tilt fidelity", lambda: _tilt_fidelity(
+            model, tokenizer, texts, reference, tables, ids, r_ref, tilt))
+    report["diagnostic_notes"] = notes
     samples = pa.table({
         "side": ["policy"] * len(policy) + ["reference"] * len(reference),
         "prompt_id": [ids[r["batch_prompt"]] for r in policy + reference],
@@ -374,6 +415,73 @@ def evaluate_policy(
         report["figure_notes"] = notes
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return EvalResult(Path(out_dir), report)
+
+
+def _noted(notes: list[str], what: str, compute):
+    """``compute()``, or None with a note in ``notes`` saying why: a diagnostic never costs the report."""
+    try:
+        return compute()
+    except ValueError as err:  # the documented refusals: no plan, a simulated one, a KL off its curve, …
+        notes.append(f"{what}: {err}")
+    except Exception as err:  # noqa: BLE001 — anything else is logged in full, and still only noted
+        logger.exception("%s not computed", what)
+        notes.append(f"{what} not computed: {type(err).__name__}: {err}")
+    return None
+
+
+def _policy_levels(tables, ids: list, r_pol: np.ndarray) -> tuple[np.ndarray, int, float]:
+    """(levels, M, tied share) of the policy samples against the reference rewards (docs/diagnostics.md §4).
+
+    A sample's level is the number of its prompt's M reference rewards strictly below its reward
+    (``below`` of :func:`~ctrl_offline.calibration.rank_counts`, the counts its u is made of); the
+    tied share is the fraction of samples equal to some reference reward (the levels assume none).
+    """
+    m = r_pol.shape[1]
+    below, equal, k = rank_counts(tables, np.repeat(ids, m), r_pol.ravel())
+    if k.min() != k.max():
+        raise ValueError(f"the prompts hold {k.min()} to {k.max()} reference rewards (a prompt listed twice pools "
+                         "its samples): the split needs the same M for every prompt")
+    return below.reshape(r_pol.shape), int(k[0]), float(np.mean(equal > 0))
+
+
+def _kl_split(tables, ids: list, r_pol: np.ndarray, scored, tilt, notes: list[str], num_boot: int, seed: int) -> dict:
+    """The on-/off-target split of the policy samples' KL (:func:`~ctrl_offline.evaluation.level_kl_split`)."""
+    levels, big_m, tied = _policy_levels(tables, ids, r_pol)
+    split = level_kl_split(levels, big_m, scored.logp.reshape(r_pol.shape), scored.ref_logp.reshape(r_pol.shape),
+                           tilt=tilt, num_boot=num_boot, rng=seed)
+    if tied:
+        notes.append(f"KL split: {tied:.0%} of the policy samples tie a reference reward; the levels assume a "
+                     "tie-free reward, so the on-target figure is approximate (docs/diagnostics.md §4)")
+    return {**split, "tied_share": tied}
+
+
+def _reference_log_ratios(model, tokenizer, texts: list[str], reference: list[dict]) -> np.ndarray:
+    """h = log π_θ(y|x) − log π_ref(y|x) of each reference sample, both teacher-forced in the same batches.
+
+    Samples drawn here are scored on their sampled ids; a pool keeps only the text, re-tokenised (with
+    EOS where the sample finished, as the sampler's ids end). Scoring both sides afresh, rather than
+    taking the pool's ``ref_logp``, keeps the two log-probs of h on the same ids and numerics.
+    """
+    eos = tokenizer.eos_token_id
+    ids = [r["completion_ids"] if "completion_ids" in r else
+           tokenizer(r["completion"], add_special_tokens=False)["input_ids"] + ([eos] if r.get("finished") else [])
+           for r in reference]
+    scored = completion_kl(model, tokenizer, [texts[r["batch_prompt"]] for r in reference], ids,
+                           reference=None if hasattr(model, "disable_adapter") else model)
+    return scored.sequence
+
+
+def _tilt_fidelity(model, tokenizer, texts: list[str], reference: list[dict], tables, ids: list, r_ref: np.ndarray,
+                   tilt) -> dict:
+    """The tilt-fidelity curve on the reference samples (:func:`~ctrl_offline.evaluation.reference_tilt_fidelity`).
+
+    u: each reference sample's leave-one-out Ĉ among its prompt's M; h: :func:`_reference_log_ratios`.
+    """
+    big_m = r_ref.shape[1]
+    u = calibrate(tables, np.repeat(ids, big_m), r_ref.ravel(), leave_one_out=True)
+    h = _reference_log_ratios(model, tokenizer, texts, reference)
+    # Tie-free, u takes the M values j/(M − 1): M bins hold one each, more would leave bins empty.
+    return reference_tilt_fidelity(u, h, tilt, bins=min(20, big_m))
 
 
 def _training_kl_record(adapter: str | None) -> dict | None:
