@@ -387,7 +387,8 @@ def measure(setup: Setup, model, planned: dict, run_dir: Path | None = None) -> 
     run the R² of its log-ratio against the planned log-density (weights π_ref)."""
     from ctrl_offline.diagnostics import exact_kl_split, tilt_fidelity
     from ctrl_offline.finite_k import Estimator, trained_tilt
-    from ctrl_offline.lm_testbed import exact_metrics, quantile_cells, response_logprobs
+    from ctrl_offline.calibration import quantile_cells
+    from ctrl_offline.lm_testbed import exact_metrics, response_logprobs
 
     logp, valid = response_logprobs(model, setup.tokenizer, setup.language, setup.eval_prompts)
     metrics = exact_metrics(logp, setup.ref_logp, setup.eval_rewards, n_values=(4,))

@@ -74,6 +74,7 @@ def main():
     p.add_argument("--anchor", type=float, default=0.0, help="weight of an offline (reference-sample) term")
     p.add_argument("--out", type=Path, default=Path("runs/testbed"))
     p.add_argument("--tag", default="")
+    p.add_argument("--fresh-tables", action="store_true", help="new K reference samples per prompt every round")
     p.add_argument("--eval-train", action="store_true", help="measure on 16 training prompts instead of held-out")
     args = p.parse_args()
 
@@ -154,7 +155,7 @@ def main():
         eff, fid = efficiency(curve, m.kl, win)
         from ctrl_offline.diagnostics import exact_kl_split, tilt_fidelity
         from ctrl_offline.finite_k import trained_tilt
-        from ctrl_offline.lm_testbed import quantile_cells
+        from ctrl_offline.calibration import quantile_cells
 
         split = exact_kl_split(lp, setup.ref_logp, setup.eval_rewards, bins=50)
         cells = quantile_cells(setup.ref_logp, setup.eval_rewards)
@@ -211,6 +212,10 @@ def main():
         train_on(off_ids, off_ref, off_tgt, args.steps)
     else:
         for rnd in range(args.rounds):
+            if args.fresh_tables:  # a table the policy cannot memorise: K new reference rewards per prompt
+                fresh = sample_from_model(ref_model, tok, lang, prompts, args.k, seed=50_000 + args.seed * 1000 + rnd)
+                ref_sorted[:] = np.sort(np.stack([setup.reward(prompts[i], fresh[i]) for i in range(len(prompts))]),
+                                        axis=1)
             symbols = sample_from_model(model, tok, lang, prompts, args.m, seed=10_000 + args.seed * 1000 + rnd)
             ids = to_ids(symbols)
             ref_lp = torch.tensor(sequence_logprobs(ref_model, tok, lang, prompts, symbols).reshape(-1)).float()

@@ -38,7 +38,7 @@ from .groups import run_starts, search_sorted_segments, sort_by_group_and_value
 from .prompt_ids import SHOW, as_prompt_ids, check_factorized, hex_as_int, index_of, is_int, name_some, order_key, plain
 
 __all__ = ["CalibrationError", "CalibrationTables", "build_tables", "calibrate", "calibrate_reference",
-           "int_prompt_ids", "rank_counts"]
+           "int_prompt_ids", "quantile_cells", "rank_counts"]
 
 
 class CalibrationError(ValueError):
@@ -316,3 +316,19 @@ def calibrate(tables: CalibrationTables, prompt_ids, rewards, *, leave_one_out=F
             raise CalibrationError("leave-one-out needs at least 2 reference samples per prompt")
     drop = loo.astype(np.int64)
     return (less + 0.5 * (equal - drop)) / (k - drop)
+
+
+def quantile_cells(reference_logp: np.ndarray, rewards: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Exact calibration when π_ref is known on a finite response set (the LM testbed, docs/lm_testbed.md).
+
+    Per prompt (rows of the (prompts, responses) arrays): (group of each response, cell start G⁻,
+    cell end G) of its reward value under π_ref. A response's exact quantile is uniform on its cell
+    [G⁻(r), G(r)] (tied responses share one).
+    """
+    cells = []
+    for lq, r in zip(np.atleast_2d(reference_logp), np.atleast_2d(rewards)):
+        _, group = np.unique(r, return_inverse=True)
+        qv = np.bincount(group, weights=np.exp(lq))
+        end = np.clip(np.cumsum(qv), 0.0, 1.0)
+        cells.append((group, np.concatenate([[0.0], end[:-1]]), end))
+    return cells

@@ -38,11 +38,12 @@ import numpy as np
 from scipy import special, stats
 
 from ._quadrature import nodes_and_weights
+from .calibration import quantile_cells
 from .estimates import Estimate, bootstrap_mean
 from .finite_k import Estimator, TrainedTilt, ideal_tilt, tilt_from_log_density, trained_tilt
 # The planner's own β root-finder, its starting scale and its KL ceiling: the curve here is the
 # planner's curve, solved the same way.
-from .planner import _MAX_KL, _beta_scale, _root_in_log_beta, solve_beta, solve_trained_beta
+from .planner import MAX_KL, beta_scale, root_in_log_beta, solve_beta, solve_trained_beta
 from .procedures import get_procedure
 from .theory import kl_divergence
 from .transforms import Transform, get_transform
@@ -67,7 +68,7 @@ __all__ = [
 
 #: The largest KL on a plan's curve (the planner's ceiling: beyond it tilted densities are narrower
 #: than double precision resolves).
-MAX_CURVE_KL = _MAX_KL
+MAX_CURVE_KL = MAX_KL
 
 
 # A weighted-SFT win rate this close to its β → 0 limit counts as the limit (see PlanCurve.kl_at_win_rate).
@@ -178,8 +179,8 @@ class PlanCurve:
                 raise _OffCurve
             return w - win_rate
 
-        centre = math.log(beta_hint if beta_hint else _beta_scale(self.transform))
-        return _root_in_log_beta(gap, centre, 1.0, 2.0, 60, 1e-10, lambda lo: _OffCurve(), lambda: _BelowResolution())
+        centre = math.log(beta_hint if beta_hint else beta_scale(self.transform))
+        return root_in_log_beta(gap, centre, 1.0, 2.0, 60, 1e-10, lambda lo: _OffCurve(), lambda: _BelowResolution())
 
     def kl_at_win_rate(self, win_rate: float, beta_hint: float | None = None) -> float:
         """KL(β') with w(β') = ``win_rate``: the KL the plan's family needs for that win rate.
@@ -363,7 +364,6 @@ def _check_log_probs(name: str, logp: np.ndarray, atol: float = 1e-6) -> None:
 
 def _quantile_bins(reference_logp: np.ndarray, rewards: np.ndarray, bins: int) -> np.ndarray:
     """Bin index of each response: ⌊B·(G⁻ + G)/2⌋, its reward's quantile-cell midpoint under π_ref."""
-    from .lm_testbed import quantile_cells
 
     out = np.empty(reference_logp.shape, dtype=np.int64)
     for row, (group, lo, hi) in enumerate(quantile_cells(reference_logp, rewards)):
@@ -384,7 +384,7 @@ def exact_kl_split(policy_logp, reference_logp, rewards, bins: int = 100) -> KLS
     Arrays (prompts, responses), log-probabilities normalised per row (the LM testbed's
     :func:`ctrl_offline.lm_testbed.response_logprobs`). Each response is put in one of B = ``bins``
     equal-width bins of [0, 1] by the midpoint of its quantile cell under π_ref
-    (:func:`ctrl_offline.lm_testbed.quantile_cells`; tied responses share a cell). Per prompt, with
+    (:func:`ctrl_offline.calibration.quantile_cells`; tied responses share a cell). Per prompt, with
     P_b, Q_b the policy's and the reference's mass on bin b:
 
         total = Σ_y π(y) log π(y)/π_ref(y),   on target = Σ_b P_b log P_b/Q_b,

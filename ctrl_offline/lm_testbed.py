@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .calibration import quantile_cells
+
 __all__ = [
     "SyntheticLanguage",
     "Reward",
@@ -48,7 +50,6 @@ __all__ = [
     "tilted_policy",
     "sample_responses",
     "ExactKL",
-    "quantile_cells",
     "sample_from_model",
     "response_index",
     "sequence_logprobs",
@@ -356,20 +357,6 @@ def exact_metrics(policy_logp: np.ndarray, reference_logp: np.ndarray, rewards: 
                         bon_win_rate={n: float(np.mean(v)) for n, v in bon.items()},
                         won_win_rate={n: float(np.mean(v)) for n, v in won.items()}, num_prompts=len(rewards),
                         per_prompt=per_prompt)
-
-
-def quantile_cells(reference_logp: np.ndarray, rewards: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per prompt: (group of each response, cell start G⁻, cell end G) of its reward value under π_ref.
-
-    A response's exact quantile is uniform on its cell [G⁻(r), G(r)] (tied responses share one).
-    """
-    cells = []
-    for lq, r in zip(np.atleast_2d(reference_logp), np.atleast_2d(rewards)):
-        _, group = np.unique(r, return_inverse=True)
-        qv = np.bincount(group, weights=np.exp(lq))
-        end = np.clip(np.cumsum(qv), 0.0, 1.0)
-        cells.append((group, np.concatenate([[0.0], end[:-1]]), end))
-    return cells
 
 
 def tilted_policy(reference_logp: np.ndarray, rewards: np.ndarray, log_density, nodes: int = 16) -> np.ndarray:

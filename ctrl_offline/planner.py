@@ -38,13 +38,13 @@ from .theory import kl_divergence, tilted_standard_win_rate, tilted_win_rate
 from .transforms import Transform, family_has_t, get_transform, unit_scale
 
 __all__ = ["PlanRow", "Plan", "solve_beta", "solve_trained_beta", "plan", "tradeoff_curve", "trainable_beta", "DEFAULT_FAMILIES",
-           "MIN_TRAINABLE_BETA"]
+           "MIN_TRAINABLE_BETA", "MAX_KL", "beta_scale", "root_in_log_beta"]
 
 DEFAULT_FAMILIES = ("identity", "log", "exp", "negexp")
 DEFAULT_T_RANGE = (0.01, 40.0)
 #: Simulated prompts per win rate of a simulated plan (docs/selector_planning.md).
 SIMULATION_PROMPTS = 4000
-_MAX_KL = 25.0  # beyond this the tilted densities are narrower than double precision resolves
+MAX_KL = 25.0  # beyond this the tilted densities are narrower than double precision resolves
 # Smallest β, on the scale where Φ spans 1 (what the trainers see), at which a plan can be trained.
 # The DPO and pointwise gradients scale with β; below ~1e-3 the per-parameter LoRA gradients of a
 # small model fall to Adam's ε (1e-8) and the adapter does not move (measured: negexp t = 40 at
@@ -102,19 +102,20 @@ class Plan:
 
 
 def _check_budget(kl: float) -> float:
-    if not (isinstance(kl, (int, float)) and math.isfinite(kl) and 0 < kl <= _MAX_KL):
-        raise ValueError(f"the KL budget must be a number in (0, {_MAX_KL:g}] nats, got {kl!r}")
+    if not (isinstance(kl, (int, float)) and math.isfinite(kl) and 0 < kl <= MAX_KL):
+        raise ValueError(f"the KL budget must be a number in (0, {MAX_KL:g}] nats, got {kl!r}")
     return float(kl)
 
 
-def _beta_scale(transform: Transform) -> float:
-    # β acts on Φ's spread; start the bracket there so huge-t exp (Φ up to e^t) needs few steps.
+def beta_scale(transform: Transform) -> float:
+    """Φ(1) − Φ(½), the scale β acts on: where root-finding in log β starts (1 when it is not finite)."""
+    # Starting the bracket there lets huge-t exp (Φ up to e^t) need few steps.
     spread = float(transform.phi(np.array(1.0)) - transform.phi(np.array(0.5)))
     return spread if math.isfinite(spread) and spread > 0 else 1.0
 
 
-def _root_in_log_beta(gap, centre: float, half_width: float, step: float, tries: int, tol: float,
-                      unreachable, too_small) -> float:
+def root_in_log_beta(gap, centre: float, half_width: float, step: float, tries: int, tol: float,
+                     unreachable, too_small) -> float:
     """β with gap(log β) = 0, gap decreasing: widen [centre ∓ half_width] by ``step`` until it brackets, then Brent.
 
     ``unreachable(lo)`` / ``too_small()`` give the error raised when no bracket is found.
@@ -138,9 +139,9 @@ def _root_in_log_beta(gap, centre: float, half_width: float, step: float, tries:
 def solve_beta(transform: Transform | str, kl: float) -> float:
     """The β at which KL(π*‖π_ref) equals ``kl`` for this transform."""
     transform, kl = get_transform(transform), _check_budget(kl)
-    return _root_in_log_beta(
+    return root_in_log_beta(
         lambda log_beta: kl_divergence(transform, math.exp(log_beta)) - kl,
-        math.log(_beta_scale(transform)), 1.0, 2.0, 60, 1e-12,
+        math.log(beta_scale(transform)), 1.0, 2.0, 60, 1e-12,
         lambda lo: ValueError(f"KL budget {kl} is out of reach for transform {transform.spec!r}"),
         lambda: ValueError(f"KL budget {kl} is too small to resolve for transform {transform.spec!r}"))
 
@@ -166,7 +167,7 @@ def solve_trained_beta(transform: Transform | str, kl: float, k: int, estimator:
         # computed at underflowing β (spurious values there would pass for one).
         raise unreachable()
     # The K = ∞ β is a good centre: finite K changes KL by tens of percent, not orders of magnitude.
-    return _root_in_log_beta(
+    return root_in_log_beta(
         lambda log_beta: trained_tilt(transform, math.exp(log_beta), k, estimator).kl() - kl,
         math.log(solve_beta(transform, kl)), 0.5, 1.0, 40, 1e-10, unreachable,
         lambda: ValueError(f"KL budget {kl} is too small to resolve for transform {transform.spec!r}"))

@@ -246,7 +246,8 @@ def test_sampled_split_bad_input():
 
 # -- tilt fidelity --------------------------------------------------------------------------------
 def test_tilt_fidelity_of_the_oracle_and_of_noise(toy_testbed):
-    from ctrl_offline.lm_testbed import quantile_cells, tilted_policy
+    from ctrl_offline.calibration import quantile_cells
+    from ctrl_offline.lm_testbed import tilted_policy
 
     ref, rewards = toy_testbed
     tilt = ideal_tilt("exp:8", solve_beta("exp:8", 0.5))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from ctrl_offline.calibration import quantile_cells
 from ctrl_offline.finite_k import ideal_tilt, trained_tilt
 from ctrl_offline.lm_testbed import (
     ExactKL,
@@ -16,7 +17,6 @@ from ctrl_offline.lm_testbed import (
     build_reference_model,
     exact_metrics,
     pretrain_reference,
-    quantile_cells,
     response_index,
     response_logprobs,
     sample_from_model,
