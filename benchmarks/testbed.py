@@ -94,7 +94,8 @@ def prepare(out: Path, size: dict, ties: bool = False) -> Setup:
 
     from ctrl_offline.lm_testbed import Reward, SyntheticLanguage, pretrain_reference, response_logprobs
 
-    language = SyntheticLanguage()
+    # Prompts of 3 symbols give 512 prompts; --prompt-length 4 gives 4 096 (for more training prompts).
+    language = SyntheticLanguage(prompt_length=size.get("prompt_length", 3))
     reward = Reward(language, ties=ties)
     ref_dir = out / f"reference_{size['pretrain_steps']}"
     seconds = 0.0
@@ -110,6 +111,10 @@ def prepare(out: Path, size: dict, ties: bool = False) -> Setup:
     seconds = json.loads((ref_dir / "pretrain.json").read_text())["seconds"]
     model.eval()
     train_prompts, eval_prompts = language.split_prompts(size["train_prompts"], size["eval_prompts"])
+    if language.prompt_length != 3:  # the last prompts: every training size is measured on the same ones
+        eval_prompts = language.all_prompts()[-size["eval_prompts"]:]
+        if set(eval_prompts) & set(train_prompts):
+            raise ValueError(f"{size['train_prompts']} training prompts overlap the last {size['eval_prompts']}")
     cache = ref_dir / f"ref_logp_{size['eval_prompts']}.npz"
     if cache.exists():
         data = np.load(cache)
@@ -581,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS))
     parser.add_argument("--ties", action="store_true", help="the reward variant with ties")
+    parser.add_argument("--prompt-length", type=int, default=3,
+                        help="prompt symbols: 3 gives 512 prompts, 4 gives 4 096 (its own π_ref and folder)")
+    parser.add_argument("--train-prompts", type=int, help="training prompts (default 384)")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=float, default=20)
@@ -618,6 +626,11 @@ def run(args) -> tuple[dict, str]:
     transformers.logging.set_verbosity_error()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = args.out / ("ties" if args.ties else "tie_free")
+    if args.prompt_length != 3:
+        out = out.with_name(out.name + f"_p{args.prompt_length}")
+    size["prompt_length"] = args.prompt_length
+    if args.train_prompts:
+        size["train_prompts"] = args.train_prompts
     out.mkdir(parents=True, exist_ok=True)
     print(f"Decision rule (fixed before the runs): {DECISION_RULE}.", file=sys.stderr)
     started = time.perf_counter()

@@ -74,6 +74,8 @@ def main():
     p.add_argument("--anchor", type=float, default=0.0, help="weight of an offline (reference-sample) term")
     p.add_argument("--out", type=Path, default=Path("runs/testbed"))
     p.add_argument("--tag", default="")
+    p.add_argument("--prompt-length", type=int, default=3)
+    p.add_argument("--train-prompts", type=int, default=384)
     p.add_argument("--fresh-tables", action="store_true", help="new K reference samples per prompt every round")
     p.add_argument("--eval-train", action="store_true", help="measure on 16 training prompts instead of held-out")
     args = p.parse_args()
@@ -88,8 +90,8 @@ def main():
     from ctrl_offline.planner import plan
     from ctrl_offline.transforms import Rescaled, get_transform, unit_scale
 
-    size = dict(tb.SIZES["full"])
-    out = args.out / "tie_free"
+    size = dict(tb.SIZES["full"], prompt_length=args.prompt_length, train_prompts=args.train_prompts)
+    out = args.out / ("tie_free" if args.prompt_length == 3 else f"tie_free_p{args.prompt_length}")
     setup = tb.prepare(out, size)
     scored = tb.reference_samples(out, setup, args.k, args.seed)
     frame = pd.read_parquet(scored)
