@@ -5,9 +5,10 @@ each stage resumable, the run-folder guard and the summary — is the script
 ``recipes/ctrl_pipeline.py`` (run through ``recipes/hh_bon.py`` / ``recipes/hh_won.py``). This
 module holds what any such script reuses: :class:`RecipeConfig` and its checks, the model
 arguments (:data:`ModelArguments`, :func:`model_loading_config`) and :func:`parse_recipe_args`,
-which reads the three dataclasses (``RecipeConfig``, ``ModelArguments``, :class:`~ctrl_offline.config.CTRLConfig`)
-from a YAML file (``--config``) with command-line overrides, like TRL / alignment-handbook
-scripts, and names the closest key of an unknown one. The prompt splits are in
+which reads the three dataclasses (``RecipeConfig``, ``ModelArguments`` and the training config:
+:class:`~ctrl_offline.config.CTRLConfig` for pairs, :class:`~ctrl_offline.config.CTRLPointwiseConfig`
+for pointwise) from a YAML file (``--config``) with command-line overrides, like TRL /
+alignment-handbook scripts, and names the closest key of an unknown one. The prompt splits are in
 :mod:`ctrl_offline.prompts`, training in :func:`ctrl_offline.stages.train.train_from_build`.
 """
 
@@ -19,12 +20,12 @@ import math
 import sys
 from dataclasses import dataclass, field
 
-from .config import CTRLConfig
+from .config import CTRLConfig, CTRLPointwiseConfig
 from .modeling import ModelLoadingConfig
 from .pairs import PAIR_STRATEGIES
 from .procedures import procedure_names
 
-__all__ = ["ModelArguments", "RecipeConfig", "RecipeError", "RECIPE_FORMATS", "model_loading_config",
+__all__ = ["ModelArguments", "RecipeConfig", "RecipeError", "RECIPE_FORMATS", "check_loss", "model_loading_config",
            "parse_recipe_args"]
 
 #: The build formats the recipe trains (``data_format``).
@@ -72,7 +73,17 @@ class RecipeConfig:
     kl_every_n_steps: int = field(default=10, metadata={"help": "Optimizer steps between KL estimates."})
     transform: str | None = field(default=None, metadata={
         "help": "Transform family (identity, log, exp, negexp); default: the planner's best for the procedure."})
-    data_format: str = field(default="pairs", metadata={"help": "pairs (DPO/IPO/distill) or pointwise."})
+    data_format: str = field(default="pairs", metadata={
+        "help": "pairs (DPO/IPO/distill) or pointwise; the training config follows it (TRL's DPOConfig for pairs, "
+                "SFTConfig for pointwise), and ctrl_loss must be a loss of that format."})
+    rounds: int = field(default=0, metadata={
+        "help": "On-policy rounds after the reference samples (docs/rounds.md): each samples the current policy "
+                "(round 1 the base, then the last round's adapter), calibrates the samples against the reference "
+                "tables, builds pointwise targets and trains the adapter further; the last round's adapter is "
+                "evaluated. Rounds train pointwise (data_format: pointwise, ctrl_loss: pointwise). 0: the offline "
+                "pipeline, trained on the reference samples themselves."})
+    round_samples: int | None = field(default=None, metadata={
+        "help": "Policy samples per prompt in each round (default: num_samples)."})
     pair_strategy: str = field(default="all", metadata={"help": "all, best_vs_rest, best_vs_worst or sampled."})
     pairs_per_prompt: int | None = field(default=None, metadata={"help": "Pairs per prompt for pair_strategy=sampled."})
     keep_unfinished: bool = field(default=True, metadata={
@@ -115,6 +126,17 @@ class RecipeConfig:
             raise RecipeError(f"num_samples (K) must be ≥ 2, got {self.num_samples}")
         if not (self.kl_budget > 0 and math.isfinite(self.kl_budget)):
             raise RecipeError(f"kl_budget must be a finite KL > 0 in nats, got {self.kl_budget}")
+        if isinstance(self.rounds, bool) or int(self.rounds) != self.rounds or self.rounds < 0:
+            raise RecipeError(f"rounds must be an integer ≥ 0 (0: the offline pipeline), got {self.rounds}")
+        if self.rounds and self.data_format != "pointwise":
+            raise RecipeError(f"rounds: {self.rounds} trains pointwise targets on the policy's own samples, not "
+                              f"{self.data_format}: set data_format: pointwise and ctrl_loss: pointwise, or rounds: 0 "
+                              f"to train offline on {self.data_format}")
+        if self.round_samples is None:
+            self.round_samples = self.num_samples
+        if isinstance(self.round_samples, bool) or int(self.round_samples) != self.round_samples \
+                or self.round_samples < 1:
+            raise RecipeError(f"round_samples must be an integer ≥ 1, got {self.round_samples}")
 
 
 # -- configuration --------------------------------------------------------------------------------
@@ -154,25 +176,44 @@ def _unknown_key_message(keys: list[str], known: list[str], where: str) -> str:
     return "\n".join(lines)
 
 
-def parse_recipe_args(argv: list[str] | None = None, defaults: dict | None = None):
-    """(RecipeConfig, ModelArguments, CTRLConfig) from ``--config file.yaml`` and flags.
+@dataclass
+class _Loss:
+    """The training config's ``ctrl_loss``, read with the recipe before the training config it belongs to."""
 
-    ``defaults`` are the script's own defaults (a YAML file and the command line override them).
-    An unknown key, in the file or on the command line, is named with the closest known key.
-    """
+    ctrl_loss: str | None = None
+
+
+def check_loss(recipe: RecipeConfig, loss: str) -> None:
+    """Refuse a ``ctrl_loss`` that does not train the recipe's ``data_format`` (rounds: pointwise), naming the fix."""
+    from .losses import get_loss, loss_names
+
+    try:
+        served = get_loss(loss).data_format
+    except ValueError as err:
+        raise RecipeError(f"ctrl_loss: {err}") from None
+    if served == recipe.data_format:
+        return
+    if recipe.rounds:
+        raise RecipeError(f"ctrl_loss {loss!r} trains {served} rows, but rounds: {recipe.rounds} trains pointwise "
+                          "targets on the policy's own samples: set ctrl_loss: pointwise, or rounds: 0 (with "
+                          f"data_format: {served}) to train offline")
+    fitting = loss_names(recipe.data_format)
+    fix = f"ctrl_loss: {fitting[0]}" if len(fitting) == 1 else f"ctrl_loss to one of {', '.join(fitting)}"
+    other = f", or data_format: {served}" if served in RECIPE_FORMATS else ""
+    raise RecipeError(f"ctrl_loss {loss!r} trains {served} rows, but data_format is {recipe.data_format}: set "
+                      f"{fix}{other}")
+
+
+def _parse(types, argv: list[str], defaults: dict | None, where: str):
+    """``types`` from ``argv`` (and the YAML file it names); the keys ``types`` do not know, from the file and from
+    the command line."""
     import yaml
     from trl import TrlParser
 
-    types = (RecipeConfig, ModelArguments, CTRLConfig)
     parser = TrlParser(types)
     parser.allow_abbrev = False  # --num_sample must not silently mean --num_samples
-    known = _field_names(types)
     if defaults:
         parser.set_defaults_with_config(**defaults)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" in argv and argv.index("--config") + 1 >= len(argv):
-        raise RecipeError("--config needs a YAML file")
-    where = f"in {argv[argv.index('--config') + 1]}" if "--config" in argv else ""
     try:
         *configs, from_file, from_cli = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True)
@@ -180,10 +221,34 @@ def parse_recipe_args(argv: list[str] | None = None, defaults: dict | None = Non
         raise RecipeError(f"config file not found: {err.filename}") from err
     except yaml.YAMLError as err:
         raise RecipeError(f"config file {where[3:]} is not valid YAML: {err}") from err
+    return tuple(configs), from_file, from_cli
+
+
+def parse_recipe_args(argv: list[str] | None = None, defaults: dict | None = None):
+    """(RecipeConfig, ModelArguments, training config) from ``--config file.yaml`` and flags.
+
+    The training config is :class:`~ctrl_offline.config.CTRLConfig` (TRL's DPOConfig) for
+    ``data_format: pairs`` and :class:`~ctrl_offline.config.CTRLPointwiseConfig` (SFTConfig) for
+    pointwise, so the recipe is read first; its ``ctrl_loss`` must train that format (:func:`check_loss`).
+    ``defaults`` are the script's own defaults (a YAML file and the command line override them).
+    An unknown key, in the file or on the command line, is named with the closest known key.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv and argv.index("--config") + 1 >= len(argv):
+        raise RecipeError("--config needs a YAML file")
+    where = f"in {argv[argv.index('--config') + 1]}" if "--config" in argv else ""
+    # The recipe and the loss first (--help waits for the second pass, which knows every key).
+    (recipe, _, loss), _, _ = _parse((RecipeConfig, ModelArguments, _Loss),
+                                     [a for a in argv if a not in ("-h", "--help")], defaults, where)
+    if loss.ctrl_loss is not None:
+        check_loss(recipe, loss.ctrl_loss)
+    types = (RecipeConfig, ModelArguments, CTRLConfig if recipe.data_format == "pairs" else CTRLPointwiseConfig)
+    configs, from_file, from_cli = _parse(types, argv, defaults, where)
+    known = _field_names(types)
     unknown_file = [s[2:] for s in from_file[::2]]
     unknown_cli = [s[2:].split("=")[0] for s in from_cli if s.startswith("--")]
     if unknown_file or unknown_cli or [s for s in from_cli if not s.startswith("--")]:
         message = "\n".join(m for m in (_unknown_key_message(unknown_file, known, where),
                                          _unknown_key_message(unknown_cli, known, "on the command line")) if m)
         raise RecipeError(message or f"unexpected arguments: {from_cli}")
-    return tuple(configs)
+    return configs
