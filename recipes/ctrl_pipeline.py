@@ -1,6 +1,14 @@
 """The whole CTRL pipeline as one resumable run: prompts → sample → score → calibrate → plan/build
 → train → evaluate → push. ``recipes/hh_bon.py`` and ``recipes/hh_won.py`` run it.
 
+With ``rounds: N`` (N > 0) the reference samples are calibrated only for their tables, and
+build/train are N on-policy rounds instead (docs/rounds.md): round r samples the policy (round 1
+the base, then round r − 1's adapter) into ``round<r>/``, calibrates those samples against the
+reference tables, builds pointwise targets Φ(u) − β log Z planned as the K + 1 estimator and trains
+the adapter further (:func:`ctrl_offline.stages.rounds.run_round`). The last round's adapter is
+evaluated and pushed. Rounds run in one process; a completed round is skipped, a killed one resumes
+stage by stage.
+
 Configured like TRL / alignment-handbook scripts: the YAML file given with ``--config`` is the one
 source of settings (the dataclasses of :mod:`ctrl_offline.recipe` and TRL's config), and any key
 can be overridden on the command line. A script run without ``--config`` uses its own YAML
@@ -9,14 +17,15 @@ atomically and is skipped when that folder exists, so a killed run picks up wher
 (sampling and scoring also resume shard by shard, training from its last checkpoint). A run folder
 remembers its config; running another config into it is refused unless ``--overwrite``.
 
-Training is held to ``kl_budget`` (``hold_kl``, on by default): every ``kl_every_n_steps`` steps
-the adapter's KL(π‖π_ref) is estimated on held-out prompts, and training stops where it reaches
-the budget, leaving weights bisected back to it (:mod:`ctrl_offline.kl_budget`); the estimates
-and the KL left go to ``train/kl_budget.json`` and the run summary.
+Training (offline, and in every round) is held to ``kl_budget`` (``hold_kl``, on by default):
+every ``kl_every_n_steps`` steps the adapter's KL(π‖π_ref) is estimated on held-out prompts, and
+training stops where it reaches the budget, leaving weights bisected back to it
+(:mod:`ctrl_offline.kl_budget`); the estimates and the KL left go to ``train/kl_budget.json`` (in
+rounds: ``round<r>/train/``) and the run summary.
 
-Under ``accelerate launch`` with several processes, sampling and scoring split the prompts by
-rank, training runs data-parallel (or ZeRO/FSDP, from the accelerate config), and the
-single-process stages (calibrate, build, evaluate, push) run on the main process.
+Under ``accelerate launch`` with several processes (``rounds: 0`` only), sampling and scoring
+split the prompts by rank, training runs data-parallel (or ZeRO/FSDP, from the accelerate config),
+and the single-process stages (calibrate, build, evaluate, push) run on the main process.
 
 Everything here is orchestration; the pieces are the library's: the config
 (:mod:`ctrl_offline.recipe`), the prompt splits (:mod:`ctrl_offline.prompts`), the stages
@@ -38,10 +47,10 @@ from ctrl_offline.config import CTRLConfig, CTRLPointwiseConfig
 from ctrl_offline.hub import HubError
 from ctrl_offline.io import BUILD_INFO_FILE, DataError, read_build_info
 from ctrl_offline.recipe import RecipeConfig, RecipeError, model_loading_config, parse_recipe_args
-from ctrl_offline.stages.train import KL_BUDGET_FILE, RUN_ONLY_TRAINING_ARGS
+from ctrl_offline.stages.train import KL_BUDGET_FILE, RUN_ONLY_TRAINING_ARGS, TRAIN_INFO_FILE
 from ctrl_offline.trainer import TrainingDataError
 
-__all__ = ["run_recipe", "summary", "main", "CONFIG_FILE"]
+__all__ = ["run_recipe", "summary", "describe_training", "main", "CONFIG_FILE"]
 
 logger = logging.getLogger("recipes.ctrl_pipeline")
 
@@ -92,20 +101,18 @@ def _stage(name: str, done: bool):
     return not done
 
 
-def _train(recipe: RecipeConfig, model_args, training_args: CTRLConfig, run_dir: Path) -> None:
-    """The train stage: :func:`~ctrl_offline.stages.train.train_from_build` on ``data/``, checkpoints in ``train/``."""
+def _training(recipe: RecipeConfig, model_args, training_args, run_dir: Path, checkpoints: Path) -> dict:
+    """The recipe's :func:`~ctrl_offline.stages.train.train_from_build` arguments but the data, the adapter folder and
+    the model: the loss, the LoRA loading, the TRL arguments, the checkpoints (kept in ``checkpoints``) and the KL
+    hold. The offline train stage and every round train with them."""
     from ctrl_offline.prompts import kl_prompts
-    from ctrl_offline.stages.train import DEFAULT_LOSS, train_from_build
 
-    # No beta from here: the trainer reads it from data/ctrl_build.json (a --beta given is checked against it).
+    # No beta from here: the trainer reads it from the build's ctrl_build.json (a --beta given is checked against it).
     overrides = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(training_args) if f.init}
     for name in ("output_dir", "push_to_hub", "hub_token", "hub_model_id", "hub_private_repo", "hub_revision",
                  "hub_strategy"):
-        overrides.pop(name, None)  # checkpoints go to train/; the recipe pushes, not the trainer
-    loss = overrides.pop("ctrl_loss") if recipe.data_format == "pairs" else DEFAULT_LOSS[recipe.data_format]
-    if recipe.data_format != "pairs":  # the pair-only DPOConfig fields do not exist in SFTConfig
-        names = {f.name for f in dataclasses.fields(CTRLPointwiseConfig) if f.init}
-        overrides = {k: v for k, v in overrides.items() if k in names and k != "ctrl_loss"}
+        overrides.pop(name, None)  # checkpoints go to `checkpoints`; the recipe pushes, not the trainer
+    loss = overrides.pop("ctrl_loss")  # a loss of the recipe's data_format (checked when the config was read)
     loading = dataclasses.asdict(model_loading_config(model_args, training_args))
     loading.pop("model_name_or_path")
     held = {}
@@ -114,11 +121,76 @@ def _train(recipe: RecipeConfig, model_args, training_args: CTRLConfig, run_dir:
         held = dict(kl_budget=recipe.kl_budget, kl_prompts=prompts, kl_prompts_source=source,
                     kl_samples=recipe.kl_eval_samples, kl_every_n_steps=recipe.kl_every_n_steps,
                     kl_max_new_tokens=recipe.max_new_tokens, kl_batch_size=recipe.sampling_batch_size)
-    train_from_build(run_dir / "data", run_dir / "adapter", model_args.model_name_or_path, loss=loss, loading=loading,
-                     training_args=overrides, checkpoint_dir=run_dir / "train", keep_checkpoints=True, **held)
+    return dict(loss=loss, loading=loading, training_args=overrides, checkpoint_dir=checkpoints,
+                keep_checkpoints=True, **held)
 
 
-def run_recipe(recipe: RecipeConfig, model_args, training_args: CTRLConfig,
+def _round(recipe: RecipeConfig, model_args, training_args, run_dir: Path, number: int) -> None:
+    """Round ``number`` into ``run_dir/round<number>`` (:func:`~ctrl_offline.stages.rounds.run_round`, docs/rounds.md):
+    ``round_samples`` samples per training prompt from the last round's adapter (round 1: the base), scored,
+    calibrated against the reference tables in ``calibrated/``, pointwise targets planned like the recipe's build
+    (the K + 1 estimator), and that adapter trained further (round 1: a fresh one), held to the KL budget from the
+    base. Each stage resumes where it stopped."""
+    from ctrl_offline.generation import SamplingConfig
+    from ctrl_offline.stages.rounds import run_round
+
+    round_dir = (run_dir / f"round{number}").resolve()
+    previous = None if number == 1 else (run_dir / f"round{number - 1}" / "adapter").resolve()
+    sampling = SamplingConfig(k=recipe.round_samples, max_new_tokens=recipe.max_new_tokens,
+                              batch_size=recipe.sampling_batch_size)
+    build = dict(transform=recipe.transform, inference=recipe.inference, n=recipe.inference_n, kl=recipe.kl_budget,
+                 keep_unfinished=recipe.keep_unfinished, seed=training_args.seed)
+    prompts = str((run_dir / "prompts" / "train" / "prompts.jsonl").resolve())
+    # Round r samples with seed + r: never the reference samples' own seed.
+    result = run_round(prompts, (run_dir / "calibrated").resolve(), [recipe.reward_model], round_dir, adapter=previous,
+                       model=model_args.model_name_or_path, sampling=sampling, seed=training_args.seed, build=build,
+                       train=_training(recipe, model_args, training_args, run_dir, round_dir / "train"))
+    if result.skipped:
+        logger.info("[round %d] resumed: %s complete already", number, ", ".join(result.skipped))
+
+
+def _training_record(recipe: RecipeConfig, adapter_dir: Path) -> dict:
+    """How the evaluated adapter was trained (``training`` in the report): offline on the reference samples, or
+    on-policy, in which round and from which adapter."""
+    if recipe.rounds == 0:
+        return {"mode": "offline", "data_format": recipe.data_format, "adapter": str(adapter_dir)}
+    info = json.loads((adapter_dir / TRAIN_INFO_FILE).read_text())
+    return {"mode": "on-policy", "round": recipe.rounds, "rounds": recipe.rounds, "round_samples": recipe.round_samples,
+            "adapter": str(adapter_dir), "init_adapter": info.get("init_adapter")}
+
+
+def describe_training(training: dict) -> str:
+    """``on-policy, round 3 of 3 (…)`` or ``offline, on the reference samples (pairs)``: the report's and the
+    summary's line."""
+    if training.get("mode") != "on-policy":
+        return f"offline, on the reference samples ({training.get('data_format')})"
+    start = "a fresh adapter" if training.get("init_adapter") is None else f"round {training['round'] - 1}'s adapter"
+    return (f"on-policy, round {training['round']} of {training['rounds']} ({training['round_samples']} policy samples "
+            f"per prompt a round, calibrated against the reference tables; trained from {start}; docs/rounds.md)")
+
+
+def _record_training(eval_dir: Path, training: dict) -> None:
+    """Say in ``eval/report.json`` (``training``) and ``report.md`` (a line under the model's) how the evaluated adapter
+    was trained; files that say so already are left as they are."""
+    path = eval_dir / "report.json"
+    report = json.loads(path.read_text())
+    if report.get("training") != training:
+        _replace_text(path, json.dumps({**report, "training": training}, indent=2, default=str))
+    markdown = eval_dir / "report.md"
+    line = f"- training: {describe_training(training)}"
+    if markdown.is_file() and line not in markdown.read_text().split("\n"):
+        lines = [old for old in markdown.read_text().split("\n") if not old.startswith("- training: ")]
+        at = next((i + 1 for i, old in enumerate(lines) if old.startswith("- model:")), len(lines))
+        _replace_text(markdown, "\n".join(lines[:at] + [line] + lines[at:]))
+
+
+def _replace_text(path: Path, text: str) -> None:
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(text)
+    staging.replace(path)
+
+
+def run_recipe(recipe: RecipeConfig, model_args, training_args: CTRLConfig | CTRLPointwiseConfig,
                command: str | None = None) -> dict | None:
     """Run (or resume) the pipeline into ``training_args.output_dir``; returns the evaluation report
     (None on processes other than the main one)."""
@@ -132,9 +204,14 @@ def run_recipe(recipe: RecipeConfig, model_args, training_args: CTRLConfig,
     from ctrl_offline.stages.evaluate import BUILD_REPORT_KEYS, evaluate_policy
     from ctrl_offline.stages.sample import sample_prompts
     from ctrl_offline.stages.score import score_samples
+    from ctrl_offline.stages.train import train_from_build
 
     state = PartialState()
     run_dir = Path(training_args.output_dir)
+    if recipe.rounds and state.num_processes > 1:
+        raise RecipeError(f"rounds: {recipe.rounds} runs in one process (ctrl_offline.stages.rounds.run_round), not "
+                          f"{state.num_processes}: launch it with one process, or set rounds: 0 for the offline "
+                          "pipeline, which trains data-parallel")
     if training_args.push_to_hub:
         from ctrl_offline.hub import resolve_token
 
@@ -166,23 +243,31 @@ def run_recipe(recipe: RecipeConfig, model_args, training_args: CTRLConfig,
         score_samples(run_dir / "samples", run_dir / "scored", [recipe.reward_model])
     state.wait_for_everyone()
 
-    data_dir = run_dir / "data"
-    if state.is_main_process:
-        if _stage("calibrate", (run_dir / "calibrated").exists()):
-            calibrate_scored(run_dir / "scored", run_dir / "calibrated")
-        if _stage("build", data_dir.exists()):
+    if state.is_main_process and _stage("calibrate", (run_dir / "calibrated").exists()):
+        calibrate_scored(run_dir / "scored", run_dir / "calibrated")
+    state.wait_for_everyone()
+
+    if recipe.rounds == 0:  # offline: the reference samples themselves are the training set
+        data_dir, adapter_dir = run_dir / "data", run_dir / "adapter"
+        if state.is_main_process and _stage("build", data_dir.exists()):
             build_dataset(run_dir / "calibrated", data_dir, format=recipe.data_format, transform=recipe.transform,
                           inference=recipe.inference, n=recipe.inference_n, kl=recipe.kl_budget,
                           strategy=recipe.pair_strategy, pairs_per_prompt=recipe.pairs_per_prompt,
                           keep_unfinished=recipe.keep_unfinished, seed=training_args.seed)
-    state.wait_for_everyone()
+        state.wait_for_everyone()
+        train_dir = run_dir / "train"
+        if _stage("train", (adapter_dir / "adapter_config.json").exists()):
+            training = _training(recipe, model_args, training_args, run_dir, train_dir)
+            train_from_build(data_dir, adapter_dir, model, **training)
+    else:  # on-policy: the reference samples give the tables; each round samples the policy and trains it further
+        for number in range(1, recipe.rounds + 1):
+            round_dir = run_dir / f"round{number}"
+            if _stage(f"round {number}", (round_dir / "adapter" / TRAIN_INFO_FILE).is_file()):
+                _round(recipe, model_args, training_args, run_dir, number)
+        data_dir, adapter_dir, train_dir = round_dir / "build", round_dir / "adapter", round_dir / "train"
     build_info = read_build_info(data_dir)
     if build_info is None:
         raise DataError(f"{data_dir} holds no build metadata ({BUILD_INFO_FILE}): remove the folder to rebuild it")
-
-    adapter_dir = run_dir / "adapter"
-    if _stage("train", (adapter_dir / "adapter_config.json").exists()):
-        _train(recipe, model_args, training_args, run_dir)
 
     if not state.is_main_process:
         return None  # evaluation and push are single-process: no barrier left to wait at
@@ -195,21 +280,22 @@ def run_recipe(recipe: RecipeConfig, model_args, training_args: CTRLConfig,
                         build_info=build_info, policy_samples=recipe.eval_policy_samples,
                         reference_samples=recipe.eval_reference_samples,
                         reference_pool=run_dir / "eval_reference_pool")
+    _record_training(eval_dir, _training_record(recipe, adapter_dir))
     report = json.loads((eval_dir / "report.json").read_text())
     if not report.get("build"):  # a report written before evaluate recorded the build
         report["build"] = {k: build_info.get(k) for k in BUILD_REPORT_KEYS}
-    if (run_dir / "train" / KL_BUDGET_FILE).exists():
-        report["training_kl"] = json.loads((run_dir / "train" / KL_BUDGET_FILE).read_text())
+    if (train_dir / KL_BUDGET_FILE).exists():
+        report["training_kl"] = json.loads((train_dir / KL_BUDGET_FILE).read_text())
     if training_args.push_to_hub:
-        _push(recipe, model_args, training_args, run_dir, report, command)
+        _push(recipe, model_args, training_args, run_dir, adapter_dir, data_dir, report, command)
     logger.info("run finished in %.0f s: %s", time.perf_counter() - started, run_dir)
     return report
 
 
-def _push(recipe, model_args, training_args, run_dir: Path, report: dict, command: str | None) -> None:
+def _push(recipe, model_args, training_args, run_dir: Path, adapter_dir: Path, data_dir: Path, report: dict,
+          command: str | None) -> None:
     from ctrl_offline.hub import ModelCardInfo, push_adapter
 
-    adapter_dir = run_dir / "adapter"
     info = ModelCardInfo(
         base_model=model_args.model_name_or_path, dataset=f"{recipe.dataset_name} ({', '.join(recipe.dataset_subsets)})",
         k=recipe.num_samples, reward_model=recipe.reward_model, transform=report["build"]["transform"],
@@ -219,7 +305,7 @@ def _push(recipe, model_args, training_args, run_dir: Path, report: dict, comman
         command=command)
     url = push_adapter(adapter_dir, training_args.hub_model_id, info, private=bool(training_args.hub_private_repo),
                        revision=getattr(training_args, "hub_revision", None),
-                       dataset_dir=run_dir / "data" if recipe.push_dataset else None, token=training_args.hub_token)
+                       dataset_dir=data_dir if recipe.push_dataset else None, token=training_args.hub_token)
     logger.info("pushed: %s", url)
 
 
@@ -232,6 +318,8 @@ def summary(report: dict) -> str:
         lines.append(f"{row['selector'] + '-' + str(row['n']):<10} {0.5:>9.3f} {row['value']:>8.3f}   "
                      f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
     kl = report["kl"]
+    if report.get("training"):
+        lines.append(f"training: {describe_training(report['training'])}")
     lines.append(f"KL(aligned ‖ reference) = {kl['value']:.3f} nats [{kl['ci_low']:.3f}, {kl['ci_high']:.3f}]"
                  f"   transform {describe_build(report.get('build') or {})}")
     held = report.get("training_kl")
@@ -268,7 +356,7 @@ def main(argv: list[str] | None = None, default_config: str | Path | None = None
         return 2
     if report is not None:
         print(summary(report))
-        print(f"adapter: {Path(training_args.output_dir) / 'adapter'}   report: "
+        print(f"adapter: {report['adapter']}   report: "
               f"{Path(training_args.output_dir) / 'eval' / 'report.md'}")
     return 0
 

@@ -4,6 +4,7 @@ refusals, push checks."""
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,10 @@ def tiny_chat_model(tmp_path_factory):
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     tokenizer.save_pretrained(path)
     return path
+
+
+#: The offline pipeline (soft-label DPO on the reference samples' pairs) instead of the tiny config's on-policy round.
+OFFLINE = ("--rounds", 0, "--data_format", "pairs", "--ctrl_loss", "dpo")
 
 
 def tiny_args(model, out, *extra):
@@ -117,7 +122,7 @@ def test_a_script_without_config_reads_its_own_yaml_and_holds_no_settings():
 def test_recipe_runs_end_to_end_then_resumes_and_guards_its_folder(tiny_chat_model, tmp_path, capsys, caplog):
     out = tmp_path / "run"
     with caplog.at_level("INFO", logger="ctrl_offline.trainer"):
-        assert main(tiny_args(tiny_chat_model, out)) == 0
+        assert main(tiny_args(tiny_chat_model, out, *OFFLINE)) == 0
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     report = json.loads((out / "eval" / "report.json").read_text())
     assert {(r["selector"], r["n"]) for r in report["win_rates"]} == {(s, n) for s in ("bon", "won") for n in (1, 2, 4)}
@@ -129,6 +134,8 @@ def test_recipe_runs_end_to_end_then_resumes_and_guards_its_folder(tiny_chat_mod
     assert report["prompts"]["overlap_with_training"] == 0
     printed = capsys.readouterr().out
     assert "bon-4" in printed and "KL(aligned" in printed
+    assert report["training"] == {"mode": "offline", "data_format": "pairs", "adapter": str(out / "adapter")}
+    assert "training: offline, on the reference samples (pairs)" in printed
     # β travels with the data: the trainer read it from the build, and the summary and report give both βs.
     assert f"beta={build['beta']:.6g} from {out / 'data' / 'ctrl_build.json'}" in caplog.text
     assert {k: report["build"][k] for k in ("beta", "phi_scale", "unscaled_beta")} == \
@@ -141,23 +148,114 @@ def test_recipe_runs_end_to_end_then_resumes_and_guards_its_folder(tiny_chat_mod
     adapter_time = (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
     caplog.clear()
     with caplog.at_level("INFO", logger=pipeline.logger.name):
-        assert main(tiny_args(tiny_chat_model, out)) == 0
+        assert main(tiny_args(tiny_chat_model, out, *OFFLINE)) == 0
     skipped = {r.getMessage().split("]")[0].lstrip("[") for r in caplog.records if "skipped" in r.getMessage()}
     assert skipped == {"prompts", "sample", "score", "calibrate", "build", "train", "evaluate"}
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == adapter_time
 
     # Another config into the same folder: refused, naming what changed, unless --overwrite.
-    assert main(tiny_args(tiny_chat_model, out, "--learning_rate", "0.5")) == 2
+    assert main(tiny_args(tiny_chat_model, out, *OFFLINE, "--learning_rate", "0.5")) == 2
     err = capsys.readouterr().err
     assert "different config" in err and "learning_rate" in err and "--overwrite" in err
-    assert main(tiny_args(tiny_chat_model, out, "--learning_rate", "0.5", "--overwrite", "true")) == 0
+    assert main(tiny_args(tiny_chat_model, out, *OFFLINE, "--learning_rate", "0.5", "--overwrite", "true")) == 0
     assert json.loads((out / "recipe_config.json").read_text())["training"]["learning_rate"] == 0.5
 
     # The planner's raw-Φ β passed to the trainer is refused, saying which β the trainer needs.
     capsys.readouterr()
-    assert main(tiny_args(tiny_chat_model, tmp_path / "raw", "--beta", build["unscaled_beta"])) == 2
+    assert main(tiny_args(tiny_chat_model, tmp_path / "raw", *OFFLINE, "--beta", build["unscaled_beta"])) == 2
     err = capsys.readouterr().err
     assert "You passed the raw-Φ β (unscaled_beta" in err and f"records beta={build['beta']!r}" in err
+
+
+def test_recipe_trains_in_on_policy_rounds_and_resumes_at_the_round_it_was_in(tiny_chat_model, tmp_path, capsys,
+                                                                              caplog):
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_chat_model, out, "--rounds", 2)) == 0
+    first, second = out / "round1" / "adapter", out / "round2" / "adapter"
+    assert not (out / "data").exists() and not (out / "adapter").exists()  # no offline build or training
+    # Round 1 sampled the base (a seed of its own) and trained a fresh adapter; round 2 sampled round 1's adapter
+    # and trained it further.
+    reference_seed = json.loads((out / "samples" / "_manifest.json").read_text())["settings"]["seed"]
+    records = [json.loads((out / f"round{n}" / "ctrl_round.json").read_text()) for n in (1, 2)]
+    assert [r["seed"] for r in records] == [reference_seed + 1, reference_seed + 2]
+    assert [r["parent_adapter"] for r in records] == [None, str(first.resolve())]
+    assert all(r["sampling"]["k"] == 4 for r in records)  # round_samples: num_samples by default
+    trained = [json.loads((folder / "ctrl_train.json").read_text()) for folder in (first, second)]
+    assert [t["init_adapter"] for t in trained] == [None, str(first.resolve())]
+    assert [t["round"] for t in trained] == [1, 2] and {t["loss"] for t in trained} == {"pointwise"}
+    build = json.loads((out / "round2" / "build" / "ctrl_build.json").read_text())
+    assert build["format"] == "pointwise" and build["parent_adapter"] == str(first.resolve())
+    assert build["transform"] == "exp"  # planned for BoN-4, as the offline build is
+    assert (out / "round2" / "train" / "kl_budget.json").is_file()  # each round held to the KL budget
+    # The evaluation reads round 2's adapter; the report and the summary say how it was trained.
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert report["adapter"] == str(second)
+    assert report["training"] == {"mode": "on-policy", "round": 2, "rounds": 2, "round_samples": 4,
+                                  "adapter": str(second), "init_adapter": str(first.resolve())}
+    line = "training: on-policy, round 2 of 2 (4 policy samples per prompt a round"
+    assert f"- {line}" in (out / "eval" / "report.md").read_text()
+    printed = capsys.readouterr().out
+    assert line in printed and f"adapter: {second}" in printed
+
+    # Again: completed rounds are skipped, nothing is retrained.
+    trained_at = (second / "adapter_model.safetensors").stat().st_mtime_ns
+    with caplog.at_level("INFO", logger=pipeline.logger.name):
+        assert main(tiny_args(tiny_chat_model, out, "--rounds", 2)) == 0
+    skipped = {r.getMessage().split("]")[0].lstrip("[") for r in caplog.records if "skipped" in r.getMessage()}
+    assert skipped == {"prompts", "sample", "score", "calibrate", "round 1", "round 2", "evaluate"}
+    assert (second / "adapter_model.safetensors").stat().st_mtime_ns == trained_at
+    assert (out / "eval" / "report.md").read_text().count("- training: ") == 1
+
+    # A run killed in round 2's training resumes there: round 1 skipped, round 2's finished stages kept.
+    shutil.rmtree(second)
+    shutil.rmtree(out / "eval")
+    caplog.clear()
+    with caplog.at_level("INFO", logger=pipeline.logger.name):
+        assert main(tiny_args(tiny_chat_model, out, "--rounds", 2)) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert "[round 1] done already, skipped" in messages and "[round 2] running" in messages
+    assert "[round 2] resumed: samples, scored, calibrated, build complete already" in messages
+    assert json.loads((second / "ctrl_train.json").read_text())["init_adapter"] == str(first.resolve())
+    assert json.loads((out / "eval" / "report.json").read_text())["adapter"] == str(second)
+
+
+def test_rounds_keys_in_the_configs_and_their_refusals(tmp_path, monkeypatch):
+    for name, rounds in (("hh_bon", 3), ("hh_won", 3), ("hh_bon_tiny", 1), ("hh_won_tiny", 1)):
+        recipe, _, training = parse_recipe_args(["--config", str(ROOT / "recipes" / "configs" / f"{name}.yaml")])
+        assert (recipe.rounds, recipe.data_format, training.ctrl_loss) == (rounds, "pointwise", "pointwise")
+        assert recipe.round_samples == recipe.num_samples  # the default
+        assert type(training).__name__ == "CTRLPointwiseConfig"  # pointwise recipes read TRL's SFTConfig keys
+    recipe, _, training = parse_recipe_args(["--config", str(TINY_BON), "--round_samples", "2"])
+    assert recipe.round_samples == 2
+    recipe, _, training = parse_recipe_args(["--config", str(TINY_BON), *map(str, OFFLINE)])
+    assert (recipe.rounds, recipe.data_format, training.ctrl_loss, type(training).__name__) == \
+        (0, "pairs", "dpo", "CTRLConfig")
+
+    with pytest.raises(RecipeError, match=r"rounds: 1 trains pointwise targets on the policy's own samples, not pairs: "
+                                          r"set data_format: pointwise and ctrl_loss: pointwise, or rounds: 0"):
+        parse_recipe_args(["--config", str(TINY_BON), "--data_format", "pairs"])
+    with pytest.raises(RecipeError, match=r"ctrl_loss 'dpo' trains pairs rows, but rounds: 1 trains pointwise .*set "
+                                          r"ctrl_loss: pointwise, or rounds: 0 \(with data_format: pairs\)"):
+        parse_recipe_args(["--config", str(TINY_BON), "--ctrl_loss", "dpo"])
+    with pytest.raises(RecipeError, match=r"rounds must be an integer ≥ 0 \(0: the offline pipeline\), got -1"):
+        parse_recipe_args(["--config", str(TINY_BON), "--rounds", "-1"])
+    with pytest.raises(RecipeError, match="round_samples must be an integer ≥ 1, got 0"):
+        parse_recipe_args(["--config", str(TINY_BON), "--round_samples", "0"])
+    with pytest.raises(RecipeError, match=r"ctrl_loss 'dpo' trains pairs rows, but data_format is pointwise: set "
+                                          r"ctrl_loss: pointwise, or data_format: pairs"):
+        parse_recipe_args(["--config", str(TINY_BON), "--rounds", "0", "--ctrl_loss", "dpo"])
+
+    # Rounds run in one process: a multi-process launch is refused before any work.
+    import accelerate
+
+    class TwoProcesses:
+        num_processes, is_main_process = 2, True
+
+    monkeypatch.setattr(accelerate, "PartialState", TwoProcesses)
+    recipe, model, training = parse_recipe_args(["--config", str(TINY_BON), "--output_dir", str(tmp_path / "run")])
+    with pytest.raises(RecipeError, match="rounds: 1 runs in one process .* or set rounds: 0"):
+        pipeline.run_recipe(recipe, model, training)
+    assert not (tmp_path / "run").exists()
 
 
 def test_push_without_a_token_fails_before_any_work(tiny_chat_model, tmp_path, monkeypatch, capsys):
@@ -180,7 +278,7 @@ def test_tiny_config_on_the_embedded_model_under_accelerate(config, script, tmp_
                            "--config", str(config), "--output_dir", str(out)],
                           capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (out / "adapter" / "adapter_config.json").exists()
+    assert (out / "round1" / "adapter" / "adapter_config.json").exists()  # the tiny configs train one on-policy round
     report = json.loads((out / "eval" / "report.json").read_text())
     assert report["kl"]["value"] == report["kl"]["value"] and "KL(aligned" in proc.stdout
 
@@ -210,7 +308,7 @@ def test_recipe_pushes_the_finished_run_to_the_hub(tiny_chat_model, tmp_path):
     assert "| β (`beta`, for Φ rescaled to span 1) |" in card and "| raw-Φ β (`unscaled_beta`) |" in card
     assert any(name.endswith(".arrow") for name in files)  # the dataset went up too
     assert "hf_recipe_secret" not in proc.stdout + proc.stderr
-    assert "[train] done already, skipped" in proc.stderr
+    assert "[round 1] done already, skipped" in proc.stderr  # the tiny config's one round: its adapter went up
 
 
 def test_recipe_on_a_plain_text_prompt_file_and_a_function_reward(tiny_chat_model, tmp_path):
@@ -229,7 +327,7 @@ def test_recipe_on_a_plain_text_prompt_file_and_a_function_reward(tiny_chat_mode
     assert set(train) | set(held_out) <= {" ".join(w) + " " for w in words}
     report = json.loads((out / "eval" / "report.json").read_text())
     assert report["prompts"]["overlap_with_training"] == 0 and report["build"]["transform"] == "exp"
-    kl = json.loads((out / "train" / "kl_budget.json").read_text())
+    kl = json.loads((out / "round1" / "train" / "kl_budget.json").read_text())  # the round's training was held
     assert kl["prompts"] == 3 and "prompts.txt, past the training prompts" in kl["prompts_source"]
 
 
