@@ -64,6 +64,11 @@ __all__ = [
     "tilt_fidelity",
     "label_entropy_floor",
     "loss_gap",
+    "planned_tilt",
+    "plan_diagnostics",
+    "planned_on_target",
+    "level_kl_split",
+    "reference_tilt_fidelity",
 ]
 
 #: The largest KL on a plan's curve (the planner's ceiling: beyond it tilted densities are narrower
@@ -652,3 +657,107 @@ def loss_gap(loss: float, labels, weights=None) -> float:
     if not math.isfinite(loss):
         raise ValueError(f"loss must be finite, got {loss!r}")
     return loss - label_entropy_floor(labels, weights)
+
+
+# -- against a build's plan (ctrl_build.json; docs/diagnostics.md, docs/evaluation.md) --------------------------------------------------
+def _planner_record(build_info: dict | None) -> dict:
+    """The ``planner`` record of a ``ctrl_build.json``; ValueError, saying why, when there is none."""
+    if build_info is None:
+        raise ValueError("no build metadata (ctrl_build.json beside the adapter, or --train-data a build folder): "
+                         "no plan to compare with")
+    planner = build_info.get("planner")
+    if not planner:
+        raise ValueError("the build was not planned (its transform and β were given outright): no plan to compare "
+                         "with")
+    return planner
+
+
+def planned_tilt(build_info: dict | None):
+    """The quantile density f(c) the build's plan trains, as a :class:`~ctrl_offline.finite_k.TrainedTilt`.
+
+    From the planner record of ``ctrl_build.json`` (``planner.row``: transform, t and the raw-Φ β;
+    ``planner.k``, ``planner.estimator``): K = ∞ (``planner.k`` null — ``--k-infinity``, simulated
+    plans, procedures without a finite-K theory) is the exact tilt log f(c) = Φ(c)/β − log Z; a K
+    is :func:`~ctrl_offline.finite_k.trained_tilt`, what the estimator trains from K samples per
+    prompt (docs/finite_k.md, docs/diagnostics.md §5). Raises ValueError for a build without a plan.
+    """
+    planner = _planner_record(build_info)
+    try:
+        row = planner["row"]
+        transform, beta = get_transform(row["transform"], row.get("t")), row["beta"]
+    except KeyError as err:
+        raise ValueError(f"the planner record lacks {err}: not a ctrl_build.json planner record") from None
+    if planner.get("k") is None:
+        return ideal_tilt(transform, beta)
+    estimator = Estimator(**planner["estimator"]) if planner.get("estimator") else None
+    return trained_tilt(transform, beta, planner["k"], estimator)
+
+
+def plan_diagnostics(build_info: dict | None, kl_spent: float, win_rates: list[dict]):
+    """KL efficiency and plan fidelity of an evaluated policy against its build's plan (docs/diagnostics.md §2).
+
+    ``kl_spent``: the evaluation's KL (nats, per-token estimate); ``win_rates``: its win-rate rows
+    (``selector``, ``n``, ``value``), of which the procedure and N the build was planned for
+    (``planner.inference``, ``planner.n``) is ``reached``. Returns
+    :meth:`PlanDiagnostics.from_build_info`.
+    Raises ValueError, saying why, when there is no plan, the plan was simulated (no closed form),
+    that procedure was not evaluated at that N, or the KL is not on the plan's curve (≤ 0 or past
+    :data:`~ctrl_offline.diagnostics.MAX_CURVE_KL`).
+    """
+    planner = _planner_record(build_info)
+    inference, n = planner.get("inference"), planner.get("n")
+    if planner.get("simulated"):
+        raise ValueError(f"the plan for {inference}-{n} was simulated on calibration tables (no closed-form win "
+                         "rate): there is no exact curve to compare with")
+    row = next((r for r in win_rates if r["selector"] == inference and r["n"] == n), None)
+    if row is None:
+        raise ValueError(f"the build was planned for {inference}-{n}, which this evaluation did not measure "
+                         f"(add it: --eval-selectors {inference} --eval-n {n})")
+    return PlanDiagnostics.from_build_info(build_info, kl_spent=kl_spent, reached=row["value"])
+
+
+def planned_on_target(tilt, num_stored: int) -> float:
+    """KL(ḡ_M‖U) = Σ_j ḡ_M(j) log((M + 1)·ḡ_M(j)): the on-target KL a policy on the plan shows at M rewards.
+
+    ḡ_M is the law of its samples' levels among M = ``num_stored`` reference rewards (the Bernstein
+    coarsening of f, :func:`~ctrl_offline.diagnostics.level_distribution`): what
+    :func:`level_kl_split` measures is to be read against this, not against the plan's KL
+    (docs/diagnostics.md §4).
+    """
+    g = level_distribution(tilt.log_density, num_stored)
+    return float(np.sum(np.where(g > 0, g * np.log(np.where(g > 0, (num_stored + 1) * g, 1.0)), 0.0)))
+
+
+def level_kl_split(levels, num_stored: int, policy_logps, reference_logps, *, tilt=None, num_boot: int = 2000,
+                   rng=0) -> dict:
+    """Where the KL went, from samples: on target + off target (docs/diagnostics.md §4).
+
+    ``levels[x, i]``: how many of prompt x's M = ``num_stored`` reference rewards lie strictly
+    below the policy's i-th sample (``below`` of :func:`~ctrl_offline.calibration.rank_counts`);
+    ``policy_logps`` / ``reference_logps``: the same samples' log π_θ and log π_ref, all
+    (prompts, samples). :func:`~ctrl_offline.diagnostics.sampled_kl_split` over M + 1 levels:
+
+        on target ≈ KL(ĝ‖U) (Miller–Madow, ≥ 0),   total = mean log π_θ/π_ref (= ``kl_sequence``),
+        off target = total − on target,
+
+    each with a bootstrap interval over prompts. With ``tilt`` (:func:`planned_tilt`) also
+    ``planned_on_target``, the plan's own on-target at the same M (:func:`planned_on_target`).
+    Returns the split's dict plus ``num_stored`` and ``planned_on_target`` (None without a tilt).
+    """
+    split = sampled_kl_split(levels, int(num_stored) + 1, policy_logps, reference_logps, num_boot=num_boot, rng=rng)
+    return {**split.to_dict(), "num_stored": int(num_stored),
+            "planned_on_target": None if tilt is None else planned_on_target(tilt, int(num_stored))}
+
+
+def reference_tilt_fidelity(u, h, tilt, bins: int = 20) -> dict:
+    """The tilt-fidelity curve on held-out reference samples (docs/diagnostics.md §5).
+
+    ``u``: the samples' leave-one-out calibrated quantiles; ``h``: log π_θ − log π_ref of each;
+    ``tilt``: the planned density (:func:`planned_tilt`), whose log f(u) h equals on the plan.
+    :func:`~ctrl_offline.diagnostics.tilt_fidelity` (equal weights: these are π_ref draws) — the
+    per-bin means of h and log f, the regression h ≈ a + b·log f(u) with its ``r_squared`` and
+    ``slope`` — plus ``num_points`` and ``mean_h`` (≈ −KL(π_ref‖π_θ) on reference samples).
+    """
+    fidelity = tilt_fidelity(u, h, tilt.log_density, bins=bins)
+    h = np.asarray(h, dtype=float).ravel()
+    return {**fidelity.to_dict(), "num_points": int(h.size), "mean_h": float(h.mean())}

@@ -96,7 +96,7 @@ def evaluate(setup, out, **kwargs):
 
 def test_a_planned_adapter_gets_its_plan_diagnostics_kl_split_and_tilt_fidelity(setup, quick_report, capsys):
     from ctrl_offline.diagnostics import kl_efficiency, plan_fidelity
-    from ctrl_offline.evaluation import planned_on_target, planned_tilt
+    from ctrl_offline.diagnostics import planned_on_target, planned_tilt
     from ctrl_offline.transforms import get_transform
     from data_tools.cli import main
 
@@ -201,7 +201,7 @@ def test_no_tilt_fidelity_skips_the_extra_pass(setup, monkeypatch):
 
 def test_what_the_plan_cannot_say_is_a_clear_refusal():
     """The reasons eval notes instead of plan diagnostics (no model needed)."""
-    from ctrl_offline.evaluation import plan_diagnostics
+    from ctrl_offline.diagnostics import plan_diagnostics
 
     row = {"transform": "exp", "t": 12.633827675108567, "beta": 95210.67611451553, "kl": 0.5, "win_rate": 0.8727}
     win_rates = [{"selector": "bon", "n": 4, "value": 0.7}]

@@ -44,7 +44,7 @@ from ..pointwise import pointwise_targets, sft_weights
 from ..procedures import get_procedure
 from ..transforms import Rescaled, family_has_t, get_transform, unit_scale
 from .calibrate import CALIBRATED_FILE, TABLES_FILE, load_tables
-from .rounds import build_round
+from .lineage import build_round
 
 __all__ = ["BuildResult", "build_dataset", "FORMATS", "BUILD_METADATA", "MAX_LEFT_OUT", "MIN_ROWS_HINT"]
 

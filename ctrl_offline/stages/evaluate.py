@@ -34,15 +34,12 @@ import numpy as np
 import pyarrow as pa
 
 from ..calibration import build_tables, calibrate, rank_counts
+from ..diagnostics import level_kl_split, plan_diagnostics, planned_tilt, reference_tilt_fidelity
 from ..evaluation import (
     MAX_SUBSETS,
     bootstrap_mean,
     calibrated_shortcut,
     kl_summary,
-    level_kl_split,
-    plan_diagnostics,
-    planned_tilt,
-    reference_tilt_fidelity,
     u_statistic_per_prompt,
     u_statistic_win_rate,
 )
@@ -445,7 +442,7 @@ def _policy_levels(tables, ids: list, r_pol: np.ndarray) -> tuple[np.ndarray, in
 
 
 def _kl_split(tables, ids: list, r_pol: np.ndarray, scored, tilt, notes: list[str], num_boot: int, seed: int) -> dict:
-    """The on-/off-target split of the policy samples' KL (:func:`~ctrl_offline.evaluation.level_kl_split`)."""
+    """The on-/off-target split of the policy samples' KL (:func:`~ctrl_offline.diagnostics.level_kl_split`)."""
     levels, big_m, tied = _policy_levels(tables, ids, r_pol)
     split = level_kl_split(levels, big_m, scored.logp.reshape(r_pol.shape), scored.ref_logp.reshape(r_pol.shape),
                            tilt=tilt, num_boot=num_boot, rng=seed)
@@ -473,7 +470,7 @@ def _reference_log_ratios(model, tokenizer, texts: list[str], reference: list[di
 
 def _tilt_fidelity(model, tokenizer, texts: list[str], reference: list[dict], tables, ids: list, r_ref: np.ndarray,
                    tilt) -> dict:
-    """The tilt-fidelity curve on the reference samples (:func:`~ctrl_offline.evaluation.reference_tilt_fidelity`).
+    """The tilt-fidelity curve on the reference samples (:func:`~ctrl_offline.diagnostics.reference_tilt_fidelity`).
 
     u: each reference sample's leave-one-out Ĉ among its prompt's M; h: :func:`_reference_log_ratios`.
     """

@@ -19,7 +19,7 @@ What each stage records (the keys this module reads and :func:`run_round` writes
 
 * ``ctrl-data sample --adapter``: ``policy_adapter`` (absolute path), ``policy_adapter_fingerprint``
   and ``round`` in its manifest's ``inputs``, and a ``logp`` column beside ``ref_logp``;
-* ``ctrl-data build``: ``round`` and ``parent_adapter`` in ``ctrl_build.json`` (:func:`build_round`);
+* ``ctrl-data build``: ``round`` and ``parent_adapter`` in ``ctrl_build.json`` (:func:`.lineage.build_round`);
 * ``ctrl-data train``: ``round`` and ``init_adapter`` in ``ctrl_train.json``;
 * ``ctrl-data round``: ``ctrl_round.json`` in the round folder (:data:`ROUND_FILE`).
 
@@ -39,12 +39,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..io import BUILD_INFO_FILE, DataError, fingerprint, read_metadata, write_json
+from .lineage import _json, check_base_model, read_adapter, same_model, sample_manifest
 
 if TYPE_CHECKING:
     from .train import TrainResult
 
-__all__ = ["AdapterRecord", "RoundResult", "ROUND_FILE", "ROUND_FOLDERS", "build_round", "check_base_model",
-           "read_adapter", "run_round", "same_model"]
+__all__ = ["RoundResult", "ROUND_FILE", "ROUND_FOLDERS", "run_round"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,127 +52,6 @@ logger = logging.getLogger(__name__)
 ROUND_FILE = "ctrl_round.json"
 #: The folders of one round, in the order the stages write them.
 ROUND_FOLDERS = ("samples", "scored", "calibrated", "build", "adapter")
-_TRAIN_INFO_FILE = "ctrl_train.json"  # stages.train.TRAIN_INFO_FILE (not imported: train imports this module)
-_MANIFEST = "_manifest.json"  # stages._shards.MANIFEST
-
-
-@dataclass(frozen=True)
-class AdapterRecord:
-    """What an adapter folder says about itself.
-
-    ``path`` is absolute; ``base_model`` the model it was trained on (``ctrl_train.json``'s
-    ``base_model``, else its build's ``reference_model``, else PEFT's ``base_model_name_or_path``;
-    None when none is recorded); ``round`` the round it was trained in (0 when not recorded);
-    ``recorded_round`` whether its ``ctrl_train.json`` says so.
-    """
-
-    path: Path
-    base_model: str | None
-    round: int
-    recorded_round: bool
-
-    @property
-    def samples_round(self) -> int:
-        """The round the samples drawn from this adapter feed."""
-        return self.round + 1
-
-
-def read_adapter(path: str | os.PathLike, what: str = "adapter") -> AdapterRecord:
-    """The :class:`AdapterRecord` of a PEFT adapter folder; DataError naming the fix when it is not one."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise DataError(f"{what} folder {folder} does not exist: pass the folder `ctrl-data train --out` (or "
-                        "`ctrl-data round`, ROUND_DIR/adapter) wrote")
-    config_file = folder / "adapter_config.json"
-    if not config_file.is_file():
-        raise DataError(f"{what} {folder} is not a PEFT adapter folder (no adapter_config.json): pass the folder "
-                        "`ctrl-data train --out` wrote")
-    train_info = _json(folder / _TRAIN_INFO_FILE)
-    build_info = _json(folder / BUILD_INFO_FILE)
-    base = (train_info.get("base_model") or build_info.get("reference_model")
-            or _json(config_file).get("base_model_name_or_path"))
-    recorded = train_info.get("round")
-    return AdapterRecord(folder.resolve(), None if base is None else str(base), int(recorded or 0),
-                         recorded is not None)
-
-
-def same_model(a, b) -> bool:
-    """Whether two model names mean the same model: equal local folders (resolved) or equal names."""
-    return _identity(a) == _identity(b)
-
-
-def check_base_model(adapter: AdapterRecord, model: str | None, what: str = "adapter") -> str:
-    """The base model to load ``adapter`` on: ``model`` when given (refused when the adapter records another), else
-    the adapter's own."""
-    if model is None:
-        if adapter.base_model is None:
-            raise DataError(f"{what} {adapter.path} does not record its base model: pass --model")
-        return adapter.base_model
-    if adapter.base_model is not None and not same_model(model, adapter.base_model):
-        raise DataError(f"{what} {adapter.path} was trained on base model {adapter.base_model}, not {model}: its LoRA "
-                        f"weights belong to that base. Pass --model {adapter.base_model} (or leave --model out), or "
-                        "an adapter trained on this base")
-    return str(model)
-
-
-def build_round(calibrated: str | os.PathLike) -> dict:
-    """``{"round", "parent_adapter"}`` of the samples behind a calibrate output, for its build's ``ctrl_build.json``.
-
-    Follows the metadata chain calibrated → scored (``inputs.scored.metadata``) → the sample folder's
-    manifest (``inputs.samples.path``). Rows calibrated leave-one-out are the reference set: round 0.
-    Rows calibrated against stored tables are round 1 when their samples came from the base and the
-    sample stage's ``round`` when they came from an adapter (``parent_adapter``: that adapter).
-    When the chain cannot be followed (a sample folder moved, rows written by hand) the round of rows
-    calibrated against tables is unknown: None, with a warning.
-    """
-    path = Path(calibrated)
-    metadata = read_metadata(path)
-    against_tables = metadata.get("settings", {}).get("mode") == "apply tables"
-    sampled = _samples_inputs(metadata)
-    parent = None if sampled is None else sampled.get("policy_adapter")
-    if not against_tables:
-        return {"round": 0, "parent_adapter": parent}
-    if sampled is None:
-        logger.warning("cannot follow %s back to its sample folder: its build records round null (run the stages on "
-                       "folders that stay where they were written to keep the round)", path)
-        return {"round": None, "parent_adapter": None}
-    return {"round": sampled.get("round") if parent else 1, "parent_adapter": parent}
-
-
-def _samples_inputs(calibrated_metadata: dict) -> dict | None:
-    """The ``inputs`` of the sample manifest a calibrate output traces back to, or None."""
-    scored = (calibrated_metadata.get("inputs") or {}).get("scored") or {}
-    samples = ((scored.get("metadata") or {}).get("inputs") or {}).get("samples") or {}
-    manifest = Path(samples["path"]) / _MANIFEST if samples.get("path") else None
-    if manifest is None or not manifest.is_file():
-        return None
-    record = _json(manifest)
-    return record.get("inputs") or {} if record.get("stage") == "sample" else None
-
-
-def _reference_seed(reference: Path) -> int | None:
-    """The seed the reference samples behind a calibrate output were drawn with, when traceable."""
-    scored = (read_metadata(reference / "calibrated.parquet").get("inputs") or {}).get("scored") or {}
-    samples = ((scored.get("metadata") or {}).get("inputs") or {}).get("samples") or {}
-    manifest = Path(samples["path"]) / _MANIFEST if samples.get("path") else None
-    if manifest is None or not manifest.is_file():
-        return None
-    return (_json(manifest).get("settings") or {}).get("seed")
-
-
-def _identity(name) -> str:
-    path = Path(str(name)).expanduser()
-    return str(path.resolve()) if path.exists() else str(name)
-
-
-def _json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot read {path}: {err}") from err
-    return value if isinstance(value, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -266,7 +145,8 @@ def run_round(
                         "tables of this base)")
     number = parent.samples_round if parent is not None else 1
     round_seed = seed + number
-    if parent is None and _reference_seed(reference) == round_seed:
+    reference_samples = sample_manifest(read_metadata(Path(reference) / "calibrated.parquet"))
+    if parent is None and reference_samples is not None and (reference_samples.get("settings") or {}).get("seed") == round_seed:
         raise DataError(f"round {number} samples the base with seed {round_seed}, the seed the reference samples in "
                         f"{reference} were drawn with: it would draw them again instead of fresh samples. Pass "
                         "another --seed")

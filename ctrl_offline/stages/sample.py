@@ -35,7 +35,7 @@ from ..generation import (SampleRow, SamplingConfig, completion_logps, hex_promp
                           render_prompt, sample_completions)
 from ..io import DataError, fingerprint
 from ._shards import MANIFEST, ShardedOutput, process_device
-from .rounds import check_base_model, read_adapter
+from .lineage import check_base_model, read_adapter
 
 __all__ = ["SampleResult", "load_prompts", "sample_prompts"]
 

@@ -356,7 +356,7 @@ def _continued(init_adapter, model, loading: dict, info: dict) -> tuple[str, dic
     another adapter.
     """
     from ..modeling import saved_lora_settings
-    from .rounds import check_base_model, read_adapter, same_model
+    from .lineage import check_base_model, read_adapter, same_model
 
     record = read_adapter(init_adapter, "--init-adapter")
     check_base_model(record, str(model), "--init-adapter")
