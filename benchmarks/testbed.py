@@ -330,17 +330,19 @@ def rounds_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: in
             save_strategy="no", logging_steps=10, per_device_train_batch_size=args.round_batch_size, learning_rate=lr,
             max_steps=args.round_steps, lr_scheduler_type="constant", gradient_checkpointing=False,
             seed=seed + rnd, disable_tqdm=True, max_length=None, dataloader_num_workers=0)
-        # One check at the end of each round: a round that ends over the budget is bisected back along its
-        # own segment, so every round trains its full length and the policy never leaves the budget.
-        callback = KLBudgetCallback(kl, exact_kl, every_n_steps=args.round_steps, tolerance=args.kl_tolerance)
+        # --hold round: one check at the end of each round; a round that ends over the budget is bisected back
+        # along its own segment, so the policy never leaves the budget. --hold end: the rounds run free (the
+        # regression's fixed point is the planned tilt, at the budget) and only the final policy is settled.
+        callbacks = ([KLBudgetCallback(kl, exact_kl, every_n_steps=args.round_steps, tolerance=args.kl_tolerance)]
+                     if args.hold == "round" else [])
         trainer = CTRLPointwiseTrainer(model=model, args=config, train_dataset=datasets.load_from_disk(
-            str(round_dir / "build")), processing_class=setup.tokenizer, callbacks=[callback])
+            str(round_dir / "build")), processing_class=setup.tokenizer, callbacks=callbacks)
         trainer.train()
         steps += int(trainer.state.global_step)
         rows += build.num_rows
-        reached = reached or callback.reached
         value = exact_kl(model).value
-        history.append(dict(round=rnd, steps=steps, lr=lr, kl=value, reached=callback.reached))
+        reached = reached or value >= kl - args.kl_tolerance
+        history.append(dict(round=rnd, steps=steps, lr=lr, kl=value))
         _log(f"  {method} round {rnd}: exact KL {value:.3f} after {steps} steps (lr {lr:.2g})")
     alpha = settle(model, setup.model, exact_kl, kl, args.kl_tolerance)
     result = dict(method=method, k=k, kl_budget=kl, seed=seed, **planned, reached=reached, steps=steps, rows=rows,
@@ -601,6 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--round-samples", type=int, default=16, help="policy samples per prompt per round")
     parser.add_argument("--round-steps", type=int, default=50, help="optimizer steps per round")
     parser.add_argument("--round-batch-size", type=int, default=128)
+    parser.add_argument("--hold", choices=["round", "end"], default="round",
+                        help="rounds: hold the KL at the end of every round, or only settle the final policy")
     parser.add_argument("--lr-end", type=float, default=3e-5, help="learning rate of the last round")
     parser.add_argument("--skip-oracle", action="store_true")
     parser.add_argument("--report-only", action="store_true", help="train nothing: tabulate the runs already done")
