@@ -603,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--round-samples", type=int, default=16, help="policy samples per prompt per round")
     parser.add_argument("--round-steps", type=int, default=50, help="optimizer steps per round")
     parser.add_argument("--round-batch-size", type=int, default=128)
-    parser.add_argument("--hold", choices=["round", "end"], default="round",
+    parser.add_argument("--hold", choices=["round", "end"], default="end",
                         help="rounds: hold the KL at the end of every round, or only settle the final policy")
     parser.add_argument("--lr-end", type=float, default=3e-5, help="learning rate of the last round")
     parser.add_argument("--skip-oracle", action="store_true")
