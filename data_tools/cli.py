@@ -287,9 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--adapter", help="PEFT adapter folder: sample the policy (base + adapter) for an on-policy round; "
                     "rows get logp (the policy's) beside ref_logp (the base's)")
     sa.add_argument("--out", required=True, help="output folder (shard-*.parquet)")
-    _add_renamed(sa, "sample", "--prompt-column", default="prompt", help="prompt column (default: prompt)")
-    sa.add_argument("--split", default="train", help="dataset split (default: train)")
-    sa.add_argument("--limit", type=_positive_int, help="use the first LIMIT prompts")
+    _add_prompt_source(sa, "sample")
     _add_renamed(sa, "sample", "--num-samples", type=int, default=4, metavar="K",
                  help="K, samples per prompt (default 4, at least 2)")
     sa.add_argument("--max-new-tokens", type=_positive_int, default=128)
@@ -389,9 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--adapter", metavar="PREV",
                     help="the previous round's adapter: sampled, then trained further (omit for round 1: the base)")
     rd.add_argument("--model", help="base model (default: the adapter's, else the reference samples' model)")
-    _add_renamed(rd, "round", "--prompt-column", default="prompt", help="prompt column (default: prompt)")
-    rd.add_argument("--split", default="train", help="dataset split (default: train)")
-    rd.add_argument("--limit", type=_positive_int, help="use the first LIMIT prompts")
+    _add_prompt_source(rd, "round")
     _add_renamed(rd, "round", "--num-samples", type=int, default=4, metavar="M",
                  help="policy samples per prompt (default 4, at least 2)")
     rd.add_argument("--max-new-tokens", type=_positive_int, default=128)
@@ -730,6 +726,13 @@ def _run_inspect(args) -> int:
     if args.plot:
         plot_summary(args.path, args.plot)
     return 0
+
+
+def _add_prompt_source(parser, stage: str) -> None:
+    """Which prompts of the source to draw from: its column, split and how many (sample, round)."""
+    _add_renamed(parser, stage, "--prompt-column", default="prompt", help="prompt column (default: prompt)")
+    parser.add_argument("--split", default="train", help="dataset split (default: train)")
+    parser.add_argument("--limit", type=_positive_int, help="use the first LIMIT prompts")
 
 
 def _add_estimator_args(parser) -> None:
