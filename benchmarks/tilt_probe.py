@@ -37,11 +37,11 @@ def log(msg):
 
 def plan_curve(spec, k_plan, estimator, inference, n=4, betas=None):
     """(kl, win) of the trained tilt along β (same Φ, K, estimator): the plan's curve."""
-    from ctrl_offline.finite_k import trained_tilt
+    from ctrl_offline.finite_k import ideal_tilt, trained_tilt
 
     out = []
     for b in betas:
-        tilt = trained_tilt(spec, b, k_plan, estimator)
+        tilt = ideal_tilt(spec, b) if k_plan is None else trained_tilt(spec, b, k_plan, estimator)
         out.append((tilt.kl(), tilt.win_rate(inference, n)))
     out = np.array(sorted(out))
     return out
@@ -74,8 +74,11 @@ def main():
     p.add_argument("--anchor", type=float, default=0.0, help="weight of an offline (reference-sample) term")
     p.add_argument("--out", type=Path, default=Path("runs/testbed"))
     p.add_argument("--tag", default="")
+    p.add_argument("--t", type=float, help="fix exp/negexp's t instead of the planner's best")
     p.add_argument("--prompt-length", type=int, default=3)
     p.add_argument("--train-prompts", type=int, default=384)
+    p.add_argument("--exact-u", action="store_true",
+                   help="targets from each sample's exact quantile c (π_ref enumerated): the K = ∞ plan, no Bin(K, c) noise")
     p.add_argument("--fresh-tables", action="store_true", help="new K reference samples per prompt every round")
     p.add_argument("--eval-train", action="store_true", help="measure on 16 training prompts instead of held-out")
     args = p.parse_args()
@@ -104,14 +107,15 @@ def main():
         setup.ref_logp, _ = response_logprobs(setup.model, setup.tokenizer, setup.language, setup.eval_prompts)
         setup.eval_rewards = setup.reward.table(setup.eval_prompts)
 
-    k_plan = args.k + 1 if args.mode == "onpolicy" else args.k
+    k_plan = None if args.exact_u else (args.k + 1 if args.mode == "onpolicy" else args.k)
     est = Estimator(loss="pointwise")
-    row = plan(args.inference, 4, args.kl, families=(args.transform,), k=k_plan, loss="pointwise").rows[0]
+    extra = {} if args.t is None else {"t_range": (args.t, args.t * (1 + 1e-9))}
+    row = plan(args.inference, 4, args.kl, families=(args.transform,), k=k_plan, loss="pointwise", **extra).rows[0]
     spec = row.transform if row.t is None else f"{row.transform}:{row.t}"
     transform = get_transform(spec)
     scale = unit_scale(transform)
     unit, beta = Rescaled(transform, scale), row.beta / scale
-    log_z = population_log_partition(unit, beta, k_plan)
+    log_z = float(unit.log_partition(beta)) if args.exact_u else population_log_partition(unit, beta, k_plan)
     log(f"plan {spec} β_unit={beta:.4g} planned KL {row.kl:.3f} win {row.win_rate:.4f} (K_plan={k_plan}) logZ={log_z:.4f}")
     betas = row.beta * np.exp(np.linspace(-4, 5, 80))
     curve = plan_curve(spec, k_plan, est, args.inference, betas=betas)
@@ -143,10 +147,25 @@ def main():
         if loo_self:
             ranks = (ref_rewards[:, :, None] > ref_rewards[:, None, :]).sum(axis=2)  # among the other K−1
             u = ranks / (args.k - 1)
+        elif args.exact_u:  # the exact quantile: the cell midpoint of the response under π_ref
+            from ctrl_offline.lm_testbed import response_index
+
+            u = np.stack([exact_c[i][response_index(lang, symbols[i])] for i in range(P)])
         else:
             ranks = np.stack([np.searchsorted(ref_sorted[i], r[i]) for i in range(P)])
             u = ranks / args.k
         return unit.phi(u) - beta * log_z, u
+
+    exact_c = None
+    if args.exact_u:
+        from ctrl_offline.calibration import quantile_cells
+
+        cache = out / f"train_ref_logp_{len(prompts)}.npz"
+        if not cache.exists():
+            lp_train, _ = response_logprobs(setup.model, tok, lang, prompts)
+            np.savez(cache, logp=lp_train)
+        lp_train = np.load(cache)["logp"]
+        exact_c = [((lo + hi) / 2)[g] for g, lo, hi in quantile_cells(lp_train, setup.reward.table(prompts))]
 
     history = []
 
@@ -156,13 +175,13 @@ def main():
         win = m.bon_win_rate[4] if args.inference == "bon" else m.won_win_rate[4]
         eff, fid = efficiency(curve, m.kl, win)
         from ctrl_offline.diagnostics import exact_kl_split, tilt_fidelity
-        from ctrl_offline.finite_k import trained_tilt
+        from ctrl_offline.finite_k import ideal_tilt, trained_tilt
         from ctrl_offline.calibration import quantile_cells
 
         split = exact_kl_split(lp, setup.ref_logp, setup.eval_rewards, bins=50)
         cells = quantile_cells(setup.ref_logp, setup.eval_rewards)
         mids = np.concatenate([((lo + hi) / 2)[g] for g, lo, hi in cells])
-        tilt = trained_tilt(spec, row.beta, k_plan, est)
+        tilt = ideal_tilt(spec, row.beta) if k_plan is None else trained_tilt(spec, row.beta, k_plan, est)
         tf = tilt_fidelity(mids, (lp - setup.ref_logp).ravel(), tilt.log_density, weights=np.exp(setup.ref_logp).ravel())
         rec = dict(step=step, kl=m.kl, bon4=m.bon_win_rate[4], won4=m.won_win_rate[4], win=win, eff=eff, fid=fid,
                    valid=float(valid.mean()), on=split.on_target, off=split.off_target, r2=tf.r_squared)
