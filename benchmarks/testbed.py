@@ -160,7 +160,8 @@ def oracle(setup: Setup, kls, ks, n: int = 4) -> list[dict]:
 
 def reference_samples(out: Path, setup: Setup, k: int, seed: int) -> Path:
     """K samples per training prompt from π_ref with their rewards, as a scored Parquet file (cached)."""
-    path = out / "samples" / f"K{k}_seed{seed}" / "scored.parquet"
+    size = "" if len(setup.train_prompts) == 384 else f"_P{len(setup.train_prompts)}"
+    path = out / "samples" / f"K{k}_seed{seed}{size}" / "scored.parquet"
     if not path.exists():
         write_scored(path, setup, setup.model, k, seed)
     return path
@@ -174,12 +175,18 @@ def write_scored(path: Path, setup: Setup, model, k: int, seed: int) -> Path:
     from ctrl_offline.io import write_parquet
     from ctrl_offline.lm_testbed import sample_from_model, sequence_logprobs
 
-    symbols = sample_from_model(model, setup.tokenizer, setup.language, setup.train_prompts, k, seed=seed)
-    ref_logps = sequence_logprobs(setup.model, setup.tokenizer, setup.language, setup.train_prompts, symbols)
+    # A policy can put almost no mass on valid responses for some prompt; such draws are left out
+    # (the testbed's policy is the LM renormalised over valid responses; its valid mass is reported).
+    symbols = sample_from_model(model, setup.tokenizer, setup.language, setup.train_prompts, k, seed=seed,
+                                missing_ok=model is not setup.model)
+    drawn = (symbols >= 0).all(axis=2)
+    ref_logps = sequence_logprobs(setup.model, setup.tokenizer, setup.language, setup.train_prompts,
+                                  np.maximum(symbols, 0))
     rows = {"prompt_id": [], "prompt": [], "completion": [], "sample_idx": [], "reward": [], "finished": [],
             "ref_logp": [], "completion_ids": []}
     offset, eos = setup.tokenizer.convert_tokens_to_ids("r0"), setup.tokenizer.eos_token_id
-    for prompt, draws, logps in zip(setup.train_prompts, symbols, ref_logps):
+    for prompt, draws, logps, kept in zip(setup.train_prompts, symbols, ref_logps, drawn):
+        draws, logps = draws[kept], logps[kept]
         rewards = setup.reward(prompt, draws)
         for j, (y, r, lp) in enumerate(zip(draws, rewards, logps)):
             rows["ref_logp"].append(float(lp))

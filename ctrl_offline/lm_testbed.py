@@ -416,12 +416,15 @@ class ExactKL:
 
 @torch.no_grad()
 def sample_from_model(model, tokenizer, language: SyntheticLanguage, prompts: list[str], k: int, seed: int = 0,
-                      batch_size: int = 4096, max_rounds: int = 50) -> np.ndarray:
+                      batch_size: int = 4096, max_rounds: int = 50,
+                      missing_ok: bool = False) -> np.ndarray:
     """K responses per prompt drawn from the model's normalised response distribution, as symbols.
 
     Ancestral sampling from the full softmax (temperature 1, nothing truncated); a draw that is
     not ``length`` response symbols followed by EOS is redrawn, so the samples follow exactly the
     renormalised distribution :func:`response_logprobs` enumerates. Shape (prompts, K, length).
+    A draw still invalid after ``max_rounds`` redraws raises, or with ``missing_ok`` is left as −1
+    (a policy that puts almost no mass on valid responses for some prompt).
     """
     offset = tokenizer.convert_tokens_to_ids("r0")
     eos, vocab, length = tokenizer.eos_token_id, language.vocab, language.length
@@ -437,6 +440,9 @@ def sample_from_model(model, tokenizer, language: SyntheticLanguage, prompts: li
         while len(todo):
             rounds += 1
             if rounds > max_rounds:
+                if missing_ok:
+                    out[todo[:, 0], todo[:, 1]] = -1
+                    break
                 raise RuntimeError(f"{len(todo)} of {len(prompts) * k} draws still invalid after {max_rounds} rounds: "
                                    "the model rarely writes `length` response symbols then EOS (is it pretrained?)")
             kept = []
