@@ -547,8 +547,8 @@ def add_planned_figures(results: list[dict]) -> None:
 def format_runs(results: list[dict]) -> str:
     lines = ["| method | K | KL budget | seeds (reached) | planned KL | exact KL | off-target KL | BoN-4 planned | "
              "BoN-4 exact | BoN-4 KL eff. | BoN-4 fidelity | WoN-4 planned | WoN-4 exact | WoN-4 KL eff. | "
-             "WoN-4 fidelity | tilt R² | valid mass | steps |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "WoN-4 fidelity | tilt R² | valid mass | settle α | steps |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     keys = sorted({(r["method"], r["k"], r["kl_budget"]) for r in results}, key=lambda x: (x[1], x[2], x[0]))
     for method, k, kl in keys:
         rs = [r for r in results if (r["method"], r["k"], r["kl_budget"]) == (method, k, kl)]
@@ -560,7 +560,8 @@ def format_runs(results: list[dict]) -> str:
                      f"{mean('planned_kl')} | {mean('exact_kl')} | {mean('off_target_kl')} | {mean('planned_bon4')} | "
                      f"{mean('bon4')} | {mean('bon4_efficiency', 2)} | {mean('bon4_fidelity', 2)} | "
                      f"{mean('planned_won4')} | {mean('won4')} | {mean('won4_efficiency', 2)} | "
-                     f"{mean('won4_fidelity', 2)} | {mean('tilt_r2', 2)} | {mean('valid_mass')} | {mean('steps', 0)} |")
+                     f"{mean('won4_fidelity', 2)} | {mean('tilt_r2', 2)} | {mean('valid_mass')} | {mean('settle_alpha', 2)} | "
+                     f"{mean('steps', 0)} |")
     return "\n".join(lines)
 
 
