@@ -5,13 +5,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
-# Under pytest-xdist each worker gets one thread: two workers with torch's default (one thread per
-# core) oversubscribe the cores, and torch's spinning threads then run tiny models ~30× slower.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
+# One torch thread per test process: the models here are tiny, and two pytest-xdist workers (or a
+# busy machine) with torch's default of one thread per core oversubscribe the cores, where torch's
+# spinning threads run tiny models ~30× slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
 
-    torch.set_num_threads(1)
+torch.set_num_threads(1)
 
 
 import pytest  # noqa: E402

@@ -21,14 +21,6 @@ GOOD = [" the cat sat on the mat", " the dog ran fast and is happy", " it is ver
 BAD = [" bad", " no", " awful awful", " not fine"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is many times faster than two fighting over a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # -- a plain model (full fine-tuning) whose KL is exact -------------------------------------------
 class Categorical(torch.nn.Module):

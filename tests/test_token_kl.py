@@ -18,13 +18,6 @@ MAX_NEW = 3
 PROMPTS = ["a b", "c", "d d a", "b c d a", "a", "c a"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tok():
