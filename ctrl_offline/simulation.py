@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._deprecation import warn_deprecated
 from .calibration import CalibrationTables
 from .evaluation import pairwise_win_matrix
 from .selection import select
 from .theory import _inverse_cdf_table
 from .transforms import Transform, get_transform
 
-__all__ = ["quantile_rewards", "simulated_win_rate", "plan_by_simulation"]
+__all__ = ["quantile_rewards", "simulated_win_rate"]
 
 
 def quantile_rewards(tables: CalibrationTables, codes: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -57,17 +56,3 @@ def simulated_win_rate(tables: CalibrationTables, transform: Transform | str, be
     p = select(r_pol, selector, **selector_args).probs
     s = select(r_ref, selector, **selector_args).probs
     return float(np.einsum("bi,bij,bj->b", p, pairwise_win_matrix(r_pol, r_ref), s).mean())
-
-
-def plan_by_simulation(tables: CalibrationTables, selector: str, n: int, kl: float, *,
-                       families: tuple[str, ...] = ("identity", "log", "exp", "negexp"),
-                       t_grid: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0),
-                       prompts: int = 4000, seed: int = 0, selector_args: dict | None = None):
-    """Deprecated: :func:`ctrl_offline.planner.plan` with ``tables=`` and ``simulate=True``, t searched over
-    [min(t_grid), max(t_grid)] (kept for one release)."""
-    from .planner import plan
-
-    warn_deprecated("ctrl_offline.simulation.plan_by_simulation",
-                    "ctrl_offline.planner.plan(..., tables=tables, simulate=True)")
-    return plan(selector, n, kl, families=families, t_range=(min(t_grid), max(t_grid)), tables=tables,
-                selector_args=selector_args, simulate=True, simulation_prompts=prompts, seed=seed)

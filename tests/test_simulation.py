@@ -3,7 +3,7 @@ import pytest
 
 from ctrl_offline.calibration import build_tables
 from ctrl_offline.planner import MIN_TRAINABLE_BETA, plan, trainable_beta
-from ctrl_offline.simulation import plan_by_simulation, quantile_rewards, simulated_win_rate
+from ctrl_offline.simulation import quantile_rewards, simulated_win_rate
 from ctrl_offline.theory import bon_win_rate, won_win_rate
 
 
@@ -53,10 +53,8 @@ def test_simulated_plans_keep_beta_trainable(tables):
         plan("soft_bon", 4, 2.0, families=("negexp",), t_range=(20.0, 40.0), tables=tables, simulation_prompts=500)
 
 
-def test_bad_budget_and_the_deprecated_wrapper(tables):
+def test_bad_budget(tables):
     with pytest.raises(ValueError, match="KL budget"):
         plan("soft_bon", 4, 0.0, tables=tables)
-    with pytest.warns(DeprecationWarning, match="plan_by_simulation"), pytest.raises(ValueError, match="KL budget"):
-        plan_by_simulation(tables, "soft_bon", 4, 0.0)
     with pytest.raises(ValueError, match="finite-K plans"):
         plan("soft_bon", 4, 0.5, tables=tables, k=8)
