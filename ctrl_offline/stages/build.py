@@ -43,7 +43,7 @@ from ..pairs import make_pairs
 from ..pointwise import pointwise_targets, sft_weights
 from ..procedures import get_procedure
 from ..transforms import Rescaled, family_has_t, get_transform, unit_scale
-from .calibrate import CALIBRATED_FILE, TABLES_FILE, load_tables
+from .calibrate import CALIBRATED_FILE, TABLES_FILE, load_tables, tables_applied
 from .lineage import build_round
 
 __all__ = ["BuildResult", "build_dataset", "FORMATS", "BUILD_METADATA", "MAX_LEFT_OUT", "MIN_ROWS_HINT"]
@@ -84,7 +84,7 @@ def _plan_tables(calibrated: Path):
 
     A procedure without a closed form is planned by simulation on them (docs/selector_planning.md).
     """
-    recorded = read_metadata(calibrated).get("inputs", {}).get("tables", {}).get("path")
+    recorded = tables_applied(read_metadata(calibrated))
     for candidate in (calibrated.parent / TABLES_FILE, recorded):
         if candidate and Path(candidate).exists():
             return load_tables(candidate)
@@ -140,8 +140,8 @@ def _ranks_per_row(path: Path, table: pa.Table) -> tuple[np.ndarray, bool]:
     """
     ids = table["prompt_id"].to_numpy(zero_copy_only=False)
     metadata = read_metadata(path)
-    tables_path = metadata.get("inputs", {}).get("tables", {}).get("path")
-    if metadata.get("settings", {}).get("mode") != "apply tables" or not tables_path:
+    tables_path = tables_applied(metadata)
+    if not tables_path:
         codes, _ = pd.factorize(ids)
         return np.bincount(codes)[codes], False
     if not Path(tables_path).exists():

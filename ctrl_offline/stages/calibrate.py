@@ -25,11 +25,14 @@ import pyarrow.compute as pc
 from ..calibration import CalibrationTables, calibrate, calibrate_reference
 from ..io import DataError, atomic_output_dir, fingerprint, read_metadata, read_table, require_columns, write_parquet
 
-__all__ = ["CalibrateResult", "calibrate_scored", "load_tables", "save_tables", "TABLES_FILE", "CALIBRATED_FILE"]
+__all__ = ["CalibrateResult", "calibrate_scored", "load_tables", "save_tables", "tables_applied", "TABLES_FILE",
+           "CALIBRATED_FILE", "APPLY_TABLES"]
 
 logger = logging.getLogger(__name__)
 
 TABLES_FILE = "tables.parquet"
+#: ``settings.mode`` of a calibrate output whose rows were ranked against stored tables (``--tables``).
+APPLY_TABLES = "apply tables"
 CALIBRATED_FILE = "calibrated.parquet"
 
 
@@ -128,7 +131,7 @@ def calibrate_scored(
         inputs["tables"] = {"path": str(tables), "fingerprint": fingerprint(tables)}
         loo = _column_numpy(data, leave_one_out_column).astype(bool) if leave_one_out_column else False
         u = calibrate(ref_tables, prompt_ids, rewards, leave_one_out=loo)
-        settings["mode"] = "apply tables"
+        settings["mode"] = APPLY_TABLES
     logger.info("calibrated %d rows in %.1fs", len(u), time.perf_counter() - start)
 
     k = ref_tables.k
@@ -160,6 +163,14 @@ def calibrate_scored(
         num_prompts=int(len(ref_tables)),
         seconds=time.perf_counter() - start,
     )
+
+
+def tables_applied(metadata: dict) -> str | None:
+    """The tables a calibrate output's rows were ranked against (``--tables``), from its metadata; None for
+    a reference set (leave-one-out, its own tables)."""
+    if (metadata.get("settings") or {}).get("mode") != APPLY_TABLES:
+        return None
+    return ((metadata.get("inputs") or {}).get("tables") or {}).get("path")
 
 
 def _check_single_provenance(path: Path) -> None:

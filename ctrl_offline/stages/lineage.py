@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..io import BUILD_INFO_FILE, DataError, read_metadata
+from .calibrate import tables_applied
 
 __all__ = ["AdapterRecord", "read_adapter", "same_model", "check_base_model", "build_round", "sample_manifest"]
 
@@ -97,7 +98,7 @@ def build_round(calibrated: str | os.PathLike) -> dict:
     """
     path = Path(calibrated)
     metadata = read_metadata(path)
-    against_tables = metadata.get("settings", {}).get("mode") == "apply tables"
+    against_tables = tables_applied(metadata) is not None
     sampled = _samples_inputs(metadata)
     parent = None if sampled is None else sampled.get("policy_adapter")
     if not against_tables:
