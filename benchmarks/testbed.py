@@ -262,11 +262,7 @@ def train_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: int
                      dict(format="pairs", loss="dpo", strategy="sampled", pairs_per_prompt=args.pairs_per_prompt))
         build = build_dataset(calibrated, run_dir / "build", transform=spec["transform"], inference=spec["inference"],
                               n=4, kl=kl, tokenizer=str(setup.path), seed=seed, overwrite=True, **estimator)
-        info = json.loads((run_dir / "build" / "ctrl_build.json").read_text())
-        row = info["planner"]["row"]
-        planned = dict(transform=row["transform"], t=row["t"], beta=build.beta, unscaled_beta=row["beta"],
-                       planned_kl=row["kl"], planned_win_rate=row["win_rate"], plan_k=info["k"],
-                       estimator=info["planner"]["estimator"])
+        planned = planned_from_build(build)
         train = datasets.load_from_disk(str(run_dir / "build"))
         config = (CTRLPointwiseConfig if pointwise else CTRLConfig)(ctrl_loss=estimator["loss"], bf16=False, **common)
         trainer_cls = CTRLPointwiseTrainer if pointwise else CTRLTrainer
@@ -286,13 +282,22 @@ def train_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: int
     return result
 
 
+def planned_from_build(build) -> dict:
+    """A run's plan, as its build recorded it (``ctrl_build.json``): transform, t, both βs, KL, win rate, K, estimator."""
+    info = json.loads((build.out_dir / "ctrl_build.json").read_text())
+    row = info["planner"]["row"]
+    return dict(transform=row["transform"], t=row["t"], beta=build.beta, unscaled_beta=row["beta"], planned_kl=row["kl"],
+                planned_win_rate=row["win_rate"], plan_k=info["k"], estimator=info["planner"]["estimator"])
+
+
 def rounds_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: int, args) -> dict:
     """On-policy rounds through the library: each round draws ``--round-samples`` exact samples per training
     prompt from the current policy, scores them, calibrates them against the K reference samples' tables
     (``calibrate_scored(tables=…)``), builds pointwise targets Φ(u) − β log Z (``build_dataset``, K-aware:
     an outside sample's rank among K is the K + 1 estimator's) and trains ``--round-steps`` steps of
-    ``CTRLPointwiseTrainer`` from where the last round stopped, held to the budget by the exact KL.
-    The learning rate falls linearly from ``--lr`` to ``--lr-end`` over the rounds."""
+    ``CTRLPointwiseTrainer`` from where the last round stopped; the final policy is settled onto the budget
+    (:func:`settle`; ``--hold round`` also holds every round to it). The learning rate falls linearly from
+    ``--lr`` to ``--lr-end`` over the rounds."""
     import copy
 
     import datasets
@@ -325,12 +330,7 @@ def rounds_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: in
         build = build_dataset(round_dir / "calibrated", round_dir / "build", format="pointwise", loss="pointwise",
                               transform=spec["transform"], inference=spec["inference"], n=4, kl=kl,
                               tokenizer=str(setup.path), seed=seed, overwrite=True)
-        if not planned:
-            info = json.loads((round_dir / "build" / "ctrl_build.json").read_text())
-            row = info["planner"]["row"]
-            planned = dict(transform=row["transform"], t=row["t"], beta=build.beta, unscaled_beta=row["beta"],
-                           planned_kl=row["kl"], planned_win_rate=row["win_rate"], plan_k=info["k"],
-                           estimator=info["planner"]["estimator"])
+        planned = planned or planned_from_build(build)
         lr = args.lr + (args.lr_end - args.lr) * rnd / max(args.rounds - 1, 1)
         config = CTRLPointwiseConfig(
             ctrl_loss="pointwise", bf16=False, output_dir=str(round_dir / "trainer"), use_cpu=True, report_to="none",
@@ -351,7 +351,7 @@ def rounds_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: in
         reached = reached or value >= kl - args.kl_tolerance
         history.append(dict(round=rnd, steps=steps, lr=lr, kl=value))
         _log(f"  {method} round {rnd}: exact KL {value:.3f} after {steps} steps (lr {lr:.2g})")
-    alpha = settle(model, setup.model, exact_kl, kl, args.kl_tolerance)
+    alpha = settle(model, setup.model, exact_kl, kl, args.kl_tolerance, current=value)
     result = dict(method=method, k=k, kl_budget=kl, seed=seed, **planned, reached=reached, steps=steps, rows=rows,
                   settle_alpha=alpha, **measure(setup, model, planned, run_dir),
                   kl_history=history, seconds=time.perf_counter() - start,
@@ -362,15 +362,17 @@ def rounds_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: in
     return result
 
 
-def settle(model, reference, exact_kl, budget: float, tolerance: float, max_alpha: float = 1.5) -> float:
+def settle(model, reference, exact_kl, budget: float, tolerance: float, max_alpha: float = 1.5,
+           current: float | None = None) -> float:
     """Hold the final policy to the budget: θ(α) = θ_ref + α(θ − θ_ref), α found by bisection on the exact KL.
 
-    Rounds end where the last round's check left them, anywhere within [budget − noise, budget]; matched-KL
-    comparisons need them within ``tolerance``. Leaves the model at θ(α) and returns α (1: untouched).
+    Rounds end wherever their fixed point and noise leave them, above or below the budget; matched-KL
+    comparisons need them within ``tolerance``. ``current``: the model's exact KL when already known.
+    Leaves the model at θ(α) and returns α (1: untouched).
     """
     import torch
 
-    value = exact_kl(model).value
+    value = exact_kl(model).value if current is None else current
     if abs(value - budget) <= tolerance:
         return 1.0
     trained = {n: p.detach().clone() for n, p in model.named_parameters()}

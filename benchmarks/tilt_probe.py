@@ -35,26 +35,6 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def plan_curve(spec, k_plan, estimator, inference, n=4, betas=None):
-    """(kl, win) of the trained tilt along β (same Φ, K, estimator): the plan's curve."""
-    from ctrl_offline.finite_k import ideal_tilt, trained_tilt
-
-    out = []
-    for b in betas:
-        tilt = ideal_tilt(spec, b) if k_plan is None else trained_tilt(spec, b, k_plan, estimator)
-        out.append((tilt.kl(), tilt.win_rate(inference, n)))
-    out = np.array(sorted(out))
-    return out
-
-
-def efficiency(curve, kl, win):
-    """KL the plan needs for ``win`` ÷ ``kl``, and fidelity (win − ½)/(plan at kl − ½)."""
-    kls, wins = curve[:, 0], curve[:, 1]
-    need = float(np.interp(win, wins, kls)) if win > 0.5 else 0.0
-    at = float(np.interp(kl, kls, wins))
-    return need / max(kl, 1e-9), (win - 0.5) / (at - 0.5)
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--mode", choices=["offline", "onpolicy"], default="onpolicy")
@@ -117,8 +97,6 @@ def main():
     unit, beta = Rescaled(transform, scale), row.beta / scale
     log_z = float(unit.log_partition(beta)) if args.exact_u else population_log_partition(unit, beta, k_plan)
     log(f"plan {spec} β_unit={beta:.4g} planned KL {row.kl:.3f} win {row.win_rate:.4f} (K_plan={k_plan}) logZ={log_z:.4f}")
-    betas = row.beta * np.exp(np.linspace(-4, 5, 80))
-    curve = plan_curve(spec, k_plan, est, args.inference, betas=betas)
 
     tok = setup.tokenizer
     lang = setup.language
@@ -173,7 +151,11 @@ def main():
         lp, valid = response_logprobs(model, tok, lang, setup.eval_prompts)
         m = exact_metrics(lp, setup.ref_logp, setup.eval_rewards, n_values=(4,))
         win = m.bon_win_rate[4] if args.inference == "bon" else m.won_win_rate[4]
-        eff, fid = efficiency(curve, m.kl, win)
+        from ctrl_offline.diagnostics import kl_efficiency, plan_fidelity
+
+        curve = dict(kl_spent=m.kl, reached=win, k=k_plan, estimator=None if k_plan is None else est)
+        eff = kl_efficiency(spec, args.inference, 4, **curve) if m.kl > 0 else 0.0
+        fid = plan_fidelity(spec, args.inference, 4, **curve) if m.kl > 0 else 0.0
         from ctrl_offline.diagnostics import exact_kl_split, tilt_fidelity
         from ctrl_offline.finite_k import ideal_tilt, trained_tilt
         from ctrl_offline.calibration import quantile_cells
