@@ -29,6 +29,7 @@ __all__ = [
     "require_columns",
     "write_parquet",
     "write_json",
+    "write_text",
     "read_metadata",
     "atomic_output_dir",
     "fingerprint",
@@ -104,9 +105,14 @@ def write_parquet(table: pa.Table, path: str | os.PathLike, metadata: dict | Non
 
 def write_json(path: str | os.PathLike, payload: dict) -> Path:
     """Write ``payload`` as indented JSON to ``path`` atomically."""
+    return write_text(path, json.dumps(payload, indent=2, default=str))
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (a temporary sibling, then renamed over it)."""
     path = Path(path)
     with _replacing(path) as tmp:
-        Path(tmp).write_text(json.dumps(payload, indent=2, default=str))
+        Path(tmp).write_text(text)
     return path
 
 

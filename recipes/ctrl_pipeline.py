@@ -45,7 +45,7 @@ from pathlib import Path
 
 from ctrl_offline.config import CTRLConfig, CTRLPointwiseConfig
 from ctrl_offline.hub import HubError
-from ctrl_offline.io import BUILD_INFO_FILE, DataError, read_build_info
+from ctrl_offline.io import BUILD_INFO_FILE, DataError, read_build_info, write_json, write_text
 from ctrl_offline.recipe import RecipeConfig, RecipeError, model_loading_config, parse_recipe_args
 from ctrl_offline.stages.train import KL_BUDGET_FILE, RUN_ONLY_TRAINING_ARGS, TRAIN_INFO_FILE
 from ctrl_offline.trainer import TrainingDataError
@@ -175,19 +175,13 @@ def _record_training(eval_dir: Path, training: dict) -> None:
     path = eval_dir / "report.json"
     report = json.loads(path.read_text())
     if report.get("training") != training:
-        _replace_text(path, json.dumps({**report, "training": training}, indent=2, default=str))
+        write_json(path, {**report, "training": training})
     markdown = eval_dir / "report.md"
     line = f"- training: {describe_training(training)}"
     if markdown.is_file() and line not in markdown.read_text().split("\n"):
         lines = [old for old in markdown.read_text().split("\n") if not old.startswith("- training: ")]
         at = next((i + 1 for i, old in enumerate(lines) if old.startswith("- model:")), len(lines))
-        _replace_text(markdown, "\n".join(lines[:at] + [line] + lines[at:]))
-
-
-def _replace_text(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text)
-    staging.replace(path)
+        write_text(markdown, "\n".join(lines[:at] + [line] + lines[at:]))
 
 
 def run_recipe(recipe: RecipeConfig, model_args, training_args: CTRLConfig | CTRLPointwiseConfig,
