@@ -122,6 +122,29 @@ class PlanCurve:
             k, estimator = int(k), estimator or Estimator()
         self.k, self.estimator = k, estimator
 
+    @classmethod
+    def from_planner(cls, planner: dict) -> "PlanCurve":
+        """The curve of a build's plan, from the ``planner`` record of its ``ctrl_build.json``.
+
+        ``planner.row`` (transform, t), ``planner.inference`` and ``planner.n``, ``planner.k`` and
+        ``planner.estimator`` (K = ∞ when the build planned the exact tilt: ``--k-infinity``, or a
+        procedure / pair strategy without a finite-K theory). Raises ValueError for a simulated plan
+        or a record that is not a planner record.
+        """
+        if not isinstance(planner, dict) or not planner:
+            raise ValueError(f"expected a ctrl_build.json planner record, got {planner!r}")
+        if planner.get("simulated"):
+            raise ValueError(f"the plan for {planner.get('inference')} was simulated on calibration tables: there "
+                             "is no exact curve to compare with")
+        try:
+            row = planner["row"]
+            transform = get_transform(row["transform"], row.get("t"))
+            inference, n = planner["inference"], planner["n"]
+        except KeyError as err:
+            raise ValueError(f"the planner record lacks {err}: not a ctrl_build.json planner record") from None
+        estimator = Estimator(**planner["estimator"]) if planner.get("estimator") else None
+        return cls(transform, inference, n, planner.get("k"), estimator)
+
     @property
     def label(self) -> str:
         """``name-N`` of the procedure, e.g. ``bon-4``."""
@@ -307,19 +330,14 @@ class PlanDiagnostics:
         if not planner:
             raise ValueError("this build was not planned (its transform and β were given outright): there is no "
                              "plan's curve to compare with")
-        if planner.get("simulated"):
-            raise ValueError(f"the plan for {planner.get('inference')} was simulated on calibration tables: there "
-                             "is no exact curve to compare with")
+        curve = PlanCurve.from_planner(planner)
         try:
-            row = planner["row"]
-            transform = get_transform(row["transform"], row.get("t"))
-            inference, n = planner["inference"], planner["n"]
-            planned_kl, planned_win_rate = row["kl"], row["win_rate"]
+            planned_kl, planned_win_rate = planner["row"]["kl"], planner["row"]["win_rate"]
         except KeyError as err:
             raise ValueError(f"the planner record lacks {err}: not a ctrl_build.json planner record") from None
-        estimator = Estimator(**planner["estimator"]) if planner.get("estimator") else None
-        return cls.compute(transform, inference, n, planned_kl=planned_kl, planned_win_rate=planned_win_rate,
-                           kl_spent=kl_spent, reached=reached, k=planner.get("k"), estimator=estimator)
+        return cls.compute(curve.transform, curve.procedure.name, curve.n, planned_kl=planned_kl,
+                           planned_win_rate=planned_win_rate, kl_spent=kl_spent, reached=reached, k=curve.k,
+                           estimator=curve.estimator)
 
     def line(self) -> str:
         """One line for a report."""

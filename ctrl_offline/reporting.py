@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["write_report", "describe_beta", "describe_build", "theory_curves"]
+__all__ = ["write_report", "describe_beta", "describe_build", "theory_curves", "save_figure"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,8 @@ def _markdown(report: dict, notes: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Save ``fig`` to ``path`` atomically (a hidden temporary, then renamed) and close it."""
     import matplotlib.pyplot as plt
 
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
@@ -277,7 +278,7 @@ def write_report(report: dict, policy_u: np.ndarray, folder: str | os.PathLike) 
         ax.grid(alpha=0.3)
         if curves:
             ax.legend(fontsize=7)
-        _save(fig, folder / "win_rate_vs_kl.png")
+        save_figure(fig, folder / "win_rate_vs_kl.png")
 
     def calibration_hist():
         fig, ax = plt.subplots(figsize=(5.6, 3.8))
@@ -285,7 +286,7 @@ def write_report(report: dict, policy_u: np.ndarray, folder: str | os.PathLike) 
         ax.axhline(1.0, color="grey", linestyle=":", label="reference (Uniform)")
         ax.set_xlabel("calibrated reward u")
         ax.legend()
-        _save(fig, folder / "calibration_hist.png")
+        save_figure(fig, folder / "calibration_hist.png")
 
     def win_rate_vs_n():
         fig, ax = plt.subplots(figsize=(5.6, 3.8))
@@ -299,7 +300,7 @@ def write_report(report: dict, policy_u: np.ndarray, folder: str | os.PathLike) 
         ax.set_xlabel("N")
         ax.set_ylabel("win rate vs reference")
         ax.legend()
-        _save(fig, folder / "win_rate_vs_n.png")
+        save_figure(fig, folder / "win_rate_vs_n.png")
 
     for name, draw in (("win_rate_vs_kl.png", win_rate_vs_kl), ("calibration_hist.png", calibration_hist),
                        ("win_rate_vs_n.png", win_rate_vs_n)):

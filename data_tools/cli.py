@@ -123,12 +123,22 @@ EXAMPLES_EVAL = """examples:
       --eval-policy-samples 16 --reference-pool pool/ --out report-b/
   ctrl-data compare report-a/ report-b/
       A − B per selector and N with a paired bootstrap interval over the prompts
+  ctrl-data eval heldout.jsonl --model ./base --adapter ./ctrl-kl0.1 ./ctrl-kl0.25 ./ctrl-kl0.5 --reward ./rm \\
+      --eval-n 1 4 --eval-policy-samples 16 --out frontier-ctrl/
+  ctrl-data eval heldout.jsonl --model ./base --adapter ./ctrl.checkpoints --reward ./rm --out frontier-run/
+      a frontier: every adapter (or checkpoint) into frontier-ctrl/<label>/ against frontier-ctrl/pool,
+      and frontier.md / frontier.png: win rate against KL beside best-of-n sampling and each plan's curve
 """
 
 EXAMPLES_COMPARE = """examples:
   ctrl-data compare report-a/ report-b/
   ctrl-data compare report-a/ report-b/ --json
-Both reports must cover the same prompts (ideally against the same --reference-pool).
+  ctrl-data compare frontier-ctrl/ frontier-dpo/ --at-kl 0.1 0.25 0.5
+      each method's win rates interpolated at those KLs between its points (ctrl-data eval --adapter with
+      several adapters or a run's checkpoints), A − B with a paired bootstrap on both axes, a verdict, and
+      each against best-of-n sampling of the reference at the same KL
+  ctrl-data compare frontier-ctrl/ --at-kl 0.25
+Both sides must cover the same prompts (ideally against the same --reference-pool).
 """
 
 
@@ -427,7 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog=EXAMPLES_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("prompts", help="held-out prompts (file, datasets folder or Hub id)")
     ev.add_argument("--model", required=True, help="base (reference) model")
-    ev.add_argument("--adapter", help="PEFT adapter folder of the aligned policy (omit to evaluate the base)")
+    ev.add_argument("--adapter", nargs="+", metavar="ADAPTER",
+                    help="PEFT adapter folder of the aligned policy (omit to evaluate the base); several adapters, or "
+                    "a folder of a run's checkpoint-<step> adapters, evaluate a frontier: each into --out/<label>/ "
+                    "against one reference pool, with frontier.json/.md/.png in --out")
     ev.add_argument("--reward", required=True, help="reward model id/folder or module:function")
     ev.add_argument("--out", required=True, help="report folder")
     _add_renamed(ev, "eval", "--eval-n", nargs="+", type=_positive_int, default=[1, 2, 4], metavar="N",
@@ -460,13 +473,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--overwrite", action="store_true")
     ev.set_defaults(func=_run_eval)
 
-    co = stages.add_parser("compare", help="paired comparison of two eval reports on the same prompts",
+    co = stages.add_parser("compare", help="paired comparison of eval reports (or frontiers) on the same prompts",
                            description="Per selector and N: value A, value B and A − B with a paired bootstrap "
                            "interval over prompts, plus the standard win rate and KL of each (from the reports' "
-                           "per_prompt.parquet).", epilog=EXAMPLES_COMPARE,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    co.add_argument("a", help="report folder A (ctrl-data eval --out)")
-    co.add_argument("b", help="report folder B, on the same prompts")
+                           "per_prompt.parquet). With --at-kl, A and B are methods as curves (frontier folders or "
+                           "single reports): win rates interpolated at those KLs, A − B with a paired bootstrap on "
+                           "both axes and a verdict, and each against the best-of-n sampling frontier.",
+                           epilog=EXAMPLES_COMPARE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    co.add_argument("a", help="report folder A (ctrl-data eval --out), or with --at-kl a frontier folder")
+    co.add_argument("b", nargs="?", help="report (or frontier) folder B, on the same prompts; with --at-kl it may be "
+                    "left out to compare A with the best-of-n sampling frontier only")
+    co.add_argument("--at-kl", nargs="+", type=_positive_float, metavar="KL",
+                    help="compare at these KLs (nats): each side's win rates interpolated between its points")
     co.add_argument("--num-boot", type=_positive_int, default=2000, help="bootstrap resamples (default 2000)")
     co.add_argument("--seed", type=int, default=0)
     co.add_argument("--json", action="store_true", help="print the comparison as JSON")
@@ -670,30 +688,40 @@ def _run_round(args) -> int:
 
 
 def _run_eval(args) -> int:
-    from ctrl_offline.io import read_build_info
+    from ctrl_offline.io import DataError, read_build_info
     from ctrl_offline.stages.evaluate import evaluate_policy
+    from ctrl_offline.stages.frontier import evaluate_frontier, format_frontier, training_record
 
+    settings = dict(n=tuple(args.eval_n), selectors=tuple(args.eval_selectors), column=args.prompt_column,
+                    limit=args.limit, max_new_tokens=args.max_new_tokens, lam=args.lam, beta=args.beta,
+                    kappa0=args.kappa0, seed=args.seed, policy_samples=args.eval_policy_samples,
+                    reference_samples=args.eval_reference_samples, selector_args=dict(args.selector_arg) or None,
+                    tilt_fidelity=not args.no_tilt_fidelity,
+                    **({} if args.max_subsets is None else {"max_subsets": args.max_subsets}))
+    adapters = args.adapter or []
+    single = len(adapters) == 1 and not (Path(adapters[0]).is_dir()
+                                          and not (Path(adapters[0]) / "adapter_config.json").is_file())
+    if adapters and not single:  # several adapters, or a folder of checkpoints: a frontier
+        if args.train_data:
+            raise DataError("--train-data names one adapter's training set: a frontier reads each adapter's own")
+        summary = evaluate_frontier(args.prompts, args.out, args.model, args.reward, args.adapter,
+                                    reference_pool=args.reference_pool, overwrite=args.overwrite, **settings)
+        print(format_frontier(summary))
+        print(f"frontier: {Path(args.out) / 'frontier.md'}")
+        return 0
     # A training set built by `ctrl-data build` records its transform, t and β (ctrl_build.json): the
     # report keeps them under "build" (and "transform"), as the recipe's evaluation does.
     # An adapter written by `ctrl-data train` carries its build's metadata beside it.
     build_info = read_build_info(args.train_data) if args.train_data else None
     train_data = args.train_data
-    if build_info is None and args.adapter and Path(args.adapter).is_dir():
-        build_info = read_build_info(args.adapter)
-        trained = Path(args.adapter) / "ctrl_train.json"
-        if train_data is None and trained.is_file():  # its training set, to count evaluation prompts seen in training
-            data = json.loads(trained.read_text()).get("data")
-            train_data = data if data and Path(data).is_dir() else None
-    result = evaluate_policy(args.prompts, args.out, args.model, args.reward, adapter=args.adapter, n=tuple(args.eval_n),
-                             selectors=tuple(args.eval_selectors), column=args.prompt_column, limit=args.limit,
-                             max_new_tokens=args.max_new_tokens, lam=args.lam, beta=args.beta, kappa0=args.kappa0,
-                             seed=args.seed, train_data=train_data, overwrite=args.overwrite,
-                             policy_samples=args.eval_policy_samples, reference_samples=args.eval_reference_samples,
-                             reference_pool=args.reference_pool, build_info=build_info,
-                             selector_args=dict(args.selector_arg) or None, tilt_fidelity=not args.no_tilt_fidelity,
+    if single and build_info is None and Path(adapters[0]).is_dir():
+        build_info, trained_on = training_record(Path(adapters[0]))
+        train_data = train_data or trained_on  # to count evaluation prompts seen in training
+    result = evaluate_policy(args.prompts, args.out, args.model, args.reward,
+                             adapter=adapters[0] if adapters else None, train_data=train_data,
+                             overwrite=args.overwrite, reference_pool=args.reference_pool, build_info=build_info,
                              transform=None if build_info is None else build_info.get("transform"),
-                             t=None if build_info is None else build_info.get("t"),
-                             **({} if args.max_subsets is None else {"max_subsets": args.max_subsets}))
+                             t=None if build_info is None else build_info.get("t"), **settings)
     report = result.report
     print(f"KL(π‖π_ref) ≈ {report['kl']['value']:.4f}   standard win rate {report['standard_win_rate']['value']:.3f}"
           f"   ({report['policy_samples']} policy × {report['reference_samples']} reference samples per prompt)")
@@ -711,8 +739,21 @@ def _run_eval(args) -> int:
 
 
 def _run_compare(args) -> int:
-    from ctrl_offline.stages.compare import compare_reports, format_comparison
+    from ctrl_offline.stages.compare import (
+        compare_frontiers,
+        compare_reports,
+        format_comparison,
+        format_frontier_comparison,
+    )
 
+    from ctrl_offline.io import DataError
+
+    if args.at_kl:
+        result = compare_frontiers(args.a, args.b, args.at_kl, num_boot=args.num_boot, seed=args.seed)
+        print(json.dumps(result, default=str) if args.json else format_frontier_comparison(result))
+        return 0
+    if args.b is None:
+        raise DataError("compare needs two report folders (or --at-kl, to compare one frontier with best-of-n)")
     result = compare_reports(args.a, args.b, num_boot=args.num_boot, seed=args.seed)
     print(json.dumps(result, default=str) if args.json else format_comparison(result))
     return 0

@@ -1,4 +1,4 @@
-"""The ``compare`` stage: two evaluations of the same prompts, paired prompt by prompt.
+"""The ``compare`` stage: evaluations of the same prompts, paired prompt by prompt.
 
 ``ctrl-data eval`` writes each prompt's win rates (and KL) to ``per_prompt.parquet``. For two such
 reports A and B on the same prompts — typically two adapters evaluated against one shared
@@ -7,6 +7,11 @@ difference A − B with a paired percentile bootstrap interval over prompts
 (:func:`ctrl_offline.evaluation.paired_bootstrap_difference`), plus the standard win rate and
 KL(π‖π_ref) of each. Pairing removes the prompt-to-prompt variation both share, so the
 difference's interval is narrower than the two reports' own intervals suggest.
+
+:func:`compare_frontiers` compares two methods as curves (each a frontier folder of several
+evaluated adapters, or one report): their win rates interpolated at common KLs, A − B with a paired
+bootstrap over prompts on both axes, and each against the best-of-n sampling frontier there
+(:mod:`ctrl_offline.frontier`, docs/evaluation.md, "A frontier, not a point").
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..evaluation import paired_bootstrap_difference
+from ..evaluation import decision_verdict, paired_bootstrap_difference
+from ..frontier import best_of_n_at_kl, frontier_at_kl, paired_frontier_difference
 from ..io import DataError, read_table, require_columns
 from .evaluate import PER_PROMPT_FILE
+from .frontier import read_frontier
 
-__all__ = ["compare_reports", "format_comparison"]
+__all__ = ["compare_reports", "format_comparison", "compare_frontiers", "format_frontier_comparison"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,4 +129,131 @@ def format_comparison(result: dict) -> str:
            f"B: {b['path']} (adapter {b['adapter']}, KL {b['kl']:.4f})",
            f"{result['num_prompts']} prompts, paired by prompt", "",
            line(header), line(["-" * w for w in widths]), *map(line, cells)]
+    return "\n".join(out)
+
+
+def _method(folder) -> list[tuple[str, object, object]]:
+    """(label, report, per-prompt frame) of every point of a frontier folder or a report folder."""
+    return [(label, *_load(path)) for label, path in read_frontier(folder)]
+
+
+def _prompt_order(points, where) -> list:
+    ids = sorted(points[0][2].loc[points[0][2].metric == "kl", "prompt_id"])
+    for label, _, frame in points[1:]:
+        if sorted(frame.loc[frame.metric == "kl", "prompt_id"]) != ids:
+            raise DataError(f"{where}: {label} was not evaluated on the same prompts as {points[0][0]}: a paired "
+                            "comparison needs every point on the same prompts (evaluate them with ctrl-data eval "
+                            "--adapter … on one prompt file)")
+    return ids
+
+
+def _arrays(points, metric_rows, index):
+    """(points, prompts) arrays of per-prompt KL and win rate, rows aligned to ``index`` (prompt_id, occurrence)."""
+    kl, win = [], []
+    for label, _, frame in points:
+        for metric, selector, n, out in (("kl", None, None, kl), (*metric_rows, win)):
+            values = _values(frame, metric, selector, n).reindex(index)
+            if values.isna().all():
+                raise DataError(f"{label} has no {metric} {selector}-{n} values")
+            out.append(values.to_numpy(float))
+    return np.array(kl), np.array(win)
+
+
+def compare_frontiers(a: str | os.PathLike, b: str | os.PathLike | None, at_kl, *, num_boot: int = 2000,
+                      level: float = 0.95, seed: int = 0, effect: float = 0.03, null: float = 0.01) -> dict:
+    """Methods A and B as curves, compared at the common KLs ``at_kl`` (docs/evaluation.md, "A frontier, not a point").
+
+    ``a`` and ``b``: frontier folders (``ctrl-data eval --adapter …`` with several adapters or a run's
+    checkpoints) or report folders (a single point); every point of both on the same prompts. For every
+    (selector, N) all points measured and every KL of ``at_kl``: each method's win rate interpolated
+    there (:func:`~ctrl_offline.frontier.frontier_at_kl`; None where its largest KL does not reach it),
+    A − B with a paired bootstrap interval over prompts on both axes
+    (:func:`~ctrl_offline.frontier.paired_frontier_difference`) and its ``verdict`` under the rule of
+    :func:`~ctrl_offline.u_statistics.decision_verdict` (``effect``, ``null``), and, for closed-form
+    procedures, the best-of-n sampling frontier at that KL with each method's gap to it (the method's
+    interval, shifted: the frontier is exact). ``b`` None compares A with the best-of-n frontier only.
+    """
+    from ..procedures import closed_form_names
+
+    at = sorted(float(k) for k in at_kl)
+    if not at or at[0] <= 0:
+        raise ValueError(f"common KLs must be > 0 nats, got {at_kl}")
+    methods = {"a": _method(a)} | ({} if b is None else {"b": _method(b)})
+    order = _prompt_order(methods["a"], str(a))
+    for side, path in (("b", b),) if b is not None else ():
+        if _prompt_order(methods[side], str(path)) != order:
+            raise DataError(f"{a} and {b} are not evaluations of the same prompts: a paired comparison needs them")
+    rewards = {report.get("reward") for points in methods.values() for _, report, _ in points}
+    if len(rewards) > 1:
+        raise DataError(f"the points were evaluated with different rewards ({sorted(map(str, rewards))}): their win "
+                        "rates are not comparable")
+    index = methods["a"][0][2].loc[methods["a"][0][2].metric == "kl"].set_index(["prompt_id", "occurrence"]).index
+    index = index.sort_values()
+    keys = None
+    for points in methods.values():
+        for _, report, _ in points:
+            found = {(r["selector"], r["n"]) for r in report["win_rates"]}
+            keys = found if keys is None else keys & found
+    rows = []
+    for selector, n in sorted(keys or ()):
+        arrays = {side: _arrays(points, ("win_rate", selector, n), index) for side, points in methods.items()}
+        if b is None:
+            results = [{"kl": kl, "a": est, "b": None, "difference": None}
+                       for kl, est in zip(at, frontier_at_kl(*arrays["a"], at, num_boot=num_boot, level=level,
+                                                             rng=seed))]
+        else:
+            results = paired_frontier_difference(*arrays["a"], *arrays["b"], at, num_boot=num_boot, level=level,
+                                                 rng=seed)
+        for result in results:
+            frontier = best_of_n_at_kl(selector, n, result["kl"]) if selector in closed_form_names() else None
+            row = {"selector": selector, "n": n, **result, "best_of_n": frontier,
+                   "verdict": None if result["difference"] is None else decision_verdict(
+                       result["difference"]["value"], result["difference"]["ci_low"],
+                       result["difference"]["ci_high"], effect=effect, null=null)}
+            for side in ("a", "b"):
+                est = result[side]
+                row[f"{side}_vs_best_of_n"] = None if est is None or frontier is None else {
+                    "value": est["value"] - frontier, "ci_low": est["ci_low"] - frontier,
+                    "ci_high": est["ci_high"] - frontier}
+            rows.append(row)
+
+    def describe(path, points):
+        return {"path": str(path), "points": [{"label": label, "adapter": report.get("adapter"),
+                                               "kl": report.get("kl", {}).get("value")}
+                                              for label, report, _ in points]}
+
+    return {"a": describe(a, methods["a"]), "b": None if b is None else describe(b, methods["b"]),
+            "num_prompts": len(order), "level": level, "at_kl": at, "rule": {"effect": effect, "null": null},
+            "rows": rows}
+
+
+def format_frontier_comparison(result: dict) -> str:
+    """A plain-text table of :func:`compare_frontiers`' result."""
+    level = round(100 * result["level"])
+
+    def est(e, signed=False):
+        if e is None:
+            return "not reached"
+        fmt = "+.3f" if signed else ".3f"
+        return f"{e['value']:{fmt}} [{e['ci_low']:{fmt}}, {e['ci_high']:{fmt}}]"
+
+    header = ["procedure", "KL", "A", "B", "A - B", "verdict", "best-of-n", "A - best-of-n"]
+    cells = [[f"{r['selector']}-{r['n']}", f"{r['kl']:.3g}", est(r["a"]), est(r["b"]) if result["b"] else "—",
+              est(r["difference"], True) if r["difference"] else "—", r["verdict"] or "—",
+              "—" if r["best_of_n"] is None else f"{r['best_of_n']:.3f}", est(r["a_vs_best_of_n"], True)
+              if r["a_vs_best_of_n"] else "—"] for r in result["rows"]]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
+    line = lambda c: "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(c, widths)))  # noqa: E731
+
+    def points(side):
+        return ", ".join(f"{p['label']} (KL {p['kl']:.3f})" for p in side["points"])
+
+    out = [f"A: {result['a']['path']}: {points(result['a'])}"]
+    if result["b"]:
+        out.append(f"B: {result['b']['path']}: {points(result['b'])}")
+    rule = result["rule"]
+    out += [f"{result['num_prompts']} prompts; win rates interpolated in √KL from the reference (KL 0, ½) through each "
+            f"method's points; {level}% paired bootstrap over prompts on both axes; verdict: shows the effect at A − B "
+            f"≥ {rule['effect']:g} with the interval above 0, refutes it at ≤ {rule['null']:g} with the upper bound "
+            f"below {rule['effect']:g}", "", line(header), line(["-" * w for w in widths]), *map(line, cells)]
     return "\n".join(out)
