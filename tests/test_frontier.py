@@ -218,6 +218,10 @@ def test_compare_at_common_kls_pairs_two_methods_and_best_of_n(frontier, capsys)
     assert row["verdict"] in {"shows the effect", "refutes it", "inconclusive"}
     assert row["best_of_n"] == pytest.approx(best_of_n_at_kl("bon", 4, inside))
     assert row["a_vs_best_of_n"]["value"] == pytest.approx(row["a"]["value"] - row["best_of_n"])
+    # A method's points gathered from several report folders: the same as its frontier folder without the middle one.
+    listed = compare_frontiers([root / "out" / "ctrl-checkpoint-10", root / "out" / "ctrl-checkpoint-30"],
+                               root / "single", [inside], num_boot=300)
+    assert [p["label"] for p in listed["a"]["points"]] == ["ctrl-checkpoint-10", "ctrl-checkpoint-30"]
     far = rows[("bon", 4, beyond)]
     assert far["a"] is None and far["b"] is None and far["difference"] is None and far["verdict"] is None
 

@@ -132,9 +132,11 @@ def format_comparison(result: dict) -> str:
     return "\n".join(out)
 
 
-def _method(folder) -> list[tuple[str, object, object]]:
-    """(label, report, per-prompt frame) of every point of a frontier folder or a report folder."""
-    return [(label, *_load(path)) for label, path in read_frontier(folder)]
+def _method(folders) -> list[tuple[str, object, object]]:
+    """(label, report, per-prompt frame) of every point of a frontier folder or a report folder, or of a list of them."""
+    if isinstance(folders, (str, os.PathLike)):
+        folders = [folders]
+    return [(label, *_load(path)) for folder in folders for label, path in read_frontier(folder)]
 
 
 def _prompt_order(points, where) -> list:
@@ -159,12 +161,13 @@ def _arrays(points, metric_rows, index):
     return np.array(kl), np.array(win)
 
 
-def compare_frontiers(a: str | os.PathLike, b: str | os.PathLike | None, at_kl, *, num_boot: int = 2000,
+def compare_frontiers(a, b, at_kl, *, num_boot: int = 2000,
                       level: float = 0.95, seed: int = 0, effect: float = 0.03, null: float = 0.01) -> dict:
     """Methods A and B as curves, compared at the common KLs ``at_kl`` (docs/evaluation.md, "A frontier, not a point").
 
     ``a`` and ``b``: frontier folders (``ctrl-data eval --adapter …`` with several adapters or a run's
-    checkpoints) or report folders (a single point); every point of both on the same prompts. For every
+    checkpoints) or report folders (a single point), or lists of them (a method's points gathered from
+    several folders); every point of both on the same prompts. For every
     (selector, N) all points measured and every KL of ``at_kl``: each method's win rate interpolated
     there (:func:`~ctrl_offline.frontier.frontier_at_kl`; None where its largest KL does not reach it),
     A − B with a paired bootstrap interval over prompts on both axes
@@ -218,9 +221,9 @@ def compare_frontiers(a: str | os.PathLike, b: str | os.PathLike | None, at_kl, 
             rows.append(row)
 
     def describe(path, points):
-        return {"path": str(path), "points": [{"label": label, "adapter": report.get("adapter"),
-                                               "kl": report.get("kl", {}).get("value")}
-                                              for label, report, _ in points]}
+        path = str(path) if isinstance(path, (str, os.PathLike)) else [str(p) for p in path]
+        return {"path": path, "points": [{"label": label, "adapter": report.get("adapter"),
+                                          "kl": report.get("kl", {}).get("value")} for label, report, _ in points]}
 
     return {"a": describe(a, methods["a"]), "b": None if b is None else describe(b, methods["b"]),
             "num_prompts": len(order), "level": level, "at_kl": at, "rule": {"effect": effect, "null": null},
