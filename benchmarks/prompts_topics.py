@@ -32,6 +32,21 @@ TOPICS_TRAIN = [
     "a farmers market", "a sunrise", "doing the laundry", "a broken laptop", "a family dinner", "a yoga class",
     "a hot summer day", "a lost key", "a new haircut", "a spelling test", "a village fair", "a slow internet connection",
     "a paper map", "a walk in the woods", "a sore throat", "a surprise visit",
+    # 80 more (issue 25: ≥ 1024 training prompts = 128 topics × 8 templates)
+    "a fountain pen", "an early flight", "a bowl of noodles", "a flea market", "a jigsaw puzzle", "a school bus",
+    "a thunder clap", "a window seat", "a cup of hot chocolate", "a marathon", "a new notebook", "a bus stop",
+    "a leaking tap", "an open-air cinema", "a music lesson", "a sunflower field", "a late-night snack",
+    "a group project", "a wool scarf", "a quiet beach", "a car wash", "a village church", "an online class",
+    "a tomato plant", "a foggy morning", "a bookshelf", "a roller coaster", "a cat nap", "an electric scooter",
+    "a hot bath", "a tax form", "a picnic blanket", "a tennis match", "a small apartment", "a street festival",
+    "a fruit salad", "a night shift", "a charity run", "a vintage car", "a garden shed", "a bike lane",
+    "a pottery class", "a rainy weekend", "a video call", "a science museum", "a packed lunch", "a clean desk",
+    "a first day at work", "a birthday cake", "a mountain hike", "a loud alarm clock", "a pair of sunglasses",
+    "a fishing trip", "a quiz night", "a rainbow", "a library card", "a coffee shop queue", "a forgotten password",
+    "a sleepover", "a dance class", "a cardboard box", "a city tour", "a walk by the canal", "a homemade pizza",
+    "a winter coat", "a neighbourhood barbecue", "a laundry basket", "a football scarf", "a garden party",
+    "a power bank", "a bedtime story", "a rainy commute", "a bird feeder", "a snow day", "a spare room",
+    "a karaoke night", "a flower shop", "a long weekend", "a broken umbrella", "a movie marathon",
 ]
 
 TOPICS_KL = [
@@ -57,6 +72,7 @@ TOPICS_EVAL = [
 assert not (set(TOPICS_TRAIN) & set(TOPICS_KL) or set(TOPICS_TRAIN) & set(TOPICS_EVAL)
             or set(TOPICS_KL) & set(TOPICS_EVAL)), "topic lists must be disjoint"
 assert len(set(TOPICS_EVAL)) == len(TOPICS_EVAL) >= 64
+assert len(set(TOPICS_TRAIN)) == len(TOPICS_TRAIN) >= 128
 
 
 def make_prompts(topics: list[str], count: int, templates: list[str] = TEMPLATES) -> list[str]:

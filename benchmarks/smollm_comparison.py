@@ -1,18 +1,21 @@
-"""The real-model comparison (issue 15, item 6): CTRL vs raw best-vs-worst DPO vs calibrated identity on
-SmolLM2-135M-Instruct, at matched KL held by the callback, with a powered paired evaluation.
+"""The real-model comparison (issues 15 and 25): CTRL vs raw best-vs-worst DPO vs calibrated identity on
+SmolLM2-135M-Instruct, as win-rate-against-KL frontiers compared at common KLs, with a powered paired evaluation.
 
   * reference model: the embedded SmolLM2-135M-Instruct (``embedded:smollm2``), all offline;
   * reward: VADER compound sentiment with exact ties broken by a fixed per-text jitter (``vader_tiebroken``);
   * prompts: templates × topics (benchmarks/prompts_topics.py); training, KL and evaluation topics disjoint;
-  * methods, each trained on the same reference samples and held by ``KLBudgetCallback`` + ``SampledKL`` (on
-    the KL prompts) to every KL budget:
+  * methods, each trained on the same reference samples (cut completions kept as prefixes) and held by
+    ``KLBudgetCallback`` + ``SampledKL`` (per-token KL on the KL prompts) to every KL budget:
       raw_bvw_dpo      best vs. worst raw reward per prompt, hard-label DPO (β fixed, ``--dpo-beta``)
       calib_identity   calibrated identity transform, K-aware plan for BoN-n at the budget, soft-label DPO
       ctrl_exp_bon     CTRL: exp transform, K-aware plan for BoN-n, soft-label DPO
-      ctrl_negexp_won  CTRL: negexp transform, K-aware plan for WoN-n, soft-label DPO (opt in: --methods)
+      ctrl_negexp_won  CTRL: negexp transform, K-aware plan for WoN-n, soft-label DPO
   * evaluation: the library's eval stage, m policy samples per prompt against a reference pool of M samples
-    per prompt drawn once and shared by every run (U-statistic BoN-n / WoN-n / standard win rates), then
-    paired comparisons CTRL − baseline (``compare_reports``) on the selector each CTRL run was planned for.
+    per prompt drawn once and shared by every run (U-statistic BoN-n / WoN-n / standard win rates), the KL
+    on the evaluation prompts and on the KL prompts the callback held (their agreement is reported); then
+    each method's budgets are its frontier, and ``compare_frontiers`` interpolates CTRL and every baseline at
+    common KLs (paired bootstrap over prompts on both axes) on the selector each CTRL method was planned for,
+    and sets each against best-of-n sampling of the reference at the same KL.
 
 Every stage is cached under --out (prompts, reference samples, scores, calibration, the reference pool, each
 run's training set, adapter, KL record and evaluation), so a killed run resumes where it stopped.
@@ -59,13 +62,18 @@ TIE_JITTER = 1e-5
 
 #: The decision rule, in win-rate points (1 point = 0.01), fixed before any result is seen.
 EFFECT_POINTS, NULL_POINTS = 3.0, 1.0
+#: The common KLs (nats, per-token estimate on the evaluation prompts) at which methods are compared.
+COMMON_KLS = (0.1, 0.25, 0.5)
 DECISION_RULE = (
     "Decision rule (fixed before the results; CTRL − baseline, in win-rate points, on the selector the CTRL "
-    "method was planned for, N as evaluated, 95% paired bootstrap interval over prompts):\n"
+    "method was planned for, N as evaluated, each method's win rate interpolated in √KL between its runs at the "
+    f"common KLs {', '.join(f'{k:g}' for k in COMMON_KLS)} (where both reach them), 95% paired bootstrap interval "
+    "over prompts on both axes):\n"
     f"  shows the effect  gap ≥ {EFFECT_POINTS:g} points and the interval excludes 0 (lower bound > 0)\n"
     f"  refutes it        gap ≤ {NULL_POINTS:g} point and the upper bound < {EFFECT_POINTS:g} points\n"
     "  inconclusive      otherwise\n"
-    "Only at matched KL: a comparison whose paired 95% interval of the KL difference excludes 0 gets no verdict.")
+    "A KL beyond a method's largest evaluated KL is not reached: no verdict there. The same rule reads CTRL − "
+    "best-of-n sampling of the reference at the same KL (exact, so the interval is CTRL's own).")
 
 METHODS = {
     # name: build kwargs (``n``/``kl`` added per run for planned builds), trainer loss, role, selector compared on
@@ -78,20 +86,21 @@ METHODS = {
     "ctrl_negexp_won": ({"format": "pairs", "strategy": "sampled", "transform": "negexp", "inference": "won"}, "dpo",
                         "ctrl", "won"),
 }
-DEFAULT_METHODS = ["raw_bvw_dpo", "calib_identity", "ctrl_exp_bon"]
+DEFAULT_METHODS = ["raw_bvw_dpo", "calib_identity", "ctrl_exp_bon", "ctrl_negexp_won"]
 
 #: Sizes. ``default`` is the 2-core CPU run (about 2 h, see docs/smollm_comparison.md); ``gpu`` one GPU;
 #: ``toy`` a tiny random Llama for the end-to-end test. Any flag given on the command line wins.
 PRESETS = {
-    "default": dict(train_prompts=128, k=8, eval_prompts=256, m=8, big_m=16, max_new_tokens=48, kl_prompts=12,
-                    kl_samples=2, kl_every=4, kl_tolerance=0.03, max_bisections=4, max_steps=64, batch_size=8,
-                    pairs_per_prompt=2, lr=5e-4, kl=[0.25, 0.5], bf16=False, num_boot=2000, sampling_batch=8),
-    "gpu": dict(train_prompts=384, k=16, eval_prompts=512, m=16, big_m=32, max_new_tokens=64, kl_prompts=48,
-                kl_samples=4, kl_every=5, kl_tolerance=0.02, max_bisections=8, max_steps=400, batch_size=16,
-                pairs_per_prompt=4, lr=2e-4, kl=[0.25, 0.5], bf16=True, num_boot=2000, sampling_batch=64),
+    "default": dict(train_prompts=1024, k=8, eval_prompts=256, m=8, big_m=16, max_new_tokens=48, kl_prompts=24,
+                    kl_samples=4, kl_every=8, kl_tolerance=0.03, max_bisections=4, max_steps=512, batch_size=8,
+                    pairs_per_prompt=2, lr=2e-4, kl=[0.1, 0.25, 0.5], bf16=False, num_boot=2000,
+                    sampling_batch=16),
+    "gpu": dict(train_prompts=1024, k=8, eval_prompts=512, m=16, big_m=32, max_new_tokens=48, kl_prompts=48,
+                kl_samples=4, kl_every=8, kl_tolerance=0.02, max_bisections=8, max_steps=1024, batch_size=16,
+                pairs_per_prompt=4, lr=2e-4, kl=[0.1, 0.25, 0.5], bf16=True, num_boot=2000, sampling_batch=64),
     "toy": dict(train_prompts=8, k=4, eval_prompts=8, m=4, big_m=4, max_new_tokens=6, kl_prompts=4, kl_samples=2,
                 kl_every=2, kl_tolerance=0.05, max_bisections=2, max_steps=6, batch_size=4, pairs_per_prompt=2,
-                lr=5e-3, kl=[0.05, 0.1], bf16=False, num_boot=200, sampling_batch=8),
+                lr=5e-3, kl=[0.05, 0.1], bf16=False, num_boot=200, sampling_batch=8, common_kl=[0.02, 0.05]),
 }
 
 #: Seconds per unit of work (SmolLM2-135M fp32 on CPU, ≤ 48 new tokens, answers ~30 tokens; a step is 8 pairs).
@@ -158,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
             ("num-boot", int, "bootstrap resamples of every interval"),
             ("sampling-batch", int, "prompts per generate call of the reference samples")):
         parser.add_argument(f"--{name}", type=kind, default=None, help=text)
-    parser.add_argument("--kl", type=float, nargs="+", default=None, help="KL budgets (nats), default 0.25 0.5")
+    parser.add_argument("--kl", type=float, nargs="+", default=None, help="KL budgets (nats), default 0.1 0.25 0.5")
+    parser.add_argument("--common-kl", type=float, nargs="+", default=None,
+                        help="the KLs (nats) at which methods are compared, interpolated between each method's runs "
+                             f"(default {' '.join(map(str, COMMON_KLS))})")
     parser.add_argument("--baseline-kl", type=float, nargs="+", default=None,
                         help="KL budgets of the baseline methods (default: --kl). A CTRL run can spend less KL on "
                              "held-out prompts than its budget; these hold the baselines at what it spent, and every "
@@ -192,13 +204,15 @@ def resolve_sizes(args) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.preset = "gpu" if args.gpu else "toy" if args.toy else "default"
+    if args.common_kl is None:
+        args.common_kl = list(COMMON_KLS)
     if args.model is None:
         args.model = "embedded:smollm2"
     if args.big_m < args.n or args.m < args.n:
         raise SystemExit(f"m and M must be ≥ N = {args.n}")
-    # Cut completions are left out of training (the build's default) except in the toy, whose random model
-    # rarely emits EOS within its few tokens.
-    args.keep_unfinished = bool(args.toy)
+    # Cut completions train as prefixes without EOS (docs/theory.md §5): dropping them would bias the data
+    # towards short answers.
+    args.keep_unfinished = True
     return args
 
 
@@ -280,7 +294,7 @@ def toy_model(out: Path) -> str:
 
 #: Settings that may change between invocations into the same --out (what runs, not what a run gives).
 _FREE_SETTINGS = {"out", "json", "measure_costs", "dry_run", "target_half_width", "methods", "kl",
-                  "baseline_kl", "report_only"}
+                  "baseline_kl", "report_only", "common_kl"}
 
 
 def check_out_folder(out: Path, args) -> None:
@@ -312,6 +326,7 @@ def train_held(method: str, budget: float, calibrated: Path, run: Path, kl_promp
     from ctrl_offline.io import read_build_info
     from ctrl_offline.kl_budget import KLBudgetCallback, SampledKL
     from ctrl_offline.stages.build import build_dataset
+    from ctrl_offline.stages.train import TRAIN_INFO_FILE
 
     build, loss, _, _ = METHODS[method]
     build = dict(build)
@@ -335,8 +350,9 @@ def train_held(method: str, budget: float, calibrated: Path, run: Path, kl_promp
         args.model, "pairs", loss, run / "data", run / "train", learning_rate=args.lr, max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size, bf16=args.bf16, torch_dtype="bfloat16" if args.bf16 else "auto",
         seed=args.seed, max_length=64 + 2 * args.max_new_tokens + 64)
-    estimator = SampledKL(kl_prompts, trainer.processing_class, num_samples=args.kl_samples,
-                          max_new_tokens=args.max_new_tokens, batch_size=8, seed=args.seed + 7)
+    kl_sampling = {"num_samples": args.kl_samples, "max_new_tokens": args.max_new_tokens, "batch_size": 8,
+                   "seed": args.seed + 7}
+    estimator = SampledKL(kl_prompts, trainer.processing_class, **kl_sampling)
     callback = KLBudgetCallback(budget, estimator, every_n_steps=args.kl_every, tolerance=args.kl_tolerance,
                                 max_bisections=args.max_bisections)
     trainer.add_callback(callback)
@@ -351,6 +367,12 @@ def train_held(method: str, budget: float, calibrated: Path, run: Path, kl_promp
                                                    "num_samples": final.num_samples},
               "history": callback.history, "prompts": len(kl_prompts), "samples_per_prompt": args.kl_samples,
               "seconds": time.perf_counter() - started}
+    # The record `ctrl-data train` leaves beside an adapter: the eval stage re-estimates the KL on these
+    # prompts exactly as the callback drew them (kl_training_prompts), so held and evaluated KL can be compared.
+    (staging / TRAIN_INFO_FILE).write_text(json.dumps({"data": str(run / "data"), "loss": loss, "kl": {
+        "prompt_list": list(kl_prompts), **{k: v for k, v in kl_sampling.items() if k != "num_samples"},
+        "samples_per_prompt": args.kl_samples, "estimator": "per_token", "budget": budget,
+        "final": record["final"]}}, indent=2))
     if (run / "adapter").exists():
         shutil.rmtree(run / "adapter")
     staging.rename(run / "adapter")
@@ -388,43 +410,58 @@ def method_budgets(method: str, args) -> list[float]:
 
 
 def comparisons(runs: dict, args) -> list[dict]:
-    """CTRL − baseline, paired by prompt: every CTRL run against every baseline run at the same budget, or, with
-    ``--baseline-kl``, against every baseline run at those budgets."""
-    from ctrl_offline.stages.compare import compare_reports
+    """Every CTRL method against every baseline and against best-of-n sampling, at the common KLs.
 
+    A method's runs (its KL budgets) are its points; :func:`~ctrl_offline.stages.compare.compare_frontiers`
+    interpolates each method's win rate on the selector the CTRL method was planned for at
+    ``--common-kl`` (:data:`COMMON_KLS`), with a paired bootstrap over the evaluation prompts on both axes.
+    """
+    from ctrl_offline.stages.compare import compare_frontiers
+
+    folders: dict[str, list] = {}
+    for (method, _), run in sorted(runs.items(), key=lambda item: item[0][1]):
+        folders.setdefault(method, []).append(run["dir"] / "eval")
     rows = []
-    for (ctrl, budget), a in runs.items():
-        if METHODS[ctrl][2] != "ctrl":
-            continue
-        for (base, base_budget), b in runs.items():
-            if METHODS[base][2] != "baseline" or (args.baseline_kl is None and base_budget != budget):
-                continue
-            result = compare_reports(a["dir"] / "eval", b["dir"] / "eval", num_boot=args.num_boot, seed=args.seed)
-            selector = METHODS[ctrl][3]
-            main_row = next(r for r in result["rows"]
-                            if r["metric"] == "win_rate" and r["selector"] == selector and r["n"] == args.n)
-            diff = main_row["difference"]
-            half = (diff["ci_high"] - diff["ci_low"]) / 2
-            kl_diff = next(r for r in result["rows"] if r["metric"] == "kl")["difference"]
-            matched = bool(kl_diff["ci_low"] <= 0 <= kl_diff["ci_high"])
-            rows.append({"ctrl": ctrl, "baseline": base, "kl_budget": budget, "baseline_kl_budget": base_budget,
-                         "selector": selector, "n": args.n,
-                         "ctrl_value": main_row["value_a"], "baseline_value": main_row["value_b"],
-                         "difference": diff, "half_width": half,
-                         "meets_target_half_width": bool(half <= args.target_half_width),
-                         "kl_matched": matched,
-                         "verdict": verdict(diff) if matched else "no verdict (KL not matched)",
-                         "num_prompts": result["num_prompts"],
-                         "rows": result["rows"]})
+    for ctrl in (m for m in folders if METHODS[m][2] == "ctrl"):
+        selector = METHODS[ctrl][3]
+        against = [m for m in folders if METHODS[m][2] == "baseline"] + [None]  # None: best-of-n only
+        for base in against:
+            result = compare_frontiers(folders[ctrl], None if base is None else folders[base], args.common_kl,
+                                       num_boot=args.num_boot, seed=args.seed, effect=EFFECT_POINTS / 100,
+                                       null=NULL_POINTS / 100)
+            for row in result["rows"]:
+                if (row["selector"], row["n"]) != (selector, args.n):
+                    continue
+                if base is None:
+                    gap = row["a_vs_best_of_n"]
+                    verdict_text = "not reached" if gap is None else verdict(gap)
+                else:
+                    gap = row["difference"]
+                    verdict_text = row["verdict"] or "not reached"
+                rows.append({"ctrl": ctrl, "baseline": base or "best-of-n sampling", "kl": row["kl"],
+                             "selector": selector, "n": args.n, "ctrl_value": row["a"], "baseline_value":
+                             row["b"] if base is not None else row["best_of_n"], "difference": gap,
+                             "half_width": None if gap is None else (gap["ci_high"] - gap["ci_low"]) / 2,
+                             "verdict": verdict_text, "num_prompts": result["num_prompts"]})
     return rows
 
 
 def run_summary(method: str, budget: float, trained: dict, report: dict) -> dict:
     rates = {f"{r['selector']}": {k: r[k] for k in ("value", "ci_low", "ci_high")} for r in report["win_rates"]}
     build = trained["build"]
-    return {"method": method, "kl_budget": budget, "kl_held": trained["kl_held"]["final"],
+    held = trained["kl_held"]["final"]
+    # The callback's KL against the evaluation's per-token KL on the same KL prompts (issue 25's agreement:
+    # within 0.03 nats or 10%).
+    on_kl_prompts = (report.get("kl_training_prompts") or {}).get("kl")
+    agreement = None
+    if held and on_kl_prompts:
+        gap = on_kl_prompts["value"] - held["value"]
+        agreement = {"held": held["value"], "evaluated": on_kl_prompts["value"], "gap": gap,
+                     "agrees": bool(abs(gap) <= max(0.03, 0.1 * abs(held["value"])))}
+    return {"method": method, "kl_budget": budget, "kl_held": held,
             "kl_budget_reached": trained["kl_held"]["reached"], "training_steps": trained["kl_held"]["steps"],
-            "kl_eval": report["kl"], "win_rates": rates, "standard": report["standard_win_rate"],
+            "kl_eval": report["kl"], "kl_on_kl_prompts": on_kl_prompts, "kl_agreement": agreement,
+            "win_rates": rates, "standard": report["standard_win_rate"],
             "transform": build["transform"], "t": build["t"], "beta": build["beta"],
             "unscaled_beta": build.get("unscaled_beta"), "num_rows": build.get("num_rows"),
             "policy_samples": report["policy_samples"], "reference_samples": report["reference_samples"],
@@ -549,19 +586,24 @@ def main(argv=None) -> int:
               f"{cells[0]:>22} {cells[1]:>22} {cells[2]:>22} {s['standard']['value']:>8.3f} {s['training_steps']:>5}")
     if not all(s["kl_budget_reached"] for s in summaries):
         print("* budget not reached within --max-steps: that run spends less KL than the others")
-    print(f"\ncomparisons CTRL − baseline (paired by prompt, shared reference pool; target half-width "
-          f"≤ {args.target_half_width:g})")
-    print(f"{'CTRL':<16} {'baseline':<16} {'budgets':>9} {'metric':>7} {'CTRL':>6} {'base':>6} {'gap (pts)':>9} "
-          f"{'95% CI (pts)':>16} {'±':>6} {'KL gap':>7}  verdict")
+    agreements = [s["kl_agreement"] for s in summaries if s["kl_agreement"]]
+    if agreements:
+        print(f"KL held by the callback vs the evaluation's per-token KL on the same {args.kl_prompts} KL prompts: "
+              + ", ".join(f"{a['held']:.3f}→{a['evaluated']:.3f}" for a in agreements)
+              + f"; {sum(a['agrees'] for a in agreements)}/{len(agreements)} within 0.03 nats or 10%")
+    print(f"\ncomparisons at common KLs (each method's runs interpolated in √KL; paired by prompt on both axes, "
+          f"shared reference pool; target half-width ≤ {args.target_half_width:g})")
+    print(f"{'CTRL':<16} {'against':<20} {'KL':>5} {'metric':>7} {'CTRL':>6} {'other':>6} {'gap (pts)':>9} "
+          f"{'95% CI (pts)':>16}  verdict")
     for c in compared:
-        d = c["difference"]
-        kl_gap = next(r for r in c["rows"] if r["metric"] == "kl")["difference"]["value"]
-        interval = f"[{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
-        budgets = f"{c['kl_budget']:g}/{c['baseline_kl_budget']:g}"
-        print(f"{c['ctrl']:<16} {c['baseline']:<16} {budgets:>9} {c['selector'] + '-' + str(c['n']):>7} "
-              f"{c['ctrl_value']:>6.3f} {c['baseline_value']:>6.3f} {100 * d['value']:>+9.1f} "
-              f"{interval:>16} {c['half_width']:>6.3f} {kl_gap:>+7.3f}  {c['verdict']}")
-    widths = [c["half_width"] for c in compared]
+        d, a, b = c["difference"], c["ctrl_value"], c["baseline_value"]
+        b_value = b if isinstance(b, float) else (b or {}).get("value")
+        cells = ["—"] * 4 if d is None else [f"{100 * d['value']:+.1f}",
+                                             f"[{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"]
+        print(f"{c['ctrl']:<16} {c['baseline']:<20} {c['kl']:>5g} {c['selector'] + '-' + str(c['n']):>7} "
+              f"{'—' if a is None else format(a['value'], '.3f'):>6} "
+              f"{'—' if b_value is None else format(b_value, '.3f'):>6} {cells[0]:>9} {cells[1]:>16}  {c['verdict']}")
+    widths = [c["half_width"] for c in compared if c["half_width"] is not None]
     if widths:
         print(f"achieved half-widths {min(widths):.3f}–{max(widths):.3f} (target ≤ {args.target_half_width:g}: "
               f"{'met' if max(widths) <= args.target_half_width else 'not met'})")
