@@ -15,12 +15,20 @@ need one sequence per example instead of two. ``target_phi_gap`` is the Φ diffe
 renamed on load with a one-line FutureWarning (:data:`RENAMED_COLUMNS`), so earlier build
 folders keep training.
 
-Completions cut at ``max_new_tokens`` are trained as prefixes: TRL appends EOS to every
-completion when it tokenises, so where a build flags a completion as cut (``chosen_finished`` /
-``rejected_finished`` False for pairs, ``finished`` False for single responses) the trainers take
-that EOS off again right after TRL's dataset preparation (``_prepare_dataset``). The sequence then
-matches the stored reference log-prob (which has no EOS term for a cut completion) and the policy
-is not taught to stop mid-sentence. Finished completions, and rows without the flags, keep EOS.
+Rows that carry the sampled token ids (``prompt_token_ids`` with ``chosen_ids`` / ``rejected_ids``
+for pairs, with ``completion_ids`` for single responses: what ``ctrl-data build`` writes) are trained
+on those ids as they are, in TRL's batch contract (``input_ids``, ``attention_mask``,
+``completion_mask``, pairs stacked [chosen; rejected]), and nothing is re-tokenised: decoded text need
+not tokenise back to the ids it came from, while the stored reference log-probs are log-probs of the
+ids. They then always apply, and no reference pass runs. Rows with text only are tokenised by TRL.
+
+Completions cut at ``max_new_tokens`` are trained as prefixes. Their sampled ids have no EOS; for
+text-only rows TRL appends EOS to every completion when it tokenises, so where a build flags a
+completion as cut (``chosen_finished`` / ``rejected_finished`` False for pairs, ``finished`` False
+for single responses) the trainers take that EOS off again right after TRL's dataset preparation
+(``_prepare_dataset``). The sequence then matches the stored reference log-prob (which has no EOS
+term for a cut completion) and the policy is not taught to stop mid-sentence. Finished completions,
+and rows without the flags, keep EOS.
 
 A training set with fewer than ``min_train_rows`` rows (default
 :data:`~ctrl_offline.config.MIN_TRAIN_ROWS`) is refused with a :class:`TrainingDataError` that
@@ -70,6 +78,11 @@ TRL_TOKEN_COLUMNS = {"prompt": "prompt_ids", "chosen": "chosen_ids", "rejected":
 PAIR_FINISHED_COLUMNS = {TRL_TOKEN_COLUMNS["chosen"]: ("chosen", "chosen_finished"),
                          TRL_TOKEN_COLUMNS["rejected"]: ("rejected", "rejected_finished")}
 POINTWISE_FINISHED_COLUMN = "finished"
+#: The token ids a build carries when its samples recorded them (:data:`ctrl_offline.stages.build.ID_COLUMNS`):
+#: the prompt's as the sampler tokenised it and the completions' as sampled. A set with them is trained on them
+#: as they are, never re-tokenised; a set without them (text only) is tokenised by TRL.
+PAIR_ID_COLUMNS = ("prompt_token_ids", TRL_TOKEN_COLUMNS["chosen"], TRL_TOKEN_COLUMNS["rejected"])
+POINTWISE_ID_COLUMNS = ("prompt_token_ids", "completion_ids")
 
 
 class TrainingDataError(ValueError):
@@ -173,6 +186,82 @@ def _strip_appended_eos(dataset, args, tokenizer, columns: dict, name: str):
         return out
 
     return dataset.map(strip, **_map_kwargs(dataset, args, f"Leaving EOS off the cut completions of the {name} dataset"))
+
+
+def _has_token_ids(dataset, columns: tuple[str, ...], name: str, model=None) -> bool:
+    """Whether ``dataset`` carries the sampled token ids (all of ``columns``), once checked.
+
+    Some of the columns without the others are refused (the prompt and completion ids only make a
+    sequence together), as are missing, empty or negative ids and, given ``model``, ids past its
+    embedding rows: ids of another model's tokenizer would train silently on the wrong tokens.
+    """
+    names = _column_names(dataset)
+    present = [c for c in columns if c in names]
+    if not present:
+        return False
+    if len(present) < len(columns):
+        missing = [c for c in columns if c not in names]
+        raise TrainingDataError(f"{name} has {', '.join(present)} but lacks {', '.join(missing)}: give the token ids of "
+                                "the prompt and the completions together (a build writes them all), or none, and "
+                                "the text is tokenised")
+    import datasets
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not isinstance(dataset, datasets.Dataset):  # an IterableDataset is not read ahead to check its ids
+        return True
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocabulary = getattr(embeddings, "num_embeddings", None)
+    table = dataset.with_format("arrow")
+    for column in columns:
+        values = table[column]
+        if not (pa.types.is_list(values.type) or pa.types.is_large_list(values.type)) or not (
+                pa.types.is_integer(values.type.value_type) or pa.types.is_null(values.type.value_type)):
+            raise TrainingDataError(f"{name}: {column!r} must hold lists of token ids (integers), not {values.type}")
+        empty = pc.fill_null(pc.equal(pc.list_value_length(values), 0), True).to_pylist()
+        if any(empty):
+            raise TrainingDataError(f"{name}: missing or empty {column!r} in {_rows(empty)}")
+        extremes = pc.min_max(pc.list_flatten(values))
+        low, high = extremes["min"].as_py(), extremes["max"].as_py()
+        if low < 0 or (vocabulary is not None and high >= vocabulary):
+            bad = low if low < 0 else high
+            raise TrainingDataError(
+                f"{name}: {column!r} holds token id {bad}, " + ("not a token id" if bad < 0 else
+                f"outside the model's vocabulary of {vocabulary}: the ids were sampled with another model's "
+                "tokenizer. Train the model that sampled them (the build's reference_model) or rebuild from samples "
+                "of this one"))
+    return True
+
+
+def _pairs_from_token_ids(dataset, args, name: str):
+    """TRL's tokenised pair columns straight from the sampled ids, nothing re-tokenised.
+
+    ``prompt_token_ids`` becomes TRL's ``prompt_ids``; ``chosen_ids`` / ``rejected_ids`` are already
+    TRL's and end in EOS exactly where sampling drew one. As TRL's own preparation does, rows whose
+    prompt alone fills ``max_length`` are dropped.
+    """
+    if "prompt_ids" in _column_names(dataset):
+        dataset = dataset.remove_columns("prompt_ids")
+    dataset = dataset.rename_column("prompt_token_ids", TRL_TOKEN_COLUMNS["prompt"])
+    if args.max_length is not None and args.truncation_mode == "keep_start":
+        limit = args.max_length
+        dataset = dataset.filter(lambda prompts: [len(p) < limit for p in prompts], batched=True,
+                                 input_columns=TRL_TOKEN_COLUMNS["prompt"],
+                                 **_map_kwargs(dataset, args, f"Dropping fully truncated examples from {name} dataset"))
+    return dataset
+
+
+def _sequences_from_token_ids(dataset, args, name: str):
+    """TRL's tokenised single-response columns from the sampled ids: ``input_ids`` (prompt + completion ids) and
+    ``completion_mask`` (1 on the completion). TRL then takes the set as tokenised: it builds the labels and
+    truncates, and appends no EOS."""
+
+    def join(example):
+        prompt, completion = example["prompt_token_ids"], example["completion_ids"]
+        return {"input_ids": prompt + completion, "completion_mask": [0] * len(prompt) + [1] * len(completion)}
+
+    return dataset.map(join, remove_columns=list(POINTWISE_ID_COLUMNS),
+                       **_map_kwargs(dataset, args, f"Joining the sampled token ids of the {name} dataset"))
 
 
 def _with_current_names(dataset, name: str):
@@ -319,6 +408,9 @@ class CTRLTrainer(_CTRLMixin, DPOTrainer):
         train_dataset, eval_dataset = self._check_inputs(args, CTRLConfig, train_dataset, eval_dataset, self._validate,
                                                          "pairs")
         datasets = _named(train_dataset, eval_dataset)
+        # Every set trains on its sampled token ids when it carries them (checked here, used in _prepare_dataset).
+        self.uses_stored_token_ids = all([_has_token_ids(d, PAIR_ID_COLUMNS, name, model)
+                                          for name, d in datasets.items()])
         stored = all(all(c in d.column_names for c in REF_PAIR_COLUMNS) for d in datasets.values())
         # Stored reference log-probs: TRL must not recompute them; absent: TRL computes them once, batched.
         args.precompute_ref_log_probs = not stored
@@ -336,7 +428,10 @@ class CTRLTrainer(_CTRLMixin, DPOTrainer):
                         f" left once TRL dropped those whose prompt alone fills max_length={args.max_length}")
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        """TRL's preparation (EOS appended, tokenised), then EOS taken off again where a completion was cut."""
+        """The sampled token ids as TRL's columns when the set carries them; else TRL's preparation (EOS
+        appended, tokenised), then EOS taken off again where a completion was cut."""
+        if set(PAIR_ID_COLUMNS) <= set(_column_names(dataset)):
+            return _pairs_from_token_ids(dataset, args, dataset_name)
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         return _strip_appended_eos(dataset, args, self._tokenizer, PAIR_FINISHED_COLUMNS, dataset_name)
 
@@ -422,6 +517,8 @@ class CTRLPointwiseTrainer(_CTRLMixin, SFTTrainer):
         train_dataset, eval_dataset = self._check_inputs(args, CTRLPointwiseConfig, train_dataset, eval_dataset,
                                                          self._validate, "rows",
                                                          beta_required=get_loss(args.ctrl_loss).needs_beta)
+        self.uses_stored_token_ids = all([_has_token_ids(d, POINTWISE_ID_COLUMNS, name, model)
+                                          for name, d in _named(train_dataset, eval_dataset).items()])
         args.completion_only_loss = True
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, peft_config=peft_config, **kwargs)
@@ -447,8 +544,15 @@ class CTRLPointwiseTrainer(_CTRLMixin, SFTTrainer):
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        """TRL's preparation (EOS appended, tokenised, truncated), then EOS taken off again where a completion was cut."""
+        """TRL's preparation (EOS appended, tokenised, truncated), then EOS taken off again where a completion was cut.
+
+        A set that carries the sampled token ids is joined into TRL's tokenised columns first, so TRL
+        tokenises nothing and appends no EOS: the ids are trained as sampled.
+        """
         names = _column_names(dataset)
+        if set(POINTWISE_ID_COLUMNS) <= set(names) and "input_ids" not in names:
+            dataset = _sequences_from_token_ids(dataset, args, dataset_name)
+            names = _column_names(dataset)
         cut_rows = POINTWISE_FINISHED_COLUMN in names and "input_ids" not in names
         if cut_rows and packing:
             raise TrainingDataError(f"{dataset_name}_dataset: packing cannot leave EOS off the completions cut at "

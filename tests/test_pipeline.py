@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from datasets import load_from_disk
 
 from ctrl_offline.io import read_table
@@ -111,36 +112,120 @@ def test_scores_calibration_and_builds(pipeline):
     assert len(pointwise) == len(usable)
 
 
-def test_stored_reference_logps_are_verified_against_the_trainer_tokenisation(pipeline, tmp_path, caplog):
-    import logging
+def retokenises(tok, prompt_text, completion, ids, finished) -> bool:
+    """Whether tokenising the text as TRL does (prompt + completion, + EOS if finished) gives back the sampled ids."""
+    prompt = tok(prompt_text)["input_ids"]
+    return tok(prompt_text + completion + (tok.eos_token if finished else ""))["input_ids"] == prompt + list(ids)
 
-    # The random tiny model samples <pad>/<unk> mid-text and stops at max_new_tokens, which no
-    # re-tokenisation reproduces: the build must have left the stored values out.
-    assert not json.loads((pipeline / "pairs" / "ctrl_build.json").read_text())["stored_ref_logps"]
+
+class Forwards:
+    """Counts the forward passes of a model, and those run with its LoRA adapters disabled: the reference's."""
+
+    def __init__(self, model):
+        self.total = self.reference = 0
+        self.handle = model.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.total += 1
+        self.reference += any(m.disable_adapters for m in module.modules() if isinstance(m, BaseTunerLayer))
+
+
+@pytest.mark.parametrize("fmt", ["pairs", "pointwise"])
+def test_sampled_ids_that_do_not_retokenise_keep_their_reference_logps(pipeline, assets, tmp_path, fmt):
+    """Rows carry the sampled token ids: the build keeps the stored reference log-probs however the text
+    tokenises, and the trainer trains those ids, with no reference forward pass at all."""
+    from ctrl_offline.config import CTRLConfig, CTRLPointwiseConfig
+    from ctrl_offline.generation import completion_logps
+    from ctrl_offline.modeling import ModelLoadingConfig, load_policy
+    from ctrl_offline.stages.build import build_dataset
+    from ctrl_offline.trainer import CTRLPointwiseTrainer, CTRLTrainer, _pointwise_logps, _sequence_logps
+
     tok = build_tokenizer()
     table = pq.read_table(pipeline / "calib" / "calibrated.parquet")
-    table = table.filter(pa.array([bool(c.strip()) for c in table["completion"].to_pylist()]))
-    # Rows whose ids are exactly what the trainer will tokenise (EOS only after a finished
-    # completion; one cut at max_new_tokens is a prefix): the stored values are kept ...
-    ids = [tok(p + c + (tok.eos_token if done else ""))["input_ids"][len(tok(p)["input_ids"]):]
-           for p, c, done in zip(table["prompt_text"].to_pylist(), table["completion"].to_pylist(),
-                                 table["finished"].to_pylist())]
-    table = table.set_column(table.column_names.index("completion_ids"), "completion_ids",
-                             pa.array(ids, pa.list_(pa.int32())))
-    for name, variant in {"clean": table,
-                          # ... and a prompt glued to its completion re-tokenises differently: left out.
-                          "glued": table.set_column(table.column_names.index("prompt_text"), "prompt_text",
-                                                    pa.array([p.rstrip() for p in table["prompt_text"].to_pylist()]))
-                          }.items():
-        (tmp_path / name).mkdir()
-        pq.write_table(variant.replace_schema_metadata(table.schema.metadata), tmp_path / name / "calibrated.parquet")
-        caplog.clear()
-        with caplog.at_level(logging.WARNING):
-            assert cli("build", tmp_path / name, "--data-format", "pairs", "--transform", "identity", "--beta", 0.1,
-                       "--keep-unfinished", "--out", tmp_path / f"pairs-{name}") == 0
-        columns = load_from_disk(str(tmp_path / f"pairs-{name}")).column_names
-        assert ("ref_chosen_logps" in columns) == (name == "clean")
-        assert ("do not re-tokenise to their sampled ids" in caplog.text) == (name == "glued")
+    rows = table.to_pylist()
+    # The random tiny model samples <pad>/<unk> mid-text, which decoding drops: some of the pipeline's own
+    # completions already do not re-tokenise, and its builds kept their reference log-probs all the same.
+    assert not all(retokenises(tok, r["prompt_text"], r["completion"], r["completion_ids"], r["finished"])
+                   for r in rows if r["completion"].strip())
+    for build in ("pairs", "pointwise"):
+        meta = json.loads((pipeline / build / "ctrl_build.json").read_text())
+        assert meta["stored_ref_logps"] and meta["token_ids"]
+    # Glue every prompt to its completion ("… cat" + "sat …" reads "catsat", one <unk>): no row re-tokenises.
+    # The prompts' own ids do not change (the tokenizer splits on whitespace), so the stored values still hold.
+    glued = table.set_column(table.column_names.index("prompt_text"), "prompt_text",
+                             pa.array([p.rstrip() for p in table["prompt_text"].to_pylist()]))
+    assert not any(retokenises(tok, r["prompt_text"], r["completion"], r["completion_ids"], r["finished"])
+                   for r in glued.to_pylist() if r["completion"].strip())
+    (tmp_path / "glued").mkdir()
+    pq.write_table(glued.replace_schema_metadata(table.schema.metadata), tmp_path / "glued" / "calibrated.parquet")
+    build_dataset(tmp_path / "glued", tmp_path / "build", format=fmt, transform="identity", beta=0.1)
+    meta = json.loads((tmp_path / "build" / "ctrl_build.json").read_text())
+    assert meta["stored_ref_logps"] and meta["token_ids"]
+    data = load_from_disk(str(tmp_path / "build"))
+    sides = ("chosen", "rejected") if fmt == "pairs" else ("completion",)
+    ref_columns = {"chosen": "ref_chosen_logps", "rejected": "ref_rejected_logps", "completion": "ref_logp"}
+    sampled = {(r["prompt_id"], tuple(r["completion_ids"])): r["ref_logp"] for r in rows}
+    for side in sides:
+        ids = data["completion_ids" if side == "completion" else f"{side}_ids"]
+        # The rows carry the sampled ids, with the reference log-probs sampling stored for exactly those ids ...
+        assert [sampled[(p, tuple(i))] for p, i in zip(data["prompt_id"], ids)] == list(data[ref_columns[side]])
+        assert data["prompt_token_ids"] == [tok(p)["input_ids"] for p in data["prompt"]]
+        # ... which are their teacher-forced log-probs under the reference.
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(assets["model"]).eval()
+        np.testing.assert_allclose(completion_logps(base, tok, data["prompt"], ids), data[ref_columns[side]],
+                                   atol=1e-3)
+
+    model, lora = load_policy(ModelLoadingConfig(str(assets["model"]), load_in_4bit=False, gradient_checkpointing=False))
+    forwards = Forwards(model)
+    trainer_cls, config_cls = (CTRLTrainer, CTRLConfig) if fmt == "pairs" else (CTRLPointwiseTrainer, CTRLPointwiseConfig)
+    trainer = trainer_cls(model, config_cls(output_dir=str(tmp_path / "out"), use_cpu=True, max_steps=2,
+                                            per_device_train_batch_size=8, learning_rate=5e-3, report_to="none",
+                                            save_strategy="no", gradient_checkpointing=False, bf16=False),
+                          data, processing_class=tok, peft_config=lora)
+    assert trainer.uses_stored_token_ids and forwards.total == 0
+    if fmt == "pairs":
+        assert trainer.uses_stored_ref_logps and not trainer.args.precompute_ref_log_probs
+    # At initialisation (LoRA B = 0) the policy is the reference: the log-prob the trainer computes for each row is
+    # that of its sampled ids, the stored value.
+    with torch.no_grad():
+        for batch in trainer.get_eval_dataloader(trainer.train_dataset):
+            if fmt == "pairs":
+                logps, _ = _sequence_logps(trainer.model, batch["input_ids"], batch["attention_mask"],
+                                           batch["completion_mask"])
+                torch.testing.assert_close(logps, torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]),
+                                           atol=1e-3, rtol=0)
+            else:
+                torch.testing.assert_close(_pointwise_logps(trainer.model, batch), batch["ref_logp"], atol=1e-3, rtol=0)
+    forwards.total = 0
+    assert math.isfinite(trainer.train().training_loss)
+    # One forward pass per step, the policy's; none of the reference's.
+    assert forwards.total == 2 and forwards.reference == 0
+
+
+def test_text_only_rows_still_train_by_tokenising(pipeline, assets, tmp_path):
+    """A set without the token ids (a user's own text) is tokenised as TRL does, and the reference pass runs."""
+    from ctrl_offline.config import CTRLConfig
+    from ctrl_offline.modeling import ModelLoadingConfig, load_policy
+    from ctrl_offline.trainer import CTRLTrainer
+
+    data = load_from_disk(str(pipeline / "pairs")).remove_columns(
+        ["prompt_token_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]).select(range(8))
+    model, lora = load_policy(ModelLoadingConfig(str(assets["model"]), load_in_4bit=False, gradient_checkpointing=False))
+    forwards = Forwards(model)
+    trainer = CTRLTrainer(model, CTRLConfig(output_dir=str(tmp_path / "out"), use_cpu=True, max_steps=1,
+                                            per_device_train_batch_size=8, report_to="none", save_strategy="no",
+                                            gradient_checkpointing=False, bf16=False),
+                          data, processing_class=build_tokenizer(), peft_config=lora)
+    assert not trainer.uses_stored_token_ids and not trainer.uses_stored_ref_logps
+    assert forwards.reference > 0  # TRL's reference pass over the set, once, before training
+    eos = trainer.processing_class.eos_token_id
+    # The text tokenised, EOS appended where the completion finished.
+    assert [ids[-1] == eos for ids in trainer.train_dataset["chosen_ids"]] == trainer.train_dataset["chosen_finished"]
+    assert math.isfinite(trainer.train().training_loss)
 
 
 def test_build_without_finished_completions_says_why(pipeline, capsys, tmp_path):
@@ -180,6 +265,8 @@ def test_pairs_feed_trl_and_the_ctrl_trainer_unchanged(pipeline, assets, tmp_pat
     model, lora = load_policy(ModelLoadingConfig(str(assets["model"]), load_in_4bit=False, gradient_checkpointing=False))
     trl = DPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path / "trl"), **common), train_dataset=pairs,
                      processing_class=tok, peft_config=lora)
+    # TRL 1.16 takes no pre-tokenised pairs: it tokenises the text (EOS appended) over the build's sampled ids.
+    assert all(ids[-1] == tok.eos_token_id for ids in trl.train_dataset["chosen_ids"])
     assert math.isfinite(trl.train().training_loss)
     model, lora = load_policy(ModelLoadingConfig(str(assets["model"]), load_in_4bit=False, gradient_checkpointing=False))
     ours = CTRLTrainer(model, CTRLConfig(output_dir=str(tmp_path / "ours"), **common), pairs,

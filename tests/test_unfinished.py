@@ -104,15 +104,20 @@ def test_build_keeps_cut_completions_flagged_with_their_reference_logps(calibrat
     assert "ref_logp" in pointwise.column_names
 
 
+@pytest.mark.parametrize("rows", ["token_ids", "text"])
 def test_pair_trainer_uses_stored_logps_and_leaves_eos_off_cut_completions(calibrated, tiny_path, tokenizer,
-                                                                          tmp_path, monkeypatch):
+                                                                          tmp_path, monkeypatch, rows):
+    """With the sampled ids, or tokenising the text (these completions re-tokenise to their ids): EOS only where
+    sampling drew it."""
     folder, sampled = calibrated
     build_dataset(folder, tmp_path / "pairs", format="pairs", transform="identity", beta=0.5)
     pairs = load_from_disk(str(tmp_path / "pairs"))
+    if rows == "text":
+        pairs = pairs.remove_columns(["prompt_token_ids", "chosen_ids", "rejected_ids"])
     no_reference_pass(monkeypatch)
     model, lora = policy(tiny_path)
     trainer = CTRLTrainer(model, config(CTRLConfig, tmp_path), pairs, processing_class=tokenizer, peft_config=lora)
-    assert trainer.uses_stored_ref_logps
+    assert trainer.uses_stored_ref_logps and trainer.uses_stored_token_ids == (rows == "token_ids")
     built = trainer.train_dataset
     eos = tokenizer.eos_token_id
     for side in ("chosen", "rejected"):
@@ -140,7 +145,8 @@ def test_rows_without_flags_all_end_in_eos(calibrated, tiny_path, tokenizer, tmp
     folder, _ = calibrated
     build_dataset(folder, tmp_path / "pairs", format="pairs", transform="identity", beta=0.5)
     legacy = load_from_disk(str(tmp_path / "pairs")).remove_columns(
-        ["chosen_finished", "rejected_finished", "ref_chosen_logps", "ref_rejected_logps"])
+        ["chosen_finished", "rejected_finished", "ref_chosen_logps", "ref_rejected_logps", "prompt_token_ids",
+         "chosen_ids", "rejected_ids"])
     model, lora = policy(tiny_path)
     trainer = CTRLTrainer(model, config(CTRLConfig, tmp_path, beta=0.5), legacy, processing_class=tokenizer,
                           peft_config=lora)
@@ -148,15 +154,19 @@ def test_rows_without_flags_all_end_in_eos(calibrated, tiny_path, tokenizer, tmp
     assert all(ids[-1] == eos for side in ("chosen_ids", "rejected_ids") for ids in trainer.train_dataset[side])
 
 
+@pytest.mark.parametrize("source", ["token_ids", "text"])
 def test_pointwise_trainer_uses_stored_logps_and_leaves_eos_off_cut_completions(calibrated, tiny_path, tokenizer,
-                                                                               tmp_path, monkeypatch):
+                                                                               tmp_path, monkeypatch, source):
     folder, sampled = calibrated
     build_dataset(folder, tmp_path / "pointwise", format="pointwise", transform="identity", beta=0.5)
     rows = load_from_disk(str(tmp_path / "pointwise"))
+    if source == "text":
+        rows = rows.remove_columns(["prompt_token_ids", "completion_ids"])
     no_reference_pass(monkeypatch)
     model, lora = policy(tiny_path)
     trainer = CTRLPointwiseTrainer(model, config(CTRLPointwiseConfig, tmp_path, max_steps=2), rows,
                                    processing_class=tokenizer, peft_config=lora)
+    assert trainer.uses_stored_token_ids == (source == "token_ids")
     built = trainer.train_dataset
     eos = tokenizer.eos_token_id
     for prompt, text, ids, labels, done in zip(rows["prompt"], rows["completion"], built["input_ids"],

@@ -4,25 +4,31 @@ Formats, each a `datasets` folder (``datasets.load_from_disk``) that TRL's DPO t
 project's trainers read without conversion:
 
 * ``pairs``      prompt, chosen, rejected, target_phi_gap, label, weight, ref_chosen_logps, ref_rejected_logps,
-  chosen_finished, rejected_finished
-* ``pointwise``  prompt, completion, target, ref_logp, finished
-* ``weights``    prompt, completion, weight, ref_logp, finished
+  chosen_finished, rejected_finished, prompt_token_ids, chosen_ids, rejected_ids
+* ``pointwise``  prompt, completion, target, ref_logp, finished, prompt_token_ids, completion_ids
+* ``weights``    prompt, completion, weight, ref_logp, finished, prompt_token_ids, completion_ids
 
 (each also carries ``prompt_id`` and ``u`` — ``u_chosen`` / ``u_rejected`` for pairs). Column
 names are those of docs/data_layout.md: TRL's own (``prompt``, ``chosen``, ``rejected``,
-``completion``, ``ref_chosen_logps``, ``ref_rejected_logps``) as TRL names them, CTRL's as there.
+``completion``, ``ref_chosen_logps``, ``ref_rejected_logps``, ``chosen_ids``, ``rejected_ids``) as
+TRL names them, CTRL's as there.
 
-``prompt`` is TRL's prompt column, so it holds what the trainer must tokenise: the text the
-reference model saw (chat template applied), the calibrated input's ``prompt_text`` — not its
-``prompt`` (the prompt as given, which the build output does not carry; ``prompt_id`` leads back to
-it). So the trainer tokenises exactly what was sampled and the stored reference log-probs stay valid.
-``target_phi_gap`` (Φ(u_chosen) − Φ(u_rejected)) was ``target_margin`` before; the trainers still
-read sets built with that name.
+The rows carry the token ids that were sampled and scored (:data:`ID_COLUMNS`): the rendered prompt
+as the sampler tokenised it and each completion's ``completion_ids``. The trainers train those ids,
+not the text, because decoded text need not tokenise back to its ids (207 of 1,600 SmolLM2
+completions did not) while the stored reference log-probs are the ids' own: so they always apply and
+no reference pass runs. The text stays, for reading, rewards and TRL's own trainers (which tokenise
+it). Samples without ``completion_ids``, or without a tokenizer for their prompts, give text-only rows.
+
+``prompt`` is TRL's prompt column: the text the reference model saw (chat template applied), the
+calibrated input's ``prompt_text``, not its ``prompt`` (the prompt as given; ``prompt_id`` leads back
+to it). ``target_phi_gap`` (Φ(u_chosen) − Φ(u_rejected)) was ``target_margin`` before; the trainers
+still read sets built with that name.
 
 Completions cut at ``max_new_tokens`` before EOS are kept by default, as what they are: prefixes.
-The ``*finished`` flags (written when the samples record ``finished``) tell the trainers not to
-append EOS to a cut completion, and its stored ``ref_logp`` has no EOS term either, so the log-ratio
-is that of the capped output the policy is decoded with (docs/theory.md §5).
+Their ids and stored ``ref_logp`` have no EOS, and the ``*finished`` flags (written when the samples
+record ``finished``) tell the trainers to append none when they tokenise text-only rows, so the
+log-ratio is that of the capped output the policy is decoded with (docs/theory.md §5).
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ from ..transforms import Rescaled, family_has_t, get_transform, unit_scale
 from .calibrate import CALIBRATED_FILE, TABLES_FILE, load_tables, tables_applied
 from .lineage import build_round
 
-__all__ = ["BuildResult", "build_dataset", "FORMATS", "BUILD_METADATA", "MAX_LEFT_OUT", "MIN_ROWS_HINT"]
+__all__ = ["BuildResult", "build_dataset", "FORMATS", "BUILD_METADATA", "ID_COLUMNS", "MAX_LEFT_OUT",
+           "MIN_ROWS_HINT"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +67,9 @@ MAX_LEFT_OUT = 0.5
 #: Below this many rows the build warns that the trainers will refuse the set (their default
 #: ``min_train_rows``, :data:`ctrl_offline.config.MIN_TRAIN_ROWS`).
 MIN_ROWS_HINT = 8
+#: The token-id columns a build writes when the samples record their ids (docs/data_layout.md): the prompt's as
+#: the sampler tokenised it, and each completion's exactly as sampled. The trainers train these, not the text.
+ID_COLUMNS = ("prompt_token_ids", "chosen_ids", "rejected_ids", "completion_ids")
 
 
 @dataclass(frozen=True)
@@ -156,43 +166,52 @@ def _ranks_per_row(path: Path, table: pa.Table) -> tuple[np.ndarray, bool]:
     return k + 1, True
 
 
-def _verified_ref_logps(ref: np.ndarray, table: pa.Table, prompt_col: str, tokenizer_path: str | None,
-                        finished: np.ndarray | None):
-    """``ref`` if re-tokenising each row as the trainer does gives back the sampled ids, else None.
+def _object_array(values: list) -> np.ndarray:
+    """A 1-d array of the given Python objects (lists stay lists, whatever their lengths)."""
+    out = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        out[i] = value
+    return out
 
-    The trainer tokenises prompt + completion + EOS for a finished completion and prompt +
-    completion, no EOS, for one cut at ``max_new_tokens`` (``finished`` False; None: all finished).
+
+def _prompt_token_ids(texts: list[str], tokenizer_path: str) -> list[list[int]]:
+    """Each rendered prompt's token ids as the sampler had them: the text alone, tokenised with its defaults.
+
+    ``sample`` (and :func:`~ctrl_offline.generation.completion_logps`) feed ``tokenizer(prompt_text)``
+    to the model and the completion's ids after it; these are the ids its log-probs are conditioned on.
     """
-    if "completion_ids" not in table.column_names or not tokenizer_path:
-        logger.warning("cannot check the stored reference log-probs against the trainer's tokenisation (no "
-                       "completion_ids or tokenizer); they are kept as they are")
-        return ref
     from transformers import AutoTokenizer
 
-    try:
-        from ..embedded import resolve_model
+    from ..embedded import resolve_model
 
+    try:
         tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer_path))
     except OSError as err:
-        raise DataError(f"cannot load tokenizer {tokenizer_path!r} to check reference log-probs: {err}") from err
-    eos = tok.eos_token or ""
-    prompts, completions = table[prompt_col].to_pylist(), table["completion"].to_pylist()
-    sampled = table["completion_ids"].to_pylist()
-    if finished is None:
-        finished = np.ones(len(prompts), dtype=bool)
-    mismatched = 0
-    for prompt, completion, ids, done in zip(prompts, completions, sampled, finished):
-        prompt_token_ids = tok(prompt)["input_ids"]
-        tail = eos if done and not completion.endswith(eos) else ""
-        full = tok(prompt + completion + tail)["input_ids"]
-        mismatched += full != prompt_token_ids + list(ids)
-    if mismatched:
-        logger.warning(
-            "%d of %d completions do not re-tokenise to their sampled ids, so their stored reference log-probs would "
-            "mis-state the log-ratios; the reference log-probs are left out and the trainer computes them once",
-            mismatched, len(prompts))
+        raise DataError(f"cannot load tokenizer {tokenizer_path!r} to tokenise the prompts as they were sampled: "
+                        f"{err}") from err
+    unique = list(dict.fromkeys(texts))
+    encoded = dict(zip(unique, tok(unique)["input_ids"])) if unique else {}
+    empty = [i for i, t in enumerate(texts) if not encoded[t]]
+    if empty:
+        raise DataError(f"{len(empty)} prompt(s) tokenise to no ids with {tokenizer_path!r} (rows {empty[:5]}): a "
+                        "completion needs a prompt token to be predicted from")
+    return [encoded[t] for t in texts]
+
+
+def _sampled_token_ids(table: pa.Table, prompt_col: str, tokenizer_path: str | None):
+    """(prompt token ids, completion token ids) per row, or None without ``completion_ids`` or a tokenizer.
+
+    The completion ids are kept as sampled (a finished completion's end in its EOS, a cut one's stop
+    at the cap): exactly the ids whose log-probs sampling stored.
+    """
+    if "completion_ids" not in table.column_names or not tokenizer_path:
         return None
-    return ref
+    completion_ids = table["completion_ids"].to_pylist()
+    bad = [i for i, ids in enumerate(completion_ids) if not ids]
+    if bad:
+        raise DataError(f"{len(bad)} sample(s) have no completion_ids though their completion is not empty (rows "
+                        f"{bad[:5]}): the samples are damaged; sample them again")
+    return _prompt_token_ids(table[prompt_col].to_pylist(), tokenizer_path), completion_ids
 
 
 def build_dataset(
@@ -221,18 +240,19 @@ def build_dataset(
 ) -> BuildResult:
     """Build a training set from a calibrate output (folder or ``calibrated.parquet``).
 
-    Stored reference log-probs are kept only if the trainer's tokenisation reproduces the sampled
-    token ids (checked with ``tokenizer``, by default the reference model's recorded at sampling);
-    otherwise they are left out, with a warning, and the trainer computes them once before training.
+    The rows carry the sampled token ids (module docstring): each prompt tokenised with ``tokenizer``
+    (by default the reference model's, recorded at sampling) as the sampler did, and the completions'
+    ``completion_ids``. The trainers train on them, so the stored reference log-probs always apply.
+    Without ``completion_ids`` or a tokenizer the rows are text only (with a warning).
 
     Completions cut at ``max_new_tokens`` before EOS (``finished`` False) are kept by default
     (``keep_unfinished``) and flagged (``chosen_finished`` / ``rejected_finished``, ``finished``):
-    the trainers tokenise them without EOS and their stored reference log-probs have no EOS term,
-    so they train as the prefixes they are, and the policy is not taught to stop mid-sentence. Why
-    keep them: each u was ranked among all K samples of its prompt, cut ones included, and the
-    policy is decoded (and evaluated) under the same cap; leaving them out trains only on the
-    answers short enough to finish — for an instruction model under a cap often a small,
-    short-biased minority. ``keep_unfinished=False`` leaves them out. Either way, when more than
+    their ids and stored reference log-probs have no EOS (nor, for text-only rows, does the trainers'
+    tokenisation), so they train as the prefixes they are, and the policy is not taught to stop
+    mid-sentence. Why keep them: each u was ranked among all K samples of its prompt, cut ones
+    included, and the policy is decoded (and evaluated) under the same cap; leaving them out trains
+    only on the answers short enough to finish — for an instruction model under a cap often a
+    small, short-biased minority. ``keep_unfinished=False`` leaves them out. Either way, when more than
     ``max_left_out`` (default :data:`MAX_LEFT_OUT`, one half) of the rows are left out (cut when
     dropping them, or empty) the build stops with a DataError naming what to change instead of
     writing a set that trains on what is left.
@@ -336,8 +356,15 @@ def build_dataset(
     completions = np.asarray(table["completion"].to_pylist(), dtype=object)
     ref = table["ref_logp"].to_numpy() if "ref_logp" in table.column_names else None
     tokenizer = tokenizer or read_metadata(path).get("reference_model")
-    if ref is not None:
-        ref = _verified_ref_logps(ref, table, prompt_col, tokenizer, flags)
+    token_ids = _sampled_token_ids(table, prompt_col, tokenizer)
+    if token_ids is None:
+        logger.warning("the samples carry no %s: the rows hold text only, which the trainer tokenises%s",
+                       "completion_ids" if "completion_ids" not in table.column_names
+                       else "recorded reference model to tokenise their prompts with (pass tokenizer)",
+                       "; the stored reference log-probs hold only where that gives back the sampled ids"
+                       if ref is not None else "")
+    else:
+        prompt_token_ids, completion_ids = map(_object_array, token_ids)
 
     if format == "pairs":
         pairs = make_pairs(ids, u, transform, beta, strategy=strategy, pairs_per_prompt=pairs_per_prompt, seed=seed,
@@ -359,6 +386,10 @@ def build_dataset(
         if flags is not None:
             columns["chosen_finished"] = flags[pairs.chosen]
             columns["rejected_finished"] = flags[pairs.rejected]
+        if token_ids is not None:
+            columns["prompt_token_ids"] = prompt_token_ids[pairs.chosen]
+            columns["chosen_ids"] = completion_ids[pairs.chosen]
+            columns["rejected_ids"] = completion_ids[pairs.rejected]
     else:
         columns = {"prompt_id": ids, "prompt": prompts, "completion": completions, "u": u}
         if format == "pointwise":
@@ -370,10 +401,14 @@ def build_dataset(
             columns["ref_logp"] = ref
         if flags is not None:
             columns["finished"] = flags
+        if token_ids is not None:
+            columns["prompt_token_ids"] = prompt_token_ids
+            columns["completion_ids"] = completion_ids
 
     import datasets
 
-    dataset = datasets.Dataset.from_dict({k: list(v) if v.dtype == object else v for k, v in columns.items()})
+    dataset = datasets.Dataset.from_dict({k: pa.array(list(v), pa.list_(pa.int32())) if k in ID_COLUMNS
+                                          else list(v) if v.dtype == object else v for k, v in columns.items()})
     if len(dataset) < MIN_ROWS_HINT:
         logger.warning(
             "the %s set has only %d row(s): the trainers refuse fewer than min_train_rows=%d by default. Sample more "
@@ -399,6 +434,7 @@ def build_dataset(
         "log_partition": log_partition if format == "pointwise" else None,
         "seed": seed,
         "stored_ref_logps": ref is not None,
+        "token_ids": token_ids is not None,
         "keep_unfinished": keep_unfinished,
         "unfinished_rows": None if flags is None else int((~flags).sum()),
         "left_out": {"cut": cut, "empty": empty, "of": total},

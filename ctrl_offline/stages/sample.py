@@ -14,10 +14,12 @@ trainer's stored reference log-probs stay valid. The manifest's ``inputs`` recor
 ``reference_model`` (the base), ``policy_adapter`` (the adapter's absolute path), its fingerprint and
 ``round`` (the adapter's round + 1; :mod:`ctrl_offline.stages.rounds`).
 
-A completion cut at ``max_new_tokens`` (``finished`` False) is a prefix: its ``completion_ids``
-and ``ref_logp`` stop at the cap, with no EOS. ``build`` keeps it as such by default and the
-trainers tokenise it without EOS, so the stored value stays the one the trainer needs. When most
-completions of a run are cut, the stage says so: a larger ``max_new_tokens`` gives whole answers.
+``build`` carries ``completion_ids`` into the training rows, with ``prompt_text`` tokenised as it is
+here, and the trainers train those ids: the stored ``ref_logp`` is the one they need however the
+decoded text would tokenise. A completion cut at ``max_new_tokens`` (``finished`` False) is a prefix:
+its ``completion_ids`` and ``ref_logp`` stop at the cap, with no EOS, and ``build`` keeps it as such
+by default. When most completions of a run are cut, the stage says so: a larger
+``max_new_tokens`` gives whole answers.
 """
 
 from __future__ import annotations
