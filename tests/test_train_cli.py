@@ -166,6 +166,18 @@ def test_bad_input_is_one_line_and_writes_nothing(fake_build, tmp_path, capsys, 
     assert not out.exists() and not (tmp_path / "adapter.checkpoints").exists()
 
 
+@pytest.mark.parametrize("stored, message", [
+    ({"token_ids": True, "stored_ref_logps": False}, "stores token ids of org/reference"),
+    ({"token_ids": True}, "stores token ids and reference log-probs of org/reference"),
+])
+def test_sampled_token_ids_train_only_their_reference_model(fake_build, tmp_path, capsys, stored, message):
+    """The ids are the reference tokenizer's: another model would train on other tokens."""
+    info = json.loads((fake_build / "ctrl_build.json").read_text())
+    (fake_build / "ctrl_build.json").write_text(json.dumps({**info, **stored}))
+    assert cli("train", fake_build, "--out", tmp_path / "adapter", "--model", "org/other") == 2
+    assert f"{message}, not of org/other" in capsys.readouterr().err
+
+
 def test_not_a_build_folder_and_an_existing_adapter(fake_build, tmp_path, capsys):
     assert cli("train", tmp_path / "nowhere", "--out", tmp_path / "a") == 2
     assert "is not a `ctrl-data build` output" in capsys.readouterr().err
@@ -190,6 +202,16 @@ def test_bad_input_along_the_shell_pipeline_leaves_nothing(pipeline, tmp_path, c
     assert "cannot import reward function 'no_such_module:reward'" in capsys.readouterr().err
     assert not (tmp_path / "scored").exists()
     assert cli("train", root / "pairs", "--out", tmp_path / "adapter", "--model", tmp_path / "no-model") == 2
+    err = capsys.readouterr().err  # the build's token ids and log-probs are its reference model's
+    assert err.count("\n") == 1 and "stores token ids and reference log-probs of" in err
+    # Text-only rows (no token ids or log-probs stored) would train another model: it must exist.
+    import shutil
+
+    shutil.copytree(root / "pairs", tmp_path / "text")
+    info = json.loads((tmp_path / "text" / "ctrl_build.json").read_text())
+    (tmp_path / "text" / "ctrl_build.json").write_text(json.dumps({**info, "token_ids": False,
+                                                                    "stored_ref_logps": False}))
+    assert cli("train", tmp_path / "text", "--out", tmp_path / "adapter", "--model", tmp_path / "no-model") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot load model" in err
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "adapter.checkpoints").exists()

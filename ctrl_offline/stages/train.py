@@ -7,7 +7,8 @@ Everything the build decided travels with the data, so nothing is copied by hand
 * the loss the plan was made for (``planner.estimator.loss`` in ``ctrl_build.json``; a K-aware plan
   promises its KL and win rate for that loss only, docs/finite_k.md), overridable within the format;
 * β, which the trainers read from ``ctrl_build.json`` themselves;
-* the reference model whose log-probs the build stored: training another model with them is refused.
+* the reference model whose token ids and log-probs the build stored: training another model with them is
+  refused.
 
 ``init_adapter`` (``ctrl-data train --init-adapter PREV``) trains PREV's LoRA weights further instead
 of a fresh adapter — the train step of an on-policy round (docs/rounds.md). PREV fixes the LoRA shape
@@ -294,9 +295,12 @@ def train_from_build(
     loading = dict(loading or {})
     if init_adapter is not None:  # before the build's own check: the adapter's base decides which model can train it
         init_adapter, loading = _continued(init_adapter, model, loading, info)
-    if reference is not None and info.get("stored_ref_logps") and str(model) != str(reference):
-        raise DataError(f"{data} stores reference log-probs of {reference}, not of {model}: train {reference} "
-                        "(--model), or rebuild from samples of this model")
+    # Token ids belong to the reference's tokenizer, stored log-probs to the reference itself.
+    stored = " and ".join(what for what, key in (("token ids", "token_ids"), ("reference log-probs", "stored_ref_logps"))
+                          if info.get(key))
+    if reference is not None and stored and str(model) != str(reference):
+        raise DataError(f"{data} stores {stored} of {reference}, not of {model}: train {reference} (--model), or "
+                        "rebuild from samples of this model")
     if init_adapter is None and info.get("parent_adapter"):
         logger.warning("%s holds samples of the adapter %s: training a fresh adapter on them (pass --init-adapter %s "
                        "to train that adapter further, as a round does)", data, info["parent_adapter"],
