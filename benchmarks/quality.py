@@ -202,7 +202,7 @@ def evaluate(run: Path, info: dict, eval_prompts, ref_rewards, args) -> dict:
     from ctrl_offline.embedded import vader_sentiment
     from ctrl_offline.evaluation import estimate_inference_win_rate, estimate_standard_win_rate, kl_estimate
     from ctrl_offline.generation import load_causal_lm, render_prompt
-    from ctrl_offline.theory import tilted_win_rate
+    from ctrl_offline.procedures import tilted_win_rate
     from ctrl_offline.planner import solve_beta
     from ctrl_offline.transforms import get_transform
 

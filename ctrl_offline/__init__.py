@@ -28,21 +28,21 @@ from .procedures import (
     OrderStatistic,
     Procedure,
     closed_form_names,
+    drawn_pick,
     get_procedure,
     procedure_names,
     register_procedure,
+    select,
+    tilted_win_rate,
     unregister_procedure,
 )
 from .theory import (
     bon_win_rate,
-    inference_win_rate,  # deprecated alias of tilted_win_rate, kept for one release
     kl_divergence,
     monte_carlo_win_rate,
     sample_tilted,
-    standard_win_rate,  # deprecated alias of tilted_standard_win_rate, kept for one release
     tilted_density,
     tilted_standard_win_rate,
-    tilted_win_rate,
     won_win_rate,
 )
 from .transforms import Transform, available_transforms, get_transform, register_transform
@@ -65,6 +65,8 @@ __all__ = [
     "get_procedure",
     "procedure_names",
     "closed_form_names",
+    "select",
+    "drawn_pick",
     "tilted_density",
     "kl_divergence",
     "tilted_standard_win_rate",

@@ -26,6 +26,7 @@ import pandas as pd
 
 from .groups import group_size_of_row
 from .prompt_ids import SHOW, name_rows_and_prompts, name_some
+from .theory import cell_values
 from .transforms import Transform, get_transform
 
 __all__ = ["SynthesisError", "TARGET_SCHEMES", "CalibratedRows", "prepare", "check_beta", "as_transform",
@@ -141,8 +142,6 @@ def _cell_node_values(codes, n_groups, u, transform, beta, k, prompt_ids) -> np.
     (u = (b + (e − 1)/2)/(K − 1)) shares the block of cells [b/K, (b + e)/K] with its ties:
     value β·log(K/e·∫_{b/K}^{(b+e)/K} e^{Φ/β}).
     """
-    from .finite_k import cell_values
-
     k_row = samples_per_prompt(codes, n_groups, k, prompt_ids)
     # e: rows of the same prompt with the same u (the prompt's reference samples are its rows).
     _, tie_code = np.unique(np.stack([codes.astype(float), u]), axis=1, return_inverse=True)

@@ -37,11 +37,10 @@ import warnings
 
 import numpy as np
 
-from ._deprecation import deprecated_alias
 from .calibration import CalibrationTables, rank_counts
 from .estimates import Estimate, bootstrap_mean, pairwise_win_matrix, subset_fraction
 from .procedures import get_procedure, procedure_names
-from .selection import select
+from .procedures import select
 # The powered (U-statistic) estimators live in their own module; their names stay importable from here.
 from .u_statistics import (
     MAX_SUBSETS,
@@ -93,10 +92,6 @@ def estimate_standard_win_rate(policy_rewards, reference_rewards, *, num_boot: i
     with np.errstate(invalid="ignore"):
         per_prompt = np.nanmean(w.reshape(w.shape[0], -1), axis=1) if w.size else np.array([])
     return bootstrap_mean(per_prompt, num_boot=num_boot, rng=rng)
-
-
-inference_win_rate = deprecated_alias("ctrl_offline.evaluation.inference_win_rate", estimate_inference_win_rate)
-standard_win_rate = deprecated_alias("ctrl_offline.evaluation.standard_win_rate", estimate_standard_win_rate)
 
 
 def shortcut_procedures() -> tuple[str, ...]:

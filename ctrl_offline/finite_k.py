@@ -49,6 +49,7 @@ from scipy import special, stats
 from ._quadrature import gauss_legendre_between, nodes_and_weights, panel_breaks
 from .calibrated_rows import SynthesisError, as_transform, check_beta
 from .losses import get_loss
+from .theory import cell_values
 from .transforms import Rescaled, Transform, get_transform, unit_scale
 
 __all__ = [
@@ -64,7 +65,6 @@ __all__ = [
     "ideal_tilt",
     "population_log_partition",
     "log_partition_gap",
-    "cell_values",
 ]
 
 ESTIMATOR_LOSSES = ("dpo", "ipo", "distill", "pointwise", "weighted_sft")
@@ -125,20 +125,6 @@ def node_values(transform: Transform | str, beta: float, k: int, targets: str = 
 def _cell_values(transform: Transform, beta: float, k: int) -> np.ndarray:
     j = np.arange(k)
     return cell_values(transform, beta, j / k, (j + 1) / k)
-
-
-def cell_values(transform: Transform | str, beta: float, lo, hi) -> np.ndarray:
-    """β·log( ∫_lo^hi e^{Φ/β} / (hi − lo) ): the tilt's mass on the quantile cell [lo, hi] per unit width.
-
-    ``β·[log Z + log(F(hi) − F(lo)) − log(hi − lo)]``, every term in log space (finite for ``log``).
-    """
-    transform = get_transform(transform)
-    lo, hi = np.asarray(lo, float), np.asarray(hi, float)
-    log_hi = np.asarray(transform.log_cdf(hi, beta), dtype=float)
-    log_lo = np.asarray(transform.log_cdf(lo, beta), dtype=float)
-    with np.errstate(divide="ignore"):
-        log_mass = log_hi + np.log(-np.expm1(log_lo - log_hi))
-    return beta * (float(transform.log_partition(beta)) + log_mass - np.log(hi - lo))
 
 
 def population_log_partition(transform: Transform | str, beta: float, k: int, targets: str = "loo") -> float:

@@ -73,7 +73,7 @@ def best_of_n_win_rate(inference: str, size: int, n: float) -> float:
     The exact tilt of the ``log`` transform at β = 1/(n − 1) under the procedure's closed form; ½ at
     n = 1. ValueError for a procedure without one (estimate it with :func:`pool_best_of_n_win_rate`).
     """
-    from .theory import tilted_win_rate
+    from .procedures import tilted_win_rate
 
     n = _check_n(n)
     if n == 1:

@@ -32,9 +32,9 @@ from scipy import optimize
 
 from .calibration import CalibrationTables
 from .finite_k import Estimator, TrainedTilt, trained_tilt
-from .procedures import Procedure, get_procedure
+from .procedures import Procedure, get_procedure, tilted_win_rate
 from .simulation import simulated_win_rate
-from .theory import kl_divergence, tilted_standard_win_rate, tilted_win_rate
+from .theory import kl_divergence, tilted_standard_win_rate
 from .transforms import Transform, family_has_t, get_transform, unit_scale
 
 __all__ = ["PlanRow", "Plan", "solve_beta", "solve_trained_beta", "plan", "tradeoff_curve", "trainable_beta", "DEFAULT_FAMILIES",

@@ -2,7 +2,7 @@
 
 A :class:`Procedure` is a selection rule over N candidates and what the rest of the package needs
 to know about it. Every place that takes a procedure by name reads this registry: selection
-(:func:`ctrl_offline.selection.select`), the closed forms (:func:`ctrl_offline.theory.tilted_win_rate`),
+(:func:`select`), the closed forms (:func:`tilted_win_rate`),
 the planner (:func:`ctrl_offline.planner.plan`: closed form where there is one, simulation on the
 calibration tables otherwise), the evaluation (:mod:`ctrl_offline.evaluation`), the recipe and the
 ``ctrl-data`` command line (``--inference``, ``--eval-selectors``). The selection maths lives in
@@ -26,7 +26,7 @@ import numpy as np
 from . import selection, theory
 
 __all__ = ["OrderStatistic", "Procedure", "register_procedure", "unregister_procedure", "get_procedure",
-           "procedure_names", "closed_form_names"]
+           "procedure_names", "closed_form_names", "select", "tilted_win_rate", "drawn_pick"]
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,53 @@ def procedure_names() -> tuple[str, ...]:
 def closed_form_names() -> tuple[str, ...]:
     """Names of the registered procedures whose win rate has a closed form (planned without tables)."""
     return tuple(name for name, proc in _REGISTRY.items() if proc.win_rate is not None)
+
+
+# -- procedures by name: the lookups the rest of the package goes through -----------------------
+
+
+def select(rewards, method: str, *, ref_logps=None, sample: bool = False, rng=None, **params) -> selection.Selection:
+    """Apply the registered procedure ``method`` (``bon``, ``won``, ``soft_bon``, ``rbon``, ``itp``,
+    ``tsallis``, ``bot`` and any registered since) to ``rewards`` (B, N); NaN marks a missing candidate.
+
+    ``params`` are selector settings (``lam``, ``beta``, ``kappa0``, ``k``, ``alpha``, …): each procedure
+    takes its own and ignores the others', so one set of settings serves every procedure.
+    """
+    procedure = get_procedure(method)
+    r, valid = selection.as_rewards(rewards)
+    if procedure.needs_ref_logps and ref_logps is None:
+        raise ValueError(f"{procedure.description} ({method}) needs the candidates' reference log-probs")
+    probs = np.asarray(procedure.rule(r, ref_logps, **procedure.settings(params)), dtype=float)
+    if probs.shape != r.shape:
+        raise ValueError(f"procedure {method!r} returned probabilities of shape {probs.shape} for rewards {r.shape}")
+    return selection.Selection(index=selection.choose(probs, sample=sample, rng=rng), probs=probs,
+                               num_excluded=int((~valid).sum()))
+
+
+def tilted_win_rate(transform, beta: float, inference: str, n: int) -> float:
+    """The tilted policy's inference-time win rate, exactly: the closed form registered for ``inference``.
+
+    ValueError for an unknown procedure or one without a closed form (:func:`closed_form_names`
+    lists those with one).
+    """
+    from .transforms import get_transform
+
+    procedure = get_procedure(inference)
+    if procedure.win_rate is None:
+        raise ValueError(f"inference procedure {inference!r} has no closed-form win rate (those with one: "
+                         f"{', '.join(closed_form_names())}); simulate it on calibration tables "
+                         "(ctrl_offline.planner.plan(..., tables=...))")
+    if isinstance(n, bool) or int(n) != n or n < 1:
+        raise ValueError(f"N must be a positive integer, got {n!r}")
+    return float(procedure.win_rate(get_transform(transform), beta, int(n)))
+
+
+def drawn_pick(method: str, rng: np.random.Generator | int | None = None, **params):
+    """The pick of a registered procedure as a function of calibrated values (B, N) → index per row, each row's
+    pick drawn from its selection distribution: the ``select`` of :func:`ctrl_offline.theory.monte_carlo_win_rate`."""
+    get_procedure(method)
+    rng = np.random.default_rng(rng)
+    return lambda u: select(u, method, sample=True, rng=rng, **params).index
 
 
 # -- the built-in procedures ----------------------------------------------------------------------

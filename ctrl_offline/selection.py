@@ -4,7 +4,7 @@ Each selector maps rewards of shape ``(B, N)`` (and reference log-probs where ne
 selection distribution ``probs`` of the same shape; :func:`choose` turns it into indices,
 greedily or by sampling. NaN rewards mark missing candidates: they get probability 0 and are
 counted in ``Selection.num_excluded``. The procedures are known by name through the registry in
-:mod:`ctrl_offline.procedures`; :func:`select` applies one by name.
+:mod:`ctrl_offline.procedures`, above this module; :func:`ctrl_offline.procedures.select` applies one by name.
 
 * best-of-N / worst-of-N: argmax / argmin;
 * soft best-of-N: p ∝ exp(r/λ);
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "as_rewards",
     "Selection",
     "best_of_n",
     "worst_of_n",
@@ -35,7 +36,6 @@ __all__ = [
     "hill_estimate",
     "best_of_tails",
     "choose",
-    "select",
 ]
 
 
@@ -48,7 +48,8 @@ class Selection:
     num_excluded: int
 
 
-def _rewards(rewards) -> tuple[np.ndarray, np.ndarray]:
+def as_rewards(rewards) -> tuple[np.ndarray, np.ndarray]:
+    """(rewards as a (B, N) float array, the mask of present candidates); ValueError for a bad shape or ±inf."""
     r = np.asarray(rewards, dtype=float)
     if r.ndim == 1:
         r = r[None, :]
@@ -73,20 +74,20 @@ def _one_hot(index: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 def best_of_n(rewards) -> np.ndarray:
     """One-hot on the largest reward (first one on ties)."""
-    r, valid = _rewards(rewards)
+    r, valid = as_rewards(rewards)
     return _one_hot(np.argmax(np.where(valid, r, -np.inf), axis=1), valid)
 
 
 def worst_of_n(rewards) -> np.ndarray:
     """One-hot on the smallest reward (first one on ties)."""
-    r, valid = _rewards(rewards)
+    r, valid = as_rewards(rewards)
     return _one_hot(np.argmin(np.where(valid, r, np.inf), axis=1), valid)
 
 
 def soft_best_of_n(rewards, lam: float) -> np.ndarray:
     """p ∝ exp(r/λ) over the available candidates."""
     _check_positive("lambda", lam)
-    r, valid = _rewards(rewards)
+    r, valid = as_rewards(rewards)
     z = np.where(valid, r / lam, -np.inf)
     top = np.max(z, axis=1, keepdims=True)
     w = np.where(valid, np.exp(z - np.where(np.isfinite(top), top, 0.0)), 0.0)
@@ -97,7 +98,7 @@ def soft_best_of_n(rewards, lam: float) -> np.ndarray:
 def regularized_best_of_n(rewards, ref_logps, beta: float) -> np.ndarray:
     """One-hot on argmax r + β·log π_ref(y|x)."""
     _check_positive("beta", beta)
-    r, valid = _rewards(rewards)
+    r, valid = as_rewards(rewards)
     ref = np.asarray(ref_logps, dtype=float).reshape(r.shape)
     return _one_hot(np.argmax(np.where(valid, r + beta * ref, -np.inf), axis=1), valid)
 
@@ -141,7 +142,7 @@ def _power_distribution(r, valid, scale, exponent):
 def itp(rewards, beta: float) -> np.ndarray:
     """χ²-style selection: N·p_i = [(r_i − η)/β]_+, η chosen so the probabilities sum to 1."""
     _check_positive("beta", beta)
-    r, valid = _rewards(rewards)
+    r, valid = as_rewards(rewards)
     return _power_distribution(r, valid, 1.0 / beta, 1.0)
 
 
@@ -152,7 +153,7 @@ def tsallis_selection(rewards, alpha, lam: float) -> np.ndarray:
     N·p_i = [(α−1)/(αλ)·(r_i − η)]_+^{1/(α−1)}. At α = 1 it is soft best-of-N.
     """
     _check_positive("lambda", lam)
-    r, valid = _rewards(rewards)
+    r, valid = as_rewards(rewards)
     alpha = np.broadcast_to(np.asarray(alpha, dtype=float), (r.shape[0],))
     if np.any((alpha < 1) | (alpha > 2) | ~np.isfinite(alpha)):
         raise ValueError("alpha must lie in [1, 2]")
@@ -174,7 +175,7 @@ def hill_estimate(rewards, k: int | None = None, statistic: str = "hill") -> np.
     x = 1 + r, (1/k) Σ_{i≤k} log(x_(i)/x_(k+1)); ``mean_excess``: (1/k) Σ_{i≤k} (r_(i) − r_(k+1)).
     Default k = ⌊√N⌋ (of the available candidates, at least 1 and at most N − 1).
     """
-    r, valid = _rewards(rewards)
+    r, valid = as_rewards(rewards)
     if statistic not in ("hill", "mean_excess"):
         raise ValueError(f"statistic must be 'hill' or 'mean_excess', got {statistic!r}")
     n = valid.sum(axis=1)
@@ -203,7 +204,7 @@ def best_of_tails(rewards, lam: float, kappa0: float = 0.1, k: int | None = None
     """
     _check_positive("kappa0", kappa0)
     _check_positive("lambda", lam)
-    r, valid = _rewards(rewards)
+    r, valid = as_rewards(rewards)
     kappa = hill_estimate(r, k=k, statistic=statistic)
     alpha = 1.0 + kappa / (kappa + kappa0)
     lo = np.where(valid, r, np.inf).min(axis=1, keepdims=True)
@@ -224,32 +225,3 @@ def choose(probs: np.ndarray, sample: bool = False, rng: np.random.Generator | i
     else:
         index = np.argmax(probs, axis=1)
     return np.where(empty, -1, index)
-
-
-def select(rewards, method: str, *, ref_logps=None, sample: bool = False, rng=None, **params) -> Selection:
-    """Apply the registered procedure ``method`` (:mod:`ctrl_offline.procedures`: ``bon``, ``won``, ``soft_bon``,
-    ``rbon``, ``itp``, ``tsallis``, ``bot`` and any registered since).
-
-    ``params`` are selector settings (``lam``, ``beta``, ``kappa0``, ``k``, ``alpha``, …): each procedure
-    takes its own and ignores the others', so one set of settings serves every procedure.
-    """
-    from .procedures import get_procedure  # the registry refers to this module's rules
-
-    procedure = get_procedure(method)
-    r, valid = _rewards(rewards)
-    if procedure.needs_ref_logps and ref_logps is None:
-        raise ValueError(f"{procedure.description} ({method}) needs the candidates' reference log-probs")
-    probs = np.asarray(procedure.rule(r, ref_logps, **procedure.settings(params)), dtype=float)
-    if probs.shape != r.shape:
-        raise ValueError(f"procedure {method!r} returned probabilities of shape {probs.shape} for rewards {r.shape}")
-    return Selection(index=choose(probs, sample=sample, rng=rng), probs=probs, num_excluded=int((~valid).sum()))
-
-
-def __getattr__(name):
-    if name == "SELECTORS":  # deprecated: the registry is the one list of names
-        from ._deprecation import warn_deprecated
-        from .procedures import procedure_names
-
-        warn_deprecated("ctrl_offline.selection.SELECTORS", "ctrl_offline.procedures.procedure_names()")
-        return procedure_names()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,7 +18,7 @@ import numpy as np
 
 from .calibration import CalibrationTables
 from .evaluation import pairwise_win_matrix
-from .selection import select
+from .procedures import select
 from .theory import _inverse_cdf_table
 from .transforms import Transform, get_transform
 
@@ -42,7 +42,7 @@ def simulated_win_rate(tables: CalibrationTables, transform: Transform | str, be
                        prompts: int = 4000, seed: int = 0, selector_args: dict | None = None) -> float:
     """Predicted win rate of T(π*) over T(π_ref) for a registered procedure ``selector``, on the stored tables.
 
-    ``selector_args`` go to :func:`ctrl_offline.selection.select` (``lam``, ``beta``, ``kappa0``, ``k``, …).
+    ``selector_args`` go to :func:`ctrl_offline.procedures.select` (``lam``, ``beta``, ``kappa0``, ``k``, …).
     """
     selector_args = selector_args or {}
     transform = get_transform(transform)

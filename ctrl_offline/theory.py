@@ -10,9 +10,10 @@ quantity below depends on (Φ, β) only, not on the prompt or the model:
     worst-of-N win rate vs WoN(π_ref)  = ∫ N (1−u)^{N−1} (1 − F(u))^N du
 
 Integrals use a fixed composite Gauss–Legendre rule graded toward u = 1 (where the densities
-of increasing transforms peak); F comes from each transform's closed form. A procedure's closed
-form is found through the registry (:mod:`ctrl_offline.procedures`, its ``win_rate``); any other
-selection rule is handled by :func:`monte_carlo_win_rate`.
+of increasing transforms peak); F comes from each transform's closed form. The registry
+(:mod:`ctrl_offline.procedures`) names these closed forms (``Procedure.win_rate``; by name:
+:func:`ctrl_offline.procedures.tilted_win_rate`) and sits above this module; any other selection
+rule is handled by :func:`monte_carlo_win_rate`.
 
 Nothing here plans or looks at a prompt: this module is the tilt in calibrated space, where every
 prompt is the same. Procedures that read raw reward values depend on each prompt's reward
@@ -27,7 +28,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._deprecation import deprecated_alias, warn_deprecated
 from ._quadrature import nodes_and_weights, panel_breaks
 from .transforms import Transform, get_transform
 
@@ -35,9 +35,9 @@ __all__ = [
     "tilted_density",
     "kl_divergence",
     "tilted_standard_win_rate",
+    "cell_values",
     "bon_win_rate",
     "won_win_rate",
-    "tilted_win_rate",
     "sample_tilted",
     "monte_carlo_win_rate",
     "MonteCarloEstimate",
@@ -97,24 +97,18 @@ def won_win_rate(transform: Transform | str, beta: float, n: int) -> float:
     return float(np.sum(weights * n * (1.0 - nodes) ** (n - 1) * (1.0 - cdf) ** n))
 
 
-def tilted_win_rate(transform: Transform | str, beta: float, inference: str, n: int) -> float:
-    """The tilted policy's inference-time win rate, exactly: the closed form registered for ``inference``.
+def cell_values(transform: Transform | str, beta: float, lo, hi) -> np.ndarray:
+    """β·log( ∫_lo^hi e^{Φ/β} / (hi − lo) ): the tilt's mass on the quantile cell [lo, hi] per unit width.
 
-    ValueError for an unknown procedure or one without a closed form
-    (:func:`ctrl_offline.procedures.closed_form_names` lists those with one).
+    ``β·[log Z + log(F(hi) − F(lo)) − log(hi − lo)]``, every term in log space (finite for ``log``).
     """
-    from .procedures import closed_form_names, get_procedure  # the registry refers to this module's closed forms
-
-    procedure = get_procedure(inference)
-    if procedure.win_rate is None:
-        raise ValueError(f"inference procedure {inference!r} has no closed-form win rate (those with one: "
-                         f"{', '.join(closed_form_names())}); simulate it on calibration tables "
-                         "(ctrl_offline.planner.plan(..., tables=...))")
-    return float(procedure.win_rate(get_transform(transform), beta, _check_n(n)))
-
-
-standard_win_rate = deprecated_alias("ctrl_offline.theory.standard_win_rate", tilted_standard_win_rate)
-inference_win_rate = deprecated_alias("ctrl_offline.theory.inference_win_rate", tilted_win_rate)
+    transform = get_transform(transform)
+    lo, hi = np.asarray(lo, float), np.asarray(hi, float)
+    log_hi = np.asarray(transform.log_cdf(hi, beta), dtype=float)
+    log_lo = np.asarray(transform.log_cdf(lo, beta), dtype=float)
+    with np.errstate(divide="ignore"):
+        log_mass = log_hi + np.log(-np.expm1(log_lo - log_hi))
+    return beta * (float(transform.log_partition(beta)) + log_mass - np.log(hi - lo))
 
 
 # -- Monte Carlo for any selection rule ----------------------------------------------------------
@@ -135,13 +129,6 @@ def sample_tilted(transform: Transform | str, beta: float, size, rng: np.random.
     return np.interp(rng.random(size), cdf, grid)
 
 
-def _drawn_pick(procedure: str, rng: np.random.Generator) -> Callable[[np.ndarray], np.ndarray]:
-    """The index rule of a registered procedure: each row's pick drawn from its selection distribution."""
-    from .selection import select
-
-    return lambda u: select(u, procedure, sample=True, rng=rng).index
-
-
 @dataclass(frozen=True)
 class MonteCarloEstimate:
     win_rate: float
@@ -152,23 +139,20 @@ class MonteCarloEstimate:
 def monte_carlo_win_rate(
     transform: Transform | str,
     beta: float,
-    select: Callable[[np.ndarray], np.ndarray] | str,
+    select: Callable[[np.ndarray], np.ndarray],
     n: int,
     trials: int = 100_000,
     rng: np.random.Generator | int | None = 0,
 ) -> MonteCarloEstimate:
     """Win rate of T(π*) over T(π_ref) for a selection rule T, by simulation in calibrated space.
 
-    ``select`` is a registered procedure's name (:mod:`ctrl_offline.procedures`; its pick is drawn
-    from its selection distribution, with default settings) or a function mapping an array of
-    calibrated values of shape ``(trials, n)`` to the chosen index per row. Each trial draws N
+    ``select`` maps an array of calibrated values of shape ``(trials, n)`` to the chosen index per
+    row (a registered procedure's: :func:`ctrl_offline.procedures.drawn_pick`). Each trial draws N
     candidates from π* (u ~ f) and N from π_ref (u ~ Uniform), applies the rule to each side and
     scores a win (ties count ½).
     """
     transform, n = get_transform(transform), _check_n(n)
     rng = np.random.default_rng(rng)
-    if isinstance(select, str):
-        select = _drawn_pick(select, rng)
     rows = np.arange(trials)
     policy = sample_tilted(transform, beta, (trials, n), rng)
     reference = rng.random((trials, n))
@@ -178,12 +162,3 @@ def monte_carlo_win_rate(
     return MonteCarloEstimate(
         win_rate=float(outcome.mean()), stderr=float(outcome.std(ddof=1) / np.sqrt(trials)), trials=trials
     )
-
-
-def __getattr__(name):
-    if name == "INFERENCE_PROCEDURES":  # deprecated: the registry is the one list of names
-        from .procedures import closed_form_names
-
-        warn_deprecated("ctrl_offline.theory.INFERENCE_PROCEDURES", "ctrl_offline.procedures.closed_form_names()")
-        return closed_form_names()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,7 @@ import numpy as np
 
 from .estimates import Estimate, bootstrap_mean, pairwise_win_matrix, subset_fraction
 from .procedures import Procedure, get_procedure
-from .selection import select
+from .procedures import select
 
 __all__ = ["MAX_SUBSETS", "subset_selection_weights", "u_statistic_per_prompt", "u_statistic_win_rate",
            "decision_verdict", "paired_bootstrap_difference"]
@@ -133,7 +133,7 @@ def subset_selection_weights(rewards, n: int, selector: str = "bon", *, ref_logp
     ``random_subsets`` when some prompt has more: ``max_subsets`` uniformly random N-subsets
     (seeded by ``rng``) are averaged instead, still unbiased for the same expectation. Rows with
     fewer than N available candidates get NaN weights. ``selector_args`` (lam, beta, kappa0, k, …)
-    go to :func:`ctrl_offline.selection.select`; procedures that read reference log-probs (``rbon``)
+    go to :func:`ctrl_offline.procedures.select`; procedures that read reference log-probs (``rbon``)
     need ``ref_logps`` of the same shape.
     """
     r = np.asarray(rewards, dtype=float)

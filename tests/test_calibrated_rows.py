@@ -6,7 +6,7 @@ from calibrated_rows_data import EXP, rows
 
 from ctrl_offline.calibrated_rows import SynthesisError, check_beta, prepare, samples_per_prompt
 from ctrl_offline.calibration import calibrate_reference
-from ctrl_offline.finite_k import cell_values
+from ctrl_offline.theory import cell_values
 from ctrl_offline.pairs import make_pairs
 from ctrl_offline.pointwise import pointwise_targets, sft_weights
 

@@ -3,7 +3,8 @@ import math
 import pytest
 
 from ctrl_offline.planner import MIN_TRAINABLE_BETA, plan, solve_beta, trainable_beta, tradeoff_curve
-from ctrl_offline.theory import kl_divergence, tilted_win_rate
+from ctrl_offline.procedures import tilted_win_rate
+from ctrl_offline.theory import kl_divergence
 from ctrl_offline.transforms import get_transform
 
 

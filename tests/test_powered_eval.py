@@ -15,7 +15,7 @@ from ctrl_offline.evaluation import (
     u_statistic_per_prompt,
     u_statistic_win_rate,
 )
-from ctrl_offline.selection import select
+from ctrl_offline.procedures import select
 
 SETTINGS = {"lam": 0.3, "beta": 0.5, "kappa0": 0.1}
 

@@ -15,9 +15,9 @@ from ctrl_offline.procedures import (
     get_procedure,
     procedure_names,
     register_procedure,
+    select,
     unregister_procedure,
 )
-from ctrl_offline.selection import select
 from ctrl_offline.simulation import simulated_win_rate
 from ctrl_offline.transforms import get_transform
 from data_tools.cli import main
@@ -75,21 +75,6 @@ def test_the_built_in_procedures():
     assert procedure_names() == ("bon", "won", "soft_bon", "rbon", "itp", "tsallis", "bot")
     assert closed_form_names() == ("bon", "won")
     assert get_procedure("rbon").needs_ref_logps and get_procedure("bot").params["kappa0"] == 0.1
-
-
-def test_the_old_names_warn_and_still_answer():
-    from ctrl_offline import evaluation, selection
-
-    with pytest.warns(DeprecationWarning, match="procedure_names"):
-        assert selection.SELECTORS == procedure_names()
-    rng = np.random.default_rng(0)
-    policy, reference = rng.normal(size=(30, 4)) + 0.3, rng.normal(size=(30, 4))
-    with pytest.warns(DeprecationWarning, match="estimate_inference_win_rate"):
-        old = evaluation.inference_win_rate(policy, reference, "bon", 4)
-    assert old == evaluation.estimate_inference_win_rate(policy, reference, "bon", 4)
-    with pytest.warns(DeprecationWarning, match="estimate_standard_win_rate"):
-        old = evaluation.standard_win_rate(policy, reference)
-    assert old == evaluation.estimate_standard_win_rate(policy, reference)
 
 
 def test_register_get_and_their_errors(sbon):

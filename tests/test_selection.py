@@ -9,11 +9,11 @@ from ctrl_offline.selection import (
     hill_estimate,
     itp,
     regularized_best_of_n,
-    select,
     soft_best_of_n,
     tsallis_selection,
     worst_of_n,
 )
+from ctrl_offline.procedures import select
 
 
 @pytest.fixture

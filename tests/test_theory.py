@@ -10,9 +10,9 @@ from ctrl_offline.theory import (
     sample_tilted,
     tilted_density,
     tilted_standard_win_rate,
-    tilted_win_rate,
     won_win_rate,
 )
+from ctrl_offline.procedures import drawn_pick, tilted_win_rate
 from ctrl_offline.transforms import get_transform
 
 
@@ -78,8 +78,8 @@ def test_kl_decreases_and_win_rates_increase_as_beta_shrinks(name, t):
 def test_closed_form_win_rates_match_monte_carlo(name, t, beta):
     transform = get_transform(name, t)
     for n in (2, 4):
-        bon = monte_carlo_win_rate(transform, beta, "bon", n, trials=60_000, rng=n)
-        won = monte_carlo_win_rate(transform, beta, "won", n, trials=60_000, rng=n + 10)
+        bon = monte_carlo_win_rate(transform, beta, drawn_pick("bon", rng=n), n, trials=60_000, rng=n)
+        won = monte_carlo_win_rate(transform, beta, drawn_pick("won", rng=n + 10), n, trials=60_000, rng=n + 10)
         assert abs(bon.win_rate - bon_win_rate(transform, beta, n)) < 4 * bon.stderr + 1e-4
         assert abs(won.win_rate - won_win_rate(transform, beta, n)) < 4 * won.stderr + 1e-4
 
@@ -116,14 +116,3 @@ def test_bad_inputs():
         tilted_win_rate("identity", 1.0, "bot", 4)
     with pytest.raises(ValueError, match="beta must be finite and > 0"):
         kl_divergence("identity", -1.0)
-
-
-def test_old_names_warn_and_still_answer():
-    from ctrl_offline import theory
-
-    with pytest.warns(DeprecationWarning, match="tilted_win_rate"):
-        assert theory.inference_win_rate("identity", 0.3, "bon", 4) == tilted_win_rate("identity", 0.3, "bon", 4)
-    with pytest.warns(DeprecationWarning, match="tilted_standard_win_rate"):
-        assert theory.standard_win_rate("identity", 0.3) == tilted_standard_win_rate("identity", 0.3)
-    with pytest.warns(DeprecationWarning, match="closed_form_names"):
-        assert theory.INFERENCE_PROCEDURES == ("bon", "won")
