@@ -240,10 +240,8 @@ def estimate_runtime(args, costs: dict) -> dict:
     for budget, m in schedule:
         steps = steps_to_budget(budget, args)
         estimates = steps // args.kl_every + 1 + args.max_bisections
-        # The trainer recomputes the pairs' reference log-probs when some completion does not re-tokenise
-        # to its sampled ids (the usual case with SmolLM2's tokenizer): one pass over every pair, per run.
-        rows = args.train_prompts * (1 if METHODS[m][0]["strategy"] == "best_vs_worst" else args.pairs_per_prompt)
-        train += 2 * load + steps * step * args.batch_size / 8 + estimates * per + 2 * rows * logp
+        # No reference pass: the rows carry the sampled ids, so their stored reference log-probs apply.
+        train += 2 * load + steps * step * args.batch_size / 8 + estimates * per
         evaluate += load + args.eval_prompts * args.m * (sample + logp)
     runs = len(schedule)
     parts["training (KL held)"] = train

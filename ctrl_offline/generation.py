@@ -19,30 +19,27 @@ from __future__ import annotations
 import hashlib
 import inspect
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._deprecation import warn_deprecated
 
 __all__ = ["SamplingConfig", "SampleRow", "CompletionKL", "hex_prompt_id", "load_causal_lm", "prompt_id",
            "render_prompt", "sample_completions", "sequence_logps", "completion_logps", "completion_kl"]
 
 
-class SampleRow(dict):
-    """One drawn completion (a dict): ``batch_prompt``, ``sample_idx``, ``completion``, ``completion_ids``,
-    ``logp`` (Σ log-prob under the model that drew it), ``num_tokens``, ``finished``.
+class SampleRow(TypedDict):
+    """One drawn completion: ``logp`` is Σ log-prob under the model that drew it (the policy, when it is)."""
 
-    ``row["ref_logp"]``, the name earlier versions gave ``logp`` whichever model drew the sample,
-    still reads ``logp`` with a DeprecationWarning (kept for one release).
-    """
-
-    def __missing__(self, key):
-        if key == "ref_logp" and "logp" in self:
-            warn_deprecated('a sampled row\'s "ref_logp" (the log-prob under the model that drew it)', '"logp"')
-            return self["logp"]
-        raise KeyError(key)
+    batch_prompt: int
+    sample_idx: int
+    completion: str
+    completion_ids: list[int]
+    logp: float
+    num_tokens: int
+    finished: bool
 
 
 @dataclass

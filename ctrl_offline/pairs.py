@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ._deprecation import warn_deprecated
 from .calibrated_rows import SynthesisError, prepare
 from .groups import all_pairs, extreme_per_group, group_layout, rank_in_group
 from .transforms import Transform
@@ -39,8 +38,7 @@ class Pairs:
     ``chosen`` / ``rejected``: row indices into the input arrays; ``target_phi_gap``:
     Φ(u_chosen) − Φ(u_rejected) ≥ 0, the Φ difference β·Δρ is fitted to; ``label``: the soft
     label σ(target_phi_gap) (Φ in the units of β — see :func:`make_pairs`); ``weight``: per-pair
-    weight, 1.0. (``target_margin``, its name in earlier versions, still reads it with a
-    DeprecationWarning; "margin" is kept for the trainer's β·Δρ, TRL's ``rewards/margins``.)
+    weight, 1.0. ("margin" is left to the trainer's β·Δρ, TRL's ``rewards/margins``.)
     """
 
     chosen: np.ndarray
@@ -51,12 +49,6 @@ class Pairs:
 
     def __len__(self) -> int:
         return len(self.chosen)
-
-    @property
-    def target_margin(self) -> np.ndarray:
-        """Deprecated name of :attr:`target_phi_gap` (kept for one release)."""
-        warn_deprecated("Pairs.target_margin", "Pairs.target_phi_gap")
-        return self.target_phi_gap
 
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)

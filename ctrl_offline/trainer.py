@@ -11,9 +11,7 @@ no reference forward pass runs at all; otherwise TRL computes them once, batched
 training. Pointwise rows (``prompt``, ``completion``, ``target`` or ``weight``, ``ref_logp``)
 need one sequence per example instead of two. ``target_phi_gap`` is the Φ difference
 Φ(u_chosen) − Φ(u_rejected) that β·Δρ is fitted to; "margin" is left to the trainer's β·Δρ
-(TRL's ``rewards/margins`` metric). A set written before the rename, with ``target_margin``, is
-renamed on load with a one-line FutureWarning (:data:`RENAMED_COLUMNS`), so earlier build
-folders keep training.
+(TRL's ``rewards/margins`` metric).
 
 Rows that carry the sampled token ids (``prompt_token_ids`` with ``chosen_ids`` / ``rejected_ids``
 for pairs, with ``completion_ids`` for single responses: what ``ctrl-data build`` writes) are trained
@@ -46,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -65,9 +62,6 @@ __all__ = ["CTRLTrainer", "CTRLPointwiseTrainer", "TrainingDataError", "resolve_
 logger = logging.getLogger(__name__)
 
 PAIR_EXTRA_COLUMNS = ("target_phi_gap", "label", "weight")
-#: Columns of CTRL's own that earlier versions wrote under another name: old name → new. The
-#: trainers rename them on load (a FutureWarning says so), so earlier build folders keep training.
-RENAMED_COLUMNS = {"target_margin": "target_phi_gap"}
 REF_PAIR_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 POINTWISE_EXTRA_COLUMNS = ("target", "weight", "ref_logp")
 #: TRL's token-id columns of a tokenised pair (``DPOTrainer._prepare_dataset``). ``prompt_ids`` there is the
@@ -264,20 +258,6 @@ def _sequences_from_token_ids(dataset, args, name: str):
                        **_map_kwargs(dataset, args, f"Joining the sampled token ids of the {name} dataset"))
 
 
-def _with_current_names(dataset, name: str):
-    """``dataset`` with the columns of :data:`RENAMED_COLUMNS` under their current names (warning once if any)."""
-    if dataset is None:
-        return None
-    names = _column_names(dataset)
-    old = {o: n for o, n in RENAMED_COLUMNS.items() if o in names and n not in names}
-    if not old:
-        return dataset
-    shown = ", ".join(f"{o!r} → {n!r}" for o, n in old.items())
-    warnings.warn(f"{name}: column(s) renamed on load ({shown}): the names of earlier versions are deprecated; "
-                  "rebuild the set (ctrl-data build) to write the current ones", FutureWarning, stacklevel=4)
-    return dataset.rename_columns(old)
-
-
 def _named(train_dataset, eval_dataset) -> dict:
     """The datasets to validate, by the argument names the messages use."""
     return {"train_dataset": train_dataset, **({"eval_dataset": eval_dataset} if eval_dataset is not None else {})}
@@ -372,11 +352,9 @@ class _CTRLMixin:
 
     def _check_inputs(self, args, config_cls, train_dataset, eval_dataset, validate, unit: str,
                       beta_required: bool = True) -> tuple:
-        """The (train, eval) datasets with current column names (:data:`RENAMED_COLUMNS`), once checked."""
+        """The (train, eval) datasets, once checked."""
         if not isinstance(args, config_cls):
             raise TypeError(f"args must be a {config_cls.__name__}, got {type(args).__name__}")
-        train_dataset = _with_current_names(train_dataset, "train_dataset")
-        eval_dataset = _with_current_names(eval_dataset, "eval_dataset")
         for name, dataset in _named(train_dataset, eval_dataset).items():
             validate(dataset, args, name)
         self.build_info = resolve_beta(args, train_dataset, eval_dataset, required=beta_required)

@@ -6,11 +6,9 @@ exit with status 2; nothing half-written is left behind.
 One name per setting, the recipe config's (``recipes/configs/*.yaml``) with dashes: ``--num-samples``
 (K), ``--inference-n`` and ``--kl-budget`` (what a build is planned for), ``--data-format``,
 ``--pair-strategy``, ``--eval-n``, ``--eval-selectors``, ``--eval-policy-samples``,
-``--eval-reference-samples``, ``--kl-eval-samples``, ``--kl-every-n-steps``. The earlier spellings
-(``--k``, ``--n``, ``--kl``, ``--format``, ``--strategy``, ``--selectors``, ``--policy-samples``,
-``--reference-samples``, ``--kl-samples``, ``--kl-every``) still work for one release and warn
-(:data:`RENAMED_FLAGS`). Choice lists come from the library (the procedure and transform registries,
-the formats, strategies, losses and estimator settings it defines).
+``--eval-reference-samples``, ``--kl-eval-samples``, ``--kl-every-n-steps``; no abbreviations. Choice lists
+come from the library (the procedure and transform registries, the formats, strategies, losses and estimator
+settings it defines).
 
 ``ctrl-data round`` chains sample (from the previous round's adapter) → score → calibrate against the
 reference tables → build (pointwise) → train (from that adapter) for one on-policy round
@@ -23,30 +21,7 @@ import argparse
 import json
 import logging
 import sys
-import warnings
 from pathlib import Path
-
-#: (subcommand, old flag) → the flag's one name, for the release that still takes the old spelling.
-RENAMED_FLAGS = {
-    ("sample", "--k"): "--num-samples",
-    ("sample", "--column"): "--prompt-column",
-    ("sample", "--batch-size"): "--sampling-batch-size",
-    ("build", "--format"): "--data-format",
-    ("build", "--n"): "--inference-n",
-    ("build", "--kl"): "--kl-budget",
-    ("build", "--strategy"): "--pair-strategy",
-    ("plan", "--n"): "--inference-n",
-    ("plan", "--kl"): "--kl-budget",
-    ("plan", "--k"): "--num-samples",
-    ("plan", "--strategy"): "--pair-strategy",
-    ("train", "--kl-samples"): "--kl-eval-samples",
-    ("train", "--kl-every"): "--kl-every-n-steps",
-    ("eval", "--n"): "--eval-n",
-    ("eval", "--column"): "--prompt-column",
-    ("eval", "--selectors"): "--eval-selectors",
-    ("eval", "--policy-samples"): "--eval-policy-samples",
-    ("eval", "--reference-samples"): "--eval-reference-samples",
-}
 
 EXAMPLES_CALIBRATE = """examples:
   ctrl-data calibrate scored.parquet --out calib/
@@ -156,37 +131,6 @@ def _positive_float(text: str) -> float:
     return value
 
 
-class _RenamedFlag(argparse.Action):
-    """A flag's earlier spelling, kept for one release: stores into the new flag's destination and warns."""
-
-    def __init__(self, option_strings, dest, new_flag: str = "", **kwargs):
-        self.new_flag = new_flag
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        message = f"{option_string} is deprecated (kept for one release); use {self.new_flag}"
-        print(f"{parser.prog}: warning: {message}", file=sys.stderr)
-        warnings.warn(message, DeprecationWarning, stacklevel=2)
-        setattr(namespace, self.dest, values)
-
-
-def _add_renamed(parser, stage: str, flag: str, **kwargs) -> None:
-    """``flag`` (the setting's one name) and its earlier spelling from :data:`RENAMED_FLAGS`.
-
-    A required flag is checked after parsing (``main``), so that the old spelling satisfies it.
-    """
-    required = kwargs.pop("required", False)
-    action = parser.add_argument(flag, **kwargs)
-    if required:
-        parser.set_defaults(**{action.dest: None})
-        parser._ctrl_required = [*getattr(parser, "_ctrl_required", []), (action.dest, flag)]
-    for (where, old), new in RENAMED_FLAGS.items():
-        if where == stage and new == flag:
-            parser.add_argument(old, dest=action.dest, action=_RenamedFlag, new_flag=flag, type=kwargs.get("type"),
-                                nargs=kwargs.get("nargs"), choices=kwargs.get("choices"), default=argparse.SUPPRESS,
-                                help=argparse.SUPPRESS)
-
-
 def _selector_arg(text: str) -> tuple[str, float | int | None]:
     """``NAME=VALUE``: a setting of a registered procedure (an int, a float, or ``none``)."""
     name, sep, value = text.partition("=")
@@ -224,11 +168,11 @@ def _add_model_args(parser) -> None:
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
 
 
-def _add_kl_hold_args(parser, stage: str) -> None:
-    _add_renamed(parser, stage, "--kl-eval-samples", type=_positive_int, default=4,
-                 help="policy samples per KL prompt per estimate")
-    _add_renamed(parser, stage, "--kl-every-n-steps", type=_positive_int, default=10,
-                 help="optimizer steps between KL estimates")
+def _add_kl_hold_args(parser) -> None:
+    parser.add_argument("--kl-eval-samples", type=_positive_int, default=4,
+                        help="policy samples per KL prompt per estimate")
+    parser.add_argument("--kl-every-n-steps", type=_positive_int, default=10,
+                        help="optimizer steps between KL estimates")
     parser.add_argument("--kl-max-new-tokens", type=_positive_int, default=64)
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep ADAPTER.checkpoints once the adapter is written")
@@ -297,14 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--adapter", help="PEFT adapter folder: sample the policy (base + adapter) for an on-policy round; "
                     "rows get logp (the policy's) beside ref_logp (the base's)")
     sa.add_argument("--out", required=True, help="output folder (shard-*.parquet)")
-    _add_prompt_source(sa, "sample")
-    _add_renamed(sa, "sample", "--num-samples", type=int, default=4, metavar="K",
-                 help="K, samples per prompt (default 4, at least 2)")
+    _add_prompt_source(sa)
+    sa.add_argument("--num-samples", type=int, default=4, metavar="K",
+                    help="K, samples per prompt (default 4, at least 2)")
     sa.add_argument("--max-new-tokens", type=_positive_int, default=128)
     sa.add_argument("--temperature", type=_positive_float, default=1.0, help="1.0 samples π_ref itself")
     sa.add_argument("--top-p", type=_positive_float, default=1.0)
-    _add_renamed(sa, "sample", "--sampling-batch-size", type=_positive_int, default=8,
-                 help="prompts per generate call (default 8)")
+    sa.add_argument("--sampling-batch-size", type=_positive_int, default=8,
+                    help="prompts per generate call (default 8)")
     sa.add_argument("--shard-size", type=_positive_int, default=32, help="prompts per output shard")
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
@@ -328,18 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
                            "(and TRL's DPO trainer).")
     bu.add_argument("calibrated", help="output folder of `ctrl-data calibrate` (or its calibrated.parquet)")
     bu.add_argument("--out", required=True)
-    _add_renamed(bu, "build", "--data-format", choices=list(LOSS_FORMATS), default="pairs")
+    bu.add_argument("--data-format", choices=list(LOSS_FORMATS), default="pairs")
     bu.add_argument("--transform", choices=transforms, help="transform family (default: the planner's best)")
     bu.add_argument("--t", type=_positive_float, help="shape parameter of exp/negexp")
     bu.add_argument("--beta", type=_positive_float, help="KL coefficient β")
     bu.add_argument("--inference", choices=procedures,
                     help="plan transform, t and β for this procedure (simulated on the calibrated input's tables "
                     "when it has no closed form)")
-    _add_renamed(bu, "build", "--inference-n", type=_positive_int, metavar="N",
-                 help="N of the inference procedure (with --inference)")
-    _add_renamed(bu, "build", "--kl-budget", type=_positive_float, metavar="KL",
-                 help="KL(π‖π_ref) budget in nats (with --inference)")
-    _add_renamed(bu, "build", "--pair-strategy", default="all", choices=list(PAIR_STRATEGIES))
+    bu.add_argument("--inference-n", type=_positive_int, metavar="N",
+                    help="N of the inference procedure (with --inference)")
+    bu.add_argument("--kl-budget", type=_positive_float, metavar="KL",
+                    help="KL(π‖π_ref) budget in nats (with --inference)")
+    bu.add_argument("--pair-strategy", default="all", choices=list(PAIR_STRATEGIES))
     bu.add_argument("--pairs-per-prompt", type=_positive_int, help="with --pair-strategy sampled")
     _add_selector_arg(bu)
     _add_estimator_args(bu)
@@ -352,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="leave out completions cut before EOS")
     bu.add_argument("--max-left-out", type=float, default=None,
                     help="stop if the build would leave out more than this fraction of the rows (default 0.5; 1: never)")
-    bu.add_argument("--tokenizer", help="tokenizer to check stored reference log-probs with (default: the reference "
-                    "model recorded at sampling)")
+    bu.add_argument("--tokenizer", help="tokenizer that turns the rendered prompts into prompt_token_ids, as the "
+                    "sampler did (default: the reference model recorded at sampling)")
     bu.add_argument("--seed", type=int, default=0)
     bu.add_argument("--overwrite", action="store_true")
     bu.set_defaults(func=_run_build)
@@ -375,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(tr)
     tr.add_argument("--kl-prompts", help="held-out prompts (file, folder or Hub id): hold training to a KL budget")
     tr.add_argument("--kl-budget", type=_positive_float, help="KL to hold (default: the build's planned KL)")
-    _add_kl_hold_args(tr, "train")
+    _add_kl_hold_args(tr)
     tr.add_argument("--overwrite", action="store_true", help="replace an existing adapter and its checkpoints")
     tr.set_defaults(func=_run_train, accepts_extra=True)
 
@@ -397,12 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--adapter", metavar="PREV",
                     help="the previous round's adapter: sampled, then trained further (omit for round 1: the base)")
     rd.add_argument("--model", help="base model (default: the adapter's, else the reference samples' model)")
-    _add_prompt_source(rd, "round")
-    _add_renamed(rd, "round", "--num-samples", type=int, default=4, metavar="M",
-                 help="policy samples per prompt (default 4, at least 2)")
+    _add_prompt_source(rd)
+    rd.add_argument("--num-samples", type=int, default=4, metavar="M",
+                    help="policy samples per prompt (default 4, at least 2)")
     rd.add_argument("--max-new-tokens", type=_positive_int, default=128)
-    _add_renamed(rd, "round", "--sampling-batch-size", type=_positive_int, default=8,
-                 help="prompts per generate call (default 8)")
+    rd.add_argument("--sampling-batch-size", type=_positive_int, default=8,
+                    help="prompts per generate call (default 8)")
     rd.add_argument("--shard-size", type=_positive_int, default=32, help="prompts per sample shard")
     rd.add_argument("--seed", type=int, default=0, help="round r samples with seed SEED + r (default 0)")
     rd.add_argument("--score-batch-size", type=_positive_int, default=16)
@@ -410,10 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--t", type=_positive_float, help="shape parameter of exp/negexp")
     rd.add_argument("--beta", type=_positive_float, help="KL coefficient β")
     rd.add_argument("--inference", choices=procedures, help="plan transform, t and β for this procedure")
-    _add_renamed(rd, "round", "--inference-n", type=_positive_int, metavar="N", help="N of the inference procedure")
-    _add_renamed(rd, "round", "--kl-budget", type=_positive_float, metavar="KL",
-                 help="with --inference: the KL(π‖π_ref) budget planned for (and held with --kl-prompts); with "
-                 "--transform/--beta: the KL held with --kl-prompts")
+    rd.add_argument("--inference-n", type=_positive_int, metavar="N", help="N of the inference procedure")
+    rd.add_argument("--kl-budget", type=_positive_float, metavar="KL",
+                    help="with --inference: the KL(π‖π_ref) budget planned for (and held with --kl-prompts); with "
+                    "--transform/--beta: the KL held with --kl-prompts")
     _add_selector_arg(rd)
     from ctrl_offline.finite_k import POINTWISE_NORMALISERS
 
@@ -424,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="leave out completions cut before EOS (default: kept as prefixes)")
     _add_model_args(rd)
     rd.add_argument("--kl-prompts", help="held-out prompts: hold training to the KL budget")
-    _add_kl_hold_args(rd, "round")
+    _add_kl_hold_args(rd)
     rd.add_argument("--overwrite", action="store_true", help="start the round folder over")
     rd.set_defaults(func=_run_round, accepts_extra=True)
 
@@ -443,11 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "against one reference pool, with frontier.json/.md/.png in --out")
     ev.add_argument("--reward", required=True, help="reward model id/folder or module:function")
     ev.add_argument("--out", required=True, help="report folder")
-    _add_renamed(ev, "eval", "--eval-n", nargs="+", type=_positive_int, default=[1, 2, 4], metavar="N",
-                 help="N values evaluated (default 1 2 4)")
-    _add_renamed(ev, "eval", "--eval-selectors", nargs="+", default=["bon", "won"], choices=procedures,
-                 help="procedures evaluated (default bon won)")
-    _add_renamed(ev, "eval", "--prompt-column", default="prompt", help="prompt column (default: prompt)")
+    ev.add_argument("--eval-n", nargs="+", type=_positive_int, default=[1, 2, 4], metavar="N",
+                    help="N values evaluated (default 1 2 4)")
+    ev.add_argument("--eval-selectors", nargs="+", default=["bon", "won"], choices=procedures,
+                    help="procedures evaluated (default bon won)")
+    ev.add_argument("--prompt-column", default="prompt", help="prompt column (default: prompt)")
     ev.add_argument("--limit", type=_positive_int)
     ev.add_argument("--max-new-tokens", type=_positive_int, default=64)
     ev.add_argument("--lam", type=_positive_float, default=0.1, help="λ of soft-BoN and Best-of-Tails")
@@ -456,10 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selector_arg(ev)
     ev.add_argument("--train-data", help="training set, to warn about evaluation prompts seen in training; a "
                     "`ctrl-data build` folder's transform, t and β are recorded in the report")
-    _add_renamed(ev, "eval", "--eval-policy-samples", type=_positive_int, metavar="M_POLICY",
-                 help="samples per prompt from the policy, ≥ max(N) (default max(N))")
-    _add_renamed(ev, "eval", "--eval-reference-samples", type=_positive_int, metavar="M_REF",
-                 help="samples per prompt from the reference, ≥ max(N) (default max(N), or all of a reused pool's)")
+    ev.add_argument("--eval-policy-samples", type=_positive_int, metavar="M_POLICY",
+                    help="samples per prompt from the policy, ≥ max(N) (default max(N))")
+    ev.add_argument("--eval-reference-samples", type=_positive_int, metavar="M_REF",
+                    help="samples per prompt from the reference, ≥ max(N) (default max(N), or all of a reused pool's)")
     ev.add_argument("--reference-pool", metavar="DIR",
                     help="shared reference samples: read when DIR holds a pool for the same prompts, model, reward "
                     "and --max-new-tokens; drawn and written there when DIR does not exist")
@@ -513,21 +457,21 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--lam", type=_positive_float, default=0.1, help="λ of soft_bon / tsallis / bot (simulated)")
     pl.add_argument("--beta-selector", type=_positive_float, default=0.1, help="β of rbon / itp (simulated)")
     _add_selector_arg(pl)
-    _add_renamed(pl, "plan", "--inference-n", required=True, type=_positive_int, metavar="N",
-                 help="number of candidates N")
-    _add_renamed(pl, "plan", "--kl-budget", required=True, type=_positive_float, metavar="KL",
-                 help="KL(π‖π_ref) budget in nats")
+    pl.add_argument("--inference-n", required=True, type=_positive_int, metavar="N",
+                    help="number of candidates N")
+    pl.add_argument("--kl-budget", required=True, type=_positive_float, metavar="KL",
+                    help="KL(π‖π_ref) budget in nats")
     pl.add_argument("--transforms", nargs="+", default=None, choices=transforms,
                     help="families to tune (default: identity log exp negexp)")
     pl.add_argument("--t-range", nargs=2, type=_positive_float, default=None, metavar=("LOW", "HIGH"),
                     help="search range of t for exp/negexp (default 0.01 40)")
     pl.add_argument("--min-beta", type=float, default=None,
                     help="smallest trainable β with Φ rescaled to span 1 (default 1e-3; 0 turns the guard off)")
-    _add_renamed(pl, "plan", "--num-samples", type=_positive_int, default=None, metavar="K",
-                 help="reference samples per prompt: plan the tilt actually trained from K samples "
-                 "(default: the exact tilt, K = ∞)")
-    _add_renamed(pl, "plan", "--pair-strategy", default="all", choices=list(THEORY_STRATEGIES),
-                 help="how pairs are drawn (K-aware plans of pair losses; both draw pairs uniformly)")
+    pl.add_argument("--num-samples", type=_positive_int, default=None, metavar="K",
+                    help="reference samples per prompt: plan the tilt actually trained from K samples "
+                    "(default: the exact tilt, K = ∞)")
+    pl.add_argument("--pair-strategy", default="all", choices=list(THEORY_STRATEGIES),
+                    help="how pairs are drawn (K-aware plans of pair losses; both draw pairs uniformly)")
     _add_estimator_args(pl)
     pl.add_argument("--on-policy", action="store_true",
                     help="plan for on-policy rounds (ctrl-data round): policy samples ranked among the K reference "
@@ -536,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     pl.add_argument("--plot", metavar="FILE.png", help="draw win rate vs KL for the planned transforms")
     pl.set_defaults(func=_run_plan)
+    for sub in [parser, *stages.choices.values()]:  # one name per flag: no prefix of it stands for it
+        sub.allow_abbrev = False
     return parser
 
 
@@ -769,9 +715,9 @@ def _run_inspect(args) -> int:
     return 0
 
 
-def _add_prompt_source(parser, stage: str) -> None:
+def _add_prompt_source(parser) -> None:
     """Which prompts of the source to draw from: its column, split and how many (sample, round)."""
-    _add_renamed(parser, stage, "--prompt-column", default="prompt", help="prompt column (default: prompt)")
+    parser.add_argument("--prompt-column", default="prompt", help="prompt column (default: prompt)")
     parser.add_argument("--split", default="train", help="dataset split (default: train)")
     parser.add_argument("--limit", type=_positive_int, help="use the first LIMIT prompts")
 
@@ -870,10 +816,6 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    stage = parser._subparsers._group_actions[0].choices[args.stage]
-    missing = [flag for dest, flag in getattr(stage, "_ctrl_required", []) if getattr(args, dest) is None]
-    if missing:
-        stage.error(f"the following arguments are required: {', '.join(missing)}")
     args.extra = extra
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:

@@ -220,32 +220,18 @@ def test_plan_bad_arguments_exit_non_zero(args, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_old_flag_spellings_still_work_for_one_release_and_warn(capsys):
-    from data_tools.cli import RENAMED_FLAGS, build_parser
-
+def test_one_name_per_flag_no_old_spelling_and_no_abbreviation(capsys):
     new = ["plan", "--inference", "bon", "--inference-n", "4", "--kl-budget", "0.5", "--num-samples", "8",
            "--pair-strategy", "sampled", "--json"]
     assert main(new) == 0
-    expected, err = capsys.readouterr()
-    assert "deprecated" not in err
-    with pytest.warns(DeprecationWarning, match=r"--n is deprecated \(kept for one release\); use --inference-n"):
-        assert main(["plan", "--inference", "bon", "--n", "4", "--kl", "0.5", "--k", "8", "--strategy", "sampled",
-                     "--json"]) == 0
-    out, err = capsys.readouterr()
-    assert out == expected  # the same plan
-    for old, flag in [("--n", "--inference-n"), ("--kl", "--kl-budget"), ("--k", "--num-samples"),
-                      ("--strategy", "--pair-strategy")]:
-        assert f"ctrl-data plan: warning: {old} is deprecated (kept for one release); use {flag}" in err
-    # Every old spelling writes the new flag's setting, with its type and choices, and is left out of --help.
-    stages = build_parser()._subparsers._group_actions[0].choices
-    for (stage, old), flag in RENAMED_FLAGS.items():
-        actions = {s: a for a in stages[stage]._actions for s in a.option_strings}
-        assert actions[old].dest == actions[flag].dest and actions[old].type == actions[flag].type
-        assert actions[old].choices == actions[flag].choices and actions[old].nargs == actions[flag].nargs
-        assert not re.search(rf"(?<![\w-]){re.escape(old)}(?![\w-])", stages[stage].format_help())
-    with pytest.raises(SystemExit):
-        main(["build", "calib", "--out", "x", "--strategy", "median"])  # the old spelling checks choices too
-    assert "invalid choice: 'median'" in capsys.readouterr().err
+    capsys.readouterr()
+    for wrong in (["--n", "4", "--kl-budget", "0.5"], ["--inference-n", "4", "--kl", "0.5"],
+                  ["--inference-n", "4", "--kl-budget", "0.5", "--pair", "sampled"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["plan", "--inference", "bon", *wrong])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "unrecognized arguments" in err or "arguments are required" in err
 
 
 def test_choice_lists_come_from_the_library():

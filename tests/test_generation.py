@@ -37,17 +37,6 @@ def test_recorded_logps_equal_a_teacher_forced_pass(tiny, monkeypatch, temperatu
     assert [r["logp"] for r in again] == [r["logp"] for r in rows]
 
 
-def test_a_sampled_rows_old_ref_logp_key_warns_and_reads_logp(tiny):
-    """Rows name the log-prob under the model that drew them `logp`; the old `ref_logp` key still reads it."""
-    model, tokenizer = tiny
-    row = sample_completions(model, tokenizer, ["a "], SamplingConfig(k=2, max_new_tokens=3), seed=0)[0]
-    assert "ref_logp" not in row
-    with pytest.warns(DeprecationWarning, match='"logp"'):
-        assert row["ref_logp"] == row["logp"]
-    with pytest.raises(KeyError):
-        row["policy_logp"]
-
-
 def test_hooks_are_removed_even_when_generate_fails(tiny, monkeypatch):
     model, tokenizer = tiny
     before = len(model._forward_hooks)

@@ -225,9 +225,3 @@ def test_vectorised_at_scale():
     assert len(pairs) == 100_000 * 28 and len(sampled) <= 400_000 and len(extremes) <= 100_000
     assert np.all(ids[pairs.chosen] == ids[pairs.rejected])
     assert elapsed < 5.0, f"{elapsed:.2f} s"
-
-
-def test_the_old_target_margin_name_warns_and_reads_the_phi_gap():
-    pairs = make_pairs(["a", "a"], [0.0, 1.0], "identity", 0.5)
-    with pytest.warns(DeprecationWarning, match="Pairs.target_phi_gap"):
-        np.testing.assert_array_equal(pairs.target_margin, pairs.target_phi_gap)

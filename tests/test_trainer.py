@@ -311,18 +311,14 @@ def test_trainers_read_beta_from_the_build_metadata(cls, trainer_cls, rows, loss
     assert trainer.args.beta == pytest.approx(0.37)
 
 
-def test_a_build_folder_with_the_old_target_margin_column_still_trains(tiny_path, tokenizer, tmp_path):
-    """Sets built before `target_margin` became `target_phi_gap` are renamed on load, with one FutureWarning."""
+def test_a_set_without_the_column_its_loss_reads_is_refused_by_name(tiny_path, tokenizer, tmp_path):
     rows = pair_rows()
-    rows["target_margin"] = rows.pop("target_phi_gap")
+    rows["phi_gap"] = rows.pop("target_phi_gap")  # not a column any loss reads
     data = build_folder(tmp_path, rows)
     model, lora = load_policy(ModelLoadingConfig(tiny_path, load_in_4bit=False, gradient_checkpointing=False))
-    with pytest.warns(FutureWarning, match=r"'target_margin' → 'target_phi_gap'") as caught:
-        trainer = CTRLTrainer(model, config(CTRLConfig, tmp_path, beta=None, ctrl_loss="ipo", max_steps=1), data,
-                              processing_class=tokenizer, peft_config=lora)
-    assert sum(issubclass(w.category, FutureWarning) and "target_margin" in str(w.message) for w in caught) == 1
-    assert "target_phi_gap" in trainer.train_dataset.column_names and trainer.args.beta == 0.37
-    assert math.isfinite(trainer.train().training_loss)
+    with pytest.raises(ValueError, match="target_phi_gap"):
+        CTRLTrainer(model, config(CTRLConfig, tmp_path, beta=None, ctrl_loss="ipo", max_steps=1), data,
+                    processing_class=tokenizer, peft_config=lora)
 
 
 def test_a_contradicting_beta_is_refused(tiny_path, tokenizer, tmp_path, caplog):

@@ -22,8 +22,7 @@ it). Samples without ``completion_ids``, or without a tokenizer for their prompt
 
 ``prompt`` is TRL's prompt column: the text the reference model saw (chat template applied), the
 calibrated input's ``prompt_text``, not its ``prompt`` (the prompt as given; ``prompt_id`` leads back
-to it). ``target_phi_gap`` (Φ(u_chosen) − Φ(u_rejected)) was ``target_margin`` before; the trainers
-still read sets built with that name.
+to it). ``target_phi_gap`` is Φ(u_chosen) − Φ(u_rejected).
 
 Completions cut at ``max_new_tokens`` before EOS are kept by default, as what they are: prefixes.
 Their ids and stored ``ref_logp`` have no EOS, and the ``*finished`` flags (written when the samples

@@ -38,7 +38,7 @@ def inspect_output(path: str | os.PathLike, bins: int = 10) -> dict:
         _, counts = np.unique(table["prompt_id"].to_numpy(zero_copy_only=False), return_counts=True)
         summary["prompts"] = int(len(counts))
         summary["k"] = {"min": int(counts.min()), "median": float(np.median(counts)), "max": int(counts.max())}
-    for column in ("reward", "ref_logp", "num_tokens", "target", "target_phi_gap", "target_margin", "weight"):
+    for column in ("reward", "ref_logp", "num_tokens", "target", "target_phi_gap", "weight"):
         if column in table.column_names:
             values = table[column].to_numpy(zero_copy_only=False).astype(float)
             summary[column] = {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values)),
@@ -58,7 +58,7 @@ def format_summary(summary: dict) -> str:
     if "prompts" in summary:
         k = summary["k"]
         lines.append(f"  prompts: {summary['prompts']:,}   K per prompt: min {k['min']}, median {k['median']:g}, max {k['max']}")
-    for column in ("reward", "ref_logp", "num_tokens", "target", "target_phi_gap", "target_margin", "weight"):
+    for column in ("reward", "ref_logp", "num_tokens", "target", "target_phi_gap", "weight"):
         if column in summary:
             s = summary[column]
             lines.append(f"  {column}: mean {s['mean']:.4g} ± {s['std']:.3g}  [{s['min']:.4g}, {s['max']:.4g}]  "
