@@ -36,7 +36,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from ctrl_offline.calibration import calibrate, calibrate_reference
+from ctrl_offline.maths.calibration import calibrate, calibrate_reference
 
 ID_KINDS = ("int", "str")
 

@@ -4,7 +4,7 @@
     python benchmarks/bench_sampling.py --json     # last line: one JSON object
     python benchmarks/bench_sampling.py --model embedded:smollm2 --prompts 16   # the real 135M model
 
-Sampling: ``ctrl_offline.generation.sample_completions`` (batched prompts, K return sequences per
+Sampling: ``ctrl_offline.models.generation.sample_completions`` (batched prompts, K return sequences per
 generate call, KV cache, left padding, the reference log-probs read off generate's own passes)
 against the same with a second, teacher-forced log-prob pass (the earlier method) and against the
 plain loop a user writes — one ``generate`` call per prompt and sample, log-probs from the
@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from tiny_models import WORDS, build_tiny_model, build_tiny_reward_model, build_tokenizer  # noqa: E402
 
-from ctrl_offline.generation import SamplingConfig, sample_completions  # noqa: E402
-from ctrl_offline.rewards import RewardModel  # noqa: E402
+from ctrl_offline.models.generation import SamplingConfig, sample_completions  # noqa: E402
+from ctrl_offline.models.rewards import RewardModel  # noqa: E402
 
 
 @torch.no_grad()
@@ -66,7 +66,7 @@ def main() -> None:
         from transformers import AutoModelForCausalLM
 
         if args.model:
-            from ctrl_offline.generation import load_causal_lm, render_prompt
+            from ctrl_offline.models.generation import load_causal_lm, render_prompt
 
             model, tokenizer = load_causal_lm(args.model, device="cpu")
             topics = ["tea", "rain", "a bus", "a park", "music", "bread", "a cat", "winter"]
@@ -83,7 +83,7 @@ def main() -> None:
         ours_rows = sample_completions(model, tokenizer, prompts, config, seed=0)
         ours_s = time.perf_counter() - start
         # The same samples with the log-probs from a second, teacher-forced pass (the earlier method).
-        from ctrl_offline import generation
+        from ctrl_offline.models import generation
 
         recorded = generation._RecordedLogps.token_logps
         generation._RecordedLogps.token_logps = lambda self, generated: None

@@ -201,9 +201,9 @@ def worker(which: str, folder: Path, args) -> dict:
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from ctrl_offline.config import CTRLConfig
-    from ctrl_offline.modeling import ModelLoadingConfig, load_policy
-    from ctrl_offline.trainer import CTRLTrainer
+    from ctrl_offline.training.config import CTRLConfig
+    from ctrl_offline.models.modeling import ModelLoadingConfig, load_policy
+    from ctrl_offline.training.trainer import CTRLTrainer
 
     cuda = args.device == "cuda"
     bf16 = cuda and torch.cuda.is_bf16_supported()
@@ -266,9 +266,9 @@ def qlora_worker(folder: Path, args) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from ctrl_offline.config import CTRLConfig
-    from ctrl_offline.modeling import ModelLoadingConfig, load_policy
-    from ctrl_offline.trainer import CTRLTrainer
+    from ctrl_offline.training.config import CTRLConfig
+    from ctrl_offline.models.modeling import ModelLoadingConfig, load_policy
+    from ctrl_offline.training.trainer import CTRLTrainer
 
     cuda = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(folder)

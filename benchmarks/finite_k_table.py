@@ -14,10 +14,10 @@ import argparse
 import json
 import time
 
-from ctrl_offline.finite_k import Estimator, trained_tilt
-from ctrl_offline.planner import plan, solve_beta, solve_trained_beta
-from ctrl_offline.testbed import run_testbed
-from ctrl_offline.transforms import get_transform
+from ctrl_offline.maths.finite_k import Estimator, trained_tilt
+from ctrl_offline.maths.planner import plan, solve_beta, solve_trained_beta
+from ctrl_offline.testbeds.testbed import run_testbed
+from ctrl_offline.maths.transforms import get_transform
 
 SETTINGS = [  # (procedure, N, KL budget, K, estimators)
     ("bon", 4, 0.5, 8, [Estimator("dpo"), Estimator("ipo"), Estimator("distill"), Estimator("pointwise"),

@@ -19,7 +19,7 @@ error or a hang in one is recorded in the JSON and the others still run:
   reference log-probs) against TRL's ``DPOTrainer`` (reference pass every step), same random ~220M
   Llama, LoRA adapter, pairs and steps, alternating runs in separate processes: tokens/s of each and
   the ratio.
-* ``sampling``: ``ctrl_offline.generation.sample_completions`` batched (``batch_size`` prompts × K
+* ``sampling``: ``ctrl_offline.models.generation.sample_completions`` batched (``batch_size`` prompts × K
   samples per ``generate`` call) against the same function one prompt at a time, and against
   ``bench_sampling.naive_sampling`` (one ``generate`` per prompt and sample) on the first few
   prompts: tokens/s and the ratios.
@@ -139,7 +139,7 @@ def part_qlora(args, sizes: dict, out: PartWriter) -> None:
         return
     if not cuda:
         sizes = SIZES["toy"]["qlora"]  # --qlora-cpu-smoke: the code path only, at the toy shape
-    from ctrl_offline.modeling import bitsandbytes_available
+    from ctrl_offline.models.modeling import bitsandbytes_available
 
     ok, why = bitsandbytes_available()
     if not ok:
@@ -188,7 +188,7 @@ def part_sampling(args, sizes: dict, out: PartWriter) -> None:
 
     import bench_sampling
     import bench_trainer
-    from ctrl_offline.generation import SamplingConfig, sample_completions
+    from ctrl_offline.models.generation import SamplingConfig, sample_completions
 
     cuda, device = _cuda()
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32

@@ -2,9 +2,9 @@
 
     python benchmarks/log_partition_gap.py
 """
-from ctrl_offline.finite_k import log_partition_gap
-from ctrl_offline.planner import plan
-from ctrl_offline.transforms import get_transform
+from ctrl_offline.maths.finite_k import log_partition_gap
+from ctrl_offline.maths.planner import plan
+from ctrl_offline.maths.transforms import get_transform
 cases=[("identity",None,[0.1,0.243,1.0]),("exp",2.0,[1.0,5.0]),("exp",5.0,[10.0,100.0]),("exp",10.0,[1e3,1e4]),("negexp",5.0,[0.05,0.5])]
 b=plan("bon",4,0.5); w=plan("won",4,0.5)
 for r in b.rows+w.rows: cases.append((r.transform, r.t, [r.beta]))

@@ -79,7 +79,7 @@ def reference_data(out: Path, args, train_prompts=None, reward: str = "vader", b
     ``train_prompts`` defaults to this experiment's (``TOPICS_TRAIN``, the first ``args.train_prompts``);
     ``args`` needs ``model``, ``k`` and ``max_new_tokens``.
     """
-    from ctrl_offline.generation import SamplingConfig
+    from ctrl_offline.models.generation import SamplingConfig
     from ctrl_offline.stages._shards import is_complete
     from ctrl_offline.stages.calibrate import calibrate_scored
     from ctrl_offline.stages.sample import sample_prompts
@@ -99,7 +99,7 @@ def reference_data(out: Path, args, train_prompts=None, reward: str = "vader", b
 
 
 def draw(model, tokenizer, texts, k, max_new_tokens, seed, reference):
-    from ctrl_offline.generation import SamplingConfig, completion_logps, sample_completions
+    from ctrl_offline.models.generation import SamplingConfig, completion_logps, sample_completions
 
     context = model.disable_adapter() if reference and hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with context:
@@ -115,8 +115,8 @@ def draw(model, tokenizer, texts, k, max_new_tokens, seed, reference):
 
 def evaluation_reference(out: Path, args):
     """The reference's candidates on the held-out prompts, drawn once and shared by every method."""
-    from ctrl_offline.embedded import vader_sentiment
-    from ctrl_offline.generation import load_causal_lm, render_prompt
+    from ctrl_offline.models.embedded import vader_sentiment
+    from ctrl_offline.models.generation import load_causal_lm, render_prompt
 
     cache = out / "eval_reference.npz"
     eval_prompts = prompts(TOPICS_EVAL)[: args.eval_prompts]
@@ -147,7 +147,7 @@ def make_trainer(model_name: str, fmt: str, loss: str, data_dir: Path, train_dir
     (benchmarks/smollm_comparison.py). No beta: the trainers read it from ``data_dir``'s
     ctrl_build.json (the β for the rescaled Φ).
     """
-    from ctrl_offline.modeling import ModelLoadingConfig
+    from ctrl_offline.models.modeling import ModelLoadingConfig
     from ctrl_offline.stages.train import make_trainer as trainer_of, training_config
 
     args = training_config(fmt, loss, {**TRAINING, "output_dir": str(train_dir), **overrides})
@@ -158,7 +158,7 @@ def make_trainer(model_name: str, fmt: str, loss: str, data_dir: Path, train_dir
 def train(method: str, setting: float, calibrated: Path, run: Path, args) -> dict:
     from datasets import load_from_disk
 
-    from ctrl_offline.io import read_build_info
+    from ctrl_offline.io.files import read_build_info
     from ctrl_offline.stages.build import build_dataset
     from ctrl_offline.stages.train import train_from_build
 
@@ -199,12 +199,12 @@ def train(method: str, setting: float, calibrated: Path, run: Path, args) -> dic
 
 
 def evaluate(run: Path, info: dict, eval_prompts, ref_rewards, args) -> dict:
-    from ctrl_offline.embedded import vader_sentiment
-    from ctrl_offline.evaluation import estimate_inference_win_rate, estimate_standard_win_rate, kl_estimate
-    from ctrl_offline.generation import load_causal_lm, render_prompt
-    from ctrl_offline.procedures import tilted_win_rate
-    from ctrl_offline.planner import solve_beta
-    from ctrl_offline.transforms import get_transform
+    from ctrl_offline.models.embedded import vader_sentiment
+    from ctrl_offline.maths.win_rates import estimate_inference_win_rate, estimate_standard_win_rate, kl_estimate
+    from ctrl_offline.models.generation import load_causal_lm, render_prompt
+    from ctrl_offline.maths.procedures import tilted_win_rate
+    from ctrl_offline.maths.planner import solve_beta
+    from ctrl_offline.maths.transforms import get_transform
 
     cache = run / "eval.json"
     if cache.exists():

@@ -10,8 +10,8 @@ predicted win rate at KL = 0.5 (the planner's search over t, with its trainable-
 
 import numpy as np
 
-from ctrl_offline.calibration import build_tables
-from ctrl_offline.planner import plan
+from ctrl_offline.maths.calibration import build_tables
+from ctrl_offline.maths.planner import plan
 
 rng = np.random.default_rng(0)
 ids = np.repeat(np.arange(2000), 64)

@@ -134,7 +134,7 @@ def vader_tiebroken(prompts, completions) -> list[float]:
     0) are ordered by an arbitrary but fixed hash, so best-vs-worst pairs, calibrated ranks and the win
     rates' tie rule do not depend on sample order. Identical texts still tie (they are the same answer).
     """
-    from ctrl_offline.embedded import vader_sentiment
+    from ctrl_offline.models.embedded import vader_sentiment
 
     return [float(r) + tie_jitter(c) for r, c in zip(vader_sentiment(prompts, completions), completions)]
 
@@ -255,7 +255,7 @@ def planned_half_width(args, prompts: int = 4000, seed: int = 0) -> float:
     Normal rewards as in docs/evaluation.md: both policies shifted from the reference by the same per-prompt
     0.3 ± 0.3 (plus 0.05 and ± 0.1 apart), m samples each, against one shared pool of M reference samples.
     """
-    from ctrl_offline.evaluation import u_statistic_per_prompt
+    from ctrl_offline.maths.win_rates import u_statistic_per_prompt
 
     rng = np.random.default_rng(seed)
     shift = rng.normal(0.3, 0.3, size=(prompts, 1))
@@ -321,8 +321,8 @@ def cut_fraction(folder: Path, pattern: str) -> float | None:
 
 def train_held(method: str, budget: float, calibrated: Path, run: Path, kl_prompts: list[str], args) -> dict:
     """Build the method's training set and train it until its sampled KL reaches ``budget`` (cached)."""
-    from ctrl_offline.io import read_build_info
-    from ctrl_offline.kl_budget import KLBudgetCallback, SampledKL
+    from ctrl_offline.io.files import read_build_info
+    from ctrl_offline.training.kl_budget import KLBudgetCallback, SampledKL
     from ctrl_offline.stages.build import build_dataset
     from ctrl_offline.stages.train import TRAIN_INFO_FILE
 
@@ -394,7 +394,7 @@ def evaluate_run(run: Path, eval_source: Path, pool: Path, info: dict, args) -> 
 
 
 def verdict(difference: dict) -> str:
-    from ctrl_offline.evaluation import decision_verdict
+    from ctrl_offline.maths.win_rates import decision_verdict
 
     return decision_verdict(difference["value"], difference["ci_low"], difference["ci_high"],
                             effect=EFFECT_POINTS / 100, null=NULL_POINTS / 100)
@@ -471,8 +471,8 @@ def measure_costs(out: Path, args) -> dict:
     estimate and 4 training steps of raw best-vs-worst DPO; unit costs to ``out/costs.json``."""
     import torch
 
-    from ctrl_offline.generation import load_causal_lm
-    from ctrl_offline.kl_budget import SampledKL
+    from ctrl_offline.models.generation import load_causal_lm
+    from ctrl_offline.training.kl_budget import SampledKL
     from ctrl_offline.stages.build import build_dataset
 
     work = out / "cost_pieces"

@@ -4,7 +4,7 @@
     python benchmarks/testbed.py --out runs/testbed      # the comparison (resumable), table for docs/results.md
 
 A tiny Llama pretrained on a synthetic language is π_ref; every response of every evaluation
-prompt is enumerated (ctrl_offline.lm_testbed), so KL(π‖π_ref) and the BoN-4 / WoN-4 / standard
+prompt is enumerated (ctrl_offline.testbeds.lm_testbed), so KL(π‖π_ref) and the BoN-4 / WoN-4 / standard
 win rates are exact. Two parts:
 
 1. **Oracle** — the planner's tilt (K = ∞, and the K-aware plan: the tilt soft-label DPO trains from
@@ -92,7 +92,7 @@ def prepare(out: Path, size: dict, ties: bool = False) -> Setup:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ctrl_offline.lm_testbed import Reward, SyntheticLanguage, pretrain_reference, response_logprobs
+    from ctrl_offline.testbeds.lm_testbed import Reward, SyntheticLanguage, pretrain_reference, response_logprobs
 
     # Prompts of 3 symbols give 512 prompts; --prompt-length 4 gives 4 096 (for more training prompts).
     language = SyntheticLanguage(prompt_length=size.get("prompt_length", 3))
@@ -133,9 +133,9 @@ def _transform_spec(row) -> str:
 
 def oracle(setup: Setup, kls, ks, n: int = 4) -> list[dict]:
     """Planned vs exact KL and win rate of the exactly tilted policies, K = ∞ and K-aware."""
-    from ctrl_offline.finite_k import ideal_tilt, trained_tilt
-    from ctrl_offline.lm_testbed import exact_metrics, tilted_policy
-    from ctrl_offline.planner import plan
+    from ctrl_offline.maths.finite_k import ideal_tilt, trained_tilt
+    from ctrl_offline.testbeds.lm_testbed import exact_metrics, tilted_policy
+    from ctrl_offline.maths.planner import plan
 
     rows = []
     cases = [("bon", "identity"), ("bon", "exp"), ("won", "identity"), ("won", "negexp")]
@@ -172,8 +172,8 @@ def write_scored(path: Path, setup: Setup, model, k: int, seed: int) -> Path:
     as the trainers score them: no reference pass at training), as a scored Parquet file."""
     import pyarrow as pa
 
-    from ctrl_offline.io import write_parquet
-    from ctrl_offline.lm_testbed import sample_from_model, sequence_logprobs
+    from ctrl_offline.io.files import write_parquet
+    from ctrl_offline.testbeds.lm_testbed import sample_from_model, sequence_logprobs
 
     # A policy can put almost no mass on valid responses for some prompt; such draws are left out
     # (the testbed's policy is the LM renormalised over valid responses; its valid mass is reported).
@@ -227,12 +227,12 @@ def train_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: int
     import torch
     from trl import DPOConfig, DPOTrainer
 
-    from ctrl_offline.config import CTRLConfig, CTRLPointwiseConfig
-    from ctrl_offline.kl_budget import KLBudgetCallback
-    from ctrl_offline.lm_testbed import ExactKL
+    from ctrl_offline.training.config import CTRLConfig, CTRLPointwiseConfig
+    from ctrl_offline.training.kl_budget import KLBudgetCallback
+    from ctrl_offline.testbeds.lm_testbed import ExactKL
     from ctrl_offline.stages.build import build_dataset
     from ctrl_offline.stages.calibrate import calibrate_scored
-    from ctrl_offline.trainer import CTRLPointwiseTrainer, CTRLTrainer
+    from ctrl_offline.training.trainer import CTRLPointwiseTrainer, CTRLTrainer
 
     spec = METHODS[method]
     run_dir = out / "runs" / f"{method}_K{k}_kl{kl:g}_seed{seed}"
@@ -303,12 +303,12 @@ def rounds_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: in
     import datasets
     import torch
 
-    from ctrl_offline.config import CTRLPointwiseConfig
-    from ctrl_offline.kl_budget import KLBudgetCallback
-    from ctrl_offline.lm_testbed import ExactKL
+    from ctrl_offline.training.config import CTRLPointwiseConfig
+    from ctrl_offline.training.kl_budget import KLBudgetCallback
+    from ctrl_offline.testbeds.lm_testbed import ExactKL
     from ctrl_offline.stages.build import build_dataset
     from ctrl_offline.stages.calibrate import calibrate_scored
-    from ctrl_offline.trainer import CTRLPointwiseTrainer
+    from ctrl_offline.training.trainer import CTRLPointwiseTrainer
 
     spec = METHODS[method]
     run_dir = out / "runs" / f"{method}_K{k}_kl{kl:g}_seed{seed}"
@@ -401,10 +401,10 @@ def measure(setup: Setup, model, planned: dict, run_dir: Path | None = None) -> 
     """Exact figures of a trained model on the held-out prompts, with where its KL went (docs/diagnostics.md):
     the chain-rule split into on-target (the quantile's law, 50 bins) and off-target KL, and for a planned
     run the R² of its log-ratio against the planned log-density (weights π_ref)."""
-    from ctrl_offline.diagnostics import exact_kl_split, tilt_fidelity
-    from ctrl_offline.finite_k import Estimator, trained_tilt
-    from ctrl_offline.calibration import quantile_cells
-    from ctrl_offline.lm_testbed import exact_metrics, response_logprobs
+    from ctrl_offline.maths.diagnostics import exact_kl_split, tilt_fidelity
+    from ctrl_offline.maths.finite_k import Estimator, trained_tilt
+    from ctrl_offline.maths.calibration import quantile_cells
+    from ctrl_offline.testbeds.lm_testbed import exact_metrics, response_logprobs
 
     logp, valid = response_logprobs(model, setup.tokenizer, setup.language, setup.eval_prompts)
     metrics = exact_metrics(logp, setup.ref_logp, setup.eval_rewards, n_values=(4,))
@@ -428,8 +428,8 @@ def measure(setup: Setup, model, planned: dict, run_dir: Path | None = None) -> 
 def add_diagnostics(results: list[dict]) -> None:
     """KL efficiency and plan fidelity of each CTRL run on BoN-4 and WoN-4, against its own plan's curve
     (the same Φ, K and estimator with β varied; docs/diagnostics.md §2)."""
-    from ctrl_offline.diagnostics import kl_efficiency, plan_fidelity
-    from ctrl_offline.finite_k import Estimator
+    from ctrl_offline.maths.diagnostics import kl_efficiency, plan_fidelity
+    from ctrl_offline.maths.finite_k import Estimator
 
     for r in results:
         if not r.get("transform") or "bon4_efficiency" in r:
@@ -446,7 +446,7 @@ TRAINING = {"rounds": "on-policy rounds (pointwise)", "ctrl": "offline soft-labe
 
 
 def efficiency_rows(results: list[dict]) -> list[dict]:
-    """Mean KL efficiency and plan fidelity per (training, transform, procedure, K, KL) for ``ctrl_offline.measured``:
+    """Mean KL efficiency and plan fidelity per (training, transform, procedure, K, KL) for ``ctrl_offline.reports.measured``:
     each CTRL method on the procedure it was planned for, calibrated identity on both BoN-4 and WoN-4."""
     groups = {}
     for r in results:
@@ -466,7 +466,7 @@ def efficiency_rows(results: list[dict]) -> list[dict]:
 def paired(results: list[dict], method: str, baseline: str, metric: str, k: int, kl: float,
            num_boot: int = 4000) -> dict | None:
     """Mean of method − baseline over seeds and prompts, with a two-stage bootstrap (seeds, then prompts)."""
-    from ctrl_offline.evaluation import decision_verdict
+    from ctrl_offline.maths.win_rates import decision_verdict
 
     by_seed = {}
     for r in results:
@@ -531,7 +531,7 @@ def add_planned_figures(results: list[dict]) -> None:
     """Each CTRL run's planned BoN-4 and WoN-4: the tilt its estimator trains at its (Φ, β, K)."""
     from functools import lru_cache
 
-    from ctrl_offline.finite_k import Estimator, trained_tilt
+    from ctrl_offline.maths.finite_k import Estimator, trained_tilt
 
     @lru_cache(maxsize=None)
     def planned(spec, beta, k, estimator):
@@ -620,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report-only", action="store_true", help="train nothing: tabulate the runs already done")
     parser.add_argument("--write-efficiency", type=Path, metavar="JSON",
                         help="write the mean KL efficiency per training, transform, procedure and K (the file "
-                        "ctrl_offline/measured.py ships: ctrl_offline/data/testbed_efficiency.json)")
+                        "ctrl_offline/reports/measured.py ships: ctrl_offline/data/testbed_efficiency.json)")
     return parser
 
 

@@ -68,10 +68,10 @@ def main():
 
     transformers.logging.set_verbosity_error()
     import testbed as tb
-    from ctrl_offline.finite_k import Estimator, population_log_partition
-    from ctrl_offline.lm_testbed import exact_metrics, response_logprobs, sample_from_model, sequence_logprobs
-    from ctrl_offline.planner import plan
-    from ctrl_offline.transforms import Rescaled, get_transform, unit_scale
+    from ctrl_offline.maths.finite_k import Estimator, population_log_partition
+    from ctrl_offline.testbeds.lm_testbed import exact_metrics, response_logprobs, sample_from_model, sequence_logprobs
+    from ctrl_offline.maths.planner import plan
+    from ctrl_offline.maths.transforms import Rescaled, get_transform, unit_scale
 
     size = dict(tb.SIZES["full"], prompt_length=args.prompt_length, train_prompts=args.train_prompts)
     out = args.out / ("tie_free" if args.prompt_length == 3 else f"tie_free_p{args.prompt_length}")
@@ -126,7 +126,7 @@ def main():
             ranks = (ref_rewards[:, :, None] > ref_rewards[:, None, :]).sum(axis=2)  # among the other K−1
             u = ranks / (args.k - 1)
         elif args.exact_u:  # the exact quantile: the cell midpoint of the response under π_ref
-            from ctrl_offline.lm_testbed import response_index
+            from ctrl_offline.testbeds.lm_testbed import response_index
 
             u = np.stack([exact_c[i][response_index(lang, symbols[i])] for i in range(P)])
         else:
@@ -136,7 +136,7 @@ def main():
 
     exact_c = None
     if args.exact_u:
-        from ctrl_offline.calibration import quantile_cells
+        from ctrl_offline.maths.calibration import quantile_cells
 
         cache = out / f"train_ref_logp_{len(prompts)}.npz"
         if not cache.exists():
@@ -151,14 +151,14 @@ def main():
         lp, valid = response_logprobs(model, tok, lang, setup.eval_prompts)
         m = exact_metrics(lp, setup.ref_logp, setup.eval_rewards, n_values=(4,))
         win = m.bon_win_rate[4] if args.inference == "bon" else m.won_win_rate[4]
-        from ctrl_offline.diagnostics import kl_efficiency, plan_fidelity
+        from ctrl_offline.maths.diagnostics import kl_efficiency, plan_fidelity
 
         curve = dict(kl_spent=m.kl, reached=win, k=k_plan, estimator=None if k_plan is None else est)
         eff = kl_efficiency(spec, args.inference, 4, **curve) if m.kl > 0 else 0.0
         fid = plan_fidelity(spec, args.inference, 4, **curve) if m.kl > 0 else 0.0
-        from ctrl_offline.diagnostics import exact_kl_split, tilt_fidelity
-        from ctrl_offline.finite_k import ideal_tilt, trained_tilt
-        from ctrl_offline.calibration import quantile_cells
+        from ctrl_offline.maths.diagnostics import exact_kl_split, tilt_fidelity
+        from ctrl_offline.maths.finite_k import ideal_tilt, trained_tilt
+        from ctrl_offline.maths.calibration import quantile_cells
 
         split = exact_kl_split(lp, setup.ref_logp, setup.eval_rewards, bins=50)
         cells = quantile_cells(setup.ref_logp, setup.eval_rewards)

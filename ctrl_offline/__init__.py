@@ -4,10 +4,10 @@ The numeric core (calibration, transforms, theory, procedures, planner) imports 
 file-level stages live in :mod:`ctrl_offline.stages`.
 """
 
-__version__ = "0.1.0"
+from ctrl_offline._version import __version__
 
-from .calibration import CalibrationError, CalibrationTables, build_tables, calibrate, calibrate_reference
-from .diagnostics import (
+from ctrl_offline.maths.calibration import CalibrationError, CalibrationTables, build_tables, calibrate, calibrate_reference
+from ctrl_offline.maths.diagnostics import (
     PlanDiagnostics,
     exact_kl_split,
     kl_efficiency,
@@ -16,15 +16,15 @@ from .diagnostics import (
     sampled_kl_split,
     tilt_fidelity,
 )
-from .evaluation import (
+from ctrl_offline.maths.win_rates import (
     decision_verdict,
     paired_bootstrap_difference,
     subset_selection_weights,
     u_statistic_per_prompt,
     u_statistic_win_rate,
 )
-from .planner import Plan, PlanRow, plan, solve_beta, tradeoff_curve
-from .procedures import (
+from ctrl_offline.maths.planner import Plan, PlanRow, plan, solve_beta, tradeoff_curve
+from ctrl_offline.maths.procedures import (
     OrderStatistic,
     Procedure,
     closed_form_names,
@@ -36,7 +36,7 @@ from .procedures import (
     tilted_win_rate,
     unregister_procedure,
 )
-from .theory import (
+from ctrl_offline.maths.theory import (
     bon_win_rate,
     kl_divergence,
     monte_carlo_win_rate,
@@ -45,7 +45,7 @@ from .theory import (
     tilted_standard_win_rate,
     won_win_rate,
 )
-from .transforms import Transform, available_transforms, get_transform, register_transform
+from ctrl_offline.maths.transforms import Transform, available_transforms, get_transform, register_transform
 
 __all__ = [
     "__version__",
@@ -116,9 +116,9 @@ _LAZY = {
     "build_dataset": "stages.build",
     "inspect_output": "stages.inspect",
     "compare_reports": "stages.compare",
-    "KLEstimate": "kl_budget",
-    "KLBudgetCallback": "kl_budget",
-    "SampledKL": "kl_budget",
+    "KLEstimate": "training.kl_budget",
+    "KLBudgetCallback": "training.kl_budget",
+    "SampledKL": "training.kl_budget",
 }
 
 

@@ -147,7 +147,7 @@ def _selector_arg(text: str) -> tuple[str, float | int | None]:
 
 
 def _add_selector_arg(parser) -> None:
-    from ctrl_offline.procedures import get_procedure, procedure_names
+    from ctrl_offline.maths.procedures import get_procedure, procedure_names
 
     settings = sorted({p for name in procedure_names() for p in get_procedure(name).params})
     parser.add_argument("--selector-arg", type=_selector_arg, action="append", default=[], metavar="NAME=VALUE",
@@ -183,7 +183,7 @@ def _loading(args, overrides: dict, continued: bool) -> dict:
     out; one trained further (``continued``) only the flags given, the rest is its own."""
     from dataclasses import fields
 
-    from ctrl_offline.modeling import ModelLoadingConfig
+    from ctrl_offline.models.modeling import ModelLoadingConfig
 
     # One switch for the model and the trainer (TRL's --gradient_checkpointing wins when given).
     checkpointing = overrides.setdefault("gradient_checkpointing", not args.no_gradient_checkpointing)
@@ -198,11 +198,11 @@ def _loading(args, overrides: dict, continued: bool) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     # The registered procedures at the time the parser is built (one registered before main() runs is known).
-    from ctrl_offline.finite_k import THEORY_STRATEGIES
-    from ctrl_offline.pairs import PAIR_STRATEGIES
-    from ctrl_offline.procedures import closed_form_names, procedure_names
-    from ctrl_offline.losses import LOSS_FORMATS, loss_names
-    from ctrl_offline.transforms import available_transforms
+    from ctrl_offline.maths.finite_k import THEORY_STRATEGIES
+    from ctrl_offline.rows.pairs import PAIR_STRATEGIES
+    from ctrl_offline.maths.procedures import closed_form_names, procedure_names
+    from ctrl_offline.maths.losses import LOSS_FORMATS, loss_names
+    from ctrl_offline.maths.transforms import available_transforms
 
     procedures = list(procedure_names())
     transforms = list(available_transforms())
@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --inference: the KL(π‖π_ref) budget planned for (and held with --kl-prompts); with "
                     "--transform/--beta: the KL held with --kl-prompts")
     _add_selector_arg(rd)
-    from ctrl_offline.finite_k import POINTWISE_NORMALISERS
+    from ctrl_offline.maths.finite_k import POINTWISE_NORMALISERS
 
     rd.add_argument("--log-partition", choices=POINTWISE_NORMALISERS, default="population",
                     help="normaliser of the pointwise targets (default population)")
@@ -508,7 +508,7 @@ def _run_calibrate(args) -> int:
 
 
 def _run_sample(args) -> int:
-    from ctrl_offline.generation import SamplingConfig
+    from ctrl_offline.models.generation import SamplingConfig
     from ctrl_offline.stages.sample import sample_prompts
 
     sampling = SamplingConfig(k=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -573,8 +573,8 @@ def training_overrides(cls, extra: list[str]) -> dict:
 
 
 def _run_train(args) -> int:
-    from ctrl_offline.config import CTRLConfig, CTRLPointwiseConfig
-    from ctrl_offline.io import DataError, read_build_info
+    from ctrl_offline.training.config import CTRLConfig, CTRLPointwiseConfig
+    from ctrl_offline.io.files import DataError, read_build_info
     from ctrl_offline.stages.train import train_from_build
 
     info = read_build_info(args.data) if Path(args.data).is_dir() else None
@@ -603,8 +603,8 @@ def _run_train(args) -> int:
 
 
 def _run_round(args) -> int:
-    from ctrl_offline.config import CTRLPointwiseConfig
-    from ctrl_offline.generation import SamplingConfig
+    from ctrl_offline.training.config import CTRLPointwiseConfig
+    from ctrl_offline.models.generation import SamplingConfig
     from ctrl_offline.stages.rounds import run_round
 
     overrides = training_overrides(CTRLPointwiseConfig, args.extra)
@@ -634,7 +634,7 @@ def _run_round(args) -> int:
 
 
 def _run_eval(args) -> int:
-    from ctrl_offline.io import DataError, read_build_info
+    from ctrl_offline.io.files import DataError, read_build_info
     from ctrl_offline.stages.evaluate import evaluate_policy
     from ctrl_offline.stages.frontier import evaluate_frontier, format_frontier, training_record
 
@@ -674,7 +674,7 @@ def _run_eval(args) -> int:
     for row in report["win_rates"]:
         print(f"  {row['selector']:>8}-{row['n']:<3} win rate {row['value']:.3f}  [{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
     if report.get("plan_diagnostics"):
-        from ctrl_offline.diagnostics import PlanDiagnostics
+        from ctrl_offline.maths.diagnostics import PlanDiagnostics
 
         print(f"against the plan: {PlanDiagnostics(**report['plan_diagnostics']).line()}")
     pool = report.get("reference_pool")
@@ -692,7 +692,7 @@ def _run_compare(args) -> int:
         format_frontier_comparison,
     )
 
-    from ctrl_offline.io import DataError
+    from ctrl_offline.io.files import DataError
 
     if args.at_kl:
         result = compare_frontiers(args.a, args.b, args.at_kl, num_boot=args.num_boot, seed=args.seed)
@@ -723,8 +723,8 @@ def _add_prompt_source(parser) -> None:
 
 
 def _add_estimator_args(parser) -> None:
-    """The estimator a K-aware plan is made for (ctrl_offline.finite_k.Estimator)."""
-    from ctrl_offline.finite_k import ESTIMATOR_LOSSES, POINTWISE_NORMALISERS, TARGET_SCHEMES
+    """The estimator a K-aware plan is made for (ctrl_offline.maths.finite_k.Estimator)."""
+    from ctrl_offline.maths.finite_k import ESTIMATOR_LOSSES, POINTWISE_NORMALISERS, TARGET_SCHEMES
 
     parser.add_argument("--loss", choices=ESTIMATOR_LOSSES, default=None,
                         help="the trainer's loss the K-aware plan is for (default: dpo for pairs, pointwise for "
@@ -763,15 +763,15 @@ def _format_plan(plan, on_policy: bool = False) -> str:
                    f"targets: {est.targets})")
         out.append(f"figures of {trained}; the trainer's β is beta / phi_scale = {best.beta / best.phi_scale:.4g}")
         out.extend(f"left out: {note}" for note in plan.skipped)
-    from ctrl_offline.measured import format_measured
+    from ctrl_offline.reports.measured import format_measured
 
     out.extend(format_measured(best.transform, f"{plan.inference}-{plan.n}"))
     return "\n".join(out)
 
 
 def _run_plan(args) -> int:
-    from ctrl_offline.planner import DEFAULT_FAMILIES, DEFAULT_T_RANGE, MIN_TRAINABLE_BETA, plan
-    from ctrl_offline.procedures import get_procedure
+    from ctrl_offline.maths.planner import DEFAULT_FAMILIES, DEFAULT_T_RANGE, MIN_TRAINABLE_BETA, plan
+    from ctrl_offline.maths.procedures import get_procedure
 
     procedure = get_procedure(args.inference)
     tables = None
@@ -799,7 +799,7 @@ def _run_plan(args) -> int:
                   log_partition=args.log_partition, tables=tables,
                   selector_args={"lam": args.lam, "beta": args.beta_selector, **dict(args.selector_arg)})
     if args.plot:
-        from ctrl_offline.plotting import plot_plan
+        from ctrl_offline.reports.plotting import plot_plan
 
         plot_plan(result, args.plot)
     if args.json:

@@ -10,7 +10,7 @@ evaluated and pushed. Rounds run in one process; a completed round is skipped, a
 stage by stage.
 
 Configured like TRL / alignment-handbook scripts: the YAML file given with ``--config`` is the one
-source of settings (the dataclasses of :mod:`ctrl_offline.recipe` and TRL's config), and any key
+source of settings (the dataclasses of :mod:`ctrl_offline.pipeline.recipe` and TRL's config), and any key
 can be overridden on the command line. A script run without ``--config`` uses its own YAML
 (``hh_bon.py``: ``configs/hh_bon.yaml``). Every stage writes its own folder under ``output_dir``
 atomically and is skipped when that folder exists, so a killed run picks up where it stopped
@@ -20,7 +20,7 @@ remembers its config; running another config into it is refused unless ``--overw
 Training (offline, and in every round) is held to ``kl_budget`` (``hold_kl``, on by default):
 every ``kl_every_n_steps`` steps the adapter's KL(π‖π_ref) is estimated on held-out prompts, and
 training stops where it reaches the budget, leaving weights bisected back to it
-(:mod:`ctrl_offline.kl_budget`); the estimates and the KL left go to ``train/kl_budget.json`` (in
+(:mod:`ctrl_offline.training.kl_budget`); the estimates and the KL left go to ``train/kl_budget.json`` (in
 rounds: ``round<r>/train/``) and the run summary.
 
 Under ``accelerate launch`` with several processes (``rounds: 0`` only), sampling and scoring
@@ -28,7 +28,7 @@ split the prompts by rank, training runs data-parallel (or ZeRO/FSDP, from the a
 and the single-process stages (calibrate, build, evaluate, push) run on the main process.
 
 Everything here is orchestration; the pieces are the library's: the config
-(:mod:`ctrl_offline.recipe`), the prompt splits (:mod:`ctrl_offline.prompts`), the stages
+(:mod:`ctrl_offline.pipeline.recipe`), the prompt splits (:mod:`ctrl_offline.pipeline.prompts`), the stages
 (:mod:`ctrl_offline.stages`) and training (:func:`ctrl_offline.stages.train.train_from_build`, the
 function ``ctrl-data train`` and the benchmarks use too).
 """
@@ -43,12 +43,12 @@ import sys
 import time
 from pathlib import Path
 
-from ctrl_offline.config import CTRLConfig, CTRLPointwiseConfig
-from ctrl_offline.hub import HubError
-from ctrl_offline.io import BUILD_INFO_FILE, DataError, read_build_info, write_json, write_text
-from ctrl_offline.recipe import RecipeConfig, RecipeError, model_loading_config, parse_recipe_args
+from ctrl_offline.training.config import CTRLConfig, CTRLPointwiseConfig
+from ctrl_offline.reports.hub import HubError
+from ctrl_offline.io.files import BUILD_INFO_FILE, DataError, read_build_info, write_json, write_text
+from ctrl_offline.pipeline.recipe import RecipeConfig, RecipeError, model_loading_config, parse_recipe_args
 from ctrl_offline.stages.train import KL_BUDGET_FILE, RUN_ONLY_TRAINING_ARGS, TRAIN_INFO_FILE
-from ctrl_offline.trainer import TrainingDataError
+from ctrl_offline.training.trainer import TrainingDataError
 
 __all__ = ["run_recipe", "summary", "describe_training", "main", "CONFIG_FILE"]
 
@@ -105,7 +105,7 @@ def _training(recipe: RecipeConfig, model_args, training_args, run_dir: Path, ch
     """The recipe's :func:`~ctrl_offline.stages.train.train_from_build` arguments but the data, the adapter folder and
     the model: the loss, the LoRA loading, the TRL arguments, the checkpoints (kept in ``checkpoints``) and the KL
     hold. The offline train stage and every round train with them."""
-    from ctrl_offline.prompts import kl_prompts
+    from ctrl_offline.pipeline.prompts import kl_prompts
 
     # No beta from here: the trainer reads it from the build's ctrl_build.json (a --beta given is checked against it).
     overrides = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(training_args) if f.init}
@@ -131,7 +131,7 @@ def _round(recipe: RecipeConfig, model_args, training_args, run_dir: Path, numbe
     calibrated against the reference tables in ``calibrated/``, pointwise targets planned like the recipe's build
     (the K + 1 estimator), and that adapter trained further (round 1: a fresh one), held to the KL budget from the
     base. Each stage resumes where it stopped."""
-    from ctrl_offline.generation import SamplingConfig
+    from ctrl_offline.models.generation import SamplingConfig
     from ctrl_offline.stages.rounds import run_round
 
     round_dir = (run_dir / f"round{number}").resolve()
@@ -190,8 +190,8 @@ def run_recipe(recipe: RecipeConfig, model_args, training_args: CTRLConfig | CTR
     (None on processes other than the main one)."""
     from accelerate import PartialState
 
-    from ctrl_offline.generation import SamplingConfig
-    from ctrl_offline.prompts import prompt_splits, write_prompts
+    from ctrl_offline.models.generation import SamplingConfig
+    from ctrl_offline.pipeline.prompts import prompt_splits, write_prompts
     from ctrl_offline.stages._shards import is_complete
     from ctrl_offline.stages.build import build_dataset
     from ctrl_offline.stages.calibrate import calibrate_scored
@@ -207,7 +207,7 @@ def run_recipe(recipe: RecipeConfig, model_args, training_args: CTRLConfig | CTR
                           f"{state.num_processes}: launch it with one process, or set rounds: 0 for the offline "
                           "pipeline, which trains data-parallel")
     if training_args.push_to_hub:
-        from ctrl_offline.hub import resolve_token
+        from ctrl_offline.reports.hub import resolve_token
 
         if not training_args.hub_model_id:
             raise RecipeError("--push_to_hub needs --hub_model_id (the repo to push to)")
@@ -288,7 +288,7 @@ def run_recipe(recipe: RecipeConfig, model_args, training_args: CTRLConfig | CTR
 
 def _push(recipe, model_args, training_args, run_dir: Path, adapter_dir: Path, data_dir: Path, report: dict,
           command: str | None) -> None:
-    from ctrl_offline.hub import ModelCardInfo, push_adapter
+    from ctrl_offline.reports.hub import ModelCardInfo, push_adapter
 
     info = ModelCardInfo(
         base_model=model_args.model_name_or_path, dataset=f"{recipe.dataset_name} ({', '.join(recipe.dataset_subsets)})",
@@ -305,7 +305,7 @@ def _push(recipe, model_args, training_args, run_dir: Path, adapter_dir: Path, d
 
 def summary(report: dict) -> str:
     """Before/after table: the reference against itself wins 0.5 by definition."""
-    from ctrl_offline.reporting import describe_build
+    from ctrl_offline.reports.reporting import describe_build
 
     lines = [f"{'procedure':<10} {'reference':>9} {'aligned':>8}   95% CI"]
     for row in report["win_rates"]:

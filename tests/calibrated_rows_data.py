@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from ctrl_offline.transforms import get_transform
+from ctrl_offline.maths.transforms import get_transform
 
 EXP = get_transform("exp", 3.0)
 NEGEXP = get_transform("negexp", 5.0)

@@ -1,14 +1,15 @@
-"""The checks and node values every target starts from (ctrl_offline.calibrated_rows)."""
+"""The checks and node values every target starts from (ctrl_offline.rows.calibrated_rows)."""
 
 import numpy as np
 import pytest
 from calibrated_rows_data import EXP, rows
 
-from ctrl_offline.calibrated_rows import SynthesisError, check_beta, prepare, samples_per_prompt
-from ctrl_offline.calibration import calibrate_reference
-from ctrl_offline.theory import cell_values
-from ctrl_offline.pairs import make_pairs
-from ctrl_offline.pointwise import pointwise_targets, sft_weights
+from ctrl_offline.maths.transforms import SynthesisError, check_beta
+from ctrl_offline.rows.calibrated_rows import prepare, samples_per_prompt
+from ctrl_offline.maths.calibration import calibrate_reference
+from ctrl_offline.maths.theory import cell_values
+from ctrl_offline.rows.pairs import make_pairs
+from ctrl_offline.rows.pointwise import pointwise_targets, sft_weights
 
 
 @pytest.mark.parametrize("int_ids", [False, True])

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from ctrl_offline.calibration import (
+from ctrl_offline.maths.calibration import (
     CalibrationError,
     CalibrationTables,
     build_tables,
@@ -279,7 +279,7 @@ def test_mixed_and_invalid_ids_are_refused(ids, message):
 def test_hex_string_ids_of_earlier_runs_match_integer_ids():
     import hashlib
 
-    from ctrl_offline.calibration import int_prompt_ids
+    from ctrl_offline.maths.calibration import int_prompt_ids
 
     # What `sample` wrote before (16 hex digits of the SHA-256) and writes now (those 64 bits as an int64).
     digests = [hashlib.sha256(p.encode()).digest() for p in ("Tell me a joke.", "Why is the sky blue?", "hi")]

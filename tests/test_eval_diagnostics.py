@@ -64,7 +64,7 @@ def planned_build(planner_row: dict | None) -> dict:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from ctrl_offline.planner import plan
+    from ctrl_offline.maths.planner import plan
 
     root = tmp_path_factory.mktemp("eval_diagnostics")
     rng = np.random.default_rng(2)
@@ -81,9 +81,9 @@ def setup(tmp_path_factory):
 @pytest.fixture
 def quick_report(monkeypatch):
     """report.md and the figures without the planner's curves (half a minute on a small CPU)."""
-    import ctrl_offline.reporting
+    import ctrl_offline.reports.reporting
 
-    monkeypatch.setattr(ctrl_offline.reporting, "theory_curves", lambda report: (np.array([]), [], []))
+    monkeypatch.setattr(ctrl_offline.reports.reporting, "theory_curves", lambda report: (np.array([]), [], []))
 
 
 def evaluate(setup, out, **kwargs):
@@ -95,9 +95,9 @@ def evaluate(setup, out, **kwargs):
 
 
 def test_a_planned_adapter_gets_its_plan_diagnostics_kl_split_and_tilt_fidelity(setup, quick_report, capsys):
-    from ctrl_offline.diagnostics import kl_efficiency, plan_fidelity
-    from ctrl_offline.diagnostics import planned_on_target, planned_tilt
-    from ctrl_offline.transforms import get_transform
+    from ctrl_offline.maths.diagnostics import kl_efficiency, plan_fidelity
+    from ctrl_offline.maths.diagnostics import planned_on_target, planned_tilt
+    from ctrl_offline.maths.transforms import get_transform
     from data_tools.cli import main
 
     out = setup["root"] / "planned"
@@ -156,7 +156,7 @@ def test_a_planned_adapter_gets_its_plan_diagnostics_kl_split_and_tilt_fidelity(
 
 def test_pool_text_scores_as_the_sampled_ids(setup):
     """h of a pooled reference sample (text only) is h of its sampled ids: re-tokenised, EOS where it finished."""
-    from ctrl_offline.generation import load_causal_lm
+    from ctrl_offline.models.generation import load_causal_lm
     from ctrl_offline.stages.evaluate import _reference_log_ratios
 
     model, tokenizer = load_causal_lm(setup["model"], setup["adapter"], device="cpu")
@@ -183,11 +183,11 @@ def test_an_unplanned_build_gets_notes_and_still_a_report(setup, quick_report):
 
 
 def test_no_tilt_fidelity_skips_the_extra_pass(setup, monkeypatch):
-    import ctrl_offline.reporting
+    import ctrl_offline.reports.reporting
     import ctrl_offline.stages.evaluate as stage
     from data_tools.cli import main
 
-    monkeypatch.setattr(ctrl_offline.reporting, "write_report", lambda report, policy_u, folder: None)
+    monkeypatch.setattr(ctrl_offline.reports.reporting, "write_report", lambda report, policy_u, folder: None)
     monkeypatch.setattr(stage, "_reference_log_ratios", lambda *a, **k: pytest.fail("the extra pass ran"))
     out = setup["root"] / "no-tilt"
     assert main(["eval", setup["prompts"], "--model", setup["model"], "--adapter", setup["adapter"], "--reward", REWARD,
@@ -201,7 +201,7 @@ def test_no_tilt_fidelity_skips_the_extra_pass(setup, monkeypatch):
 
 def test_what_the_plan_cannot_say_is_a_clear_refusal():
     """The reasons eval notes instead of plan diagnostics (no model needed)."""
-    from ctrl_offline.diagnostics import plan_diagnostics
+    from ctrl_offline.maths.diagnostics import plan_diagnostics
 
     row = {"transform": "exp", "t": 12.633827675108567, "beta": 95210.67611451553, "kl": 0.5, "win_rate": 0.8727}
     win_rates = [{"selector": "bon", "n": 4, "value": 0.7}]
@@ -225,9 +225,9 @@ def test_what_the_plan_cannot_say_is_a_clear_refusal():
 def test_soft_label_dpo_logs_its_loss_less_the_label_entropy_floor(setup, tmp_path):
     from datasets import Dataset
 
-    from ctrl_offline.config import CTRLConfig
-    from ctrl_offline.modeling import ModelLoadingConfig, load_policy
-    from ctrl_offline.trainer import CTRLTrainer
+    from ctrl_offline.training.config import CTRLConfig
+    from ctrl_offline.models.modeling import ModelLoadingConfig, load_policy
+    from ctrl_offline.training.trainer import CTRLTrainer
 
     prompts = ["tell me about the cat", "why is the dog happy", "how is it", "what is good"]
     rows = {"prompt": prompts * 2, "chosen": [" the cat sat", " it is very good", " yes", " great fine"] * 2,

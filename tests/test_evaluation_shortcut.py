@@ -1,4 +1,4 @@
-"""The calibrated-reward shortcut (ctrl_offline.evaluation): unbiased best-/worst-of-N from stored reference rewards."""
+"""The calibrated-reward shortcut (ctrl_offline.maths.win_rates): unbiased best-/worst-of-N from stored reference rewards."""
 
 import itertools
 import math
@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from ctrl_offline.calibration import CalibrationTables
-from ctrl_offline.evaluation import calibrated_shortcut, calibrated_shortcut_per_prompt, u_statistic_per_prompt
+from ctrl_offline.maths.calibration import CalibrationTables
+from ctrl_offline.maths.win_rates import calibrated_shortcut, calibrated_shortcut_per_prompt, u_statistic_per_prompt
 
 
 def tables_of(ref: np.ndarray) -> tuple[CalibrationTables, np.ndarray]:

@@ -2,7 +2,7 @@
 
 Three layers of checks: the building blocks against Monte Carlo on the library's own calibration;
 the limits (K = ∞ figures, the K/(K−1) slope of pair losses, best-of-N law of cell targets); and the
-finite-K testbed (:mod:`ctrl_offline.testbed`): each loss trained on sampled data at the K-aware
+finite-K testbed (:mod:`ctrl_offline.testbeds.testbed`): each loss trained on sampled data at the K-aware
 plan's β reaches the plan's KL within 0.03 and its best-of-4 / worst-of-4 win rates within 0.01.
 """
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from scipy import special
 
-from ctrl_offline import theory
-from ctrl_offline.calibration import calibrate_reference
-from ctrl_offline.finite_k import (
+from ctrl_offline.maths import theory
+from ctrl_offline.maths.calibration import calibrate_reference
+from ctrl_offline.maths.finite_k import (
     Estimator,
     _bernstein_mean,
     _pair_label_matrix,
@@ -23,9 +23,9 @@ from ctrl_offline.finite_k import (
     node_values,
     trained_tilt,
 )
-from ctrl_offline.planner import plan, solve_trained_beta
-from ctrl_offline.testbed import run_testbed
-from ctrl_offline.transforms import get_transform
+from ctrl_offline.maths.planner import plan, solve_trained_beta
+from ctrl_offline.testbeds.testbed import run_testbed
+from ctrl_offline.maths.transforms import get_transform
 
 
 def _simulate_ranks(k: int, c: float, draws: int, rng) -> tuple[np.ndarray, np.ndarray]:

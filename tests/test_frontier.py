@@ -1,4 +1,4 @@
-"""The frontier: ctrl_offline/frontier.py, stages/frontier.py and `ctrl-data compare --at-kl` (docs/evaluation.md)."""
+"""The frontier: ctrl_offline/maths/frontier.py, stages/frontier.py and `ctrl-data compare --at-kl` (docs/evaluation.md)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import integrate
 
-from ctrl_offline.frontier import (
+from ctrl_offline.maths.frontier import (
     best_of_n_at_kl,
     best_of_n_for_kl,
     best_of_n_kl,
@@ -25,7 +25,7 @@ from ctrl_offline.frontier import (
 
 @pytest.mark.parametrize("n", [2, 3, 4, 8, 32])
 def test_best_of_n_is_the_log_tilt_and_matches_order_statistics(n):
-    from ctrl_offline.theory import kl_divergence
+    from ctrl_offline.maths.theory import kl_divergence
 
     assert best_of_n_kl(n) == pytest.approx(kl_divergence("log", 1 / (n - 1)), abs=1e-9)
     # Best-of-N of best-of-n draws is the best of nN reference draws: it beats the best of N others
@@ -126,8 +126,8 @@ def frontier(tmp_path_factory):
     from test_eval_diagnostics import PLAN, boosting_adapter, planned_build
     from tiny_models import WORDS, build_tiny_model
 
-    import ctrl_offline.reporting
-    from ctrl_offline.planner import plan
+    import ctrl_offline.reports.reporting
+    from ctrl_offline.maths.planner import plan
     from ctrl_offline.stages.frontier import evaluate_frontier
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -149,15 +149,15 @@ def frontier(tmp_path_factory):
     other = boosting_adapter(model, root / "other", boost=2.0)  # no build: no plan
     settings = dict(n=(1, 4), selectors=("bon", "won"), max_new_tokens=6, policy_samples=6, reference_samples=6,
                     num_boot=300, tilt_fidelity=False)
-    original = ctrl_offline.reporting.write_report
-    ctrl_offline.reporting.write_report = lambda report, policy_u, folder: []  # each point's own figures: not needed
+    original = ctrl_offline.reports.reporting.write_report
+    ctrl_offline.reports.reporting.write_report = lambda report, policy_u, folder: []  # each point's own figures: not needed
     try:
         summary = evaluate_frontier(str(root / "prompts.jsonl"), root / "out", str(model), REWARD, [str(run)],
                                     **settings)
         single = evaluate_frontier(str(root / "prompts.jsonl"), root / "single", str(model), REWARD, [str(other)],
                                    **settings)
     finally:
-        ctrl_offline.reporting.write_report = original
+        ctrl_offline.reports.reporting.write_report = original
     return {"root": root, "summary": summary, "single": single, "settings": settings, "model": str(model),
             "run": run, "other": other, "row": row}
 
@@ -233,10 +233,10 @@ def test_compare_at_common_kls_pairs_two_methods_and_best_of_n(frontier, capsys)
 
 
 def test_eval_cli_with_several_adapters_writes_a_frontier(frontier, capsys, monkeypatch):
-    import ctrl_offline.reporting
+    import ctrl_offline.reports.reporting
     from data_tools.cli import main
 
-    monkeypatch.setattr(ctrl_offline.reporting, "write_report", lambda report, policy_u, folder: [])
+    monkeypatch.setattr(ctrl_offline.reports.reporting, "write_report", lambda report, policy_u, folder: [])
     root = frontier["root"]
     code = main(["eval", str(root / "prompts.jsonl"), "--model", frontier["model"], "--reward", REWARD,
                  "--adapter", str(frontier["other"]), str(frontier["run"] / "checkpoint-10"), "--eval-n", "1", "2",

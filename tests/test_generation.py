@@ -4,7 +4,7 @@ teacher-forced log-prob of the same ids (the second pass it replaces), whatever 
 import pytest
 import torch
 
-from ctrl_offline.generation import SamplingConfig, sample_completions, sequence_logps
+from ctrl_offline.models.generation import SamplingConfig, sample_completions, sequence_logps
 from tiny_models import build_tiny_model
 
 
@@ -30,7 +30,7 @@ def test_recorded_logps_equal_a_teacher_forced_pass(tiny, monkeypatch, temperatu
         expected = sequence_logps(model, sequence, torch.ones_like(sequence), ids.size(1), torch.ones_like(completion))
         assert row["logp"] == pytest.approx(float(expected), abs=1e-4)
     # The teacher-forced pass is gone: sampling never calls it.
-    import ctrl_offline.generation as generation
+    import ctrl_offline.models.generation as generation
 
     monkeypatch.setattr(generation, "sequence_logps", lambda *a, **k: pytest.fail("second log-prob pass ran"))
     again = sample_completions(model, tokenizer, prompts, config, seed=1)

@@ -1,4 +1,4 @@
-"""Per-prompt group arithmetic (ctrl_offline.groups) against pandas groupby and plain loops."""
+"""Per-prompt group arithmetic (ctrl_offline.maths.groups) against pandas groupby and plain loops."""
 
 import itertools
 
@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ctrl_offline.groups import (
+from ctrl_offline.maths.groups import (
     all_pairs,
     extreme_per_group,
     float_key,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ctrl_offline.hub import HubError, ModelCardInfo, push_adapter, render_model_card
+from ctrl_offline.reports.hub import HubError, ModelCardInfo, push_adapter, render_model_card
 from hub_standin import StandInHub
 
 TESTS = Path(__file__).parent
@@ -23,7 +23,7 @@ def make_adapter(folder: Path) -> Path:
 
 PUSH = """
 import json, sys
-from ctrl_offline.hub import ModelCardInfo, push_adapter
+from ctrl_offline.reports.hub import ModelCardInfo, push_adapter
 info = ModelCardInfo(base_model="HuggingFaceTB/SmolLM2-135M-Instruct", dataset="Anthropic/hh-rlhf", k=8,
                      reward_model="rm", transform="exp", t=12.6, beta=0.31, phi_scale=3.07e5, unscaled_beta=9.5e4,
                      inference="bon", n=4, kl=0.42,
@@ -102,7 +102,7 @@ def test_card_shows_both_betas_and_the_scale():
 
 def test_card_of_an_adapter_written_by_ctrl_data_train(tmp_path):
     """`ctrl-data train` leaves ctrl_build.json and ctrl_train.json beside the adapter: the card reads them."""
-    from ctrl_offline.hub import card_info_from_adapter
+    from ctrl_offline.reports.hub import card_info_from_adapter
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/local/copy"}))
     (tmp_path / "ctrl_train.json").write_text(json.dumps({"base_model": "org/base", "loss": "dpo"}))

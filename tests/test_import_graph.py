@@ -1,7 +1,10 @@
-"""The import graph of ctrl_offline, data_tools and recipes has no circle, counting imports inside functions.
+"""The import graph of ctrl_offline, data_tools and recipes: no circle and no arrow back up a layer, counting
+imports inside functions.
 
 An import hidden in a function still ties two modules together: a circle through one means neither
-can be understood, tested or moved without the other (docs/architecture.md).
+can be understood, tested or moved without the other. The layers of ctrl_offline are its folders,
+bottom to top as :data:`LAYERS` lists them (docs/architecture.md); ``data_tools`` (the CLI) and
+``recipes`` sit above them all.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("ctrl_offline", "data_tools", "recipes")
+#: ctrl_offline's layers, bottom to top: a module may import its own layer and those below, never one above.
+LAYERS = ("maths", "rows", "io", "models", "training", "reports", "testbeds", "stages", "pipeline")
 
 
 def _module_name(path: Path) -> str:
@@ -97,9 +102,33 @@ def test_find_cycles_finds_one():
 def test_the_graph_sees_imports_inside_functions():
     graph = import_graph()
     # stages/evaluate.py imports the reporting module inside evaluate_policy only
-    assert "ctrl_offline.reporting" in graph["ctrl_offline.stages.evaluate"]
+    assert "ctrl_offline.reports.reporting" in graph["ctrl_offline.stages.evaluate"]
 
 
 def test_no_import_circles():
     cycles = find_cycles(import_graph())
     assert not cycles, "import circles (imports inside functions count):\n" + "\n".join(" ↔ ".join(c) for c in cycles)
+
+
+def layer_of(module: str) -> int:
+    """The rank of ``module``'s layer: ctrl_offline's private roots lowest, its folders by :data:`LAYERS`,
+    the package's own ``__init__`` (the public names) and the CLI and recipes above them all."""
+    parts = module.split(".")
+    if parts[0] != "ctrl_offline":
+        return len(LAYERS) + 1
+    if len(parts) == 1:
+        return len(LAYERS)
+    if parts[1] in LAYERS:
+        return LAYERS.index(parts[1])
+    return -1  # ctrl_offline._version
+
+
+def test_every_module_of_ctrl_offline_sits_in_a_layer_folder():
+    loose = [m for m in import_graph() if m.count(".") == 1 and m.startswith("ctrl_offline.")
+             and m.split(".")[1] not in (*LAYERS, "_version")]
+    assert not loose, f"modules outside the layer folders: {loose}"
+
+
+def test_no_arrow_runs_back_up_a_layer():
+    upward = [f"{a} → {b}" for a, targets in import_graph().items() for b in targets if layer_of(b) > layer_of(a)]
+    assert not upward, "imports from a higher layer (docs/architecture.md):\n" + "\n".join(sorted(upward))

@@ -8,11 +8,11 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
-from ctrl_offline.config import CTRLConfig
-from ctrl_offline.kl_budget import KLBudgetCallback, KLEstimate, SampledKL
-from ctrl_offline.modeling import ModelLoadingConfig, load_policy
-from ctrl_offline.recipe import RecipeConfig, RecipeError, parse_recipe_args
-from ctrl_offline.trainer import CTRLTrainer
+from ctrl_offline.training.config import CTRLConfig
+from ctrl_offline.training.kl_budget import KLBudgetCallback, KLEstimate, SampledKL
+from ctrl_offline.models.modeling import ModelLoadingConfig, load_policy
+from ctrl_offline.pipeline.recipe import RecipeConfig, RecipeError, parse_recipe_args
+from ctrl_offline.training.trainer import CTRLTrainer
 
 
 PROMPTS = ["tell me about the cat", "why is the dog happy", "how is it", "what is good", "the cat sat",
@@ -85,14 +85,14 @@ def test_plain_model_stops_at_the_budget_and_interpolates(tmp_path):
 def test_a_budget_passed_at_the_first_check_is_reported(tmp_path, caplog):
     callback = KLBudgetCallback(0.05, exact_categorical_kl, every_n_steps=20, tolerance=0.002)
     trainer = categorical_trainer(tmp_path, callback)
-    with caplog.at_level(logging.WARNING, logger="ctrl_offline.kl_budget"):
+    with caplog.at_level(logging.WARNING, logger="ctrl_offline.training.kl_budget"):
         trainer.train()
     assert callback.reached and trainer.state.global_step == 20
     assert abs(callback.final.value - 0.05) <= 0.002
     assert "already passed at the first check (step 20" in caplog.text and "every_n_steps" in caplog.text
     caplog.clear()
     callback = KLBudgetCallback(0.05, exact_categorical_kl, every_n_steps=1, tolerance=0.002)
-    with caplog.at_level(logging.WARNING, logger="ctrl_offline.kl_budget"):
+    with caplog.at_level(logging.WARNING, logger="ctrl_offline.training.kl_budget"):
         categorical_trainer(tmp_path, callback).train()
     assert callback.reached and "first check" not in caplog.text
 
@@ -116,7 +116,7 @@ def test_budget_not_reached_warns_and_leaves_the_weights(tmp_path, caplog):
     kl = Recording(exact_categorical_kl)
     callback = KLBudgetCallback(50.0, kl, every_n_steps=2)
     trainer = categorical_trainer(tmp_path, callback, max_steps=5)
-    with caplog.at_level(logging.WARNING, logger="ctrl_offline.kl_budget"):
+    with caplog.at_level(logging.WARNING, logger="ctrl_offline.training.kl_budget"):
         trainer.train()
     assert not callback.reached and trainer.state.global_step == 5
     assert [h["step"] for h in callback.history] == [2, 4, 5]  # + one estimate at the end of training
@@ -315,8 +315,8 @@ def test_recipe_holds_kl_by_default_and_validates_its_settings(tmp_path):
 
 
 def test_recipe_estimates_kl_on_prompts_neither_trained_nor_evaluated_on(tmp_path, caplog):
-    from ctrl_offline.hh import EMBEDDED_HH, hh_prompts
-    from ctrl_offline.prompts import kl_prompts as _kl_prompts, write_prompts as _write_prompts
+    from ctrl_offline.models.hh import EMBEDDED_HH, hh_prompts
+    from ctrl_offline.pipeline.prompts import kl_prompts as _kl_prompts, write_prompts as _write_prompts
 
     pool = hh_prompts(EMBEDDED_HH, ["helpful-base"], "train")
     assert len(pool) == 36
@@ -330,7 +330,7 @@ def test_recipe_estimates_kl_on_prompts_neither_trained_nor_evaluated_on(tmp_pat
     # Every prompt of the split trained on: the training prompts, with a warning.
     _write_prompts(tmp_path / "all" / "train", pool)
     _write_prompts(tmp_path / "all" / "eval", pool[:1])
-    with caplog.at_level(logging.WARNING, logger="ctrl_offline.prompts"):
+    with caplog.at_level(logging.WARNING, logger="ctrl_offline.pipeline.prompts"):
         prompts, source = _kl_prompts(recipe, tmp_path / "all")
     assert prompts == pool[:5] and source == "training prompts" and "no held-out prompts" in caplog.text
 
@@ -339,10 +339,10 @@ def test_estimates_noisier_than_the_tolerance_are_called_out(tmp_path, caplog):
     """A sampled estimate whose standard error exceeds the tolerance cannot hold the budget to it: say so, once."""
     noisy = lambda model: KLEstimate(exact_categorical_kl(model).value, 0.12, 24)  # noqa: E731
     callback = KLBudgetCallback(0.3, noisy, every_n_steps=3, tolerance=0.03)
-    with caplog.at_level(logging.WARNING, logger="ctrl_offline.kl_budget"):
+    with caplog.at_level(logging.WARNING, logger="ctrl_offline.training.kl_budget"):
         categorical_trainer(tmp_path, callback).train()
     assert caplog.text.count("standard error (0.12 nats) exceeds the tolerance (0.03)") == 1
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="ctrl_offline.kl_budget"):
+    with caplog.at_level(logging.WARNING, logger="ctrl_offline.training.kl_budget"):
         categorical_trainer(tmp_path, KLBudgetCallback(0.3, exact_categorical_kl, every_n_steps=3)).train()
     assert "exceeds the tolerance" not in caplog.text

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from ctrl_offline.calibration import quantile_cells
-from ctrl_offline.finite_k import ideal_tilt, trained_tilt
-from ctrl_offline.lm_testbed import (
+from ctrl_offline.maths.calibration import quantile_cells
+from ctrl_offline.maths.finite_k import ideal_tilt, trained_tilt
+from ctrl_offline.testbeds.lm_testbed import (
     ExactKL,
     Reward,
     SyntheticLanguage,
@@ -23,7 +23,7 @@ from ctrl_offline.lm_testbed import (
     sequence_logprobs,
     tilted_policy,
 )
-from ctrl_offline.planner import plan
+from ctrl_offline.maths.planner import plan
 
 SMALL = SyntheticLanguage(vocab=3, length=3, prompt_vocab=2, prompt_length=2, seed=3)
 

@@ -1,4 +1,4 @@
-"""The loss registry (ctrl_offline.losses): one registration makes a new loss known to the configs, the trainers,
+"""The loss registry (ctrl_offline.maths.losses): one registration makes a new loss known to the configs, the trainers,
 the train stage and the command line."""
 
 import json
@@ -9,8 +9,8 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
-from ctrl_offline.config import CTRLConfig, CTRLPointwiseConfig
-from ctrl_offline.losses import (
+from ctrl_offline.training.config import CTRLConfig, CTRLPointwiseConfig
+from ctrl_offline.maths.losses import (
     LOSS_TYPES,
     Loss,
     dpo_loss,
@@ -21,7 +21,7 @@ from ctrl_offline.losses import (
     unregister_loss,
 )
 from ctrl_offline.stages.build import BUILD_METADATA, FORMATS
-from ctrl_offline.trainer import CTRLTrainer, TrainingDataError
+from ctrl_offline.training.trainer import CTRLTrainer, TrainingDataError
 from data_tools.cli import build_parser, main
 from tiny_models import build_tiny_model, build_tokenizer
 

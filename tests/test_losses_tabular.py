@@ -32,8 +32,8 @@ import numpy as np
 import pytest
 import torch
 
-from ctrl_offline.losses import distill_loss, dpo_loss, ipo_loss, pointwise_loss, soft_label, weighted_sft_loss
-from ctrl_offline.transforms import get_transform
+from ctrl_offline.maths.losses import distill_loss, dpo_loss, ipo_loss, pointwise_loss, soft_label, weighted_sft_loss
+from ctrl_offline.maths.transforms import get_transform
 
 PROMPTS, RESPONSES = 3, 16
 CTRL_LOSSES = ("dpo", "ipo", "distill", "pointwise", "weighted_sft")

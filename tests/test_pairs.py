@@ -1,4 +1,4 @@
-"""Preference pairs (ctrl_offline.pairs) against brute-force oracles: strategies, order, sampled draws."""
+"""Preference pairs (ctrl_offline.rows.pairs) against brute-force oracles: strategies, order, sampled draws."""
 
 import itertools
 import math
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from calibrated_rows_data import EXP, NEGEXP, rows
 
-from ctrl_offline.calibrated_rows import SynthesisError
-from ctrl_offline.pairs import make_pairs
-from ctrl_offline.pointwise import pointwise_targets
-from ctrl_offline.transforms import Transform
+from ctrl_offline.maths.transforms import SynthesisError
+from ctrl_offline.rows.pairs import make_pairs
+from ctrl_offline.rows.pointwise import pointwise_targets
+from ctrl_offline.maths.transforms import Transform
 
 
 def brute_pairs(ids, u, strategy, drop_ties=True):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from datasets import load_from_disk
 
-from ctrl_offline.io import read_table
+from ctrl_offline.io.files import read_table
 from data_tools.cli import main
 from tiny_models import WORDS, build_tiny_model, build_tiny_reward_model, build_tokenizer
 
@@ -136,11 +136,11 @@ class Forwards:
 def test_sampled_ids_that_do_not_retokenise_keep_their_reference_logps(pipeline, assets, tmp_path, fmt):
     """Rows carry the sampled token ids: the build keeps the stored reference log-probs however the text
     tokenises, and the trainer trains those ids, with no reference forward pass at all."""
-    from ctrl_offline.config import CTRLConfig, CTRLPointwiseConfig
-    from ctrl_offline.generation import completion_logps
-    from ctrl_offline.modeling import ModelLoadingConfig, load_policy
+    from ctrl_offline.training.config import CTRLConfig, CTRLPointwiseConfig
+    from ctrl_offline.models.generation import completion_logps
+    from ctrl_offline.models.modeling import ModelLoadingConfig, load_policy
     from ctrl_offline.stages.build import build_dataset
-    from ctrl_offline.trainer import CTRLPointwiseTrainer, CTRLTrainer, _pointwise_logps, _sequence_logps
+    from ctrl_offline.training.trainer import CTRLPointwiseTrainer, CTRLTrainer, _pointwise_logps, _sequence_logps
 
     tok = build_tokenizer()
     table = pq.read_table(pipeline / "calib" / "calibrated.parquet")
@@ -208,9 +208,9 @@ def test_sampled_ids_that_do_not_retokenise_keep_their_reference_logps(pipeline,
 
 def test_text_only_rows_still_train_by_tokenising(pipeline, assets, tmp_path):
     """A set without the token ids (a user's own text) is tokenised as TRL does, and the reference pass runs."""
-    from ctrl_offline.config import CTRLConfig
-    from ctrl_offline.modeling import ModelLoadingConfig, load_policy
-    from ctrl_offline.trainer import CTRLTrainer
+    from ctrl_offline.training.config import CTRLConfig
+    from ctrl_offline.models.modeling import ModelLoadingConfig, load_policy
+    from ctrl_offline.training.trainer import CTRLTrainer
 
     data = load_from_disk(str(pipeline / "pairs")).remove_columns(
         ["prompt_token_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]).select(range(8))
@@ -254,9 +254,9 @@ def test_inspect_summarises_each_stage(pipeline, capsys, tmp_path):
 def test_pairs_feed_trl_and_the_ctrl_trainer_unchanged(pipeline, assets, tmp_path):
     from trl import DPOConfig, DPOTrainer
 
-    from ctrl_offline.config import CTRLConfig
-    from ctrl_offline.modeling import ModelLoadingConfig, load_policy
-    from ctrl_offline.trainer import CTRLTrainer
+    from ctrl_offline.training.config import CTRLConfig
+    from ctrl_offline.models.modeling import ModelLoadingConfig, load_policy
+    from ctrl_offline.training.trainer import CTRLTrainer
 
     pairs = load_from_disk(str(pipeline / "pairs")).select(range(8))
     tok = build_tokenizer()
@@ -304,7 +304,7 @@ def test_a_killed_sample_run_resumes_to_the_same_rows(assets, tmp_path):
 def test_prompt_ids_are_int64_hashes_end_to_end(pipeline):
     import hashlib
 
-    from ctrl_offline.generation import hex_prompt_id, prompt_id
+    from ctrl_offline.models.generation import hex_prompt_id, prompt_id
 
     # The first 64 bits of the SHA-256, as earlier versions' 16 hex digits and as the int64 written now.
     digest = hashlib.sha256("Tell me a joke.".encode()).digest()
@@ -321,7 +321,7 @@ def test_a_run_started_with_hex_ids_resumes_with_them(pipeline, assets, tmp_path
     """Runs begun before integer ids keep their 16-hex-digit string ids when resumed, so no folder mixes kinds."""
     import shutil
 
-    from ctrl_offline.generation import hex_prompt_id
+    from ctrl_offline.models.generation import hex_prompt_id
 
     legacy = tmp_path / "legacy"
     shutil.copytree(pipeline / "samples", legacy)
@@ -405,9 +405,9 @@ def test_mixed_models_are_refused_unless_forced(pipeline, assets, tmp_path, caps
 
 
 def test_eval_reports_win_rates_kl_and_plots(pipeline, assets, tmp_path, capsys):
-    from ctrl_offline.config import CTRLConfig
-    from ctrl_offline.modeling import ModelLoadingConfig, load_policy
-    from ctrl_offline.trainer import CTRLTrainer
+    from ctrl_offline.training.config import CTRLConfig
+    from ctrl_offline.models.modeling import ModelLoadingConfig, load_policy
+    from ctrl_offline.training.trainer import CTRLTrainer
 
     model, lora = load_policy(ModelLoadingConfig(str(assets["model"]), load_in_4bit=False, gradient_checkpointing=False))
     args = CTRLConfig(output_dir=str(tmp_path / "t"), use_cpu=True, max_steps=4, per_device_train_batch_size=8,
@@ -443,7 +443,7 @@ def test_eval_reports_win_rates_kl_and_plots(pipeline, assets, tmp_path, capsys)
 
 
 def test_eval_refuses_n_beyond_candidates_and_bad_selector_settings(assets, tmp_path, capsys):
-    from ctrl_offline.evaluation import estimate_inference_win_rate
+    from ctrl_offline.maths.win_rates import estimate_inference_win_rate
 
     with pytest.raises(ValueError, match="larger than the candidates available"):
         estimate_inference_win_rate(np.zeros((2, 3)), np.zeros((2, 3)), "bon", 4)

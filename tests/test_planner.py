@@ -2,10 +2,10 @@ import math
 
 import pytest
 
-from ctrl_offline.planner import MIN_TRAINABLE_BETA, plan, solve_beta, trainable_beta, tradeoff_curve
-from ctrl_offline.procedures import tilted_win_rate
-from ctrl_offline.theory import kl_divergence
-from ctrl_offline.transforms import get_transform
+from ctrl_offline.maths.planner import MIN_TRAINABLE_BETA, plan, solve_beta, trainable_beta, tradeoff_curve
+from ctrl_offline.maths.procedures import tilted_win_rate
+from ctrl_offline.maths.theory import kl_divergence
+from ctrl_offline.maths.transforms import get_transform
 
 
 @pytest.mark.parametrize("name,t", [("identity", None), ("log", None), ("exp", 0.5), ("exp", 30.0), ("negexp", 12.0)])

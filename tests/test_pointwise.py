@@ -1,5 +1,5 @@
-"""Pointwise targets and SFT weights (ctrl_offline.pointwise) against loops and closed forms; the
-log-partition gap (ctrl_offline.finite_k.log_partition_gap) that separates their normalisers."""
+"""Pointwise targets and SFT weights (ctrl_offline.rows.pointwise) against loops and closed forms; the
+log-partition gap (ctrl_offline.maths.finite_k.log_partition_gap) that separates their normalisers."""
 
 import math
 
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from calibrated_rows_data import EXP, NEGEXP, rows
 
-from ctrl_offline.calibrated_rows import SynthesisError
-from ctrl_offline.calibration import calibrate_reference
-from ctrl_offline.finite_k import log_partition_gap
-from ctrl_offline.pointwise import pointwise_targets, sft_weights
-from ctrl_offline.transforms import get_transform
+from ctrl_offline.maths.transforms import SynthesisError
+from ctrl_offline.maths.calibration import calibrate_reference
+from ctrl_offline.maths.finite_k import log_partition_gap
+from ctrl_offline.rows.pointwise import pointwise_targets, sft_weights
+from ctrl_offline.maths.transforms import get_transform
 
 
 # -- pointwise targets ------------------------------------------------------------------------------

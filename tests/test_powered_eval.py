@@ -1,5 +1,5 @@
 """The powered evaluation: U-statistic win rates over every N-subset, paired comparisons, the eval stage's
-reference pool and a null run (ctrl_offline.evaluation, ctrl_offline.stages.evaluate/compare)."""
+reference pool and a null run (ctrl_offline.maths.win_rates, ctrl_offline.stages.evaluate/compare)."""
 
 import itertools
 import json
@@ -8,14 +8,14 @@ import math
 import numpy as np
 import pytest
 
-from ctrl_offline.evaluation import (
+from ctrl_offline.maths.win_rates import (
     bootstrap_mean,
     paired_bootstrap_difference,
     subset_selection_weights,
     u_statistic_per_prompt,
     u_statistic_win_rate,
 )
-from ctrl_offline.procedures import select
+from ctrl_offline.maths.procedures import select
 
 SETTINGS = {"lam": 0.3, "beta": 0.5, "kappa0": 0.1}
 
@@ -194,9 +194,9 @@ def letter_count_reward(prompts, completions):
 def no_figures(request, monkeypatch):
     """The stage tests skip report.md and the figures (the planner's curves take half a minute on a small CPU)."""
     if "tiny" in request.fixturenames:
-        import ctrl_offline.reporting
+        import ctrl_offline.reports.reporting
 
-        monkeypatch.setattr(ctrl_offline.reporting, "write_report", lambda report, policy_u, folder: None)
+        monkeypatch.setattr(ctrl_offline.reports.reporting, "write_report", lambda report, policy_u, folder: None)
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +247,7 @@ def pq_read(path):
 
 def test_reference_pool_is_written_then_reused(tiny, monkeypatch):
     import ctrl_offline.stages.evaluate as stage
-    from ctrl_offline.io import DataError, read_metadata
+    from ctrl_offline.io.files import DataError, read_metadata
 
     pool = tiny["root"] / "pool"
     first = evaluate(tiny, tiny["root"] / "a", reference_pool=pool, seed=0)
@@ -306,7 +306,7 @@ def test_the_pool_survives_a_run_stopped_while_the_policy_samples(tiny, monkeypa
 
 
 def test_compare_pairs_two_reports_on_the_same_prompts(tiny, capsys):
-    from ctrl_offline.io import DataError
+    from ctrl_offline.io.files import DataError
     from ctrl_offline.stages.compare import compare_reports
     from data_tools.cli import main
 
@@ -351,8 +351,8 @@ def test_a_pool_and_training_data_with_the_hex_ids_of_earlier_versions_still_mat
     training set from then match today's ids."""
     import pyarrow as pa
 
-    from ctrl_offline.generation import hex_prompt_id, prompt_id
-    from ctrl_offline.io import write_parquet
+    from ctrl_offline.models.generation import hex_prompt_id, prompt_id
+    from ctrl_offline.io.files import write_parquet
     from ctrl_offline.stages.evaluate import POOL_FILE, _overlap, _read_pool
 
     prompts = ["first prompt ", "second prompt "]

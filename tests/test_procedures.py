@@ -1,4 +1,4 @@
-"""The registry of inference procedures (ctrl_offline.procedures): one registration makes a new procedure known to
+"""The registry of inference procedures (ctrl_offline.maths.procedures): one registration makes a new procedure known to
 selection, the planner, the build, the evaluation and the command line (docs/selector_planning.md)."""
 
 import json
@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from ctrl_offline._quadrature import nodes_and_weights
-from ctrl_offline.calibration import build_tables
-from ctrl_offline.planner import plan
-from ctrl_offline.procedures import (
+from ctrl_offline.maths._quadrature import nodes_and_weights
+from ctrl_offline.maths.calibration import build_tables
+from ctrl_offline.maths.planner import plan
+from ctrl_offline.maths.procedures import (
     Procedure,
     closed_form_names,
     get_procedure,
@@ -18,8 +18,8 @@ from ctrl_offline.procedures import (
     select,
     unregister_procedure,
 )
-from ctrl_offline.simulation import simulated_win_rate
-from ctrl_offline.transforms import get_transform
+from ctrl_offline.maths.simulation import simulated_win_rate
+from ctrl_offline.maths.transforms import get_transform
 from data_tools.cli import main
 from tiny_models import WORDS, build_tiny_model, build_tiny_reward_model
 

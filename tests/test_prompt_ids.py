@@ -1,10 +1,10 @@
-"""Prompt ids (ctrl_offline.prompt_ids): one kind per array, lookups, and the error-message format."""
+"""Prompt ids (ctrl_offline.maths.prompt_ids): one kind per array, lookups, and the error-message format."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from ctrl_offline.prompt_ids import (
+from ctrl_offline.maths.prompt_ids import (
     as_prompt_ids,
     hex_as_int,
     index_of,

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctrl_offline.hh import EMBEDDED_HH, dialogue_to_messages, hh_prompts
-from ctrl_offline.recipe import RecipeError, parse_recipe_args
+from ctrl_offline.models.hh import EMBEDDED_HH, dialogue_to_messages, hh_prompts
+from ctrl_offline.pipeline.recipe import RecipeError, parse_recipe_args
 from tiny_models import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +121,7 @@ def test_a_script_without_config_reads_its_own_yaml_and_holds_no_settings():
 
 def test_recipe_runs_end_to_end_then_resumes_and_guards_its_folder(tiny_chat_model, tmp_path, capsys, caplog):
     out = tmp_path / "run"
-    with caplog.at_level("INFO", logger="ctrl_offline.trainer"):
+    with caplog.at_level("INFO", logger="ctrl_offline.training.trainer"):
         assert main(tiny_args(tiny_chat_model, out, *OFFLINE)) == 0
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     report = json.loads((out / "eval" / "report.json").read_text())
@@ -334,8 +334,8 @@ def test_recipe_on_a_plain_text_prompt_file_and_a_function_reward(tiny_chat_mode
 def test_prompt_splits_of_any_source(tmp_path):
     import datasets
 
-    from ctrl_offline.prompts import prompt_splits as _prompt_splits
-    from ctrl_offline.recipe import RecipeConfig
+    from ctrl_offline.pipeline.prompts import prompt_splits as _prompt_splits
+    from ctrl_offline.pipeline.recipe import RecipeConfig
 
     lines = [f"question {i} " for i in range(20)]
     (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")

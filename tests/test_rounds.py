@@ -8,11 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ctrl_offline.finite_k import population_log_partition
-from ctrl_offline.io import write_parquet
+from ctrl_offline.maths.finite_k import population_log_partition
+from ctrl_offline.io.files import write_parquet
 from ctrl_offline.stages.build import build_dataset
 from ctrl_offline.stages.calibrate import calibrate_scored
-from ctrl_offline.transforms import Rescaled, get_transform, unit_scale
+from ctrl_offline.maths.transforms import Rescaled, get_transform, unit_scale
 
 
 def _scored(path, rewards, model="ref"):
@@ -76,7 +76,7 @@ def test_tables_that_are_gone_are_named(reference, tmp_path):
 
 
 def test_plan_on_policy_plans_the_k_plus_one_pointwise_tilt(capsys):
-    from ctrl_offline.planner import plan
+    from ctrl_offline.maths.planner import plan
     from data_tools.cli import main
 
     assert main(["plan", "--inference", "bon", "--inference-n", "4", "--kl-budget", "0.5", "--num-samples", "8",
@@ -93,7 +93,7 @@ def test_plan_on_policy_plans_the_k_plus_one_pointwise_tilt(capsys):
 
 
 def test_measured_efficiency_lines_come_from_the_testbed_file(tmp_path):
-    from ctrl_offline.measured import format_measured, measured_efficiency
+    from ctrl_offline.reports.measured import format_measured, measured_efficiency
 
     path = tmp_path / "eff.json"
     rows = [dict(training="on-policy rounds (pointwise)", transform="exp", procedure="bon-4", k=8, kl=0.5, seeds=3,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctrl_offline.io import read_table
+from ctrl_offline.io.files import read_table
 from data_tools.cli import main
 from tiny_models import WORDS, build_tiny_model, build_tokenizer
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from ctrl_offline.selection import (
+from ctrl_offline.maths.selection import (
     best_of_n,
     best_of_tails,
     choose,
@@ -13,7 +13,7 @@ from ctrl_offline.selection import (
     tsallis_selection,
     worst_of_n,
 )
-from ctrl_offline.procedures import select
+from ctrl_offline.maths.procedures import select
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from ctrl_offline.calibration import build_tables
-from ctrl_offline.planner import MIN_TRAINABLE_BETA, plan, trainable_beta
-from ctrl_offline.simulation import quantile_rewards, simulated_win_rate
-from ctrl_offline.theory import bon_win_rate, won_win_rate
+from ctrl_offline.maths.calibration import build_tables
+from ctrl_offline.maths.planner import MIN_TRAINABLE_BETA, plan, trainable_beta
+from ctrl_offline.maths.simulation import quantile_rewards, simulated_win_rate
+from ctrl_offline.maths.theory import bon_win_rate, won_win_rate
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_order_based_selectors_match_the_closed_forms(tables, selector, closed):
     # For rules that only see the order of rewards, simulation on any tie-free tables must agree
     # with the calibrated-space closed form.
     for name, t, beta in [("identity", None, 0.3), ("exp", 4.0, 20.0)]:
-        from ctrl_offline.transforms import get_transform
+        from ctrl_offline.maths.transforms import get_transform
 
         transform = get_transform(name, t)
         predicted = simulated_win_rate(tables, transform, beta, selector, 4, prompts=40_000, seed=1)
@@ -42,7 +42,7 @@ def test_plan_for_best_of_tails(tables):
     assert all(r.kl == pytest.approx(0.5, rel=1e-6) and 0.5 < r.win_rate < 1 for r in result.rows)
     assert result.inference == "bot"
     # The same β guard as closed-form plans: every row can be trained.
-    from ctrl_offline.transforms import get_transform
+    from ctrl_offline.maths.transforms import get_transform
 
     assert all(trainable_beta(get_transform(r.transform, r.t), r.beta) >= MIN_TRAINABLE_BETA * (1 - 1e-9)
                for r in result.rows)

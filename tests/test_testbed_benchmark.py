@@ -63,8 +63,8 @@ def test_quick_run_prints_the_oracle_and_one_method(tmp_path, capsys):
 
 def test_a_run_on_its_plan_has_kl_efficiency_and_fidelity_one():
     """The diagnostics of a run read its own plan's curve: a run that lands on the plan scores 1, half the gain ½."""
-    from ctrl_offline.finite_k import Estimator, trained_tilt
-    from ctrl_offline.planner import plan
+    from ctrl_offline.maths.finite_k import Estimator, trained_tilt
+    from ctrl_offline.maths.planner import plan
 
     bench = load_benchmark("testbed")
     estimator = Estimator(loss="pointwise")

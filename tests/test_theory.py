@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from ctrl_offline.theory import (
+from ctrl_offline.maths.theory import (
     bon_win_rate,
     kl_divergence,
     monte_carlo_win_rate,
@@ -12,8 +12,8 @@ from ctrl_offline.theory import (
     tilted_standard_win_rate,
     won_win_rate,
 )
-from ctrl_offline.procedures import drawn_pick, tilted_win_rate
-from ctrl_offline.transforms import get_transform
+from ctrl_offline.maths.procedures import drawn_pick, tilted_win_rate
+from ctrl_offline.maths.transforms import get_transform
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 8, 32, 128])
@@ -62,7 +62,7 @@ def test_kl_decreases_and_win_rates_increase_as_beta_shrinks(name, t):
     assert np.all(np.diff(kls) > 0)
     assert np.all(np.diff(bons) > 0)
     # KL = E_f[Φ]/β − log Z, the design notes' second form.
-    from ctrl_offline._quadrature import nodes_and_weights
+    from ctrl_offline.maths._quadrature import nodes_and_weights
 
     nodes, weights = nodes_and_weights()
     b = betas[6]

@@ -14,12 +14,12 @@ import pytest
 import torch
 from datasets import Dataset, load_from_disk
 
-from ctrl_offline.config import CTRLConfig, CTRLPointwiseConfig
-from ctrl_offline.generation import completion_logps
-from ctrl_offline.io import DataError, write_parquet
-from ctrl_offline.modeling import ModelLoadingConfig, load_policy
+from ctrl_offline.training.config import CTRLConfig, CTRLPointwiseConfig
+from ctrl_offline.models.generation import completion_logps
+from ctrl_offline.io.files import DataError, write_parquet
+from ctrl_offline.models.modeling import ModelLoadingConfig, load_policy
 from ctrl_offline.stages.build import build_dataset
-from ctrl_offline.trainer import CTRLPointwiseTrainer, CTRLTrainer, TrainingDataError, _sequence_logps
+from ctrl_offline.training.trainer import CTRLPointwiseTrainer, CTRLTrainer, TrainingDataError, _sequence_logps
 
 PROMPTS = ["tell me about the cat", "why is the dog happy", "how is it", "what is good"]
 

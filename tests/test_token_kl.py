@@ -1,4 +1,4 @@
-"""The per-token KL estimator (ctrl_offline.generation.completion_kl, SampledKL): exact checks by enumerating every
+"""The per-token KL estimator (ctrl_offline.models.generation.completion_kl, SampledKL): exact checks by enumerating every
 completion of two tiny Llamas over a 5-token vocabulary, max_new_tokens 3; and ctrl-data eval's KL (kl beside
 kl_sequence, per prompt; the prompts training was held on; a report written whatever KL the plan cannot cover)."""
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ctrl_offline.generation import completion_kl
-from ctrl_offline.kl_budget import KLEstimate, SampledKL
+from ctrl_offline.models.generation import completion_kl
+from ctrl_offline.training.kl_budget import KLEstimate, SampledKL
 
 EOS = 0
 VOCAB = ["<eos>", "a", "b", "c", "d"]
@@ -227,10 +227,10 @@ def test_eval_reports_the_per_token_kl_per_prompt_beside_the_sequence_level_one(
 
     import pandas as pd
 
-    import ctrl_offline.reporting
+    import ctrl_offline.reports.reporting
 
     # The planner's curves are the other test's business (and take seconds): no theory curves here.
-    monkeypatch.setattr(ctrl_offline.reporting, "theory_curves", lambda report: (np.array([]), [], []))
+    monkeypatch.setattr(ctrl_offline.reports.reporting, "theory_curves", lambda report: (np.array([]), [], []))
     result = run_eval(trained, trained["root"] / "report")
     report = json.loads((result.out_dir / "report.json").read_text())
     kl, sequence = report["kl"], report["kl_sequence"]
@@ -269,8 +269,8 @@ def test_eval_far_past_any_plannable_kl_still_writes_its_report(trained, monkeyp
     and KL are written, the curves that cannot be planned are left off the figure, and the report says why."""
     import json
 
-    from ctrl_offline.generation import CompletionKL
-    from ctrl_offline.reporting import theory_curves
+    from ctrl_offline.models.generation import CompletionKL
+    from ctrl_offline.reports.reporting import theory_curves
     from ctrl_offline.stages import evaluate
 
     def far(model, tokenizer, texts, ids, **kwargs):
@@ -298,8 +298,8 @@ def test_eval_far_past_any_plannable_kl_still_writes_its_report(trained, monkeyp
     assert curves == [] and len(notes) == 2 and all("identity, log, exp, negexp" in note for note in notes)
 
     # `ctrl-data plan --plot` at a budget whose curve runs past the planner's range draws what it can.
-    from ctrl_offline.planner import plan
-    from ctrl_offline.plotting import plot_plan, tradeoff_points
+    from ctrl_offline.maths.planner import plan
+    from ctrl_offline.reports.plotting import plot_plan, tradeoff_points
 
     assert np.isnan(tradeoff_points("identity", "bon", 4, [1.0, 30.0])).tolist() == [False, True]
     plot_plan(plan("bon", 4, 15.0, families=("identity",)), trained["root"] / "plan.png")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from datasets import Dataset
 
-from ctrl_offline.config import CTRLConfig, CTRLPointwiseConfig
-from ctrl_offline.modeling import ModelLoadingConfig, QuantizationUnavailable, bitsandbytes_available, load_policy
-from ctrl_offline.trainer import CTRLPointwiseTrainer, CTRLTrainer, TrainingDataError
+from ctrl_offline.training.config import CTRLConfig, CTRLPointwiseConfig
+from ctrl_offline.models.modeling import ModelLoadingConfig, QuantizationUnavailable, bitsandbytes_available, load_policy
+from ctrl_offline.training.trainer import CTRLPointwiseTrainer, CTRLTrainer, TrainingDataError
 from tiny_models import build_tiny_model, build_tokenizer
 
 PROMPTS = ["tell me about the cat", "why is the dog happy", "how is it", "what is good"]
@@ -174,7 +174,7 @@ def test_qlora_nf4_path_trains_and_saves_a_peft_adapter(tiny_path, tokenizer, tm
 
 
 def test_four_bit_where_it_cannot_run(tiny_path, monkeypatch, caplog):
-    import ctrl_offline.modeling as modeling
+    import ctrl_offline.models.modeling as modeling
 
     monkeypatch.setattr(modeling, "bitsandbytes_available", lambda: (False, "no kernel for this device"))
     with pytest.raises(QuantizationUnavailable, match="no kernel for this device.*allow_full_precision_fallback"):
@@ -234,7 +234,7 @@ def test_long_pairs_are_truncated_with_a_count(tiny_path, tokenizer, tmp_path, c
     rows = pair_rows()
     rows["chosen"] = [" the cat sat on the mat and the dog ran fast and it was very good" * 2] * 8
     model, lora = load_policy(ModelLoadingConfig(tiny_path, load_in_4bit=False))
-    with caplog.at_level(logging.WARNING, logger="ctrl_offline.trainer"):
+    with caplog.at_level(logging.WARNING, logger="ctrl_offline.training.trainer"):
         trainer = CTRLTrainer(model, config(CTRLConfig, tmp_path, max_length=16, max_steps=1), Dataset.from_dict(rows),
                               processing_class=tokenizer, peft_config=lora)
     assert trainer.num_truncated == 8
@@ -282,7 +282,7 @@ def build_folder(tmp_path, rows, info=BUILD_INFO, name="pairs"):
 
 
 def test_read_build_info_follows_a_loaded_dataset(tmp_path):
-    from ctrl_offline.io import read_build_info
+    from ctrl_offline.io.files import read_build_info
 
     data = build_folder(tmp_path, pair_rows())
     for source in (tmp_path / "pairs", str(tmp_path / "pairs" / "ctrl_build.json"), data, data.select([3, 1]),
@@ -335,7 +335,7 @@ def test_a_contradicting_beta_is_refused(tiny_path, tokenizer, tmp_path, caplog)
     assert "You passed the raw-Φ β (unscaled_beta=925.0" in str(err.value)
     assert "unscaled_beta / phi_scale = 925 / 2500 = 0.37" in str(err.value)
     # allow_beta_mismatch lets it through, with a warning.
-    with caplog.at_level(logging.WARNING, logger="ctrl_offline.trainer"):
+    with caplog.at_level(logging.WARNING, logger="ctrl_offline.training.trainer"):
         trainer = CTRLTrainer(model, config(CTRLConfig, tmp_path, beta=0.5, allow_beta_mismatch=True), data,
                               processing_class=tokenizer, peft_config=lora)
     assert trainer.args.beta == 0.5 and trainer.beta == 0.5
@@ -358,7 +358,7 @@ def test_beta_is_needed_without_metadata(tiny_path, tokenizer, tmp_path):
 
 
 def test_arguments_that_read_beta_serve_another_training_set(tmp_path):
-    from ctrl_offline.trainer import resolve_beta
+    from ctrl_offline.training.trainer import resolve_beta
 
     args = config(CTRLConfig, tmp_path, beta=None)
     resolve_beta(args, build_folder(tmp_path, pair_rows(), name="a"))

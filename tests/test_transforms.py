@@ -4,7 +4,7 @@ import mpmath as mp
 import numpy as np
 import pytest
 
-from ctrl_offline.transforms import (
+from ctrl_offline.maths.transforms import (
     FunctionTransform,
     Rescaled,
     Transform,
@@ -97,7 +97,7 @@ def test_exp_log_partition_is_exact_at_huge_scale():
 
 
 def test_all_transforms_are_half_at_large_beta_and_density_integrates_to_one():
-    from ctrl_offline._quadrature import nodes_and_weights
+    from ctrl_offline.maths._quadrature import nodes_and_weights
 
     nodes, weights = nodes_and_weights()
     for name, t in [("identity", None), ("log", None), ("exp", 5.0), ("negexp", 5.0)]:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from .. import __version__
-from ..io import DataError, write_json, write_parquet
+from ctrl_offline._version import __version__
+from ctrl_offline.io.files import DataError, write_json, write_parquet
 
 MANIFEST = "_manifest.json"
 

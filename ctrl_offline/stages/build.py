@@ -42,14 +42,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from ..io import DataError, atomic_output_dir, fingerprint, read_metadata, read_table, require_columns
-from ..losses import LOSS_FORMATS
-from ..pairs import make_pairs
-from ..pointwise import pointwise_targets, sft_weights
-from ..procedures import get_procedure
-from ..transforms import Rescaled, family_has_t, get_transform, unit_scale
-from .calibrate import CALIBRATED_FILE, TABLES_FILE, load_tables, tables_applied
-from .lineage import build_round
+from ctrl_offline.io.files import DataError, atomic_output_dir, fingerprint, read_metadata, read_table, require_columns
+from ctrl_offline.maths.losses import LOSS_FORMATS
+from ctrl_offline.rows.pairs import make_pairs
+from ctrl_offline.rows.pointwise import pointwise_targets, sft_weights
+from ctrl_offline.maths.procedures import get_procedure
+from ctrl_offline.maths.transforms import Rescaled, family_has_t, get_transform, unit_scale
+from ctrl_offline.stages.calibrate import CALIBRATED_FILE, TABLES_FILE, load_tables, tables_applied
+from ctrl_offline.stages.lineage import build_round
 
 __all__ = ["BuildResult", "build_dataset", "FORMATS", "BUILD_METADATA", "ID_COLUMNS", "MAX_LEFT_OUT",
            "MIN_ROWS_HINT"]
@@ -64,7 +64,7 @@ BUILD_METADATA = "ctrl_build.json"
 #: survived, not toward the calibrated target. ``max_left_out`` overrides it (1 never stops).
 MAX_LEFT_OUT = 0.5
 #: Below this many rows the build warns that the trainers will refuse the set (their default
-#: ``min_train_rows``, :data:`ctrl_offline.config.MIN_TRAIN_ROWS`).
+#: ``min_train_rows``, :data:`ctrl_offline.training.config.MIN_TRAIN_ROWS`).
 MIN_ROWS_HINT = 8
 #: The token-id columns a build writes when the samples record their ids (docs/data_layout.md): the prompt's as
 #: the sampler tokenised it, and each completion's exactly as sampled. The trainers train these, not the text.
@@ -114,7 +114,7 @@ def _choose_transform(transform, t, beta, inference, n, kl, k=None, estimator=No
     if inference is not None or n is not None or kl is not None:
         if None in (inference, n, kl):
             raise ValueError("the planner needs all of --inference, --inference-n and --kl-budget")
-        from ..planner import plan
+        from ctrl_offline.maths.planner import plan
 
         families = (transform,) if transform else ("identity", "log", "exp", "negexp")
         if k is None:
@@ -176,12 +176,12 @@ def _object_array(values: list) -> np.ndarray:
 def _prompt_token_ids(texts: list[str], tokenizer_path: str) -> list[list[int]]:
     """Each rendered prompt's token ids as the sampler had them: the text alone, tokenised with its defaults.
 
-    ``sample`` (and :func:`~ctrl_offline.generation.completion_logps`) feed ``tokenizer(prompt_text)``
+    ``sample`` (and :func:`~ctrl_offline.models.generation.completion_logps`) feed ``tokenizer(prompt_text)``
     to the model and the completion's ids after it; these are the ids its log-probs are conditioned on.
     """
     from transformers import AutoTokenizer
 
-    from ..embedded import resolve_model
+    from ctrl_offline.models.embedded import resolve_model
 
     try:
         tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer_path))
@@ -262,7 +262,7 @@ def build_dataset(
     from K samples meets the KL budget (docs/finite_k.md). ``k_aware=False`` plans the exact
     K = ∞ tilt instead. ``targets`` (``"loo"`` or ``"cell"``) and ``log_partition`` are the node
     values and the pointwise normaliser (:mod:`ctrl_offline.synthesis`). ``inference`` is any
-    registered procedure (:mod:`ctrl_offline.procedures`); one without a closed form is planned for
+    registered procedure (:mod:`ctrl_offline.maths.procedures`); one without a closed form is planned for
     the exact tilt by simulation on the calibration tables the calibrated input came with
     (``tables.parquet`` beside it), with its settings from ``selector_args``
     (docs/selector_planning.md).
@@ -288,7 +288,7 @@ def build_dataset(
     if procedure is not None and procedure.win_rate is None:
         tables = _plan_tables(path)
     if k_aware and procedure is not None and k_plan is not None and k_plan >= 2:
-        from ..finite_k import THEORY_STRATEGIES, Estimator
+        from ctrl_offline.maths.finite_k import THEORY_STRATEGIES, Estimator
 
         if procedure.win_rate is None or procedure.trained_win_rate is None:
             logger.warning("no finite-K theory for %s (%s): planning the exact K = ∞ tilt", inference,

@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..calibration import CalibrationTables, calibrate, calibrate_reference
-from ..io import DataError, atomic_output_dir, fingerprint, read_metadata, read_table, require_columns, write_parquet
+from ctrl_offline.maths.calibration import CalibrationTables, calibrate, calibrate_reference
+from ctrl_offline.io.files import DataError, atomic_output_dir, fingerprint, read_metadata, read_table, require_columns, write_parquet
 
 __all__ = ["CalibrateResult", "calibrate_scored", "load_tables", "save_tables", "tables_applied", "TABLES_FILE",
            "CALIBRATED_FILE", "APPLY_TABLES"]

@@ -4,14 +4,14 @@
 reports A and B on the same prompts — typically two adapters evaluated against one shared
 reference pool — :func:`compare_reports` gives, per selector and N, value_A, value_B and the
 difference A − B with a paired percentile bootstrap interval over prompts
-(:func:`ctrl_offline.evaluation.paired_bootstrap_difference`), plus the standard win rate and
+(:func:`ctrl_offline.maths.win_rates.paired_bootstrap_difference`), plus the standard win rate and
 KL(π‖π_ref) of each. Pairing removes the prompt-to-prompt variation both share, so the
 difference's interval is narrower than the two reports' own intervals suggest.
 
 :func:`compare_frontiers` compares two methods as curves (each a frontier folder of several
 evaluated adapters, or one report): their win rates interpolated at common KLs, A − B with a paired
 bootstrap over prompts on both axes, and each against the best-of-n sampling frontier there
-(:mod:`ctrl_offline.frontier`, docs/evaluation.md, "A frontier, not a point").
+(:mod:`ctrl_offline.maths.frontier`, docs/evaluation.md, "A frontier, not a point").
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..evaluation import decision_verdict, paired_bootstrap_difference
-from ..frontier import best_of_n_at_kl, frontier_at_kl, paired_frontier_difference
-from ..io import DataError, read_table, require_columns
-from .evaluate import PER_PROMPT_FILE
-from .frontier import read_frontier
+from ctrl_offline.maths.win_rates import decision_verdict, paired_bootstrap_difference
+from ctrl_offline.maths.frontier import best_of_n_at_kl, frontier_at_kl, paired_frontier_difference
+from ctrl_offline.io.files import DataError, read_table, require_columns
+from ctrl_offline.stages.evaluate import PER_PROMPT_FILE
+from ctrl_offline.stages.frontier import read_frontier
 
 __all__ = ["compare_reports", "format_comparison", "compare_frontiers", "format_frontier_comparison"]
 
@@ -169,14 +169,14 @@ def compare_frontiers(a, b, at_kl, *, num_boot: int = 2000,
     checkpoints) or report folders (a single point), or lists of them (a method's points gathered from
     several folders); every point of both on the same prompts. For every
     (selector, N) all points measured and every KL of ``at_kl``: each method's win rate interpolated
-    there (:func:`~ctrl_offline.frontier.frontier_at_kl`; None where its largest KL does not reach it),
+    there (:func:`~ctrl_offline.maths.frontier.frontier_at_kl`; None where its largest KL does not reach it),
     A − B with a paired bootstrap interval over prompts on both axes
-    (:func:`~ctrl_offline.frontier.paired_frontier_difference`) and its ``verdict`` under the rule of
-    :func:`~ctrl_offline.u_statistics.decision_verdict` (``effect``, ``null``), and, for closed-form
+    (:func:`~ctrl_offline.maths.frontier.paired_frontier_difference`) and its ``verdict`` under the rule of
+    :func:`~ctrl_offline.maths.u_statistics.decision_verdict` (``effect``, ``null``), and, for closed-form
     procedures, the best-of-n sampling frontier at that KL with each method's gap to it (the method's
     interval, shifted: the frontier is exact). ``b`` None compares A with the best-of-n frontier only.
     """
-    from ..procedures import closed_form_names
+    from ctrl_offline.maths.procedures import closed_form_names
 
     at = sorted(float(k) for k in at_kl)
     if not at or at[0] <= 0:

@@ -9,7 +9,7 @@ interval, the standard win rate, the calibrated-reward shortcut (the policy's ca
 the reference's best-/worst-of-N drawn from tables built from the reference candidates,
 docs/evaluation_shortcut.md) and KL(π‖π_ref) of the policy samples: the per-token exact KL summed
 along each sample (``kl``) and the sequence-level log-ratio (``kl_sequence``), each per prompt with
-its spread (:func:`ctrl_offline.generation.completion_kl`, docs/kl_budget.md). An adapter whose
+its spread (:func:`ctrl_offline.models.generation.completion_kl`, docs/kl_budget.md). An adapter whose
 ``ctrl_train.json`` lists the prompts its training was held on (``ctrl-data train --kl-prompts``)
 also gets the per-token KL on those prompts (``kl_training_prompts``). Against the plan its build
 was made for (``ctrl_build.json``), the report says how the KL was spent (docs/diagnostics.md): KL
@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..calibration import build_tables, calibrate, rank_counts
-from ..diagnostics import level_kl_split, plan_diagnostics, planned_tilt, reference_tilt_fidelity
-from ..evaluation import (
+from ctrl_offline.maths.calibration import build_tables, calibrate, rank_counts
+from ctrl_offline.maths.diagnostics import level_kl_split, plan_diagnostics, planned_tilt, reference_tilt_fidelity
+from ctrl_offline.maths.win_rates import (
     MAX_SUBSETS,
     bootstrap_mean,
     calibrated_shortcut,
@@ -43,7 +43,7 @@ from ..evaluation import (
     u_statistic_per_prompt,
     u_statistic_win_rate,
 )
-from ..generation import (
+from ctrl_offline.models.generation import (
     SamplingConfig,
     completion_kl,
     load_causal_lm,
@@ -51,11 +51,11 @@ from ..generation import (
     render_prompt,
     sample_completions,
 )
-from ..io import DataError, atomic_output_dir, read_metadata, read_table, write_parquet
-from ..rewards import load_reward, reward_name
-from ..procedures import get_procedure, procedure_names
-from ._shards import process_device
-from .sample import load_prompts
+from ctrl_offline.io.files import DataError, atomic_output_dir, read_metadata, read_table, write_parquet
+from ctrl_offline.models.rewards import load_reward, reward_name
+from ctrl_offline.maths.procedures import get_procedure, procedure_names
+from ctrl_offline.stages._shards import process_device
+from ctrl_offline.stages.sample import load_prompts
 
 __all__ = ["EvalResult", "evaluate_policy", "BUILD_REPORT_KEYS", "POOL_FILE", "PER_PROMPT_FILE"]
 
@@ -79,7 +79,7 @@ class EvalResult:
 def _sample_ids(values):
     """Prompt ids as ``sample`` writes them now (int64); the 16-hex-digit ids of earlier runs become those integers,
     other ids (a user's own strings) stay as they are."""
-    from ..calibration import CalibrationError, int_prompt_ids
+    from ctrl_offline.maths.calibration import CalibrationError, int_prompt_ids
 
     try:
         return [int(v) for v in int_prompt_ids(values)]
@@ -237,7 +237,7 @@ def evaluate_policy(
 ) -> EvalResult:
     """Evaluate ``adapter`` on ``model_name_or_path`` (or the base itself when no adapter is given).
 
-    ``selectors`` are registered procedures (:mod:`ctrl_offline.procedures`). ``beta`` is the
+    ``selectors`` are registered procedures (:mod:`ctrl_offline.maths.procedures`). ``beta`` is the
     selectors' β (regularised best-of-N, ITP), not the training β; ``selector_args`` holds any other
     procedure setting (``{"alpha": 1.5}`` for tsallis). ``build_info``
     (optional, the training set's ``ctrl_build.json``) is recorded in the report under ``build``:
@@ -245,7 +245,7 @@ def evaluate_policy(
 
     ``policy_samples`` (m) and ``reference_samples`` (M), each ≥ max(N) (default max(N), at least
     2), are the samples drawn per prompt from each side; every win rate is the U-statistic over all
-    N-subsets of the m and M samples (:func:`~ctrl_offline.evaluation.u_statistic_win_rate`,
+    N-subsets of the m and M samples (:func:`~ctrl_offline.maths.win_rates.u_statistic_win_rate`,
     docs/evaluation.md). ``reference_pool`` names a folder shared by evaluations on the same
     prompts: when it holds a pool for the same prompts (by prompt_id), reference model, reward and
     ``max_new_tokens`` with at least M samples per prompt, its samples are used instead of drawing
@@ -398,7 +398,7 @@ def evaluate_policy(
         "u": np.concatenate([u_pol.ravel(), np.full(len(reference), np.nan)]),
     })
     per_prompt = _per_prompt_table(ids, results, standard, kl["per_prompt"], kl_sequence["per_prompt"])
-    from ..reporting import write_report
+    from ctrl_offline.reports.reporting import write_report
 
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         write_parquet(samples, tmp / "samples.parquet", {"stage": "eval"})
@@ -430,7 +430,7 @@ def _policy_levels(tables, ids: list, r_pol: np.ndarray) -> tuple[np.ndarray, in
     """(levels, M, tied share) of the policy samples against the reference rewards (docs/diagnostics.md §4).
 
     A sample's level is the number of its prompt's M reference rewards strictly below its reward
-    (``below`` of :func:`~ctrl_offline.calibration.rank_counts`, the counts its u is made of); the
+    (``below`` of :func:`~ctrl_offline.maths.calibration.rank_counts`, the counts its u is made of); the
     tied share is the fraction of samples equal to some reference reward (the levels assume none).
     """
     m = r_pol.shape[1]
@@ -442,7 +442,7 @@ def _policy_levels(tables, ids: list, r_pol: np.ndarray) -> tuple[np.ndarray, in
 
 
 def _kl_split(tables, ids: list, r_pol: np.ndarray, scored, tilt, notes: list[str], num_boot: int, seed: int) -> dict:
-    """The on-/off-target split of the policy samples' KL (:func:`~ctrl_offline.diagnostics.level_kl_split`)."""
+    """The on-/off-target split of the policy samples' KL (:func:`~ctrl_offline.maths.diagnostics.level_kl_split`)."""
     levels, big_m, tied = _policy_levels(tables, ids, r_pol)
     split = level_kl_split(levels, big_m, scored.logp.reshape(r_pol.shape), scored.ref_logp.reshape(r_pol.shape),
                            tilt=tilt, num_boot=num_boot, rng=seed)
@@ -470,7 +470,7 @@ def _reference_log_ratios(model, tokenizer, texts: list[str], reference: list[di
 
 def _tilt_fidelity(model, tokenizer, texts: list[str], reference: list[dict], tables, ids: list, r_ref: np.ndarray,
                    tilt) -> dict:
-    """The tilt-fidelity curve on the reference samples (:func:`~ctrl_offline.diagnostics.reference_tilt_fidelity`).
+    """The tilt-fidelity curve on the reference samples (:func:`~ctrl_offline.maths.diagnostics.reference_tilt_fidelity`).
 
     u: each reference sample's leave-one-out Ĉ among its prompt's M; h: :func:`_reference_log_ratios`.
     """
@@ -483,7 +483,7 @@ def _tilt_fidelity(model, tokenizer, texts: list[str], reference: list[dict], ta
 
 def _training_kl_record(adapter: str | None) -> dict | None:
     """The KL record of ``adapter``'s ``ctrl_train.json`` when it lists the prompts training was held on, else None."""
-    from .train import TRAIN_INFO_FILE
+    from ctrl_offline.stages.train import TRAIN_INFO_FILE
 
     path = Path(adapter) / TRAIN_INFO_FILE if adapter else None
     if path is None or not path.is_file():
@@ -504,7 +504,7 @@ def _kl_on_training_prompts(model, tokenizer, record: dict, num_boot: int) -> di
     Drawn as the callback drew (its samples per prompt, ``max_new_tokens`` and seed), so it is the
     callback's own estimate of these weights; ``held_in_training`` is the KL the callback left.
     """
-    from ..kl_budget import SampledKL
+    from ctrl_offline.training.kl_budget import SampledKL
 
     prompts = record["prompt_list"]
     settings = {"num_samples": int(record.get("samples_per_prompt", 4)),

@@ -4,7 +4,7 @@
 :func:`~ctrl_offline.stages.evaluate.evaluate_policy` into ``<out>/<label>/`` against one shared
 reference pool (``<out>/pool`` unless given), then writes ``frontier.json``, ``frontier.md`` and
 ``frontier.png``: win rate against KL for every point with intervals on both axes, beside the best-
-of-n sampling frontier (:mod:`ctrl_offline.frontier`) and the curve of each point's plan; each row
+of-n sampling frontier (:mod:`ctrl_offline.maths.frontier`) and the curve of each point's plan; each row
 says how far the point lies from both (vertical gaps) and its KL efficiency. An adapter already
 evaluated there is not evaluated again, so an interrupted frontier resumes and a later adapter can be
 added. ``ctrl-data compare --at-kl`` reads these folders (docs/evaluation.md, "A frontier, not a point").
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..frontier import best_of_n_at_kl, best_of_n_kl
-from ..io import DataError, read_build_info, write_json, write_text
-from .evaluate import evaluate_policy
+from ctrl_offline.maths.frontier import best_of_n_at_kl, best_of_n_kl
+from ctrl_offline.io.files import DataError, read_build_info, write_json, write_text
+from ctrl_offline.stages.evaluate import evaluate_policy
 
 __all__ = ["FrontierPoint", "FRONTIER_FILE", "training_record", "frontier_points", "evaluate_frontier", "summarize_frontier",
            "format_frontier", "read_frontier"]
@@ -60,7 +60,7 @@ def training_record(adapter: Path) -> tuple[dict | None, str | None]:
     An adapter carries its build's ``ctrl_build.json`` and a ``ctrl_train.json`` naming its data; a
     checkpoint has neither, and is found through its run's ``ctrl_train_settings.json``.
     """
-    from .train import SETTINGS_FILE, TRAIN_INFO_FILE
+    from ctrl_offline.stages.train import SETTINGS_FILE, TRAIN_INFO_FILE
 
     trained = adapter / TRAIN_INFO_FILE
     settings = adapter.parent / SETTINGS_FILE
@@ -158,7 +158,7 @@ def summarize_frontier(points: list[FrontierPoint], reports: list[dict]) -> dict
     the win rate beside the best-of-n sampling frontier at the point's KL and, where the point's build
     was planned for that procedure and N, the plan's win rate there and the KL efficiency.
     """
-    from ..procedures import closed_form_names
+    from ctrl_offline.maths.procedures import closed_form_names
 
     rows = []
     for point, report in zip(points, reports):
@@ -243,8 +243,8 @@ def _plot(summary: dict, path: Path) -> list[str]:
 
     Returns notes on what was left off (a plan's curve it cannot draw); a figure that fails is a note too.
     """
-    from ..diagnostics import PlanCurve
-    from ..reporting import save_figure
+    from ctrl_offline.maths.diagnostics import PlanCurve
+    from ctrl_offline.reports.reporting import save_figure
 
     notes: list[str] = []
     panels = sorted({(r["selector"], r["n"]) for p in summary["points"] for r in p["win_rates"]})

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import read_metadata, read_table
-from ._shards import MANIFEST
-from .build import BUILD_METADATA
-from .calibrate import CALIBRATED_FILE
+from ctrl_offline.io.files import read_metadata, read_table
+from ctrl_offline.stages._shards import MANIFEST
+from ctrl_offline.stages.build import BUILD_METADATA
+from ctrl_offline.stages.calibrate import CALIBRATED_FILE
 
 __all__ = ["inspect_output", "format_summary", "plot_summary"]
 

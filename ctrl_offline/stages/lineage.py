@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import BUILD_INFO_FILE, DataError, read_metadata
-from .calibrate import tables_applied
+from ctrl_offline.io.files import BUILD_INFO_FILE, DataError, read_metadata
+from ctrl_offline.stages.calibrate import tables_applied
 
 __all__ = ["AdapterRecord", "read_adapter", "same_model", "check_base_model", "build_round", "sample_manifest"]
 

@@ -38,11 +38,11 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from ..io import BUILD_INFO_FILE, DataError, fingerprint, read_metadata, write_json
-from .lineage import _json, check_base_model, read_adapter, same_model, sample_manifest
+from ctrl_offline.io.files import BUILD_INFO_FILE, DataError, fingerprint, read_metadata, write_json
+from ctrl_offline.stages.lineage import _json, check_base_model, read_adapter, same_model, sample_manifest
 
 if TYPE_CHECKING:
-    from .train import TrainResult
+    from ctrl_offline.stages.train import TrainResult
 
 __all__ = ["RoundResult", "ROUND_FILE", "ROUND_FOLDERS", "run_round"]
 
@@ -97,7 +97,7 @@ def run_round(
     and trains it further (``init_adapter``); without one it samples the base and trains a fresh
     adapter (round 1). ``model`` is the base, by default the adapter's, else the model the reference
     set was drawn from; another base than the reference set's is refused. ``sampling`` is a
-    :class:`~ctrl_offline.generation.SamplingConfig` (``k``: samples per prompt); round r samples with
+    :class:`~ctrl_offline.models.generation.SamplingConfig` (``k``: samples per prompt); round r samples with
     seed ``seed + r``, and a round from the base whose seed is the reference samples' own is refused
     (it would draw the reference samples again). ``build`` holds
     :func:`~ctrl_offline.stages.build.build_dataset` arguments (the transform, or ``inference``/``n``/``kl``
@@ -106,13 +106,13 @@ def run_round(
     ``kl_prompts``, …). The round and its settings are recorded in ``out_dir``/:data:`ROUND_FILE`; a
     folder holding a round with other settings is refused unless ``overwrite``, which starts it over.
     """
-    from ..generation import SamplingConfig
-    from ._shards import is_complete
-    from .build import build_dataset
-    from .calibrate import CALIBRATED_FILE, TABLES_FILE, calibrate_scored
-    from .sample import sample_prompts
-    from .score import score_samples
-    from .train import TRAIN_INFO_FILE, train_from_build
+    from ctrl_offline.models.generation import SamplingConfig
+    from ctrl_offline.stages._shards import is_complete
+    from ctrl_offline.stages.build import build_dataset
+    from ctrl_offline.stages.calibrate import CALIBRATED_FILE, TABLES_FILE, calibrate_scored
+    from ctrl_offline.stages.sample import sample_prompts
+    from ctrl_offline.stages.score import score_samples
+    from ctrl_offline.stages.train import TRAIN_INFO_FILE, train_from_build
 
     build, train = dict(build or {}), dict(train or {})
     for name, given, owned in (("build", build, ("format", "targets")),
@@ -192,7 +192,7 @@ def run_round(
 
 def _recorded_train_args(train: dict) -> dict:
     """The training arguments a round records: what decides the adapter (run-only TRL arguments left out)."""
-    from .train import RUN_ONLY_TRAINING_ARGS
+    from ctrl_offline.stages.train import RUN_ONLY_TRAINING_ARGS
 
     recorded = {k: v for k, v in train.items() if k != "callbacks"}
     if "training_args" in recorded:

@@ -33,11 +33,11 @@ from pathlib import Path
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from ..generation import (SampleRow, SamplingConfig, completion_logps, hex_prompt_id, load_causal_lm, prompt_id,
+from ctrl_offline.models.generation import (SampleRow, SamplingConfig, completion_logps, hex_prompt_id, load_causal_lm, prompt_id,
                           render_prompt, sample_completions)
-from ..io import DataError, fingerprint
-from ._shards import MANIFEST, ShardedOutput, process_device
-from .lineage import check_base_model, read_adapter
+from ctrl_offline.io.files import DataError, fingerprint
+from ctrl_offline.stages._shards import MANIFEST, ShardedOutput, process_device
+from ctrl_offline.stages.lineage import check_base_model, read_adapter
 
 __all__ = ["SampleResult", "load_prompts", "sample_prompts"]
 
@@ -255,7 +255,7 @@ class _VLLMBackend(_TransformersBackend):
             raise DataError("backend 'vllm' needs the vllm package (pip install 'ctrl-offline[vllm]')") from err
         from transformers import AutoConfig, AutoTokenizer
 
-        from ..embedded import resolve_model
+        from ctrl_offline.models.embedded import resolve_model
 
         model_name_or_path = resolve_model(model_name_or_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)

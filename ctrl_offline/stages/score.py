@@ -16,9 +16,9 @@ from pathlib import Path
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from ..io import DataError, fingerprint, read_table, require_columns
-from ..rewards import load_reward, reward_name
-from ._shards import MANIFEST, ShardedOutput, process_device
+from ctrl_offline.io.files import DataError, fingerprint, read_table, require_columns
+from ctrl_offline.models.rewards import load_reward, reward_name
+from ctrl_offline.stages._shards import MANIFEST, ShardedOutput, process_device
 
 __all__ = ["ScoreResult", "score_samples"]
 

@@ -2,8 +2,8 @@
 
 Everything the build decided travels with the data, so nothing is copied by hand:
 
-* the trainer: pairs train with :class:`~ctrl_offline.trainer.CTRLTrainer` (TRL's DPOTrainer),
-  pointwise targets and weights with :class:`~ctrl_offline.trainer.CTRLPointwiseTrainer`;
+* the trainer: pairs train with :class:`~ctrl_offline.training.trainer.CTRLTrainer` (TRL's DPOTrainer),
+  pointwise targets and weights with :class:`~ctrl_offline.training.trainer.CTRLPointwiseTrainer`;
 * the loss the plan was made for (``planner.estimator.loss`` in ``ctrl_build.json``; a K-aware plan
   promises its KL and win rate for that loss only, docs/finite_k.md), overridable within the format;
 * β, which the trainers read from ``ctrl_build.json`` themselves;
@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import BUILD_INFO_FILE, DataError, read_build_info, read_metadata, write_json
+from ctrl_offline.io.files import BUILD_INFO_FILE, DataError, read_build_info, read_metadata, write_json
 
 __all__ = ["TrainResult", "build_loss", "build_reference_model", "training_config", "make_trainer", "train_adapter",
            "train_from_build", "TRAIN_INFO_FILE", "KL_BUDGET_FILE", "DEFAULT_LOSS",
@@ -48,7 +48,7 @@ KL_BUDGET_FILE = "kl_budget.json"
 SETTINGS_FILE = "ctrl_train_settings.json"  # in the checkpoint folder: what its checkpoints were trained with
 
 #: The loss each build format trains by default. Which losses a format can serve is the loss registry's
-#: (:func:`ctrl_offline.losses.format_losses`).
+#: (:func:`ctrl_offline.maths.losses.format_losses`).
 DEFAULT_LOSS = {"pairs": "dpo", "pointwise": "pointwise", "weights": "weighted_sft"}
 #: Training arguments that change how a run is logged or saved, not what it trains: checkpoints
 #: trained with other values of these are still resumed (and ``hub_token`` is never written down).
@@ -88,7 +88,7 @@ def build_reference_model(info: dict) -> str | None:
 
 
 def _check_loss(info: dict, loss: str | None) -> str:
-    from ..losses import LOSS_FORMATS, get_loss
+    from ctrl_offline.maths.losses import LOSS_FORMATS, get_loss
 
     fmt = info.get("format")
     if fmt not in LOSS_FORMATS:
@@ -115,9 +115,9 @@ def training_config(fmt: str, loss: str, overrides: dict):
     ``overrides`` are TrainingArguments / DPOConfig / SFTConfig fields; ``beta`` is left out so
     the trainer reads it from the build. A field the config does not have is refused by name.
     """
-    from ..config import CTRLConfig, CTRLPointwiseConfig
+    from ctrl_offline.training.config import CTRLConfig, CTRLPointwiseConfig
 
-    from ..losses import get_loss
+    from ctrl_offline.maths.losses import get_loss
 
     cls = CTRLConfig if get_loss(loss).pairwise else CTRLPointwiseConfig
     names = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -136,9 +136,9 @@ def _latest_checkpoint(folder: Path) -> Path | None:
 def make_trainer(data_dir, loading, args, *, callbacks=(), init_adapter=None):
     """The CTRL trainer of ``args`` on the training set in ``data_dir``, not yet trained.
 
-    ``loading`` is a :class:`~ctrl_offline.modeling.ModelLoadingConfig` (the base model, LoRA/QLoRA);
-    ``args`` a :class:`~ctrl_offline.config.CTRLConfig` (pairs: :class:`~ctrl_offline.trainer.CTRLTrainer`)
-    or :class:`~ctrl_offline.config.CTRLPointwiseConfig` (:class:`~ctrl_offline.trainer.CTRLPointwiseTrainer`),
+    ``loading`` is a :class:`~ctrl_offline.models.modeling.ModelLoadingConfig` (the base model, LoRA/QLoRA);
+    ``args`` a :class:`~ctrl_offline.training.config.CTRLConfig` (pairs: :class:`~ctrl_offline.training.trainer.CTRLTrainer`)
+    or :class:`~ctrl_offline.training.config.CTRLPointwiseConfig` (:class:`~ctrl_offline.training.trainer.CTRLPointwiseTrainer`),
     e.g. from :func:`training_config`. No β is passed: the trainers read it from ``data_dir``'s
     ``ctrl_build.json``. The tokenizer is the trainer's ``processing_class``.
 
@@ -150,10 +150,10 @@ def make_trainer(data_dir, loading, args, *, callbacks=(), init_adapter=None):
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
-    from ..config import CTRLConfig
-    from ..embedded import load_error_message, resolve_model
-    from ..modeling import continued_lora_config, load_adapter_weights, load_policy
-    from ..trainer import CTRLPointwiseTrainer, CTRLTrainer
+    from ctrl_offline.training.config import CTRLConfig
+    from ctrl_offline.models.embedded import load_error_message, resolve_model
+    from ctrl_offline.models.modeling import continued_lora_config, load_adapter_weights, load_policy
+    from ctrl_offline.training.trainer import CTRLPointwiseTrainer, CTRLTrainer
 
     dataset = load_from_disk(str(data_dir))
     model, lora = load_policy(loading)
@@ -246,7 +246,7 @@ def train_from_build(
     """Train the adapter a ``ctrl-data build`` folder was made for into ``out``.
 
     ``model`` defaults to the reference model recorded at sampling; ``loss`` to the loss the build
-    was planned for. ``loading`` holds :class:`~ctrl_offline.modeling.ModelLoadingConfig` fields
+    was planned for. ``loading`` holds :class:`~ctrl_offline.models.modeling.ModelLoadingConfig` fields
     (``load_in_4bit``, ``lora_r``, …; 4-bit is off unless asked for), ``training_args`` any TRL
     config field (``learning_rate``, ``num_train_epochs``, ``per_device_train_batch_size``, …).
 
@@ -258,7 +258,7 @@ def train_from_build(
 
     With ``kl_prompts`` (held-out prompts: a file, folder, Hub id or list) training is held to
     ``kl_budget`` — by default the KL the build was planned for — by
-    :class:`~ctrl_offline.kl_budget.KLBudgetCallback` with a :class:`~ctrl_offline.kl_budget.SampledKL`
+    :class:`~ctrl_offline.training.kl_budget.KLBudgetCallback` with a :class:`~ctrl_offline.training.kl_budget.SampledKL`
     estimate every ``kl_every_n_steps`` steps (docs/kl_budget.md); ``kl_prompts_source`` says where the
     prompts came from in the KL record (default: the path given). The KL record (``kl`` in
     ``ctrl_train.json``) lists the prompts (``prompt_list``) with the seed and batch size they were
@@ -266,11 +266,11 @@ def train_from_build(
     (in ``checkpoint_dir``, default ``<out>.checkpoints``) are resumed only when trained with the same
     data, model, loss and arguments, :data:`RUN_ONLY_TRAINING_ARGS` aside. Input errors (not a build folder,
     a loss the rows cannot serve, another model than the stored log-probs', an existing ``out``)
-    raise :class:`~ctrl_offline.io.DataError` before any model is loaded.
+    raise :class:`~ctrl_offline.io.files.DataError` before any model is loaded.
     """
     from accelerate import PartialState
 
-    from ..modeling import ModelLoadingConfig
+    from ctrl_offline.models.modeling import ModelLoadingConfig
 
     started = time.perf_counter()
     data, out = Path(data), Path(out)
@@ -359,8 +359,8 @@ def _continued(init_adapter, model, loading: dict, info: dict) -> tuple[str, dic
     LoRA shape contradicts one asked for in ``loading``; warns when the build's samples came from
     another adapter.
     """
-    from ..modeling import saved_lora_settings
-    from .lineage import check_base_model, read_adapter, same_model
+    from ctrl_offline.models.modeling import saved_lora_settings
+    from ctrl_offline.stages.lineage import check_base_model, read_adapter, same_model
 
     record = read_adapter(init_adapter, "--init-adapter")
     check_base_model(record, str(model), "--init-adapter")
@@ -388,7 +388,7 @@ def _check_model(model) -> None:
     """A base model that cannot be found fails here, before anything is written."""
     from transformers import AutoConfig
 
-    from ..embedded import load_error_message, resolve_model
+    from ctrl_offline.models.embedded import load_error_message, resolve_model
 
     try:
         AutoConfig.from_pretrained(resolve_model(str(model)))
@@ -412,9 +412,9 @@ def _check_checkpoints(folder: Path, settings: dict, overwrite: bool) -> None:
 def _kl_callback(budget, prompts, model, num_samples, every_n_steps, max_new_tokens, batch_size, column, seed):
     from transformers import AutoTokenizer
 
-    from ..embedded import resolve_model
-    from ..kl_budget import KLBudgetCallback, SampledKL
-    from .sample import load_prompts
+    from ctrl_offline.models.embedded import resolve_model
+    from ctrl_offline.training.kl_budget import KLBudgetCallback, SampledKL
+    from ctrl_offline.stages.sample import load_prompts
 
     if isinstance(prompts, (str, Path)):
         prompts = load_prompts(str(prompts), column=column)

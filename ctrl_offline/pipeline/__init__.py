@@ -1,0 +1,1 @@
+"""What the recipes build on: the recipe config schema and the prompt sources (above the stages)."""

@@ -1,0 +1,2 @@
+"""What a run reports: evaluation reports and figures, the planner's figure, the measured KL efficiency
+table, Hub model cards."""
