@@ -67,8 +67,12 @@ def prompts(topics):
 
 
 def write_prompts(path: Path, items) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in items))
+    """The prompts as JSON lines; an identical file is left untouched (the sample stage fingerprints its
+    inputs by modification time, so rewriting it would stop a resumed run from reusing its shards)."""
+    text = "".join(json.dumps({"prompt": p}) + "\n" for p in items)
+    if not (path.is_file() and path.read_text() == text):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
     return path
 
 
