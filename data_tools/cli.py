@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ctrl_offline.maths.finite_k import THEORY_STRATEGIES
     from ctrl_offline.rows.pairs import PAIR_STRATEGIES
     from ctrl_offline.maths.procedures import closed_form_names, procedure_names
-    from ctrl_offline.maths.losses import LOSS_FORMATS, loss_names
+    from ctrl_offline.maths.losses import DATA_FORMATS, loss_names
     from ctrl_offline.maths.transforms import available_transforms
 
     procedures = list(procedure_names())
@@ -272,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "(and TRL's DPO trainer).")
     bu.add_argument("calibrated", help="output folder of `ctrl-data calibrate` (or its calibrated.parquet)")
     bu.add_argument("--out", required=True)
-    bu.add_argument("--data-format", choices=list(LOSS_FORMATS), default="pairs")
+    bu.add_argument("--data-format", choices=list(DATA_FORMATS), default="pairs",
+                    help="pairs (TRL's DPO columns), pointwise, weights, or grouped: one row per prompt with its K "
+                    "completions, for any loss, each response forwarded once per training step (needs the samples' "
+                    "token ids and reference log-probs)")
     bu.add_argument("--transform", choices=transforms, help="transform family (default: the planner's best)")
     bu.add_argument("--t", type=_positive_float, help="shape parameter of exp/negexp")
     bu.add_argument("--beta", type=_positive_float, help="KL coefficient β")
@@ -305,14 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr = stages.add_parser("train", help="the adapter a build was made for (TRL DPO / SFT trainers + PEFT)",
                            description="Train a LoRA/QLoRA adapter on a `ctrl-data build` folder with the loss, β and "
                            "reference model the build recorded. Arguments this command does not know are TRL training "
-                           "arguments (DPOConfig for pairs, SFTConfig otherwise), e.g. --learning_rate 1e-4.",
+                           "arguments (DPOConfig for pairs and grouped rows, SFTConfig otherwise), e.g. --learning_rate 1e-4.",
                            epilog=EXAMPLES_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter,
                            allow_abbrev=False)  # a TRL argument must not be read as an abbreviation of ours
     tr.add_argument("data", help="output folder of `ctrl-data build`")
     tr.add_argument("--out", required=True, help="adapter folder (written once training ends)")
     tr.add_argument("--model", help="base model (default: the reference model recorded at sampling)")
     tr.add_argument("--loss", choices=list(loss_names()),
-                    help="override the loss the build was planned for (within its format)")
+                    help="override the loss the build was planned for (within its format; any on a grouped build)")
     tr.add_argument("--init-adapter", metavar="PREV",
                     help="train this adapter's LoRA weights further instead of a fresh adapter (same base; its LoRA "
                     "shape: --lora-r/--lora-alpha/--lora-target-modules must agree with it or be left out)")
@@ -573,14 +576,13 @@ def training_overrides(cls, extra: list[str]) -> dict:
 
 
 def _run_train(args) -> int:
-    from ctrl_offline.training.config import CTRLConfig, CTRLPointwiseConfig
     from ctrl_offline.io.files import DataError, read_build_info
-    from ctrl_offline.stages.train import train_from_build
+    from ctrl_offline.stages.train import config_class, train_from_build
 
     info = read_build_info(args.data) if Path(args.data).is_dir() else None
     if info is None:
         raise DataError(f"{args.data} is not a `ctrl-data build` output folder (no ctrl_build.json)")
-    cls = CTRLConfig if info.get("format") == "pairs" else CTRLPointwiseConfig
+    cls = config_class(info.get("format"))
     overrides = training_overrides(cls, args.extra)
     loading = _loading(args, overrides, continued=args.init_adapter is not None)
     result = train_from_build(args.data, args.out, args.model, loss=args.loss, loading=loading,

@@ -37,6 +37,9 @@ __all__ = [
     "loss_names",
     "format_losses",
     "LOSS_FORMATS",
+    "GROUPED_FORMAT",
+    "DATA_FORMATS",
+    "GROUPED_BATCH_COLUMNS",
     "LOSS_TYPES",
     "PAIR_LOSSES",
     "SINGLE_LOSSES",
@@ -51,6 +54,19 @@ __all__ = [
 #: The build formats (``ctrl-data build --data-format``), in order: pairs train the pairwise trainer, the
 #: others the pointwise one.
 LOSS_FORMATS = ("pairs", "pointwise", "weights")
+#: The layout that serves every loss: one row per prompt with its K completions (docs/data_layout.md), trained by
+#: the grouped trainer, which forwards each response once and forms the loss of any pair from the K log-probs.
+GROUPED_FORMAT = "grouped"
+#: What ``ctrl-data build --data-format`` writes: each loss's format, and the grouped layout.
+DATA_FORMATS = LOSS_FORMATS + (GROUPED_FORMAT,)
+#: The columns a grouped batch hands a loss of each format (``batch`` of :attr:`Loss.compute`), formed from a
+#: group's stored values: per pair Φ(u_chosen) − Φ(u_rejected), its soft label, weight 1 and both u; per
+#: completion its target, SFT weight, u and stored reference log-prob.
+GROUPED_BATCH_COLUMNS = {
+    "pairs": ("target_phi_gap", "label", "weight", "u_chosen", "u_rejected"),
+    "pointwise": ("target", "weight", "u", "ref_logp"),
+    "weights": ("target", "weight", "u", "ref_logp"),
+}
 
 
 def soft_label(target_phi_gap: "torch.Tensor") -> "torch.Tensor":

@@ -7,6 +7,9 @@ project's trainers read without conversion:
   chosen_finished, rejected_finished, prompt_token_ids, chosen_ids, rejected_ids
 * ``pointwise``  prompt, completion, target, ref_logp, finished, prompt_token_ids, completion_ids
 * ``weights``    prompt, completion, weight, ref_logp, finished, prompt_token_ids, completion_ids
+* ``grouped``    one row per prompt: prompt, prompt_token_ids, completions, completion_ids, ref_logp, finished,
+  u, phi, target, weight (one entry per completion), pair_chosen, pair_rejected (the pairs, as positions among
+  them); every loss trains on it (:mod:`ctrl_offline.rows.grouped`, the grouped trainer)
 
 (each also carries ``prompt_id`` and ``u`` — ``u_chosen`` / ``u_rejected`` for pairs). Column
 names are those of docs/data_layout.md: TRL's own (``prompt``, ``chosen``, ``rejected``,
@@ -43,7 +46,8 @@ import pandas as pd
 import pyarrow as pa
 
 from ctrl_offline.io.files import DataError, atomic_output_dir, fingerprint, read_metadata, read_table, require_columns
-from ctrl_offline.maths.losses import LOSS_FORMATS
+from ctrl_offline.maths.losses import DATA_FORMATS, GROUPED_FORMAT, get_loss
+from ctrl_offline.rows.grouped import make_groups
 from ctrl_offline.rows.pairs import make_pairs
 from ctrl_offline.rows.pointwise import pointwise_targets, sft_weights
 from ctrl_offline.maths.procedures import get_procedure
@@ -56,8 +60,8 @@ __all__ = ["BuildResult", "build_dataset", "FORMATS", "BUILD_METADATA", "ID_COLU
 
 logger = logging.getLogger(__name__)
 
-#: The build formats: the loss registry's (each loss trains on one of them).
-FORMATS = LOSS_FORMATS
+#: The build formats: the loss registry's (each loss trains on one of them) and the grouped layout (every loss).
+FORMATS = DATA_FORMATS
 BUILD_METADATA = "ctrl_build.json"
 #: The largest fraction of the calibrated rows the build may leave out (cut before EOS when dropping
 #: them, or empty) before it stops: training on the rest would tilt toward the short answers that
@@ -85,7 +89,7 @@ class BuildResult:
 
 
 #: The loss a K-aware plan is made for when none is named: the format's natural trainer.
-DEFAULT_PLAN_LOSS = {"pairs": "dpo", "pointwise": "pointwise", "weights": "weighted_sft"}
+DEFAULT_PLAN_LOSS = {"pairs": "dpo", "pointwise": "pointwise", "weights": "weighted_sft", GROUPED_FORMAT: "dpo"}
 
 
 def _plan_tables(calibrated: Path):
@@ -213,6 +217,23 @@ def _sampled_token_ids(table: pa.Table, prompt_col: str, tokenizer_path: str | N
     return _prompt_token_ids(table[prompt_col].to_pylist(), tokenizer_path), completion_ids
 
 
+def _grouped_columns(groups, ids, prompts, completions, u, ref, flags, prompt_token_ids, completion_ids) -> dict:
+    """The grouped layout's columns (one row per prompt, one list entry per completion; docs/data_layout.md)."""
+    first = np.array([rows[0] for rows in groups.rows], dtype=np.int64)
+    per_row = {"completions": (completions, pa.string()), "completion_ids": (completion_ids, pa.list_(pa.int32())),
+               "ref_logp": (ref, pa.float64()), "u": (u, pa.float64()), "phi": (groups.phi, pa.float64()),
+               "target": (groups.target, pa.float64()), "weight": (groups.weight, pa.float64())}
+    if flags is not None:
+        per_row["finished"] = (flags, pa.bool_())
+    columns = {"prompt_id": pa.array(ids[first]), "prompt": pa.array(list(prompts[first]), pa.string()),
+               "prompt_token_ids": pa.array(list(prompt_token_ids[first]), pa.list_(pa.int32()))}
+    for name, (values, kind) in per_row.items():
+        columns[name] = pa.array([list(values[rows]) for rows in groups.rows], pa.list_(kind))
+    for name, positions in (("pair_chosen", groups.pair_chosen), ("pair_rejected", groups.pair_rejected)):
+        columns[name] = pa.array([p.tolist() for p in positions], pa.list_(pa.int32()))
+    return columns
+
+
 def build_dataset(
     calibrated: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -275,10 +296,12 @@ def build_dataset(
     table = read_table(path)
     require_columns(table, ["prompt_id", "prompt", "completion", "u"], f"calibrated input {path}")
     k_of_row, against_tables = _ranks_per_row(path, table)
+    # The grouped layout trains any loss; it is planned (and its pairs judged) for the one named, dpo by default.
+    pairwise = format == "pairs" or (format == GROUPED_FORMAT and get_loss(loss or DEFAULT_PLAN_LOSS[format]).pairwise)
     if against_tables and targets == "cell":
         raise ValueError("cell targets share a prompt's quantile cells among its reference samples; rows calibrated "
                          "against stored tables are outside samples: use targets='loo'")
-    if against_tables and format == "pairs":
+    if against_tables and pairwise:
         logger.warning("pairs of responses calibrated against stored tables: the finite-K pair theory assumes a "
                        "prompt's samples ranked among each other, so the K-aware plan is approximate; the pointwise "
                        "format is exact for them (docs/finite_k.md §8)")
@@ -293,7 +316,7 @@ def build_dataset(
         if procedure.win_rate is None or procedure.trained_win_rate is None:
             logger.warning("no finite-K theory for %s (%s): planning the exact K = ∞ tilt", inference,
                            procedure.description)
-        elif format == "pairs" and strategy not in THEORY_STRATEGIES:
+        elif pairwise and strategy not in THEORY_STRATEGIES:
             logger.warning("no finite-K theory for pair strategy %r: planning the exact K = ∞ tilt", strategy)
         else:
             estimator = Estimator(loss=loss or DEFAULT_PLAN_LOSS[format], strategy=strategy, targets=targets,
@@ -364,8 +387,19 @@ def build_dataset(
                        if ref is not None else "")
     else:
         prompt_token_ids, completion_ids = map(_object_array, token_ids)
+    if format == GROUPED_FORMAT and (token_ids is None or ref is None):
+        lacks = " and ".join(what for what, missing in (("completion_ids (with a tokenizer for the prompts)",
+                                                         token_ids is None), ("ref_logp", ref is None)) if missing)
+        raise DataError(f"the grouped format trains the sampled token ids against their stored reference log-probs; "
+                        f"the samples in {path} lack {lacks}. Sample again with `ctrl-data sample` (it records both), "
+                        "pass --tokenizer, or build --data-format pairs / pointwise / weights for text rows")
 
-    if format == "pairs":
+    groups = None
+    if format == GROUPED_FORMAT:
+        groups = make_groups(ids, u, transform, beta, strategy=strategy, pairs_per_prompt=pairs_per_prompt, seed=seed,
+                             targets=targets, k=k_row, log_partition=log_partition)
+        columns = _grouped_columns(groups, ids, prompts, completions, u, ref, flags, prompt_token_ids, completion_ids)
+    elif format == "pairs":
         pairs = make_pairs(ids, u, transform, beta, strategy=strategy, pairs_per_prompt=pairs_per_prompt, seed=seed,
                            targets=targets, k=k_row)
         columns = {
@@ -406,14 +440,19 @@ def build_dataset(
 
     import datasets
 
-    dataset = datasets.Dataset.from_dict({k: pa.array(list(v), pa.list_(pa.int32())) if k in ID_COLUMNS
-                                          else list(v) if v.dtype == object else v for k, v in columns.items()})
-    if len(dataset) < MIN_ROWS_HINT:
+    if groups is not None:
+        dataset = datasets.Dataset.from_dict(columns)
+    else:
+        dataset = datasets.Dataset.from_dict({k: pa.array(list(v), pa.list_(pa.int32())) if k in ID_COLUMNS
+                                              else list(v) if v.dtype == object else v for k, v in columns.items()})
+    # What the trainers count against min_train_rows: pairs (or rows); a grouped set's pairs, as it trains them.
+    units = (groups.num_pairs if pairwise else len(u)) if groups is not None else len(dataset)
+    if units < MIN_ROWS_HINT:
         logger.warning(
-            "the %s set has only %d row(s): the trainers refuse fewer than min_train_rows=%d by default. Sample more "
-            "prompts or a larger K%s%s", format, len(dataset), MIN_ROWS_HINT,
-            ", keep the cut completions (keep_unfinished=True)" if cut else "",
-            ", or use --pair-strategy all" if format == "pairs" and strategy != "all" else "")
+            "the %s set has only %d %s: the trainers refuse fewer than min_train_rows=%d by default. Sample more "
+            "prompts or a larger K%s%s", format, units, "pair(s)" if groups is not None and pairwise else "row(s)",
+            MIN_ROWS_HINT, ", keep the cut completions (keep_unfinished=True)" if cut else "",
+            ", or use --pair-strategy all" if pairwise and strategy != "all" else "")
     metadata = {
         "stage": "build",
         "format": format,
@@ -428,9 +467,9 @@ def build_dataset(
             "selector_args": selector_args},
         "k": k_plan,
         "targets": targets,
-        "strategy": strategy if format == "pairs" else None,
+        "strategy": strategy if format in ("pairs", GROUPED_FORMAT) else None,
         "pairs_per_prompt": pairs_per_prompt,
-        "log_partition": log_partition if format == "pointwise" else None,
+        "log_partition": log_partition if format in ("pointwise", GROUPED_FORMAT) else None,
         "seed": seed,
         "stored_ref_logps": ref is not None,
         "token_ids": token_ids is not None,
@@ -443,6 +482,7 @@ def build_dataset(
         **build_round(path),
         "inputs": {"calibrated": {"path": str(path.resolve()), "fingerprint": fingerprint(path)}},
         "num_rows": len(dataset),
+        **({} if groups is None else {"num_pairs": groups.num_pairs, "num_completions": len(u)}),
     }
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         dataset.save_to_disk(str(tmp))

@@ -3,7 +3,9 @@
 Everything the build decided travels with the data, so nothing is copied by hand:
 
 * the trainer: pairs train with :class:`~ctrl_offline.training.trainer.CTRLTrainer` (TRL's DPOTrainer),
-  pointwise targets and weights with :class:`~ctrl_offline.training.trainer.CTRLPointwiseTrainer`;
+  pointwise targets and weights with :class:`~ctrl_offline.training.trainer.CTRLPointwiseTrainer`, grouped rows
+  (one per prompt, any loss, each response forwarded once per step) with
+  :class:`~ctrl_offline.training.grouped.CTRLGroupedTrainer`;
 * the loss the plan was made for (``planner.estimator.loss`` in ``ctrl_build.json``; a K-aware plan
   promises its KL and win rate for that loss only, docs/finite_k.md), overridable within the format;
 * β, which the trainers read from ``ctrl_build.json`` themselves;
@@ -37,7 +39,7 @@ from pathlib import Path
 
 from ctrl_offline.io.files import BUILD_INFO_FILE, DataError, read_build_info, read_metadata, write_json
 
-__all__ = ["TrainResult", "build_loss", "build_reference_model", "training_config", "make_trainer", "train_adapter",
+__all__ = ["TrainResult", "build_loss", "build_reference_model", "config_class", "training_config", "make_trainer", "train_adapter",
            "train_from_build", "TRAIN_INFO_FILE", "KL_BUDGET_FILE", "DEFAULT_LOSS",
            "RUN_ONLY_TRAINING_ARGS"]
 
@@ -49,7 +51,7 @@ SETTINGS_FILE = "ctrl_train_settings.json"  # in the checkpoint folder: what its
 
 #: The loss each build format trains by default. Which losses a format can serve is the loss registry's
 #: (:func:`ctrl_offline.maths.losses.format_losses`).
-DEFAULT_LOSS = {"pairs": "dpo", "pointwise": "pointwise", "weights": "weighted_sft"}
+DEFAULT_LOSS = {"pairs": "dpo", "pointwise": "pointwise", "weights": "weighted_sft", "grouped": "dpo"}
 #: Training arguments that change how a run is logged or saved, not what it trains: checkpoints
 #: trained with other values of these are still resumed (and ``hub_token`` is never written down).
 RUN_ONLY_TRAINING_ARGS = frozenset({
@@ -88,19 +90,26 @@ def build_reference_model(info: dict) -> str | None:
 
 
 def _check_loss(info: dict, loss: str | None) -> str:
-    from ctrl_offline.maths.losses import LOSS_FORMATS, get_loss
+    from ctrl_offline.maths.losses import DATA_FORMATS, GROUPED_BATCH_COLUMNS, GROUPED_FORMAT, get_loss
 
     fmt = info.get("format")
-    if fmt not in LOSS_FORMATS:
+    if fmt not in DATA_FORMATS:
         raise DataError(f"{info['path']}: unknown build format {fmt!r}")
     planned = build_loss(info)
     if loss is None:
         return planned
     try:
-        served = get_loss(loss).data_format
+        spec = get_loss(loss)
     except ValueError as err:
         raise DataError(str(err)) from None
-    if served != fmt:
+    served = spec.data_format
+    if fmt == GROUPED_FORMAT:  # any loss whose columns a grouped batch gives
+        given = GROUPED_BATCH_COLUMNS[served]
+        missing = [" or ".join(alts) for alts in spec.columns if not set(alts) & set(given)]
+        if missing:
+            raise DataError(f"a grouped build cannot train loss {loss!r}: it reads {', '.join(missing)}, which grouped "
+                            f"batches do not give (rebuild with --data-format {served})")
+    elif served != fmt:
         raise DataError(f"a {fmt} build cannot train loss {loss!r}: it trains on {served} rows "
                         f"(rebuild with --data-format {served})")
     if loss != planned and info.get("planner"):
@@ -109,17 +118,26 @@ def _check_loss(info: dict, loss: str | None) -> str:
     return loss
 
 
+def config_class(fmt: str, loss: str | None = None):
+    """The config class that trains ``fmt`` rows: CTRLGroupedConfig for grouped ones, else by the loss (CTRLConfig for
+    a pairs loss, CTRLPointwiseConfig for a single-response one; without a loss, by the format)."""
+    from ctrl_offline.maths.losses import GROUPED_FORMAT, get_loss
+    from ctrl_offline.training.config import CTRLConfig, CTRLGroupedConfig, CTRLPointwiseConfig
+
+    if fmt == GROUPED_FORMAT:
+        return CTRLGroupedConfig
+    pairwise = get_loss(loss).pairwise if loss is not None else fmt == "pairs"
+    return CTRLConfig if pairwise else CTRLPointwiseConfig
+
+
 def training_config(fmt: str, loss: str, overrides: dict):
-    """The TRL config (CTRLConfig for pairs, CTRLPointwiseConfig otherwise) for ``loss``.
+    """The TRL config (CTRLGroupedConfig for grouped rows, CTRLConfig for pairs, CTRLPointwiseConfig otherwise) for
+    ``loss``.
 
     ``overrides`` are TrainingArguments / DPOConfig / SFTConfig fields; ``beta`` is left out so
     the trainer reads it from the build. A field the config does not have is refused by name.
     """
-    from ctrl_offline.training.config import CTRLConfig, CTRLPointwiseConfig
-
-    from ctrl_offline.maths.losses import get_loss
-
-    cls = CTRLConfig if get_loss(loss).pairwise else CTRLPointwiseConfig
+    cls = config_class(fmt, loss)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(overrides) - names)
     if unknown:
@@ -150,7 +168,8 @@ def make_trainer(data_dir, loading, args, *, callbacks=(), init_adapter=None):
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
-    from ctrl_offline.training.config import CTRLConfig
+    from ctrl_offline.training.config import CTRLConfig, CTRLGroupedConfig
+    from ctrl_offline.training.grouped import CTRLGroupedTrainer
     from ctrl_offline.models.embedded import load_error_message, resolve_model
     from ctrl_offline.models.modeling import continued_lora_config, load_adapter_weights, load_policy
     from ctrl_offline.training.trainer import CTRLPointwiseTrainer, CTRLTrainer
@@ -165,7 +184,8 @@ def make_trainer(data_dir, loading, args, *, callbacks=(), init_adapter=None):
         raise OSError(load_error_message("tokenizer", loading.model_name_or_path, err)) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    trainer_cls = CTRLTrainer if isinstance(args, CTRLConfig) else CTRLPointwiseTrainer
+    trainer_cls = (CTRLGroupedTrainer if isinstance(args, CTRLGroupedConfig) else CTRLTrainer if isinstance(args, CTRLConfig)
+                   else CTRLPointwiseTrainer)
     trainer = trainer_cls(model, args, dataset, processing_class=tokenizer, peft_config=lora)
     if init_adapter is not None:
         load_adapter_weights(trainer.model, init_adapter)

@@ -2,7 +2,8 @@
 
 ``CTRLConfig`` drives :class:`~ctrl_offline.training.trainer.CTRLTrainer` on preference pairs,
 ``CTRLPointwiseConfig`` drives :class:`~ctrl_offline.training.trainer.CTRLPointwiseTrainer` on single
-responses. Both default ``bf16`` to what the machine supports instead of TRL's unconditional
+responses, ``CTRLGroupedConfig`` drives :class:`~ctrl_offline.training.grouped.CTRLGroupedTrainer` on
+grouped rows (one per prompt; any registered loss). Both default ``bf16`` to what the machine supports instead of TRL's unconditional
 ``True``, so the same config runs on a CPU and on a GPU.
 
 β travels with the data: ``ctrl-data build`` writes the training targets with Φ rescaled to
@@ -24,7 +25,7 @@ from trl import DPOConfig, SFTConfig
 
 from ctrl_offline.maths.losses import PAIR_LOSSES, SINGLE_LOSSES, get_loss, loss_names
 
-__all__ = ["CTRLConfig", "CTRLPointwiseConfig", "MIN_TRAIN_ROWS"]
+__all__ = ["CTRLConfig", "CTRLPointwiseConfig", "CTRLGroupedConfig", "MIN_TRAIN_ROWS"]
 
 #: Fewest training rows (pairs, or single responses) the trainers accept by default: a smaller set
 #: usually means the build left out most samples (cut completions, ties) and a run on it would be
@@ -44,6 +45,10 @@ _ALLOW_MISMATCH_HELP = (
     "Train with the given beta even where it differs from the beta recorded in the training set's build "
     "metadata (a different tilt of the same targets, not the planned one)."
 )
+_ROW_TOKENS_HELP = (
+    "Tokens per packed row under the eager / sdpa attentions, which mask a whole row (default 1024; a longer "
+    "sequence gets a row of its own). FlashAttention packs the whole batch in one row."
+)
 
 
 def _bf16_supported() -> bool:
@@ -55,7 +60,7 @@ class _CTRLSettings:
     """The fields and checks both CTRL configs add to their TRL config (listed before it in the bases,
     so these fields and this ``__post_init__`` come first; ``super()`` then reaches TRL's)."""
 
-    _pairwise = True  # which trainer's losses (the registry's pairs losses, or the single-response ones)
+    _pairwise = True  # which trainer's losses (the registry's pairs losses, the single-response ones, None: all)
 
     beta: float | None = field(default=None, metadata={"help": _BETA_HELP})
     allow_beta_mismatch: bool = field(default=False, metadata={"help": _ALLOW_MISMATCH_HELP})
@@ -65,7 +70,7 @@ class _CTRLSettings:
     )
 
     def __post_init__(self):
-        names = tuple(n for n in loss_names() if get_loss(n).pairwise == self._pairwise)
+        names = tuple(n for n in loss_names() if self._pairwise is None or get_loss(n).pairwise == self._pairwise)
         if self.ctrl_loss not in names:
             raise ValueError(f"ctrl_loss must be one of {names}, got {self.ctrl_loss!r}")
         if self.beta is not None and not self.beta > 0:
@@ -87,6 +92,8 @@ class CTRLConfig(_CTRLSettings, DPOConfig):
     coefficient β of the tilted policy for Φ rescaled to span 1 — the planner's β divided by
     ``phi_scale``, not the planner's β itself — and by default (None) is read from the
     training set's build metadata; ``allow_beta_mismatch`` lets a different one through.
+    ``padding_free`` (TRL's field, which TRL's own DPOTrainer turns off) packs the batch's sequences end to end
+    without padding when the rows carry their token ids (:mod:`ctrl_offline.training.packing`).
     """
 
     _pairwise = True
@@ -96,6 +103,7 @@ class CTRLConfig(_CTRLSettings, DPOConfig):
         # No argparse `choices`: the registry (losses.register_loss) may hold more than the built-ins by then.
         metadata={"help": f"CTRL loss on preference pairs: a registered pairs loss ({', '.join(PAIR_LOSSES)}, …)."},
     )
+    packing_row_tokens: int | None = field(default=None, metadata={"help": _ROW_TOKENS_HELP})
 
 
 @dataclass
@@ -117,3 +125,23 @@ class CTRLPointwiseConfig(_CTRLSettings, SFTConfig):
     precompute_ref_batch_size: int | None = field(
         default=None, metadata={"help": "Batch size of the one-off reference pass when `ref_logp` is absent."}
     )
+
+
+
+@dataclass
+class CTRLGroupedConfig(_CTRLSettings, DPOConfig):
+    r"""Config of the grouped CTRL trainer (one row per prompt, each response forwarded once per step). All of
+    [`trl.DPOConfig`] plus:
+
+    ``ctrl_loss``: any registered loss — a pairs loss runs over the group's stored pairs, a single-response
+    one over its completions. ``per_device_train_batch_size`` counts prompts (groups), each bringing its K
+    completions. ``beta`` as in :class:`CTRLConfig`. Batches are always padding-free (``packing_row_tokens``).
+    """
+
+    _pairwise = None
+
+    ctrl_loss: str = field(
+        default="dpo",
+        metadata={"help": f"CTRL loss: any registered loss ({', '.join(PAIR_LOSSES + SINGLE_LOSSES)}, …)."},
+    )
+    packing_row_tokens: int | None = field(default=None, metadata={"help": _ROW_TOKENS_HELP})

@@ -20,6 +20,11 @@ on those ids as they are, in TRL's batch contract (``input_ids``, ``attention_ma
 not tokenise back to the ids it came from, while the stored reference log-probs are log-probs of the
 ids. They then always apply, and no reference pass runs. Rows with text only are tokenised by TRL.
 
+With ``padding_free=True`` (TRL's config field, which TRL's own DPOTrainer turns off) a pair batch is packed
+without padding: the sequences end to end, position ids restarting at each (:mod:`ctrl_offline.training.packing`),
+so variable-length data pays for its real tokens only. Grouped rows (one per prompt, each response forwarded once
+per step) are :mod:`ctrl_offline.training.grouped`'s.
+
 Completions cut at ``max_new_tokens`` are trained as prefixes. Their sampled ids have no EOS; for
 text-only rows TRL appends EOS to every completion when it tokenises, so where a build flags a
 completion as cut (``chosen_finished`` / ``rejected_finished`` False for pairs, ``finished`` False
@@ -54,6 +59,7 @@ from trl import DPOTrainer, SFTTrainer
 from trl.trainer.utils import use_adapter
 
 from ctrl_offline.training.config import CTRLConfig, CTRLPointwiseConfig, MIN_TRAIN_ROWS
+from ctrl_offline.training.packing import pack_sequences, packed_sequence_logps, row_tokens_for
 from ctrl_offline.io.files import read_build_info
 from ctrl_offline.maths.losses import get_loss
 
@@ -336,6 +342,26 @@ class _CarryColumns:
         return batch
 
 
+class _PackedPairs:
+    """TRL's pair batch without padding: the [chosen; rejected] sequences packed end to end with their position ids
+    (:func:`~ctrl_offline.training.packing.pack_sequences`), the per-pair float columns carried as ``_CarryColumns``
+    does."""
+
+    def __init__(self, columns, *, max_length: int | None, row_tokens: int | None, pad_token_id: int):
+        self.columns = tuple(columns)
+        self.max_length, self.row_tokens, self.pad_token_id = max_length, row_tokens, pad_token_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        prompts = [e[TRL_TOKEN_COLUMNS["prompt"]] for e in examples]
+        sequences = [(p, e[TRL_TOKEN_COLUMNS[side]]) for side in ("chosen", "rejected") for p, e in zip(prompts, examples)]
+        batch = pack_sequences(sequences, max_length=self.max_length, row_tokens=self.row_tokens,
+                               pad_token_id=self.pad_token_id)
+        for column in self.columns:
+            if column in examples[0]:
+                batch[column] = torch.tensor([float(e[column]) for e in examples], dtype=torch.float32)
+        return batch
+
+
 def _sequence_logps(model, input_ids, attention_mask, loss_mask) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the tokens where ``loss_mask`` is 1, and their count, per sequence."""
     labels = input_ids.masked_fill(loss_mask == 0, -100)
@@ -351,14 +377,14 @@ class _CTRLMixin:
     record and log their own metrics."""
 
     def _check_inputs(self, args, config_cls, train_dataset, eval_dataset, validate, unit: str,
-                      beta_required: bool = True) -> tuple:
-        """The (train, eval) datasets, once checked."""
+                      beta_required: bool = True, count=None) -> tuple:
+        """The (train, eval) datasets, once checked. ``count``: the training set's size in ``unit`` (default: rows)."""
         if not isinstance(args, config_cls):
             raise TypeError(f"args must be a {config_cls.__name__}, got {type(args).__name__}")
         for name, dataset in _named(train_dataset, eval_dataset).items():
             validate(dataset, args, name)
         self.build_info = resolve_beta(args, train_dataset, eval_dataset, required=beta_required)
-        _check_size(_len(train_dataset), args, self.build_info, unit)
+        _check_size((count or _len)(train_dataset), args, self.build_info, unit)
         return train_dataset, eval_dataset
 
     def _record(self, mode: str, **values: torch.Tensor) -> None:
@@ -393,12 +419,23 @@ class CTRLTrainer(_CTRLMixin, DPOTrainer):
         # Stored reference log-probs: TRL must not recompute them; absent: TRL computes them once, batched.
         args.precompute_ref_log_probs = not stored
         self.uses_stored_ref_logps = stored
+        # Padding-free batches are this trainer's (TRL's DPOTrainer turns padding_free off with a warning).
+        self.packs_sequences = bool(args.padding_free)
+        row_tokens = row_tokens_for(model, args.packing_row_tokens) if self.packs_sequences else None
+        args.padding_free = False
         raw_rows = len(train_dataset)
-        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=processing_class, peft_config=peft_config, **kwargs)
+        try:
+            super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                             processing_class=processing_class, peft_config=peft_config, **kwargs)
+        finally:
+            args.padding_free = self.packs_sequences
         self.precompute_ref_logps = True  # the batch always carries the reference log-probs now
-        self.data_collator = _CarryColumns(self.data_collator,
-                                           _extra_columns(PAIR_EXTRA_COLUMNS, args.ctrl_loss) + REF_PAIR_COLUMNS)
+        columns = _extra_columns(PAIR_EXTRA_COLUMNS, args.ctrl_loss) + REF_PAIR_COLUMNS
+        if self.packs_sequences:
+            self.data_collator = _PackedPairs(columns, max_length=args.max_length, row_tokens=row_tokens,
+                                              pad_token_id=self._tokenizer.pad_token_id or 0)
+        else:
+            self.data_collator = _CarryColumns(self.data_collator, columns)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._report_truncation(raw_rows)
         if _len(self.train_dataset) != raw_rows:
@@ -448,7 +485,10 @@ class CTRLTrainer(_CTRLMixin, DPOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        logps, _ = _sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+        if "position_ids" in inputs:  # padding-free
+            logps = packed_sequence_logps(model, inputs)
+        else:
+            logps, _ = _sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)  # the batch is [all chosen; all rejected]
         chosen_ratio = chosen_logps - inputs["ref_chosen_logps"].to(logps.dtype)
         rejected_ratio = rejected_logps - inputs["ref_rejected_logps"].to(logps.dtype)
