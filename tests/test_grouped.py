@@ -60,8 +60,9 @@ def build(calibrated, out, fmt, **kwargs):
 
 
 def config(cls, tmp_path, batch_size, **overrides):
-    return cls(output_dir=str(tmp_path / "out"), use_cpu=True, max_steps=1, per_device_train_batch_size=batch_size,
-               report_to="none", save_strategy="no", gradient_checkpointing=False, seed=0, **overrides)
+    return cls(**{**dict(output_dir=str(tmp_path / "out"), use_cpu=True, max_steps=1, report_to="none",
+                         save_strategy="no", gradient_checkpointing=False, seed=0),
+                  "per_device_train_batch_size": batch_size, **overrides})
 
 
 def trainer_of(cls, args, dataset, tiny_path, tokenizer):
@@ -270,3 +271,22 @@ def test_the_command_line_builds_and_trains_grouped_rows(calibrated, tmp_path, c
                  "--lora-r", "4", "--no-gradient-checkpointing", "--max_steps", "1",
                  "--per_device_train_batch_size", "2", "--use_cpu", "--packing_row_tokens", "16"]) == 0
     assert "trained ipo" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("which", ["pairs", "grouped"])
+def test_padding_free_batches_train_on_the_4bit_and_checkpointed_paths(which, calibrated, tiny_path, tokenizer,
+                                                                       tmp_path):
+    import bitsandbytes as bnb
+
+    data = build(calibrated, tmp_path / which, which)
+    model, lora = load_policy(ModelLoadingConfig(tiny_path, load_in_4bit=True))  # NF4, gradient checkpointing on
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    cls, config_cls, extra = ((CTRLTrainer, CTRLConfig, {"padding_free": True}) if which == "pairs"
+                              else (CTRLGroupedTrainer, CTRLGroupedConfig, {}))
+    trainer = cls(model, config(config_cls, tmp_path, 4, gradient_checkpointing=True, packing_row_tokens=32,
+                                max_steps=2, **extra), data, processing_class=tokenizer, peft_config=lora)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "position_ids" in batch and "attention_mask" not in batch
+    assert np.isfinite(trainer.train().training_loss)
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
