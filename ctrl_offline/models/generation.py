@@ -354,8 +354,10 @@ def completion_kl(model, tokenizer, prompt_texts: list[str], completion_ids: lis
                          "predicted from")
     rows = [p + list(c) for p, c in zip(prompts, completion_ids)]
     sums = np.zeros((3, len(rows)))  # token KL, log π, log π_ref
-    # Rows of similar length share a batch: less padding scored for nothing.
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    # Rows of one prompt length, then of similar lengths, share a batch: the logits kept start at the batch's
+    # shortest prompt, so a batch mixing a short prompt with long ones would project every prompt position
+    # of the long ones onto the vocabulary for nothing (most of the cost, with long chat prompts).
+    order = sorted(range(len(rows)), key=lambda i: (len(prompts[i]), len(rows[i])))
     for begin in range(0, len(order), batch_size):
         index = [i for i in order[begin : begin + batch_size] if completion_ids[i]]
         if not index:
