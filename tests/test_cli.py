@@ -248,7 +248,7 @@ def test_choice_lists_come_from_the_library():
     def choices(stage, flag):
         return tuple(next(a for a in stages[stage]._actions if flag in a.option_strings).choices)
 
-    assert choices("build", "--data-format") == tuple(losses.format_losses()) == FORMATS
+    assert choices("build", "--data-format") == (*losses.format_losses(), "grouped") == FORMATS == losses.DATA_FORMATS
     assert choices("train", "--loss") == losses.loss_names() == losses.LOSS_TYPES
     assert choices("build", "--pair-strategy") == PAIR_STRATEGIES
     assert choices("plan", "--pair-strategy") == THEORY_STRATEGIES

@@ -214,7 +214,7 @@ def test_each_response_is_forwarded_once_and_only_if_a_pair_needs_it(calibrated,
     trainer = trainer_of(CTRLGroupedTrainer, config(CTRLGroupedConfig, tmp_path, 2), grouped, tiny_path, tokenizer)
     batch = next(iter(trainer.get_train_dataloader()))
     assert len(batch["sequence_lengths"]) == 2 * K and len(batch["pair_chosen"]) == 2 * K * (K - 1) // 2
-    assert batch["input_ids"].shape[0] == 1  # everything fits one row of 1024 tokens
+    assert batch["input_ids"].shape[0] == 1  # everything fits one row of 512 tokens
     sampled = build(calibrated, tmp_path / "sampled", "grouped", strategy="sampled", pairs_per_prompt=1)
     trainer = trainer_of(CTRLGroupedTrainer, config(CTRLGroupedConfig, tmp_path, 4, min_train_rows=0), sampled,
                          tiny_path, tokenizer)
@@ -290,3 +290,13 @@ def test_padding_free_batches_train_on_the_4bit_and_checkpointed_paths(which, ca
     assert np.isfinite(trainer.train().training_loss)
     trainer.save_model(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_inspect_summarises_grouped_rows_per_completion(calibrated, tmp_path):
+    from ctrl_offline.stages.inspect import format_summary, inspect_output
+
+    build(calibrated, tmp_path / "grouped", "grouped")
+    summary = inspect_output(tmp_path / "grouped")
+    assert summary["rows"] == summary["prompts"] == len(PROMPTS) and summary["k"]["max"] == K
+    assert sum(summary["u_histogram"]) == len(PROMPTS) * K and summary["unfinished"] == 1
+    assert summary["target"]["distinct"] > 1 and "grouped" in format_summary(summary)

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ctrl_offline.io.files import read_metadata, read_table
 from ctrl_offline.stages._shards import MANIFEST
@@ -36,21 +38,30 @@ def inspect_output(path: str | os.PathLike, bins: int = 10) -> dict:
                      "metadata": _stage_metadata(path)}
     if "prompt_id" in table.column_names:
         _, counts = np.unique(table["prompt_id"].to_numpy(zero_copy_only=False), return_counts=True)
+        if "completions" in table.column_names:  # grouped rows: one per prompt, K completions in it
+            counts = pc.list_value_length(table["completions"]).to_numpy(zero_copy_only=False)
         summary["prompts"] = int(len(counts))
         summary["k"] = {"min": int(counts.min()), "median": float(np.median(counts)), "max": int(counts.max())}
     for column in ("reward", "ref_logp", "num_tokens", "target", "target_phi_gap", "weight"):
         if column in table.column_names:
-            values = table[column].to_numpy(zero_copy_only=False).astype(float)
+            values = _flat(table[column]).to_numpy(zero_copy_only=False).astype(float)
             summary[column] = {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values)),
                                "min": float(np.nanmin(values)), "max": float(np.nanmax(values)),
                                "distinct": int(len(np.unique(values)))}
     if "u" in table.column_names:
-        u = table["u"].to_numpy()
+        u = _flat(table["u"]).to_numpy(zero_copy_only=False)
         hist, _ = np.histogram(u, bins=bins, range=(0.0, 1.0))
         summary["u_histogram"] = hist.tolist()
     if "finished" in table.column_names:
-        summary["unfinished"] = int((~np.asarray(table["finished"].to_numpy(zero_copy_only=False), bool)).sum())
+        finished = _flat(table["finished"]).to_numpy(zero_copy_only=False)
+        summary["unfinished"] = int((~np.asarray(finished, bool)).sum())
     return summary
+
+
+def _flat(column):
+    """A column's values, one list per row (grouped rows: one entry per completion) flattened."""
+    column = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    return pc.list_flatten(column) if pa.types.is_list(column.type) or pa.types.is_large_list(column.type) else column
 
 
 def format_summary(summary: dict) -> str:

@@ -46,8 +46,8 @@ _ALLOW_MISMATCH_HELP = (
     "metadata (a different tilt of the same targets, not the planned one)."
 )
 _ROW_TOKENS_HELP = (
-    "Tokens per packed row under the eager / sdpa attentions, which mask a whole row (default 1024; a longer "
-    "sequence gets a row of its own). FlashAttention packs the whole batch in one row."
+    "Tokens per packed row under the eager / sdpa attentions, which mask a whole row (default 512): a batch goes "
+    "into as many rows as that takes, balanced. FlashAttention packs the whole batch in one row."
 )
 
 

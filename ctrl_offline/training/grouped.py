@@ -61,7 +61,8 @@ def _required(dataset_columns, loss, what: str) -> list[str]:
     """The grouped columns ``loss`` needs, refusing one whose reads a grouped batch cannot give."""
     sources = _sources(loss)
     given = set(GROUPED_BATCH_COLUMNS[loss.data_format])
-    needed = ["ref_logp", *(PAIR_INDEX_COLUMNS if loss.pairwise else ())]
+    needed = [*(("ref_logp",) if loss.pairwise or loss.needs_ref_logps else ()),
+              *(PAIR_INDEX_COLUMNS if loss.pairwise else ())]
     for alternatives in loss.columns:
         usable = [c for c in alternatives if c in given]
         if not usable:
@@ -173,7 +174,8 @@ class GroupedCollator:
             for j in used:
                 at[j] = len(sequences)
                 sequences.append((example["prompt_token_ids"], completions[j]))
-                per_sequence["ref_logp"].append(example["ref_logp"][j])
+                if "ref_logp" in self.columns:
+                    per_sequence["ref_logp"].append(example["ref_logp"][j])
                 for column in singles:
                     per_sequence[f"seq_{column}"].append(example[column][j])
             phi, u = example.get("phi"), example.get("u")
@@ -293,7 +295,7 @@ class CTRLGroupedTrainer(_CTRLMixin, DPOTrainer):
         loss_spec = get_loss(self.args.ctrl_loss)
         beta = self.args.beta
         logps = packed_sequence_logps(model, inputs)
-        ratio = logps - inputs["ref_logp"].to(logps.dtype)
+        ratio = logps - inputs["ref_logp"].to(logps.dtype) if "ref_logp" in inputs else None
         # Σ over the batch's pairs / (groups × the set's mean pairs per group): the pair rows' mean, in expectation.
         units = inputs["num_groups"].to(logps.dtype) * self._units_per_group.get(mode, 1.0)
         if self.pairwise:
@@ -311,7 +313,8 @@ class CTRLGroupedTrainer(_CTRLMixin, DPOTrainer):
         else:
             batch = {name: inputs[f"seq_{name}"].to(logps.dtype) for name in ("target", "weight", "u")
                      if f"seq_{name}" in inputs}
-            batch["ref_logp"] = inputs["ref_logp"]
+            if ratio is not None:
+                batch["ref_logp"] = inputs["ref_logp"].to(logps.dtype)
             per_example = loss_spec.compute(logps, ratio if loss_spec.needs_ref_logps else None, beta, batch)
             loss = per_example.sum() / units
             if loss_spec.needs_ref_logps:
@@ -320,6 +323,10 @@ class CTRLGroupedTrainer(_CTRLMixin, DPOTrainer):
                 self._record(mode, target=batch["target"])
             self._record(mode, logps=logps)
         return (loss, {"logps": logps}) if return_outputs else loss
+
+    def _record(self, mode: str, **values: torch.Tensor) -> None:
+        """Batch means: processes hold different numbers of pairs, and gathering needs one shape."""
+        super()._record(mode, **{name: value.float().mean().reshape(1) for name, value in values.items()})
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """The evaluation loss only (there are no logits to return: the fused head gives log-probs)."""

@@ -10,13 +10,15 @@ log-probs equal those of each sequence alone.
 
 Under FlashAttention everything goes in one row (its packed path takes batch size 1). The other
 attentions compare every query with every key of a row, so one huge row would cost the square of
-the batch's tokens: there sequences are packed first-fit-decreasing into rows of ``row_tokens``
-(a sequence longer than that gets a row of its own), and the rows' tails are filled with a padding
-segment of its own positions, never a target.
+the batch's tokens: there the sequences go into as many rows as ``row_tokens`` tokens a row takes,
+balanced (longest first, each to the emptiest row), and the rows' tails are filled with a padding
+segment of its own positions, never a target. A small ``row_tokens`` is a length-bucketed padded
+batch (one sequence a row); a large one trades padding for attention over longer rows.
 """
 
 from __future__ import annotations
 
+import heapq
 from typing import Sequence
 
 import torch
@@ -29,7 +31,7 @@ PACKING_ATTENTIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3",
 #: Those whose packed path takes one row (FlashAttention's variable-length kernels).
 ONE_ROW_ATTENTIONS = ("flash_attention_2", "flash_attention_3")
 #: Tokens per packed row for the attentions that mask a whole row (eager, sdpa, flex).
-DEFAULT_ROW_TOKENS = 1024
+DEFAULT_ROW_TOKENS = 512
 
 
 def _attention(model) -> str | None:
@@ -56,21 +58,18 @@ def row_tokens_for(model, row_tokens: int | None) -> int | None:
 
 
 def _rows(lengths: list[int], row_tokens: int | None) -> list[list[int]]:
-    """Sequence indices per row: all in one (``row_tokens`` None), else first-fit decreasing."""
+    """Sequence indices per row: all in one (``row_tokens`` None), else as many rows as ``row_tokens`` per row
+    needs, balanced (longest first, each to the emptiest row), so the rows' common width wastes little."""
     if row_tokens is None:
         return [list(range(len(lengths)))]
-    rows: list[list[int]] = []
-    room: list[int] = []
+    count = min(len(lengths), max(1, -(-sum(lengths) // row_tokens)))
+    heap = [(0, r) for r in range(count)]
+    rows: list[list[int]] = [[] for _ in range(count)]
     for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
-        for r, free in enumerate(room):
-            if lengths[i] <= free:
-                rows[r].append(i)
-                room[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            room.append(max(row_tokens - lengths[i], 0))
-    return rows
+        load, r = heapq.heappop(heap)
+        rows[r].append(i)
+        heapq.heappush(heap, (load + lengths[i], r))
+    return [row for row in rows if row]
 
 
 def pack_sequences(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], *, max_length: int | None = None,
