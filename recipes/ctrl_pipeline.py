@@ -304,7 +304,9 @@ def _push(recipe, model_args, training_args, run_dir: Path, adapter_dir: Path, d
 
 
 def summary(report: dict) -> str:
-    """Before/after table: the reference against itself wins 0.5 by definition."""
+    """Before/after table (the reference against itself wins 0.5 by definition), how the adapter was trained,
+    the KL it spent and, for a planned build, the plan against what training reached (docs/diagnostics.md)."""
+    from ctrl_offline.maths.diagnostics import PlanDiagnostics
     from ctrl_offline.reports.reporting import describe_build
 
     lines = [f"{'procedure':<10} {'reference':>9} {'aligned':>8}   95% CI"]
@@ -322,6 +324,8 @@ def summary(report: dict) -> str:
         status = "reached, training stopped there" if held["reached"] else "not reached: more steps or a higher learning rate"
         lines.append(f"KL held while training = {final['value']:.3f} ± {final['stderr']:.3f} nats "
                      f"(budget {held['budget']:.3g}: {status})")
+    if report.get("plan_diagnostics"):
+        lines.append(f"against the plan: {PlanDiagnostics(**report['plan_diagnostics']).line()}")
     return "\n".join(lines)
 
 

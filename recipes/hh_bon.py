@@ -4,8 +4,8 @@
     python recipes/hh_bon.py --config recipes/configs/hh_bon_tiny.yaml --output_dir runs/tiny   # CPU, no network
 
 prompts → K reference samples → reward → per-prompt calibration → planner's transform and β for
-best-of-N at the KL budget → synthetic pairs → QLoRA (CTRL soft-label DPO) → best-of-N / worst-of-N
-win rates and KL → Hub. Each stage is skipped when its output exists. Every setting is in the YAML
+best-of-N at the KL budget → training rows (reference pairs, or the pointwise targets of on-policy
+rounds: docs/rounds.md) → QLoRA → best-of-N / worst-of-N win rates and KL → Hub. Each stage is skipped when its output exists. Every setting is in the YAML
 file (without --config: configs/hh_bon.yaml); any key can be overridden on the command line
 (``--learning_rate 1e-4``). The pipeline is ``ctrl_pipeline.py`` beside this file.
 """

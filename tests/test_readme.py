@@ -67,3 +67,17 @@ def test_link_and_anchor_patterns():
     assert relative_links(text) == [("docs/a.md", ""), ("docs/img/b.png", ""), ("", "d"), ("docs/e.md", "part")]
     headings = "# The `ctrl-data` stages\n## The main job (tiny recipe)\n## Results\n## Results\n```\n# x\n```\n"
     assert anchors(headings) == {"the-ctrl-data-stages", "the-main-job-tiny-recipe", "results", "results-1"}
+
+
+def test_the_main_jobs_printout_is_what_its_script_renders():
+    """README's main-job block is benchmarks/main_job.py's rendering of the run it recorded: a format change
+    that was not rerun (python benchmarks/main_job.py) fails here."""
+    import json
+
+    from benchmark_modules import load_benchmark
+
+    main_job = load_benchmark("main_job")
+    record = json.loads(main_job.RECORD.read_text())
+    assert main_job.readme_block(README.read_text()) == main_job.render(record), (
+        "the README's main-job printout is not what benchmarks/main_job.py renders from docs/main_job_report.json: "
+        "run python benchmarks/main_job.py")

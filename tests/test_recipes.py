@@ -55,7 +55,7 @@ def tiny_args(model, out, *extra):
     return ["--config", str(TINY_BON), "--output_dir", str(out), "--model_name_or_path", str(model),
             "--reward_model", "tiny_models:word_count_reward", "--keep_unfinished", "true",
             "--num_train_prompts", "6", "--num_eval_prompts", "4", "--max_new_tokens", "6", "--max_steps", "2",
-            *map(str, extra)]
+            "--eval_policy_samples", "4", "--eval_reference_samples", "4", *map(str, extra)]
 
 
 def test_hh_dialogues_become_chat_prompts():
@@ -126,7 +126,7 @@ def test_recipe_runs_end_to_end_then_resumes_and_guards_its_folder(tiny_chat_mod
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     report = json.loads((out / "eval" / "report.json").read_text())
     assert {(r["selector"], r["n"]) for r in report["win_rates"]} == {(s, n) for s in ("bon", "won") for n in (1, 2, 4)}
-    # The powered evaluation: m = M = 4 (the tiny config), the reference drawn once into the run's pool.
+    # The powered evaluation: m = M = 4 (as tiny_args asks), the reference drawn once into the run's pool.
     assert {(r["policy_samples"], r["reference_samples"]) for r in report["win_rates"]} == {(4, 4)}
     assert (out / "eval_reference_pool").is_dir()
     build = json.loads((out / "data" / "ctrl_build.json").read_text())
