@@ -273,7 +273,7 @@ def run_recipe(recipe: RecipeConfig, model_args, training_args: CTRLConfig | CTR
                         train_data=str(data_dir), transform=build_info["transform"], t=build_info["t"],
                         build_info=build_info, policy_samples=recipe.eval_policy_samples,
                         reference_samples=recipe.eval_reference_samples,
-                        reference_pool=run_dir / "eval_reference_pool")
+                        reference_pool=run_dir / "eval_reference_pool", tilt_fidelity=recipe.eval_tilt_fidelity)
     _record_training(eval_dir, _training_record(recipe, adapter_dir))
     report = json.loads((eval_dir / "report.json").read_text())
     if not report.get("build"):  # a report written before evaluate recorded the build

@@ -97,6 +97,9 @@ class RecipeConfig:
     eval_reference_samples: int = field(default=16, metadata={
         "help": "M, reference samples per evaluation prompt (≥ max(eval_n)), drawn once into "
                 "<output_dir>/eval_reference_pool and reused from there."})
+    eval_tilt_fidelity: bool = field(default=True, metadata={
+        "help": "Measure the adapter's tilt fidelity on the reference samples (one more pass of both models over "
+                "them; docs/diagnostics.md §5)."})
     push_dataset: bool = field(default=False, metadata={"help": "With --push_to_hub, also push the built dataset."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a run folder that holds another config."})
 
