@@ -139,8 +139,7 @@ def evaluate_frontier(prompts_source: str, out_dir: str | os.PathLike, model_nam
                                  t=None if point.build_info is None else point.build_info.get("t"), **evaluate_kwargs)
         reports.append(result.report)
     summary = summarize_frontier(points, reports)
-    write_json(out / FRONTIER_FILE, summary)
-    notes = _plot(summary, out / "frontier.png")
+    notes = _plot(summary, out / "frontier.png")  # never raises: a figure that fails is a note
     summary["figure_notes"] = notes
     write_json(out / FRONTIER_FILE, summary)
     write_text(out / "frontier.md", "# Frontier\n\n```\n" + format_frontier(summary) + "\n```\n"
