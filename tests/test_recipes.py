@@ -119,6 +119,20 @@ def test_a_script_without_config_reads_its_own_yaml_and_holds_no_settings():
         assert "DEFAULTS" not in text and f'"configs" / "{name}.yaml"' in text
 
 
+def test_recipe_trains_grouped_rows(tiny_chat_model, tmp_path):
+    """data_format: grouped builds one row per prompt and trains it with the grouped trainer (any loss)."""
+    from ctrl_offline.io.files import read_build_info
+
+    out = tmp_path / "grouped"
+    assert main(tiny_args(tiny_chat_model, out, "--rounds", 0, "--data_format", "grouped", "--ctrl_loss", "dpo")) == 0
+    assert read_build_info(out / "data")["format"] == "grouped"
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert report["training"] == {"mode": "offline", "data_format": "grouped", "adapter": str(out / "adapter")}
+    with pytest.raises(RecipeError, match="rounds: 1 trains pointwise"):
+        parse_recipe_args(["--config", str(TINY_BON), "--data_format", "grouped", "--ctrl_loss", "dpo"])
+
+
 def test_recipe_runs_end_to_end_then_resumes_and_guards_its_folder(tiny_chat_model, tmp_path, capsys, caplog):
     out = tmp_path / "run"
     with caplog.at_level("INFO", logger="ctrl_offline.training.trainer"):

@@ -20,7 +20,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 
-from ctrl_offline.training.config import CTRLConfig, CTRLPointwiseConfig
+from ctrl_offline.training.config import CTRLConfig, CTRLGroupedConfig, CTRLPointwiseConfig
 from ctrl_offline.models.modeling import ModelLoadingConfig
 from ctrl_offline.rows.pairs import PAIR_STRATEGIES
 from ctrl_offline.maths.procedures import procedure_names
@@ -28,8 +28,9 @@ from ctrl_offline.maths.procedures import procedure_names
 __all__ = ["ModelArguments", "RecipeConfig", "RecipeError", "RECIPE_FORMATS", "check_loss", "model_loading_config",
            "parse_recipe_args"]
 
-#: The build formats the recipe trains (``data_format``).
-RECIPE_FORMATS = ("pairs", "pointwise")
+#: The build formats the recipe trains (``data_format``): grouped rows train any registered loss, each response
+#: forwarded once per step (docs/trainer_benchmark.md).
+RECIPE_FORMATS = ("pairs", "pointwise", "grouped")
 
 
 class RecipeError(RuntimeError):
@@ -74,8 +75,9 @@ class RecipeConfig:
     transform: str | None = field(default=None, metadata={
         "help": "Transform family (identity, log, exp, negexp); default: the planner's best for the procedure."})
     data_format: str = field(default="pairs", metadata={
-        "help": "pairs (DPO/IPO/distill) or pointwise; the training config follows it (TRL's DPOConfig for pairs, "
-                "SFTConfig for pointwise), and ctrl_loss must be a loss of that format."})
+        "help": "pairs (DPO/IPO/distill), pointwise, or grouped (one row per prompt: any loss, each response "
+                "forwarded once per step); the training config follows it (TRL's DPOConfig for pairs and grouped, "
+                "SFTConfig for pointwise), and ctrl_loss must be a loss of that format (grouped: any)."})
     rounds: int = field(default=0, metadata={
         "help": "On-policy rounds after the reference samples (docs/rounds.md): each samples the current policy "
                 "(round 1 the base, then the last round's adapter), calibrates the samples against the reference "
@@ -194,7 +196,7 @@ def check_loss(recipe: RecipeConfig, loss: str) -> None:
         served = get_loss(loss).data_format
     except ValueError as err:
         raise RecipeError(f"ctrl_loss: {err}") from None
-    if served == recipe.data_format:
+    if served == recipe.data_format or (recipe.data_format == "grouped" and not recipe.rounds):
         return
     if recipe.rounds:
         raise RecipeError(f"ctrl_loss {loss!r} trains {served} rows, but rounds: {recipe.rounds} trains pointwise "
@@ -231,8 +233,8 @@ def parse_recipe_args(argv: list[str] | None = None, defaults: dict | None = Non
     """(RecipeConfig, ModelArguments, training config) from ``--config file.yaml`` and flags.
 
     The training config is :class:`~ctrl_offline.training.config.CTRLConfig` (TRL's DPOConfig) for
-    ``data_format: pairs`` and :class:`~ctrl_offline.training.config.CTRLPointwiseConfig` (SFTConfig) for
-    pointwise, so the recipe is read first; its ``ctrl_loss`` must train that format (:func:`check_loss`).
+    ``data_format: pairs``, :class:`~ctrl_offline.training.config.CTRLGroupedConfig` for grouped and
+    :class:`~ctrl_offline.training.config.CTRLPointwiseConfig` (SFTConfig) for pointwise, so the recipe is read first; its ``ctrl_loss`` must train that format (:func:`check_loss`).
     ``defaults`` are the script's own defaults (a YAML file and the command line override them).
     An unknown key, in the file or on the command line, is named with the closest known key.
     """
@@ -245,7 +247,8 @@ def parse_recipe_args(argv: list[str] | None = None, defaults: dict | None = Non
                                      [a for a in argv if a not in ("-h", "--help")], defaults, where)
     if loss.ctrl_loss is not None:
         check_loss(recipe, loss.ctrl_loss)
-    types = (RecipeConfig, ModelArguments, CTRLConfig if recipe.data_format == "pairs" else CTRLPointwiseConfig)
+    trainer_config = {"pairs": CTRLConfig, "grouped": CTRLGroupedConfig}.get(recipe.data_format, CTRLPointwiseConfig)
+    types = (RecipeConfig, ModelArguments, trainer_config)
     configs, from_file, from_cli = _parse(types, argv, defaults, where)
     known = _field_names(types)
     unknown_file = [s[2:] for s in from_file[::2]]
