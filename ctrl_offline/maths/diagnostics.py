@@ -39,7 +39,7 @@ from scipy import special, stats
 
 from ctrl_offline.maths._quadrature import nodes_and_weights
 from ctrl_offline.maths.calibration import quantile_cells
-from ctrl_offline.maths.estimates import Estimate, bootstrap_mean
+from ctrl_offline.maths.estimates import Estimate, bootstrap_mean, percentile_estimate
 from ctrl_offline.maths.finite_k import Estimator, TrainedTilt, ideal_tilt, tilt_from_log_density, trained_tilt
 # The planner's own β root-finder, its starting scale and its KL ceiling: the curve here is the
 # planner's curve, solved the same way.
@@ -548,11 +548,9 @@ def sampled_kl_split(levels, num_levels: int, policy_logps, reference_logps, *, 
     draws_total = times @ total / prompts
     on_value = max(float(_mm_kl(counts.sum(axis=0)[None, :])[0]), 0.0)
     total_value = float(total.mean())
-    tail = (1 - level) / 2
 
     def estimate(value: float, draws: np.ndarray) -> Estimate:
-        low, high = np.quantile(draws, [tail, 1 - tail])
-        return Estimate(value, float(low), float(high), prompts)
+        return percentile_estimate(value, draws, level, prompts)
 
     return SampledKLSplit(estimate(total_value, draws_total), estimate(on_value, draws_on),
                           estimate(total_value - on_value, draws_total - draws_on), num_levels, True,

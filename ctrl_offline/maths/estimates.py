@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["Estimate", "bootstrap_mean", "pairwise_win_matrix", "subset_fraction"]
+__all__ = ["Estimate", "bootstrap_mean", "percentile_estimate", "pairwise_win_matrix", "subset_fraction"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,15 @@ def bootstrap_mean(per_prompt: np.ndarray, num_boot: int = 2000, level: float = 
     lo, hi = per_prompt.min(), per_prompt.max()
     low, high = np.clip(np.quantile(means, [tail, 1 - tail]), lo, hi)
     return Estimate(float(np.clip(per_prompt.mean(), lo, hi)), float(low), float(high), len(per_prompt))
+
+
+def percentile_estimate(value: float, draws: np.ndarray, level: float, num_prompts: int) -> Estimate:
+    """``value`` with the percentile interval of its bootstrap ``draws`` (NaN draws left out; NaN bounds if all are)."""
+    draws = np.asarray(draws, dtype=float)
+    finite = draws[~np.isnan(draws)]
+    tail = (1 - level) / 2
+    low, high = np.quantile(finite, [tail, 1 - tail]) if len(finite) else (np.nan, np.nan)
+    return Estimate(float(value), float(low), float(high), num_prompts)
 
 
 def pairwise_win_matrix(policy_rewards: np.ndarray, reference_rewards: np.ndarray) -> np.ndarray:

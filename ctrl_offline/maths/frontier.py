@@ -28,7 +28,7 @@ import math
 import numpy as np
 from scipy import optimize
 
-from ctrl_offline.maths.estimates import Estimate, bootstrap_mean
+from ctrl_offline.maths.estimates import Estimate, bootstrap_mean, percentile_estimate
 
 __all__ = [
     "best_of_n_kl",
@@ -174,11 +174,8 @@ def _resampled_curves(kl, win, at, index, anchor) -> np.ndarray:
 
 def _estimate(value: float, draws: np.ndarray, level: float, num_prompts: int) -> dict:
     """An Estimate dict from a point value and its bootstrap draws (NaN draws — not reached there — left out)."""
-    finite = draws[~np.isnan(draws)]
-    tail = (1 - level) / 2
-    low, high = np.quantile(finite, [tail, 1 - tail]) if len(finite) else (math.nan, math.nan)
-    return {**Estimate(float(value), float(low), float(high), num_prompts).to_dict(),
-            "reached_share": float(len(finite) / len(draws)) if len(draws) else math.nan}
+    reached = float(np.mean(~np.isnan(draws))) if len(draws) else math.nan
+    return {**percentile_estimate(value, draws, level, num_prompts).to_dict(), "reached_share": reached}
 
 
 def frontier_at_kl(kl_per_prompt, win_per_prompt, at, *, num_boot: int = 2000, level: float = 0.95,
