@@ -183,9 +183,8 @@ def compare_frontiers(a, b, at_kl, *, num_boot: int = 2000,
         raise ValueError(f"common KLs must be > 0 nats, got {at_kl}")
     methods = {"a": _method(a)} | ({} if b is None else {"b": _method(b)})
     order = _prompt_order(methods["a"], str(a))
-    for side, path in (("b", b),) if b is not None else ():
-        if _prompt_order(methods[side], str(path)) != order:
-            raise DataError(f"{a} and {b} are not evaluations of the same prompts: a paired comparison needs them")
+    if b is not None and _prompt_order(methods["b"], str(b)) != order:
+        raise DataError(f"{a} and {b} are not evaluations of the same prompts: a paired comparison needs them")
     rewards = {report.get("reward") for points in methods.values() for _, report, _ in points}
     if len(rewards) > 1:
         raise DataError(f"the points were evaluated with different rewards ({sorted(map(str, rewards))}): their win "
