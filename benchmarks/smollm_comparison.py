@@ -1,5 +1,5 @@
-"""The real-model comparison (issues 15 and 25): CTRL vs raw best-vs-worst DPO vs calibrated identity on
-SmolLM2-135M-Instruct, as win-rate-against-KL frontiers compared at common KLs, with a powered paired evaluation.
+"""The real-model comparison (issues 15 and 25): CTRL vs raw best-vs-worst DPO, calibrated identity and BoNBoN
+on SmolLM2-135M-Instruct, as win-rate-against-KL frontiers compared at common KLs, with a powered paired evaluation.
 
   * reference model: the embedded SmolLM2-135M-Instruct (``embedded:smollm2``), all offline;
   * reward: VADER compound sentiment with exact ties broken by a fixed per-text jitter (``vader_tiebroken``);
@@ -10,6 +10,10 @@ SmolLM2-135M-Instruct, as win-rate-against-KL frontiers compared at common KLs, 
       calib_identity   calibrated identity transform, K-aware plan for BoN-n at the budget, soft-label DPO
       ctrl_exp_bon     CTRL: exp transform, K-aware plan for BoN-n, soft-label DPO
       ctrl_negexp_won  CTRL: negexp transform, K-aware plan for WoN-n, soft-label DPO
+      bonbon           BoNBoN: best vs. worst of the K samples, IPO at β*_K + NLL of the best (docs/theory.md §4.1)
+      ctrl_exp_bon_rounds  CTRL-exp for BoN-n by on-policy rounds (docs/rounds.md): each round samples the policy
+                       on the first --round-prompts training prompts, ranks its samples among the K reference
+                       rewards, regresses onto the pointwise targets; every round held to the budget
   * evaluation: the library's eval stage, m policy samples per prompt against a reference pool of M samples
     per prompt drawn once and shared by every run (U-statistic BoN-n / WoN-n / standard win rates), the KL
     on the evaluation prompts and on the KL prompts the callback held (their agreement is reported); then
@@ -35,7 +39,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -85,8 +88,14 @@ METHODS = {
                      "ctrl", "bon"),
     "ctrl_negexp_won": ({"format": "pairs", "strategy": "sampled", "transform": "negexp", "inference": "won"}, "dpo",
                         "ctrl", "won"),
+    # BoNBoN (docs/theory.md §4.1): best vs worst of the K samples, IPO at β*_K plus the NLL of the best.
+    "bonbon": ({"format": "pairs", "strategy": "best_vs_worst", "transform": "identity"}, "bonbon", "baseline", None),
+    # On-policy rounds (issue 24's training; docs/rounds.md): pointwise targets on the policy's own samples.
+    "ctrl_exp_bon_rounds": ({"transform": "exp", "inference": "bon"}, "pointwise", "ctrl", "bon"),
 }
-DEFAULT_METHODS = ["raw_bvw_dpo", "calib_identity", "ctrl_exp_bon", "ctrl_negexp_won"]
+#: The methods trained by on-policy rounds (:func:`train_rounds`) rather than on the reference samples.
+ROUNDS_METHODS = {"ctrl_exp_bon_rounds"}
+DEFAULT_METHODS = ["raw_bvw_dpo", "calib_identity", "ctrl_exp_bon", "ctrl_negexp_won", "bonbon", "ctrl_exp_bon_rounds"]
 
 #: Sizes. ``default`` is the 2-core CPU run (about 2 h, see docs/smollm_comparison.md); ``gpu`` one GPU;
 #: ``toy`` a tiny random Llama for the end-to-end test. Any flag given on the command line wins.
@@ -94,13 +103,15 @@ PRESETS = {
     "default": dict(train_prompts=1024, k=8, eval_prompts=256, m=8, big_m=16, max_new_tokens=48, kl_prompts=24,
                     kl_samples=4, kl_every=8, kl_tolerance=0.03, max_bisections=4, max_steps=512, batch_size=8,
                     pairs_per_prompt=2, lr=2e-4, kl=[0.1, 0.25, 0.5], bf16=False, num_boot=2000,
-                    sampling_batch=16),
+                    sampling_batch=16, rounds=3, round_prompts=128, round_samples=4, round_steps=32),
     "gpu": dict(train_prompts=1024, k=8, eval_prompts=512, m=16, big_m=32, max_new_tokens=48, kl_prompts=48,
                 kl_samples=4, kl_every=8, kl_tolerance=0.02, max_bisections=8, max_steps=1024, batch_size=16,
-                pairs_per_prompt=4, lr=2e-4, kl=[0.1, 0.25, 0.5], bf16=True, num_boot=2000, sampling_batch=64),
+                pairs_per_prompt=4, lr=2e-4, kl=[0.1, 0.25, 0.5], bf16=True, num_boot=2000, sampling_batch=64,
+                rounds=4, round_prompts=1024, round_samples=4, round_steps=64),
     "toy": dict(train_prompts=8, k=4, eval_prompts=8, m=4, big_m=4, max_new_tokens=6, kl_prompts=4, kl_samples=2,
                 kl_every=2, kl_tolerance=0.05, max_bisections=2, max_steps=6, batch_size=4, pairs_per_prompt=2,
-                lr=5e-3, kl=[0.05, 0.1], bf16=False, num_boot=200, sampling_batch=8, common_kl=[0.02, 0.05]),
+                lr=5e-3, kl=[0.05, 0.1], bf16=False, num_boot=200, sampling_batch=8, common_kl=[0.02, 0.05],
+                rounds=2, round_prompts=8, round_samples=2, round_steps=3),
 }
 
 #: Seconds per unit of work (SmolLM2-135M fp32 on CPU, ≤ 48 new tokens, answers ~30 tokens; a step is 8 pairs).
@@ -165,7 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
             ("pairs-per-prompt", int, "sampled pairs per prompt (calibrated methods)"),
             ("lr", float, "learning rate (LoRA r 16, α 32)"),
             ("num-boot", int, "bootstrap resamples of every interval"),
-            ("sampling-batch", int, "prompts per generate call of the reference samples")):
+            ("sampling-batch", int, "prompts per generate call of the reference samples"),
+            ("rounds", int, "on-policy rounds of a rounds method (each held to the budget)"),
+            ("round-prompts", int, "training prompts each round samples the policy on (the first ones)"),
+            ("round-samples", int, "policy samples per prompt per round"),
+            ("round-steps", int, "step cap of a round's training (pointwise rows per step: --batch-size)")):
         parser.add_argument(f"--{name}", type=kind, default=None, help=text)
     parser.add_argument("--kl", type=float, nargs="+", default=None, help="KL budgets (nats), default 0.1 0.25 0.5")
     parser.add_argument("--common-kl", type=float, nargs="+", default=None,
@@ -238,10 +253,15 @@ def estimate_runtime(args, costs: dict) -> dict:
     train = evaluate = 0.0
     per = args.kl_prompts * args.kl_samples * (sample + 2 * logp)
     for budget, m in schedule:
-        steps = steps_to_budget(budget, args)
-        estimates = steps // args.kl_every + 1 + args.max_bisections
-        # No reference pass: the rows carry the sampled ids, so their stored reference log-probs apply.
-        train += 2 * load + steps * step * args.batch_size / 8 + estimates * per
+        if m in ROUNDS_METHODS:  # each round: sample the policy (and score its log-probs under both), train
+            estimates = args.round_steps // args.kl_every + 1 + args.max_bisections
+            train += args.rounds * (3 * load + args.round_prompts * args.round_samples * (sample + 2 * logp)
+                                    + args.round_steps * step * args.batch_size / 8 + estimates * per)
+        else:
+            steps = steps_to_budget(budget, args)
+            estimates = steps // args.kl_every + 1 + args.max_bisections
+            # No reference pass: the rows carry the sampled ids, so their stored reference log-probs apply.
+            train += 2 * load + steps * step * args.batch_size / 8 + estimates * per
         evaluate += load + args.eval_prompts * args.m * (sample + logp)
     runs = len(schedule)
     parts["training (KL held)"] = train
@@ -301,10 +321,14 @@ def check_out_folder(out: Path, args) -> None:
     path = out / "settings.json"
     if path.exists():
         saved = json.loads(path.read_text())
-        changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        changed = sorted(k for k in set(saved) | set(settings) if k in saved and saved.get(k) != settings.get(k))
         if changed:
             raise SystemExit(f"{out} holds a run made with other settings ({', '.join(changed)}): pass another --out "
                              "(methods and KL budgets may be added to a run; sizes may not change)")
+        added = sorted(set(settings) - set(saved))
+        if added:  # settings this script gained after the run began: they shaped none of its cached stages
+            logger.info("recording settings new since %s began: %s", out, ", ".join(added))
+            path.write_text(json.dumps({**saved, **{k: settings[k] for k in added}}, indent=2))
     else:
         path.write_text(json.dumps(settings, indent=2))
 
@@ -319,17 +343,39 @@ def cut_fraction(folder: Path, pattern: str) -> float | None:
     return float(1 - finished.mean())
 
 
+def _train_settings(method: str, budget: float, kl_prompts: list[str], args, max_steps: int) -> dict:
+    """:func:`~ctrl_offline.stages.train.train_from_build` arguments of every method's training, held to ``budget``."""
+    return {"loss": METHODS[method][1],
+            "loading": dict(quality.LORA, torch_dtype="bfloat16" if args.bf16 else "auto"),
+            "training_args": {**quality.TRAINING, "learning_rate": args.lr, "max_steps": max_steps,
+                              "per_device_train_batch_size": args.batch_size, "bf16": args.bf16, "seed": args.seed,
+                              "max_length": 64 + args.max_new_tokens + 64},
+            "kl_budget": budget, "kl_prompts": list(kl_prompts), "kl_samples": args.kl_samples,
+            "kl_every_n_steps": args.kl_every, "kl_max_new_tokens": args.max_new_tokens, "kl_batch_size": 8,
+            "kl_tolerance": args.kl_tolerance, "kl_max_bisections": args.max_bisections}
+
+
+def _held_record(budget: float, steps: int, kl: dict, started: float, args, **extra) -> dict:
+    final = kl.get("final")
+    return {"budget": budget, "reached": bool(kl.get("reached")), "steps": steps,
+            "final": None if final is None else {k: final[k] for k in ("value", "stderr", "num_samples")},
+            **extra, "prompts": args.kl_prompts, "samples_per_prompt": args.kl_samples,
+            "seconds": time.perf_counter() - started}
+
+
 def train_held(method: str, budget: float, calibrated: Path, run: Path, kl_prompts: list[str], args) -> dict:
     """Build the method's training set and train it until its sampled KL reaches ``budget`` (cached)."""
     from ctrl_offline.io.files import read_build_info
-    from ctrl_offline.training.kl_budget import KLBudgetCallback, SampledKL
+    from ctrl_offline.maths.losses import bonbon_beta
     from ctrl_offline.stages.build import build_dataset
-    from ctrl_offline.stages.train import TRAIN_INFO_FILE
+    from ctrl_offline.stages.train import train_from_build
 
     build, loss, _, _ = METHODS[method]
     build = dict(build)
     if "inference" in build:
         build.update(n=args.n, kl=budget)
+    elif loss == "bonbon":
+        build.update(beta=bonbon_beta(args.k))  # the pairs are best and worst of the prompt's K samples
     else:
         build.update(beta=args.dpo_beta)
     if build.get("strategy") == "sampled":
@@ -338,56 +384,69 @@ def train_held(method: str, budget: float, calibrated: Path, run: Path, kl_promp
         build_dataset(calibrated, run / "data", seed=args.seed, keep_unfinished=args.keep_unfinished, **build)
     info = read_build_info(run / "data")
     record_path = run / "kl_budget.json"
+    done = {"build": info, "adapter": run / "adapter", "data": run / "data"}
     # Done: the adapter is here, or the run was trained and evaluated elsewhere (a GPU machine) and only its
     # record and evaluation came back.
     if record_path.exists() and ((run / "adapter" / "adapter_config.json").exists()
                                  or (run / "eval" / "report.json").exists()):
-        return {"build": info, "kl_held": json.loads(record_path.read_text())}
+        return {**done, "kl_held": json.loads(record_path.read_text())}
     started = time.perf_counter()
-    trainer = quality.make_trainer(
-        args.model, "pairs", loss, run / "data", run / "train", learning_rate=args.lr, max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size, bf16=args.bf16, torch_dtype="bfloat16" if args.bf16 else "auto",
-        seed=args.seed, max_length=64 + 2 * args.max_new_tokens + 64)
-    kl_sampling = {"num_samples": args.kl_samples, "max_new_tokens": args.max_new_tokens, "batch_size": 8,
-                   "seed": args.seed + 7}
-    estimator = SampledKL(kl_prompts, trainer.processing_class, **kl_sampling)
-    callback = KLBudgetCallback(budget, estimator, every_n_steps=args.kl_every, tolerance=args.kl_tolerance,
-                                max_bisections=args.max_bisections)
-    trainer.add_callback(callback)
-    trainer.train()
-    staging = run / "adapter.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
-    trainer.save_model(str(staging))
-    final = callback.final
-    record = {"budget": budget, "reached": callback.reached, "steps": trainer.state.global_step,
-              "final": None if final is None else {"value": final.value, "stderr": final.stderr,
-                                                   "num_samples": final.num_samples},
-              "history": callback.history, "prompts": len(kl_prompts), "samples_per_prompt": args.kl_samples,
-              "seconds": time.perf_counter() - started}
-    # The record `ctrl-data train` leaves beside an adapter: the eval stage re-estimates the KL on these
-    # prompts exactly as the callback drew them (kl_training_prompts), so held and evaluated KL can be compared.
-    (staging / TRAIN_INFO_FILE).write_text(json.dumps({"data": str(run / "data"), "loss": loss, "kl": {
-        "prompt_list": list(kl_prompts), **{k: v for k, v in kl_sampling.items() if k != "num_samples"},
-        "samples_per_prompt": args.kl_samples, "estimator": "per_token", "budget": budget,
-        "final": record["final"]}}, indent=2))
-    if (run / "adapter").exists():
-        shutil.rmtree(run / "adapter")
-    staging.rename(run / "adapter")
+    # The train stage holds the KL and records the prompts, seed and batches it held it on beside the adapter
+    # (ctrl_train.json), so the eval stage re-estimates the KL there (kl_training_prompts).
+    result = train_from_build(run / "data", run / "adapter", args.model, checkpoint_dir=run / "train", overwrite=True,
+                              **_train_settings(method, budget, kl_prompts, args, args.max_steps))
+    record = _held_record(budget, result.steps, result.kl or {}, started, args,
+                          history=(result.kl or {}).get("history"))
     record_path.write_text(json.dumps(record, indent=2))
-    return {"build": info, "kl_held": record}
+    return {**done, "kl_held": record}
 
 
-def evaluate_run(run: Path, eval_source: Path, pool: Path, info: dict, args) -> dict:
-    """The eval stage on the held-out prompts against the shared pool (cached in run/eval)."""
+def train_rounds(method: str, budget: float, calibrated: Path, run: Path, kl_prompts: list[str], args) -> dict:
+    """On-policy rounds (docs/rounds.md) from the base, every round held to ``budget`` (cached round by round).
+
+    Round r samples the policy of round r − 1 (round 1: the base) on the first ``--round-prompts`` training
+    prompts, ``--round-samples`` each, ranks the samples among the K stored reference rewards of their prompt,
+    builds the pointwise targets of the K-aware plan (K + 1 estimator) and trains the adapter further for at most
+    ``--round-steps`` steps, held to the budget by the same KL callback as every other method.
+    """
+    from ctrl_offline.io.files import read_build_info
+    from ctrl_offline.models.generation import SamplingConfig
+    from ctrl_offline.stages.rounds import run_round
+    from ctrl_offline.stages.train import TRAIN_INFO_FILE
+
+    build = {**METHODS[method][0], "n": args.n, "kl": budget, "keep_unfinished": args.keep_unfinished}
+    sampling = SamplingConfig(k=args.round_samples, max_new_tokens=args.max_new_tokens, batch_size=args.sampling_batch)
+    train = _train_settings(method, budget, kl_prompts, args, args.round_steps)
+    started = time.perf_counter()
+    adapter, rounds = None, []
+    for number in range(1, args.rounds + 1):
+        result = run_round(str(run.parent.parent / "prompts" / "train.jsonl"), calibrated, [REWARD_SPEC],
+                           run / f"round{number}", adapter=adapter, model=args.model, limit=args.round_prompts,
+                           sampling=sampling, seed=args.seed, build=build, train=train)
+        adapter = result.adapter
+        trained = json.loads((adapter / TRAIN_INFO_FILE).read_text())
+        kl = trained.get("kl") or {}
+        rounds.append({"round": number, "steps": trained["steps"], "reached": kl.get("reached"),
+                       "final": kl.get("final")})
+    record = _held_record(budget, sum(r["steps"] for r in rounds), {"reached": rounds[-1]["reached"],
+                                                                     "final": rounds[-1]["final"]},
+                          started, args, rounds=rounds)
+    (run / "kl_budget.json").write_text(json.dumps(record, indent=2))
+    data = run / f"round{args.rounds}" / "build"
+    return {"build": read_build_info(data), "kl_held": record, "adapter": adapter, "data": data}
+
+
+def evaluate_run(run: Path, trained: dict, eval_source: Path, pool: Path, args) -> dict:
+    """The eval stage of ``trained``'s adapter on the held-out prompts against the shared pool (cached in run/eval)."""
     from ctrl_offline.stages.evaluate import evaluate_policy
 
+    info = trained["build"]
     if not (run / "eval" / "report.json").exists():
         # The same seed for every run: the policies' samples share their random numbers (common random
         # numbers), one more source of noise that cancels in the paired differences.
-        evaluate_policy(str(eval_source), run / "eval", args.model, REWARD_SPEC, adapter=str(run / "adapter"),
+        evaluate_policy(str(eval_source), run / "eval", args.model, REWARD_SPEC, adapter=str(trained["adapter"]),
                         n=(args.n,), selectors=("bon", "won"), max_new_tokens=args.max_new_tokens,
-                        seed=args.seed + 100, train_data=str(run / "data"), transform=info["transform"], t=info["t"],
+                        seed=args.seed + 100, train_data=str(trained["data"]), transform=info["transform"], t=info["t"],
                         build_info=info, policy_samples=args.m, reference_samples=args.big_m, reference_pool=pool,
                         num_boot=args.num_boot, overwrite=True)
     return json.loads((run / "eval" / "report.json").read_text())
@@ -445,7 +504,18 @@ def comparisons(runs: dict, args) -> list[dict]:
 
 
 def run_summary(method: str, budget: float, trained: dict, report: dict) -> dict:
+    from ctrl_offline.maths.frontier import best_of_n_at_kl
+
     rates = {f"{r['selector']}": {k: r[k] for k in ("value", "ci_low", "ci_high")} for r in report["win_rates"]}
+    # Best-of-n sampling of the reference at the run's evaluated KL, on each selector (exact; docs/evaluation.md).
+    spent = report["kl"]["value"]
+    for r in report["win_rates"]:
+        rates[r["selector"]]["best_of_n"] = best_of_n_at_kl(r["selector"], r["n"], max(spent, 0.0)) \
+            if math.isfinite(spent) else None
+    # Against the run's own plan (planned methods only): KL efficiency and plan fidelity (docs/diagnostics.md §2).
+    diagnostics = report.get("plan_diagnostics") or {}
+    plan = {k: diagnostics.get(k) for k in ("procedure", "planned_win_rate", "planned_at_kl_spent", "kl_efficiency",
+                                            "plan_fidelity")} if diagnostics else None
     build = trained["build"]
     held = trained["kl_held"]["final"]
     # The callback's KL against the evaluation's per-token KL on the same KL prompts (issue 25's agreement:
@@ -459,11 +529,92 @@ def run_summary(method: str, budget: float, trained: dict, report: dict) -> dict
     return {"method": method, "kl_budget": budget, "kl_held": held,
             "kl_budget_reached": trained["kl_held"]["reached"], "training_steps": trained["kl_held"]["steps"],
             "kl_eval": report["kl"], "kl_on_kl_prompts": on_kl_prompts, "kl_agreement": agreement,
-            "win_rates": rates, "standard": report["standard_win_rate"],
+            "win_rates": rates, "standard": report["standard_win_rate"], "plan": plan,
             "transform": build["transform"], "t": build["t"], "beta": build["beta"],
             "unscaled_beta": build.get("unscaled_beta"), "num_rows": build.get("num_rows"),
             "policy_samples": report["policy_samples"], "reference_samples": report["reference_samples"],
             "reference_pool_reused": (report.get("reference_pool") or {}).get("reused")}
+
+
+def _cell(estimate: dict | None, digits: int = 3) -> str:
+    if not estimate:
+        return "—"
+    return f"{estimate['value']:.{digits}f} [{estimate['ci_low']:.{digits}f}, {estimate['ci_high']:.{digits}f}]"
+
+
+def results_markdown(result: dict, args) -> str:
+    """The runs and the comparisons as the Markdown tables docs/results.md records."""
+    n = args.n
+    lines = [f"| method | budget | KL held | KL on the KL prompts | eval KL [95% CI] | BoN-{n} [95% CI] | best-of-n at that KL "
+             f"| WoN-{n} [95% CI] | best-of-n at that KL | KL efficiency | plan fidelity | steps |",
+             "|---|---:|---:|---:|---|---|---:|---|---:|---:|---:|---:|"]
+    for run in result["runs"]:
+        held, plan = run["kl_held"], run.get("plan") or {}
+        rates = run["win_rates"]
+        number = lambda x, d=3: "—" if x is None else f"{x:.{d}f}"  # noqa: E731
+        lines.append(
+            f"| {run['method']} | {run['kl_budget']:g} | {number(held and held['value'])}"
+            f"{'' if run['kl_budget_reached'] else '*'} | {number((run['kl_on_kl_prompts'] or {}).get('value'))} | "
+            f"{_cell(run['kl_eval'])} | {_cell(rates.get('bon'))} | {number(rates.get('bon', {}).get('best_of_n'))} | "
+            f"{_cell(rates.get('won'))} | {number(rates.get('won', {}).get('best_of_n'))} | "
+            f"{number(plan.get('kl_efficiency'), 2)} | {number(plan.get('plan_fidelity'), 2)} | {run['training_steps']} |")
+    lines += ["", "| CTRL | against | KL | metric | CTRL | other | gap (points) [95% CI] | verdict |",
+              "|---|---|---:|---|---:|---:|---|---|"]
+    for c in result["comparisons"]:
+        d, a, b = c["difference"], c["ctrl_value"], c["baseline_value"]
+        b_value = b if isinstance(b, float) else (b or {}).get("value")
+        gap = "—" if d is None else f"{100 * d['value']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
+        lines.append(f"| {c['ctrl']} | {c['baseline']} | {c['kl']:g} | {c['selector']}-{c['n']} | "
+                     f"{'—' if a is None else format(a['value'], '.3f')} | "
+                     f"{'—' if b_value is None else format(b_value, '.3f')} | {gap} | {c['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_frontiers(summaries: list[dict], path: Path, args) -> str | None:
+    """``frontier.png``: per selector, each method's runs (evaluated KL, win rate, both 95% intervals) joined in
+    budget order, over best-of-n sampling of the reference. Returns a note when no figure could be drawn."""
+    from ctrl_offline.maths.frontier import best_of_n_at_kl
+    from ctrl_offline.reports.reporting import save_figure
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        return f"no figure ({err})"
+    finite = [s for s in summaries if math.isfinite(s["kl_eval"]["value"])]
+    if not finite:
+        return "no figure (no run has a finite KL)"
+    highest = max([s["kl_eval"]["ci_high"] for s in finite] + [0.2])
+    grid = np.linspace(0.0, math.sqrt(1.1 * highest), 60) ** 2
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    methods = list(dict.fromkeys(s["method"] for s in finite))
+    for ax, selector in zip(axes[0], ("bon", "won")):
+        ax.plot(grid, [best_of_n_at_kl(selector, args.n, k) for k in grid], color="grey", linestyle="--",
+                label="best-of-n of the reference")
+        for i, method in enumerate(methods):
+            runs = sorted((s for s in finite if s["method"] == method and selector in s["win_rates"]),
+                          key=lambda s: s["kl_budget"])
+            if not runs:
+                continue
+            kl = np.array([[s["kl_eval"][k] for k in ("value", "ci_low", "ci_high")] for s in runs])
+            win = np.array([[s["win_rates"][selector][k] for k in ("value", "ci_low", "ci_high")] for s in runs])
+            ax.errorbar(kl[:, 0], win[:, 0], xerr=[kl[:, 0] - kl[:, 1], kl[:, 2] - kl[:, 0]],
+                        yerr=[win[:, 0] - win[:, 1], win[:, 2] - win[:, 0]], fmt="o-", capsize=3, color=colours(i % 10),
+                        label=method, linewidth=1)
+        ax.axhline(0.5, color="lightgrey", linewidth=0.8)
+        ax.set_xscale("function", functions=(lambda x: np.sqrt(np.clip(x, 0, None)), np.square))
+        ax.set_xlim(0.0, grid[-1])
+        ax.set_xticks([k for k in (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0) if k <= grid[-1]])
+        ax.set_xlabel("KL(π‖π_ref), nats (per-token estimate on the evaluation prompts; √ scale)")
+        name = {"bon": "BoN", "won": "WoN"}[selector]
+        ax.set_ylabel(f"{name}-{args.n} win rate against the reference")
+        ax.set_title(f"{name}-{args.n}")
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+    return None
 
 
 def measure_costs(out: Path, args) -> dict:
@@ -556,8 +707,9 @@ def main(argv=None) -> int:
         if args.report_only and not (run / "eval" / "report.json").exists():
             continue
         t0 = time.perf_counter()
-        trained = train_held(method, budget, calibrated, run, sets["kl"], args)
-        report = evaluate_run(run, eval_source, pool, trained["build"], args)
+        trained = (train_rounds if method in ROUNDS_METHODS else train_held)(method, budget, calibrated, run,
+                                                                             sets["kl"], args)
+        report = evaluate_run(run, trained, eval_source, pool, args)
         runs[(method, budget)] = {"dir": run, "report": report}
         summary = run_summary(method, budget, trained, report)
         summaries.append(summary)
@@ -571,7 +723,7 @@ def main(argv=None) -> int:
 
     print(f"\nruns (KL held = the callback's estimate on {args.kl_prompts} KL prompts; eval KL = on the "
           f"{args.eval_prompts} evaluation prompts; 95% bootstrap intervals over prompts)")
-    print(f"{'method':<16} {'budget':>6} {'KL held':>14} {'eval KL [95% CI]':>22} {'BoN-' + str(args.n) + ' [95% CI]':>22} "
+    print(f"{'method':<19} {'budget':>6} {'KL held':>14} {'eval KL [95% CI]':>22} {'BoN-' + str(args.n) + ' [95% CI]':>22} "
           f"{'WoN-' + str(args.n) + ' [95% CI]':>22} {'standard':>8} {'steps':>5}")
     for s in summaries:
         held = s["kl_held"]
@@ -580,7 +732,7 @@ def main(argv=None) -> int:
         for sel in ("bon", "won"):
             w = s["win_rates"][sel]
             cells.append(f"{w['value']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]")
-        print(f"{s['method']:<16} {s['kl_budget']:>6g} {held_text + ('' if s['kl_budget_reached'] else '*'):>14} "
+        print(f"{s['method']:<19} {s['kl_budget']:>6g} {held_text + ('' if s['kl_budget_reached'] else '*'):>14} "
               f"{cells[0]:>22} {cells[1]:>22} {cells[2]:>22} {s['standard']['value']:>8.3f} {s['training_steps']:>5}")
     if not all(s["kl_budget_reached"] for s in summaries):
         print("* budget not reached within --max-steps: that run spends less KL than the others")
@@ -591,14 +743,14 @@ def main(argv=None) -> int:
               + f"; {sum(a['agrees'] for a in agreements)}/{len(agreements)} within 0.03 nats or 10%")
     print(f"\ncomparisons at common KLs (each method's runs interpolated in √KL; paired by prompt on both axes, "
           f"shared reference pool; target half-width ≤ {args.target_half_width:g})")
-    print(f"{'CTRL':<16} {'against':<20} {'KL':>5} {'metric':>7} {'CTRL':>6} {'other':>6} {'gap (pts)':>9} "
+    print(f"{'CTRL':<19} {'against':<20} {'KL':>5} {'metric':>7} {'CTRL':>6} {'other':>6} {'gap (pts)':>9} "
           f"{'95% CI (pts)':>16}  verdict")
     for c in compared:
         d, a, b = c["difference"], c["ctrl_value"], c["baseline_value"]
         b_value = b if isinstance(b, float) else (b or {}).get("value")
         cells = ["—"] * 4 if d is None else [f"{100 * d['value']:+.1f}",
                                              f"[{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"]
-        print(f"{c['ctrl']:<16} {c['baseline']:<20} {c['kl']:>5g} {c['selector'] + '-' + str(c['n']):>7} "
+        print(f"{c['ctrl']:<19} {c['baseline']:<20} {c['kl']:>5g} {c['selector'] + '-' + str(c['n']):>7} "
               f"{'—' if a is None else format(a['value'], '.3f'):>6} "
               f"{'—' if b_value is None else format(b_value, '.3f'):>6} {cells[0]:>9} {cells[1]:>16}  {c['verdict']}")
     widths = [c["half_width"] for c in compared if c["half_width"] is not None]
@@ -613,6 +765,12 @@ def main(argv=None) -> int:
     result = {"config": settings, "decision_rule": DECISION_RULE, "estimate": estimate, "reference": reference,
               "runs": summaries, "comparisons": compared, "seconds": elapsed}
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "results.md").write_text(results_markdown(result, args))
+    try:  # the tables are written whatever the figure does
+        note = plot_frontiers(summaries, out / "frontier.png", args)
+    except Exception as err:  # noqa: BLE001
+        note = f"no figure ({type(err).__name__}: {err})"
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and " + (note or str(out / "frontier.png")))
     if args.json:
         print(json.dumps(result, default=str))
     return 0

@@ -174,6 +174,10 @@ def _add_kl_hold_args(parser) -> None:
     parser.add_argument("--kl-every-n-steps", type=_positive_int, default=10,
                         help="optimizer steps between KL estimates")
     parser.add_argument("--kl-max-new-tokens", type=_positive_int, default=64)
+    parser.add_argument("--kl-tolerance", type=_positive_float, default=0.01,
+                        help="once past the budget, bisect back to within this many nats of it")
+    parser.add_argument("--kl-max-bisections", type=_positive_int, default=12,
+                        help="KL estimates the bisection may spend once the budget is passed")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep ADAPTER.checkpoints once the adapter is written")
 
@@ -588,7 +592,8 @@ def _run_train(args) -> int:
     result = train_from_build(args.data, args.out, args.model, loss=args.loss, loading=loading,
                               training_args=overrides, kl_budget=args.kl_budget, kl_prompts=args.kl_prompts,
                               kl_samples=args.kl_eval_samples, kl_every_n_steps=args.kl_every_n_steps,
-                              kl_max_new_tokens=args.kl_max_new_tokens, keep_checkpoints=args.keep_checkpoints,
+                              kl_max_new_tokens=args.kl_max_new_tokens, kl_tolerance=args.kl_tolerance,
+                              kl_max_bisections=args.kl_max_bisections, keep_checkpoints=args.keep_checkpoints,
                               overwrite=args.overwrite, init_adapter=args.init_adapter)
     kl = ""
     if result.kl and result.kl.get("final"):
@@ -619,6 +624,7 @@ def _run_round(args) -> int:
     train = {"loading": loading, "training_args": overrides, "kl_prompts": args.kl_prompts,
              "kl_budget": None if planned else args.kl_budget, "kl_samples": args.kl_eval_samples,
              "kl_every_n_steps": args.kl_every_n_steps, "kl_max_new_tokens": args.kl_max_new_tokens,
+             "kl_tolerance": args.kl_tolerance, "kl_max_bisections": args.kl_max_bisections,
              "keep_checkpoints": args.keep_checkpoints}
     sampling = SamplingConfig(k=args.num_samples, max_new_tokens=args.max_new_tokens,
                               batch_size=args.sampling_batch_size)

@@ -189,12 +189,13 @@ def test_a_runs_checkpoints_become_a_frontier_against_one_pool(frontier):
 
 
 def test_a_frontier_resumes_without_evaluating_again(frontier, monkeypatch):
+    import ctrl_offline.stages.evaluate as evaluate
     import ctrl_offline.stages.frontier as stage
 
     def refuse(*args, **kwargs):
         raise AssertionError("evaluated again")
 
-    monkeypatch.setattr(stage, "evaluate_policy", refuse)
+    monkeypatch.setattr(evaluate, "evaluate_policy", refuse)
     again = stage.evaluate_frontier(str(frontier["root"] / "prompts.jsonl"), frontier["root"] / "out",
                                     frontier["model"], REWARD, [str(frontier["run"])], **frontier["settings"])
     assert [p["kl"] for p in again["points"]] == [p["kl"] for p in frontier["summary"]["points"]]

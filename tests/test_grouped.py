@@ -181,7 +181,7 @@ def test_grouped_build_needs_the_sampled_ids_and_reference_log_probs(calibrated,
 
 
 # -- training --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("loss", ["dpo", "ipo", "distill", "dpo_hard"])
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "distill", "dpo_hard", "bonbon"])
 def test_grouped_step_equals_the_pair_rows_step(loss, calibrated, tiny_path, tokenizer, tmp_path):
     grouped = build(calibrated, tmp_path / "grouped", "grouped")
     pairs = build(calibrated, tmp_path / "pairs", "pairs")

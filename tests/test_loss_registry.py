@@ -57,9 +57,10 @@ def pair_rows(n=8):
 
 
 def test_the_built_in_losses():
-    assert loss_names() == LOSS_TYPES == ("dpo", "dpo_hard", "ipo", "distill", "pointwise", "weighted_sft")
+    assert loss_names() == LOSS_TYPES == ("dpo", "dpo_hard", "ipo", "distill", "bonbon", "pointwise",
+                                              "weighted_sft")
     assert (*format_losses(), "grouped") == FORMATS  # the grouped layout serves every loss
-    assert format_losses()["pairs"] == ("dpo", "dpo_hard", "ipo", "distill")
+    assert format_losses()["pairs"] == ("dpo", "dpo_hard", "ipo", "distill", "bonbon")
     assert get_loss("weighted_sft").needs_beta is False and get_loss("pointwise").needs_ref_logps is True
     # dpo reads soft labels from `label` or from `target_phi_gap`: either column will do.
     assert get_loss("dpo").missing_columns(["label"]) == [] == get_loss("dpo").missing_columns(["target_phi_gap"])

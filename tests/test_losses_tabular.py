@@ -283,3 +283,44 @@ def test_gradients_vanish_at_the_targets():
     theta = torch.log(q * w / (q * w).sum()).requires_grad_(True)
     (grad,) = torch.autograd.grad((q * weighted_sft_loss(torch.log_softmax(theta, 0), w)).sum(), theta)
     assert float(grad.abs().max()) < 1e-12
+
+
+# -- BoNBoN (docs/theory.md §4.1) -------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_bonbon_margin_is_the_best_of_n_policys_mean_gap(n):
+    """(n − 1)·H_{n−1} against an exact enumeration: a reward on M equally likely atoms (fine enough to be
+    continuous), π_n the exact best-of-n policy, and the best and the worst of n reference samples."""
+    from ctrl_offline.maths.losses import bonbon_margin
+
+    atoms = 200_000
+    cdf = np.arange(atoms + 1, dtype=np.float64) / atoms  # F after each atom, F_0 = 0
+    best = cdf[1:] ** n - cdf[:-1] ** n  # P(best of n = atom i) = π_n(i)
+    worst = (1 - cdf[:-1]) ** n - (1 - cdf[1:]) ** n
+    log_ratio = np.log(best * atoms)  # log π_n / π_ref
+    gap = float(np.sum((best - worst) * log_ratio))
+    assert gap == pytest.approx(bonbon_margin(n), abs=1e-3)
+
+
+def test_bonbon_beta_margin_and_loss_by_hand():
+    from ctrl_offline.maths.losses import bonbon_beta, bonbon_loss, bonbon_margin
+
+    assert bonbon_margin(2) == 1.0 and bonbon_margin(4) == pytest.approx(3 * (1 + 1 / 2 + 1 / 3))
+    assert bonbon_beta(8) == pytest.approx(1 / (2 * 7 * (1 + 1 / 2 + 1 / 3 + 1 / 4 + 1 / 5 + 1 / 6 + 1 / 7)))
+    for bad in (1, 0, 2.5):
+        with pytest.raises(ValueError, match="integer n ≥ 2"):
+            bonbon_margin(bad)
+    beta = bonbon_beta(4)
+    chosen, rejected = torch.tensor([0.4], dtype=torch.float64), torch.tensor([-0.1], dtype=torch.float64)
+    logps = torch.tensor([-12.0], dtype=torch.float64)
+    value = float(bonbon_loss(chosen, rejected, beta, logps, alpha=0.1))
+    assert value == pytest.approx(0.1 * 12.0 + 0.9 * (0.5 - bonbon_margin(4)) ** 2)
+    # α = 0: IPO at margin 1/(2β), zero (with zero gradient) exactly at the margin.
+    rho1 = torch.tensor([bonbon_margin(4) - 0.2], dtype=torch.float64, requires_grad=True)
+    rho2 = torch.tensor([-0.2], dtype=torch.float64, requires_grad=True)
+    loss = bonbon_loss(rho1, rho2, beta, logps, alpha=0.0)
+    assert float(loss.detach()) == pytest.approx(0.0, abs=1e-20)
+    assert all(float(g.abs().max()) < 1e-12 for g in torch.autograd.grad(loss.sum(), (rho1, rho2)))
+    # The NLL term pulls the chosen response's log-prob up, with slope α.
+    logps = logps.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(bonbon_loss(rho1, rho2, beta, logps, alpha=0.25).sum(), logps)
+    assert float(grad) == pytest.approx(-0.25)

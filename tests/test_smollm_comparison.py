@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from benchmark_modules import load_benchmark
+from ctrl_offline.maths.losses import bonbon_beta
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "smollm_comparison.py"
@@ -74,6 +75,8 @@ def test_toy_end_to_end(tmp_path):
             rate = run["win_rates"][selector]
             assert 0 <= rate["ci_low"] <= rate["value"] <= rate["ci_high"] <= 1
         assert run["policy_samples"] == config["m"] and run["reference_samples"] == config["big_m"]
+        if run["method"] == "bonbon":  # IPO's margin 1/(2β) is best-of-K's mean gap (docs/theory.md §4.1)
+            assert run["beta"] == pytest.approx(bonbon_beta(config["k"]))
     # One pool for every run: the first drew it, the others reused it.
     assert sum(not r["reference_pool_reused"] for r in result["runs"]) == 1
     # The KL the callback held against the evaluation's on the same KL prompts, for every run.
@@ -89,6 +92,14 @@ def test_toy_end_to_end(tmp_path):
         assert row["verdict"] in (("shows the effect", "refutes it", "inconclusive") if reached else ("not reached",))
         if reached:
             assert row["half_width"] >= 0 and {"value", "ci_low", "ci_high"} <= set(row["difference"])
+    # The tables docs/results.md records (a row per run, per comparison) and the frontier figure.
+    runs_table, comparisons_table = ((out / "results.md").read_text().split("\n\n"))
+    assert sum(line.startswith(f"| {r['method']} | {r['kl_budget']:g} |") for r in result["runs"]
+               for line in runs_table.splitlines()) == len(result["runs"])
+    assert len(comparisons_table.strip().splitlines()) == 2 + len(result["comparisons"])
+    assert (out / "frontier.png").stat().st_size > 0
+    for run in result["runs"]:  # planned methods are measured against their plan
+        assert (run["plan"] is not None) == (run["method"] not in ("raw_bvw_dpo", "bonbon"))
     # Resumable: a second invocation finds every stage cached and reprints the same results.
     again = subprocess.run([sys.executable, str(SCRIPT), "--toy", "--out", str(out), "--json"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)
@@ -106,5 +117,7 @@ def test_baseline_budgets():
     assert module.method_budgets("calib_identity", args) == [0.1, 0.2]
     same = module.resolve_sizes(module.build_parser().parse_args(["--kl", "0.25", "0.5"]))
     assert all(module.method_budgets(m, same) == [0.25, 0.5] for m in module.METHODS)
-    # Six runs to estimate: two CTRL methods at 0.5, two baselines at 0.1 and 0.2.
-    assert module.estimate_runtime(args, module.COSTS["idle_2_cores"])["runs"] == 6
+    # Runs to estimate: every CTRL method at 0.5, every baseline at 0.1 and 0.2.
+    roles = [module.METHODS[m][2] for m in args.methods]
+    assert module.estimate_runtime(args, module.COSTS["idle_2_cores"])["runs"] == roles.count("ctrl") + 2 * roles.count(
+        "baseline") == 9

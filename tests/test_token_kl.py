@@ -199,7 +199,7 @@ def trained(tmp_path_factory):
             if "lora_" in name:
                 p.copy_(0.3 * torch.randn(p.shape, generator=generator))
     model.eval()
-    callback, record = _kl_callback(0.5, HELD_OUT, base, 3, 1, 4, 2, "prompt", 11)
+    callback, record = _kl_callback(0.5, HELD_OUT, base, 3, 1, 4, 2, "prompt", 11, 0.01, 12)
     assert record["prompt_list"] == HELD_OUT and (record["seed"], record["batch_size"]) == (11, 2)
     assert record["estimator"] == "per_token" and record["prompts"] == 3
     final = callback.estimate_kl(model)

@@ -127,10 +127,12 @@ def test_holds_the_planned_kl_on_held_out_prompts(pipeline, tmp_path):
     root = pipeline["root"]
     out = tmp_path / "adapter"
     assert cli("train", root / "pairs", "--out", out, "--kl-prompts", root / "heldout.txt", "--kl-budget", 0.05,
-               "--kl-every-n-steps", 1, "--kl-eval-samples", 2, "--kl-max-new-tokens", 6, *FAST[2:], "--max_steps", 4,
-               "--learning_rate", 3e-2) == 0
+               "--kl-every-n-steps", 1, "--kl-eval-samples", 2, "--kl-max-new-tokens", 6, "--kl-tolerance", 0.02,
+               "--kl-max-bisections", 2, *FAST[2:], "--max_steps", 4, "--learning_rate", 3e-2) == 0
     kl = json.loads((out / "ctrl_train.json").read_text())["kl"]
     assert kl["budget"] == 0.05 and kl["prompts"] == 4 and kl["history"]
+    assert (kl["tolerance"], kl["max_bisections"]) == (0.02, 2)
+    assert sum("alpha" in h for h in kl["history"]) <= 2  # the bisection's estimates
     if kl["reached"]:
         assert abs(kl["final"]["value"] - 0.05) < 0.05
     else:

@@ -74,7 +74,7 @@ def sequence_logps(model, tokenizer, prompts, completions):
     return np.array(out)
 
 
-@pytest.mark.parametrize("loss", ["dpo", "dpo_hard", "ipo", "distill"])
+@pytest.mark.parametrize("loss", ["dpo", "dpo_hard", "ipo", "distill", "bonbon"])
 def test_pair_losses_train_and_the_adapter_reloads(loss, tiny_path, tokenizer, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -9,6 +9,7 @@ minimised exactly there (given enough data and capacity):
 * ``dpo_loss``        −[p log σ(βΔρ) + (1−p) log σ(−βΔρ)],  p = σ(Φ₁ − Φ₂)   soft labels
 * ``ipo_loss``        (Δρ − (Φ₁ − Φ₂)/β)²                      IPO with the transformed margin
 * ``weighted_sft_loss``  −w·log π_θ(y|x), w ∝ exp(Φ(Ĉ)/β) within a prompt
+* ``bonbon_loss``     α·(−log π_θ(y_best)) + (1−α)(Δρ − 1/(2β))²   BoNBoN, a baseline (docs/theory.md §4.1)
 
 Every function returns one loss per example (shape ``(B,)``); callers weight and average.
 Hard-label DPO (p = 1, best vs worst) is ``dpo_loss(..., label=1.0)``: the familiar baseline,
@@ -49,6 +50,10 @@ __all__ = [
     "distill_loss",
     "pointwise_loss",
     "weighted_sft_loss",
+    "bonbon_margin",
+    "bonbon_beta",
+    "bonbon_loss",
+    "BONBON_ALPHA",
 ]
 
 #: The build formats (``ctrl-data build --data-format``), in order: pairs train the pairwise trainer, the
@@ -111,13 +116,44 @@ def weighted_sft_loss(logps: "torch.Tensor", weight: "torch.Tensor") -> "torch.T
     return -weight * logps
 
 
+def bonbon_margin(n: int) -> float:
+    """(n − 1)·H_{n−1}: the mean log-ratio gap log π_n/π_ref between the best and the worst of n reference
+    samples under π_n, the best-of-n policy (docs/theory.md §4.1); BoNBoN's IPO target."""
+    if int(n) != n or n < 2:
+        raise ValueError(f"best-of-n needs an integer n ≥ 2, got {n!r}")
+    n = int(n)
+    return (n - 1) * sum(1.0 / k for k in range(1, n))
+
+
+def bonbon_beta(n: int) -> float:
+    """β*_n = 1 / (2 (n − 1) H_{n−1}): the β at which IPO's margin 1/(2β) is :func:`bonbon_margin` (BoNBoN)."""
+    return 1.0 / (2.0 * bonbon_margin(n))
+
+
+#: BoNBoN's weight on the NLL of the best sample, α in α·L_SFT + (1 − α)·L_IPO. Its role is to pin the
+#: chosen response's likelihood, which IPO on differences leaves free; small, since the sequence NLL is large
+#: beside the squared gap once the gap nears its target. Redefine with ``register_loss(..., replace=True)``.
+BONBON_ALPHA = 0.005
+
+
+def bonbon_loss(chosen_logratio: "torch.Tensor", rejected_logratio: "torch.Tensor", beta: float,
+                chosen_logps: "torch.Tensor", alpha: float = BONBON_ALPHA) -> "torch.Tensor":
+    """BoNBoN (Gui et al., 2024) on best-vs-worst-of-n pairs: α·(−log π_θ(y_best|x)) + (1 − α)(Δρ − 1/(2β))².
+
+    With β = :func:`bonbon_beta` (n) the IPO term's target is :func:`bonbon_margin` (n), which the best-of-n
+    policy meets in expectation; the NLL term is supervised fine-tuning on the best samples.
+    """
+    return alpha * -chosen_logps + (1.0 - alpha) * (chosen_logratio - rejected_logratio - 0.5 / beta) ** 2
+
+
 # -- the registry --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Loss:
     """One trainable loss.
 
     ``compute`` gives the per-example losses. For a ``pairs`` loss it is called as
-    ``compute(chosen_logratio, rejected_logratio, beta, batch)``; for a single-response loss
+    ``compute(chosen_logratio, rejected_logratio, beta, batch)``, ``batch`` holding also the policy's
+    summed log-probs ``chosen_logps`` and ``rejected_logps`` (with their gradients); for a single-response loss
     (``pointwise`` or ``weights`` format) as ``compute(logps, logratio, beta, batch)``, with
     ``logratio`` None when ``needs_ref_logps`` is False. ``batch`` maps column names to tensors.
     ``columns`` are the build columns it reads beyond the format's own text columns, each entry a
@@ -200,6 +236,10 @@ register_loss(Loss("ipo", "pairs",
 register_loss(Loss("distill", "pairs",
                    lambda c, r, beta, batch: distill_loss(c, r, beta, _column(batch, "target_phi_gap", c)),
                    columns=(("target_phi_gap",),), description="pairwise reward distillation"))
+register_loss(Loss("bonbon", "pairs",
+                   lambda c, r, beta, batch: bonbon_loss(c, r, beta, batch["chosen_logps"].to(c.dtype)),
+                   description="BoNBoN baseline: IPO with margin 1/(2β) + α·NLL of the chosen, on best-vs-worst "
+                               "pairs with β = β*_n (ctrl_offline.maths.losses.bonbon_beta)"))
 register_loss(Loss("pointwise", "pointwise",
                    lambda logps, ratio, beta, batch: pointwise_loss(ratio, beta, _column(batch, "target", logps)),
                    columns=(("target",),), description="regress β·ρ onto Φ(Ĉ) − β log Z, one response at a time"))

@@ -255,6 +255,8 @@ def train_from_build(
     kl_every_n_steps: int = 10,
     kl_max_new_tokens: int = 64,
     kl_batch_size: int = 8,
+    kl_tolerance: float = 0.01,
+    kl_max_bisections: int = 12,
     kl_column: str = "prompt",
     kl_prompts_source: str | None = None,
     checkpoint_dir=None,
@@ -279,7 +281,8 @@ def train_from_build(
     With ``kl_prompts`` (held-out prompts: a file, folder, Hub id or list) training is held to
     ``kl_budget`` — by default the KL the build was planned for — by
     :class:`~ctrl_offline.training.kl_budget.KLBudgetCallback` with a :class:`~ctrl_offline.training.kl_budget.SampledKL`
-    estimate every ``kl_every_n_steps`` steps (docs/kl_budget.md); ``kl_prompts_source`` says where the
+    estimate every ``kl_every_n_steps`` steps, bisecting back to within ``kl_tolerance`` nats of the budget
+    in at most ``kl_max_bisections`` estimates once it is crossed (docs/kl_budget.md); ``kl_prompts_source`` says where the
     prompts came from in the KL record (default: the path given). The KL record (``kl`` in
     ``ctrl_train.json``) lists the prompts (``prompt_list``) with the seed and batch size they were
     sampled with, so that ``ctrl-data eval`` of the adapter reports the KL on them too. Checkpoints
@@ -341,7 +344,7 @@ def train_from_build(
             raise DataError(f"{data} was not planned for a KL: pass --kl-budget to hold one")
         kl_callback, kl_info = _kl_callback(budget, kl_prompts, model, kl_samples, kl_every_n_steps,
                                             kl_max_new_tokens, kl_batch_size, kl_column,
-                                            (training_args or {}).get("seed", 42))
+                                            (training_args or {}).get("seed", 42), kl_tolerance, kl_max_bisections)
         source = kl_prompts_source or (str(kl_prompts) if isinstance(kl_prompts, (str, Path)) else None)
         if source is not None:
             kl_info["prompts_source"] = source
@@ -429,7 +432,8 @@ def _check_checkpoints(folder: Path, settings: dict, overwrite: bool) -> None:
     write_json(record, settings)
 
 
-def _kl_callback(budget, prompts, model, num_samples, every_n_steps, max_new_tokens, batch_size, column, seed):
+def _kl_callback(budget, prompts, model, num_samples, every_n_steps, max_new_tokens, batch_size, column, seed,
+                 tolerance, max_bisections):
     from transformers import AutoTokenizer
 
     from ctrl_offline.models.embedded import resolve_model
@@ -446,9 +450,11 @@ def _kl_callback(budget, prompts, model, num_samples, every_n_steps, max_new_tok
         tokenizer.pad_token = tokenizer.eos_token
     estimator = SampledKL(prompts, tokenizer, num_samples=num_samples, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, seed=seed)
-    callback = KLBudgetCallback(budget, estimator, every_n_steps=every_n_steps)
+    callback = KLBudgetCallback(budget, estimator, every_n_steps=every_n_steps, tolerance=tolerance,
+                                max_bisections=max_bisections)
     # The prompts themselves and how they were sampled: `ctrl-data eval` of the adapter re-estimates the
     # KL there exactly as the callback did (the same fixed set, seed and batches).
     return callback, {"prompts": len(prompts), "samples_per_prompt": num_samples, "max_new_tokens": max_new_tokens,
-                      "every_n_steps": every_n_steps, "estimator": "per_token", "seed": seed,
+                      "every_n_steps": every_n_steps, "tolerance": tolerance, "max_bisections": max_bisections,
+                      "estimator": "per_token", "seed": seed,
                       "batch_size": batch_size, "prompt_list": prompts}

@@ -302,6 +302,7 @@ class CTRLGroupedTrainer(_CTRLMixin, DPOTrainer):
             chosen, rejected = inputs["pair_chosen"], inputs["pair_rejected"]
             batch = {name: inputs[f"pair_{name}"].to(logps.dtype) for name in GROUPED_BATCH_COLUMNS["pairs"]
                      if f"pair_{name}" in inputs}
+            batch.update(chosen_logps=logps[chosen], rejected_logps=logps[rejected])
             chosen_ratio, rejected_ratio = ratio[chosen], ratio[rejected]
             per_pair = loss_spec.compute(chosen_ratio, rejected_ratio, beta, batch) * batch["weight"]
             loss = per_pair.sum() / units

@@ -493,7 +493,8 @@ class CTRLTrainer(_CTRLMixin, DPOTrainer):
         chosen_ratio = chosen_logps - inputs["ref_chosen_logps"].to(logps.dtype)
         rejected_ratio = rejected_logps - inputs["ref_rejected_logps"].to(logps.dtype)
         beta = self.args.beta
-        per_pair = get_loss(self.args.ctrl_loss).compute(chosen_ratio, rejected_ratio, beta, inputs)
+        batch = {**inputs, "chosen_logps": chosen_logps, "rejected_logps": rejected_logps}
+        per_pair = get_loss(self.args.ctrl_loss).compute(chosen_ratio, rejected_ratio, beta, batch)
         weight = inputs.get("weight")
         loss = (per_pair * weight.to(per_pair.dtype)).mean() if weight is not None else per_pair.mean()
         margin = beta * (chosen_ratio - rejected_ratio)  # TRL's `rewards/margins`: β·Δρ, not the target Φ gap
