@@ -101,7 +101,7 @@ DEFAULT_METHODS = ["raw_bvw_dpo", "calib_identity", "ctrl_exp_bon", "ctrl_negexp
 #: ``toy`` a tiny random Llama for the end-to-end test. Any flag given on the command line wins.
 PRESETS = {
     "default": dict(train_prompts=1024, k=8, eval_prompts=256, m=8, big_m=16, max_new_tokens=48, kl_prompts=24,
-                    kl_samples=4, kl_every=8, kl_tolerance=0.03, max_bisections=4, max_steps=512, batch_size=8,
+                    kl_samples=4, kl_every=8, kl_tolerance=0.03, max_bisections=4, max_steps=160, batch_size=8,
                     pairs_per_prompt=2, lr=2e-4, kl=[0.1, 0.25, 0.5], bf16=False, num_boot=2000,
                     sampling_batch=16, rounds=3, round_prompts=128, round_samples=4, round_steps=32),
     "gpu": dict(train_prompts=1024, k=8, eval_prompts=512, m=16, big_m=32, max_new_tokens=48, kl_prompts=48,
