@@ -49,3 +49,30 @@ def test_hooks_are_removed_even_when_generate_fails(tiny, monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):
         sample_completions(model, tokenizer, ["a "], SamplingConfig(k=2, max_new_tokens=3), seed=0)
     assert len(model._forward_hooks) == before
+
+
+def test_a_stopped_draw_resumes_with_the_rows_of_an_uninterrupted_one(tiny, monkeypatch, tmp_path):
+    model, tokenizer = tiny
+    prompts = [f"word {i} " for i in range(7)]
+    config = SamplingConfig(k=3, max_new_tokens=6, batch_size=2)  # 4 batches
+    whole = sample_completions(model, tokenizer, prompts, config, seed=3)
+
+    real_generate, calls = model.generate, []
+
+    def generate(**kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # stopped during the third batch
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", generate)
+    folder = tmp_path / "drawn"
+    with pytest.raises(KeyboardInterrupt):
+        sample_completions(model, tokenizer, prompts, config, seed=3, checkpoint_dir=folder, model_key="m")
+    assert len(list(folder.glob("batch-*.pt"))) == 2
+    torch.manual_seed(123)  # whatever the random state is now, the resumed draw restores its own
+    resumed = sample_completions(model, tokenizer, prompts, config, seed=3, checkpoint_dir=folder, model_key="m")
+    assert resumed == whole and len(calls) == 3 + 2  # the two kept batches were not drawn again
+    # Another model (or seed, prompts, config) does not reuse the kept batches.
+    sample_completions(model, tokenizer, prompts, config, seed=3, checkpoint_dir=folder, model_key="other")
+    assert len(calls) == 5 + 4

@@ -305,6 +305,40 @@ def test_the_pool_survives_a_run_stopped_while_the_policy_samples(tiny, monkeypa
     assert resumed.report["reference_pool"]["reused"]
 
 
+def test_a_run_stopped_while_sampling_resumes_after_its_last_batch(tiny, monkeypatch):
+    """Each finished batch is kept beside the output until the report is written: a stopped evaluation draws only
+    what it had not, and reports exactly what an uninterrupted one reports."""
+    import ctrl_offline.models.generation as generation
+    from ctrl_offline.io.files import DataError
+
+    whole = evaluate(tiny, tiny["root"] / "whole", seed=4, n=(1, 4))
+    real_save, saved = generation._SamplingCheckpoint.save, []
+
+    def save(self, start, rows):
+        if self.folder.name == "policy" and ("policy", 0) in saved:
+            raise KeyboardInterrupt  # the session ends during the policy's second batch
+        saved.append((self.folder.name, start))
+        real_save(self, start, rows)
+
+    monkeypatch.setattr(generation._SamplingCheckpoint, "save", save)
+    out = tiny["root"] / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(tiny, out, seed=4, n=(1, 4))
+    kept = tiny["root"] / ".resumed.sampling"
+    assert len(list((kept / "policy").glob("batch-*.pt"))) == 1 and not out.exists()
+    saved.clear()
+    monkeypatch.setattr(generation._SamplingCheckpoint, "save", lambda self, start, rows: saved.append(
+        (self.folder.name, start)) or real_save(self, start, rows))
+    resumed = evaluate(tiny, out, seed=4, n=(1, 4))
+    assert saved == [("policy", 8)]  # only the batch it had not finished is drawn
+    assert resumed.report["win_rates"] == whole.report["win_rates"] and resumed.report["kl"] == whole.report["kl"]
+    assert pq_read(out / "samples.parquet").equals(pq_read(tiny["root"] / "whole" / "samples.parquet"))
+    assert not kept.exists()  # gone once the report is written
+    # A non-empty output is refused before any model is loaded or sample drawn.
+    with pytest.raises(DataError, match="is not empty"):
+        evaluate({**tiny, "model": str(tiny["root"] / "no-such-model")}, out)
+
+
 def test_compare_pairs_two_reports_on_the_same_prompts(tiny, capsys):
     from ctrl_offline.io.files import DataError
     from ctrl_offline.stages.compare import compare_reports

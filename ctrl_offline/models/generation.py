@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
+import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypedDict
 
 import numpy as np
@@ -162,15 +166,62 @@ class _RecordedLogps:
         return torch.stack([*self.steps, last], dim=1)
 
 
+def _rng_state() -> dict:
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _SamplingCheckpoint:
+    """Each finished batch's rows and the random state after it, in one folder, so that a stopped draw resumes
+    after its last finished batch and gives exactly the rows the uninterrupted draw gives."""
+
+    def __init__(self, folder, prompt_texts: list[str], config: SamplingConfig, seed: int, model_key: str):
+        self.folder = Path(folder)
+        key = hashlib.sha256(json.dumps([prompt_texts, repr(config), seed, model_key]).encode()).hexdigest()
+        stamp = self.folder / "draw.json"
+        if self.folder.exists() and (not stamp.is_file() or json.loads(stamp.read_text()).get("key") != key):
+            shutil.rmtree(self.folder)  # another draw's batches: start over
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not stamp.is_file():
+            tmp = stamp.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"key": key}))
+            os.replace(tmp, stamp)
+
+    def _path(self, start: int):
+        return self.folder / f"batch-{start:08d}.pt"
+
+    def load(self, start: int) -> tuple[list, dict] | None:
+        path = self._path(start)
+        if not path.is_file():
+            return None
+        saved = torch.load(path, weights_only=False)
+        return [SampleRow(row) for row in saved["rows"]], saved["rng"]
+
+    def save(self, start: int, rows: list) -> None:
+        tmp = self._path(start).with_suffix(".tmp")
+        torch.save({"rows": [dict(row) for row in rows], "rng": _rng_state()}, tmp)
+        os.replace(tmp, self._path(start))
+
+
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompt_texts: list[str], config: SamplingConfig,
-                       seed: int) -> list[SampleRow]:
+                       seed: int, checkpoint_dir=None, model_key: str = "") -> list[SampleRow]:
     """K samples for each rendered prompt; rows in prompt order, ``sample_idx`` 0..K−1.
 
     Each row's ``logp`` is the completion's log-prob under ``model`` (the policy's when ``model``
     is the policy); see :class:`SampleRow`.
 
-    Deterministic for a given seed, model, prompt list and batch size.
+    Deterministic for a given seed, model, prompt list and batch size. With ``checkpoint_dir`` every
+    finished batch is kept there with the random state after it, and a draw of the same prompts,
+    config, seed and ``model_key`` (what identifies the model to the caller) resumes after the last
+    kept batch with the same rows as one uninterrupted draw; another draw's batches are cleared. The
+    caller removes the folder when it no longer needs it.
     """
     device = next(model.parameters()).device
     eos_ids = model.generation_config.eos_token_id
@@ -178,9 +229,17 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], config: Sampli
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids))
     tokenizer.padding_side = "left"
     torch.manual_seed(seed)
+    checkpoint = None if checkpoint_dir is None else _SamplingCheckpoint(checkpoint_dir, prompt_texts, config, seed,
+                                                                          model_key)
     rows = []
     starts = range(0, len(prompt_texts), config.batch_size)
     for start in tqdm(starts, desc="sampling", unit="batch", leave=False, disable=len(starts) < 2):
+        kept = None if checkpoint is None else checkpoint.load(start)
+        if kept is not None:
+            rows.extend(kept[0])
+            _set_rng_state(kept[1])
+            continue
+        batch_rows = []
         batch = prompt_texts[start : start + config.batch_size]
         enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
         recorded = _RecordedLogps(model)
@@ -215,7 +274,7 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], config: Sampli
         for row in range(out.size(0)):
             n = int(completion_mask[row].sum())
             ids = generated[row, :n].tolist()
-            rows.append(
+            batch_rows.append(
                 SampleRow({
                     "batch_prompt": start + row // config.k,
                     "sample_idx": row % config.k,
@@ -226,6 +285,9 @@ def sample_completions(model, tokenizer, prompt_texts: list[str], config: Sampli
                     "finished": bool(is_eos[row, :n].any()),
                 })
             )
+        rows.extend(batch_rows)
+        if checkpoint is not None:
+            checkpoint.save(start, batch_rows)
     return rows
 
 

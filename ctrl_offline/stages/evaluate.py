@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,7 @@ from ctrl_offline.models.generation import (
     render_prompt,
     sample_completions,
 )
-from ctrl_offline.io.files import DataError, atomic_output_dir, read_metadata, read_table, write_parquet
+from ctrl_offline.io.files import DataError, atomic_output_dir, fingerprint, read_metadata, read_table, write_parquet
 from ctrl_offline.models.rewards import load_reward, reward_name
 from ctrl_offline.maths.procedures import get_procedure, procedure_names
 from ctrl_offline.stages._shards import process_device
@@ -100,12 +101,13 @@ def _overlap(prompt_ids: list[str], train_data: str | None) -> int:
     return sum(p in seen for p in prompt_ids)
 
 
-def _draw(model, tokenizer, texts, sampling, seed, reference: bool):
+def _draw(model, tokenizer, texts, sampling, seed, reference: bool, checkpoint_dir=None, model_key: str = ""):
     import contextlib
 
     context = model.disable_adapter() if reference and hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with context:
-        rows = sample_completions(model, tokenizer, texts, sampling, seed)
+        rows = sample_completions(model, tokenizer, texts, sampling, seed, checkpoint_dir=checkpoint_dir,
+                                  model_key=model_key)
     return rows
 
 
@@ -286,6 +288,12 @@ def evaluate_policy(
         if value is not None and (int(value) != value or value < max(max(n), 2)):
             raise ValueError(f"{name} must be an integer ≥ max(N) = {max(n)} (and ≥ 2), got {value}")
     m = int(policy_samples) if policy_samples is not None else max(max(n), 2)
+    out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:  # said now, not after every sample is drawn
+        raise DataError(f"output folder {out} is not empty (pass --overwrite to replace it)")
+    # Each finished batch of samples is kept here until the report is written: a stopped evaluation resumes
+    # after its last batch, with the same samples (the same random state) as an uninterrupted one.
+    drawn = out.resolve().with_name(f".{out.resolve().name}.sampling")
     prompts = load_prompts(prompts_source, column, limit=limit)
     ids = [prompt_id(p) for p in prompts]
     overlap = _overlap(ids, train_data)
@@ -309,7 +317,7 @@ def evaluate_policy(
         # The reference side first, and into the pool at once: a run stopped while the policy samples
         # keeps it for the next (and for every other run against the same pool).
         reference = _draw(model, tokenizer, texts, SamplingConfig(k=big_m, max_new_tokens=max_new_tokens), seed + 1,
-                          reference=True)
+                          reference=True, checkpoint_dir=drawn / "reference", model_key=settings["model"])
         ref_rewards = score([prompts[r["batch_prompt"]] for r in reference], [r["completion"] for r in reference])
         if pool_dir is not None:
             _write_pool(pool_dir, ids, reference, ref_rewards, settings, seed + 1, big_m)
@@ -320,7 +328,9 @@ def evaluate_policy(
                       **({"finished": bool(row.finished)} if hasattr(row, "finished") else {})}
                      for i, pid in enumerate(ids) for row in pooled[pid].head(big_m).itertuples()]
         ref_rewards = np.array([r["reward"] for r in reference])
-    policy = _draw(model, tokenizer, texts, SamplingConfig(k=m, max_new_tokens=max_new_tokens), seed, reference=False)
+    policy_key = f"{settings['model']}|{adapter and _identity(adapter)}|{adapter and fingerprint(adapter)}"
+    policy = _draw(model, tokenizer, texts, SamplingConfig(k=m, max_new_tokens=max_new_tokens), seed, reference=False,
+                   checkpoint_dir=drawn / "policy", model_key=policy_key)
 
     # The policy's samples under both models, teacher-forced on the same batches: the per-token KL
     # along each, and log π_ref (which RBoN and ITP need). Without an adapter π is π_ref: one pass, KL 0.
@@ -411,6 +421,7 @@ def evaluate_policy(
             notes = [f"report.md and the figures could not be written: {type(err).__name__}: {err}"]
         report["figure_notes"] = notes
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    shutil.rmtree(drawn, ignore_errors=True)
     return EvalResult(Path(out_dir), report)
 
 
