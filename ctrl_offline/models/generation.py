@@ -200,7 +200,7 @@ class _SamplingCheckpoint:
         path = self._path(start)
         if not path.is_file():
             return None
-        saved = torch.load(path, weights_only=False)
+        saved = torch.load(path, weights_only=True)
         return [SampleRow(row) for row in saved["rows"]], saved["rng"]
 
     def save(self, start: int, rows: list) -> None:
