@@ -57,6 +57,8 @@ METHODS = {
     "ctrl_exp_bon_dpo": dict(kind="ctrl", transform="exp", inference="bon"),
     "ctrl_negexp_won_dpo": dict(kind="ctrl", transform="negexp", inference="won"),
     "ctrl_exp_bon_pointwise": dict(kind="ctrl", transform="exp", inference="bon", format="pointwise"),
+    # BoNBoN (docs/theory.md §4.1): best vs worst of the K reference samples, IPO at β*_K + α·NLL of the best.
+    "bonbon": dict(kind="bonbon", inference=None),
 }
 DEFAULT_METHODS = ["raw_bvw_dpo", "calib_identity", "ctrl_exp_bon", "ctrl_negexp_won"]
 
@@ -253,6 +255,17 @@ def train_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: int
         train = _bvw_dataset(scored)
         config = DPOConfig(beta=args.bvw_beta, bf16=False, **common)
         trainer_cls = DPOTrainer
+    elif spec["kind"] == "bonbon":
+        from ctrl_offline.maths.losses import bonbon_beta
+
+        calibrated = scored.parent / "calibrated"
+        if not calibrated.exists():
+            calibrate_scored(scored, calibrated)
+        build_dataset(calibrated, run_dir / "build", format="pairs", strategy="best_vs_worst", transform="identity",
+                      beta=bonbon_beta(k), tokenizer=str(setup.path), seed=seed, overwrite=True)
+        train = datasets.load_from_disk(str(run_dir / "build"))
+        config = CTRLConfig(ctrl_loss="bonbon", bf16=False, **common)
+        trainer_cls = CTRLTrainer
     else:
         calibrated = scored.parent / "calibrated"  # shared by every method on these samples
         if not calibrated.exists():
@@ -505,7 +518,9 @@ def comparisons(results: list[dict]) -> list[dict]:
              ("ctrl_exp_bon_pointwise", "ctrl_exp_bon", "bon4"),
              # On-policy rounds (the default) against the offline soft-label DPO they replace.
              ("ctrl_exp_bon", "ctrl_exp_bon_dpo", "bon4"), ("ctrl_negexp_won", "ctrl_negexp_won_dpo", "won4"),
-             ("calib_identity", "calib_identity_dpo", "bon4"), ("calib_identity", "calib_identity_dpo", "won4")]
+             ("calib_identity", "calib_identity_dpo", "bon4"), ("calib_identity", "calib_identity_dpo", "won4"),
+             # BoNBoN: the published recipe that targets best-of-n without a transform.
+             ("ctrl_exp_bon", "bonbon", "bon4"), ("bonbon", "raw_bvw_dpo", "bon4")]
     rows = []
     for k in sorted({r["k"] for r in results}):
         for kl in sorted({r["kl_budget"] for r in results}):
