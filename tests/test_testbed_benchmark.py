@@ -81,3 +81,12 @@ def test_a_run_on_its_plan_has_kl_efficiency_and_fidelity_one():
     assert on_plan["won4_fidelity"] == pytest.approx(1, abs=1e-3)
     assert half["bon4_fidelity"] == pytest.approx(0.5, abs=1e-3) and half["bon4_efficiency"] < 0.5
     assert "bon4_efficiency" not in baseline  # no plan, no curve
+
+
+def test_bonbon_is_set_against_ctrl_exp_and_raw_dpo_on_bon4():
+    bench = load_benchmark("testbed")
+    assert bench.METHODS["bonbon"]["kind"] == "bonbon" and "bonbon" not in bench.SIZES["full"]["methods"]
+    rows = [{"method": m, "k": 8, "kl_budget": 0.5, "seed": 0, "exact_kl": 0.5,
+             "per_prompt": {"bon4": [0.7] * 4, "won4": [0.7] * 4}} for m in ("raw_bvw_dpo", "ctrl_exp_bon", "bonbon")]
+    pairs = {(r["method"], r["baseline"], r["metric"]) for r in bench.comparisons(rows)}
+    assert {("ctrl_exp_bon", "bonbon", "bon4"), ("bonbon", "raw_bvw_dpo", "bon4")} <= pairs
