@@ -448,7 +448,10 @@ def evaluate_run(run: Path, trained: dict, eval_source: Path, pool: Path, args) 
                         n=(args.n,), selectors=("bon", "won"), max_new_tokens=args.max_new_tokens,
                         seed=args.seed + 100, train_data=str(trained["data"]), transform=info["transform"], t=info["t"],
                         build_info=info, policy_samples=args.m, reference_samples=args.big_m, reference_pool=pool,
-                        num_boot=args.num_boot, overwrite=True)
+                        num_boot=args.num_boot, overwrite=True,
+                        # A diagnostic the frontier does not use, and a teacher-forced pass of both models over
+                        # the whole pool per run (about a third of a run's evaluation on the CPU).
+                        tilt_fidelity=False)
     return json.loads((run / "eval" / "report.json").read_text())
 
 
