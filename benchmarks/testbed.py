@@ -221,6 +221,16 @@ def _bvw_dataset(scored: Path):
     return datasets.Dataset.from_dict(rows)
 
 
+def _calibrated(scored: Path) -> Path:
+    """The calibrate output of ``scored``, made once and shared by every method on these samples."""
+    from ctrl_offline.stages.calibrate import calibrate_scored
+
+    calibrated = scored.parent / "calibrated"
+    if not calibrated.exists():
+        calibrate_scored(scored, calibrated)
+    return calibrated
+
+
 def train_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: int, args) -> dict:
     """One method at one (K, KL budget, seed): build, train held to the budget, measure exactly."""
     import copy
@@ -233,7 +243,6 @@ def train_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: int
     from ctrl_offline.training.kl_budget import KLBudgetCallback
     from ctrl_offline.testbeds.lm_testbed import ExactKL
     from ctrl_offline.stages.build import build_dataset
-    from ctrl_offline.stages.calibrate import calibrate_scored
     from ctrl_offline.training.trainer import CTRLPointwiseTrainer, CTRLTrainer
 
     spec = METHODS[method]
@@ -258,18 +267,14 @@ def train_run(out: Path, setup: Setup, method: str, k: int, kl: float, seed: int
     elif spec["kind"] == "bonbon":
         from ctrl_offline.maths.losses import bonbon_beta
 
-        calibrated = scored.parent / "calibrated"
-        if not calibrated.exists():
-            calibrate_scored(scored, calibrated)
+        calibrated = _calibrated(scored)
         build_dataset(calibrated, run_dir / "build", format="pairs", strategy="best_vs_worst", transform="identity",
                       beta=bonbon_beta(k), tokenizer=str(setup.path), seed=seed, overwrite=True)
         train = datasets.load_from_disk(str(run_dir / "build"))
         config = CTRLConfig(ctrl_loss="bonbon", bf16=False, **common)
         trainer_cls = CTRLTrainer
     else:
-        calibrated = scored.parent / "calibrated"  # shared by every method on these samples
-        if not calibrated.exists():
-            calibrate_scored(scored, calibrated)
+        calibrated = _calibrated(scored)
         pointwise = spec.get("format") == "pointwise"  # all K samples of a prompt, one row each
         estimator = (dict(format="pointwise", loss="pointwise", log_partition="population") if pointwise else
                      dict(format="pairs", loss="dpo", strategy="sampled", pairs_per_prompt=args.pairs_per_prompt))
