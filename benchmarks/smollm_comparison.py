@@ -607,6 +607,14 @@ def plot_frontiers(summaries: list[dict], path: Path, args) -> str | None:
             ax.errorbar(kl[:, 0], win[:, 0], xerr=[kl[:, 0] - kl[:, 1], kl[:, 2] - kl[:, 0]],
                         yerr=[win[:, 0] - win[:, 1], win[:, 2] - win[:, 0]], fmt="o-", capsize=3, color=colours(i % 10),
                         label=method, linewidth=1)
+            # What the run's own plan gives at the KL it spent (docs/diagnostics.md §2): the vertical gap is
+            # the KL the training spent on moves the selector does not see.
+            plans = [(s["kl_eval"]["value"], s.get("plan") or {}) for s in runs]
+            planned = [(k, plan["planned_at_kl_spent"]) for k, plan in plans
+                       if plan.get("procedure") == f"{selector}-{args.n}" and plan.get("planned_at_kl_spent") is not None]
+            if planned:
+                ax.plot(*zip(*planned), "o:", markerfacecolor="none", color=colours(i % 10), linewidth=1,
+                        label=f"{method}: its plan at that KL")
         ax.axhline(0.5, color="lightgrey", linewidth=0.8)
         ax.set_xscale("function", functions=(lambda x: np.sqrt(np.clip(x, 0, None)), np.square))
         ax.set_xlim(0.0, grid[-1])
