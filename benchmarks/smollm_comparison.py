@@ -548,19 +548,24 @@ def _cell(estimate: dict | None, digits: int = 3) -> str:
 def results_markdown(result: dict, args) -> str:
     """The runs and the comparisons as the Markdown tables docs/results.md records."""
     n = args.n
-    lines = [f"| method | budget | KL held | KL on the KL prompts | eval KL [95% CI] | BoN-{n} [95% CI] | best-of-n at that KL "
-             f"| WoN-{n} [95% CI] | best-of-n at that KL | KL efficiency | plan fidelity | steps |",
-             "|---|---:|---:|---:|---|---|---:|---|---:|---:|---:|---:|"]
+    lines = [f"| method | budget | KL held ± se | KL on the KL prompts | eval KL [95% CI] | BoN-{n} [95% CI] | best-of-n "
+             f"at that KL | WoN-{n} [95% CI] | best-of-n at that KL | plan at that KL | KL efficiency | plan fidelity "
+             "| steps |",
+             "|---|---:|---:|---:|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    number = lambda x, d=3: "—" if x is None else f"{x:.{d}f}"  # noqa: E731
+    significant = lambda x: "—" if x is None else f"{x:.2g}"  # noqa: E731  (efficiencies span 0.005 to 1)
     for run in result["runs"]:
         held, plan = run["kl_held"], run.get("plan") or {}
         rates = run["win_rates"]
-        number = lambda x, d=3: "—" if x is None else f"{x:.{d}f}"  # noqa: E731
+        held_text = "—" if not held else f"{held['value']:.3f} ± {held['stderr']:.3f}"
+        planned = f"{number(plan.get('planned_at_kl_spent'))} ({plan['procedure']})" if plan.get("procedure") else "—"
         lines.append(
-            f"| {run['method']} | {run['kl_budget']:g} | {number(held and held['value'])}"
-            f"{'' if run['kl_budget_reached'] else '*'} | {number((run['kl_on_kl_prompts'] or {}).get('value'))} | "
+            f"| {run['method']} | {run['kl_budget']:g} | {held_text}{'' if run['kl_budget_reached'] else '*'} | "
+            f"{number((run['kl_on_kl_prompts'] or {}).get('value'))} | "
             f"{_cell(run['kl_eval'])} | {_cell(rates.get('bon'))} | {number(rates.get('bon', {}).get('best_of_n'))} | "
-            f"{_cell(rates.get('won'))} | {number(rates.get('won', {}).get('best_of_n'))} | "
-            f"{number(plan.get('kl_efficiency'), 2)} | {number(plan.get('plan_fidelity'), 2)} | {run['training_steps']} |")
+            f"{_cell(rates.get('won'))} | {number(rates.get('won', {}).get('best_of_n'))} | {planned} | "
+            f"{significant(plan.get('kl_efficiency'))} | {number(plan.get('plan_fidelity'), 2)} | "
+            f"{run['training_steps']} |")
     lines += ["", "| CTRL | against | KL | metric | CTRL | other | gap (points) [95% CI] | verdict |",
               "|---|---|---:|---|---:|---:|---|---|"]
     for c in result["comparisons"]:
