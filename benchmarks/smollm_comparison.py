@@ -393,8 +393,12 @@ def train_held(method: str, budget: float, calibrated: Path, run: Path, kl_promp
     started = time.perf_counter()
     # The train stage holds the KL and records the prompts, seed and batches it held it on beside the adapter
     # (ctrl_train.json), so the eval stage re-estimates the KL there (kl_training_prompts).
-    result = train_from_build(run / "data", run / "adapter", args.model, checkpoint_dir=run / "train", overwrite=True,
-                              **_train_settings(method, budget, kl_prompts, args, args.max_steps))
+    settings = _train_settings(method, budget, kl_prompts, args, args.max_steps)
+    # A checkpoint at every KL check: a run stopped with its session resumes where it was (the KL callback takes
+    # up its estimates from the trainer state), not from step 0.
+    settings["training_args"].update(save_strategy="steps", save_steps=args.kl_every, save_total_limit=1)
+    result = train_from_build(run / "data", run / "adapter", args.model, checkpoint_dir=run / "train",
+                              overwrite=(run / "adapter").exists(), **settings)
     record = _held_record(budget, result.steps, result.kl or {}, started, args,
                           history=(result.kl or {}).get("history"))
     record_path.write_text(json.dumps(record, indent=2))

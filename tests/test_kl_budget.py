@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ctrl_offline.training.config import CTRLConfig
 from ctrl_offline.training.kl_budget import KLBudgetCallback, KLEstimate, SampledKL
@@ -53,10 +53,11 @@ class Recording:
         return result
 
 
-def categorical_trainer(tmp_path, callback, max_steps=40):
+def categorical_trainer(tmp_path, callback, max_steps=40, **saving):
+    saving = saving or {"save_strategy": "no"}
     args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, max_steps=max_steps, learning_rate=0.05,
-                             per_device_train_batch_size=2, report_to="none", save_strategy="no", logging_steps=5,
-                             seed=0, disable_tqdm=True)
+                             per_device_train_batch_size=2, report_to="none", logging_steps=5, seed=0,
+                             disable_tqdm=True, **saving)
     data = [{"target": 0}] * 8
     return Trainer(model=Categorical(), args=args, train_dataset=data,
                    callbacks=[callback] if callback is not None else None)
@@ -139,6 +140,42 @@ def test_last_estimate_over_budget_at_the_end_of_training_settles_too(tmp_path):
     trainer.train()
     assert trainer.state.global_step == 40 and callback.reached
     assert abs(exact_categorical_kl(trainer.model).value - 0.3) <= 0.002
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_run_resumed_from_its_checkpoint_holds_the_budget_as_if_never_stopped(tmp_path, caplog):
+    """Killed after its checkpoint at step 6, resumed by a fresh callback: the same estimates, the same stop and
+    the same weights as a run never stopped, and no claim that the budget was passed at the first check."""
+    def run(folder, crash_at=None, resume=False):
+        class CrashAt(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == crash_at:
+                    raise Crash
+
+        callback = KLBudgetCallback(0.3, exact_categorical_kl, every_n_steps=3, tolerance=0.002)
+        trainer = categorical_trainer(folder, callback, save_strategy="steps", save_steps=3)
+        if crash_at is not None:
+            trainer.add_callback(CrashAt)
+        trainer.train(resume_from_checkpoint=resume or None)
+        return callback, trainer
+
+    whole, whole_trainer = run(tmp_path / "whole")
+    assert whole.reached and whole_trainer.state.global_step > 6
+    with pytest.raises(Crash):
+        run(tmp_path / "killed", crash_at=7)
+    assert (tmp_path / "killed" / "out" / "checkpoint-6").exists()
+    with caplog.at_level(logging.WARNING, logger="ctrl_offline.training.kl_budget"):
+        resumed, resumed_trainer = run(tmp_path / "killed", resume=True)
+    assert resumed.reached and resumed_trainer.state.global_step == whole_trainer.state.global_step
+    assert [h["step"] for h in resumed.history] == [h["step"] for h in whole.history]
+    assert [h["kl"] for h in resumed.history] == pytest.approx([h["kl"] for h in whole.history], abs=1e-9)
+    assert [h.get("alpha") for h in resumed.history] == [h.get("alpha") for h in whole.history]
+    assert resumed.final.value == pytest.approx(whole.final.value, abs=1e-9)
+    assert torch.allclose(resumed_trainer.model.logits, whole_trainer.model.logits, atol=1e-7)
+    assert "first check" not in caplog.text
 
 
 @pytest.mark.parametrize("kwargs,match", [

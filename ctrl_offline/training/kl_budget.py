@@ -121,7 +121,9 @@ class KLBudgetCallback(TrainerCallback):
     during the bisection, ``alpha``), also appended to ``trainer.state.log_history`` as
     ``kl``/``kl_stderr``(/``kl_alpha``); ``reached`` says whether the budget was reached (training
     was stopped, or its last estimate was over the budget); ``final`` is the KL of the weights
-    left in the model. A run that ends under budget logs a warning saying how far it got.
+    left in the model. A run that ends under budget logs a warning saying how far it got. Resumed
+    from a checkpoint, the callback takes up the estimates before it from the trainer state's log,
+    and the checkpoint's weights as the last under budget, so the run goes on as if never stopped.
 
     In a data-parallel run every rank estimates and then takes rank 0's estimate, so all ranks
     stop and bisect alike. Parameters sharded by ZeRO-3 or FSDP are not supported.
@@ -193,8 +195,13 @@ class KLBudgetCallback(TrainerCallback):
         if not params:
             raise ValueError("KLBudgetCallback: no parameter of the model requires grad, so there is nothing to hold "
                              "to the budget (freeze fewer parameters, or attach the LoRA adapter before training)")
-        self.history, self.reached, self.final = [], False, None
+        self.history, self.reached, self.final = _history_from_log(state.log_history), False, None
         self._under, self._under_kl, self._last_step = _snapshot(params), None, None
+        last = self.history[-1] if self.history else None
+        if last is not None and last["step"] == state.global_step and "alpha" not in last:
+            # Resumed from the checkpoint of a step that was estimated (and under budget, or training would have
+            # stopped): those are the weights that estimate was of. Its per-prompt values are not in the log.
+            self._under_kl = KLEstimate(last["kl"], last["stderr"], sequence_value=last.get("kl_sequence"))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.reached or state.global_step % self.every_n_steps:
@@ -340,6 +347,14 @@ class SampledKL:
         sequence = _per_prompt_means(scored.sequence.reshape(shape))
         return KLEstimate(_mean(token), _stderr(token), len(rows), per_prompt=token, sequence_value=_mean(sequence),
                           sequence_stderr=_stderr(sequence), per_prompt_sequence=sequence)
+
+
+def _history_from_log(log_history: list[dict]) -> list[dict]:
+    """The callback's ``history`` as :meth:`KLBudgetCallback._estimate` logged it: empty for a fresh run, the
+    estimates before the checkpoint for a run resumed from one (the trainer state holds its log)."""
+    keys = {"kl": "kl", "kl_stderr": "stderr", "kl_sequence": "kl_sequence", "kl_alpha": "alpha"}
+    return [{"step": entry["step"], **{name: entry[key] for key, name in keys.items() if key in entry}}
+            for entry in log_history if "kl" in entry and "kl_stderr" in entry]
 
 
 def _per_prompt_means(values) -> tuple[float, ...]:
