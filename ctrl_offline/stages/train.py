@@ -56,7 +56,7 @@ DEFAULT_LOSS = {"pairs": "dpo", "pointwise": "pointwise", "weights": "weighted_s
 #: trained with other values of these are still resumed (and ``hub_token`` is never written down).
 RUN_ONLY_TRAINING_ARGS = frozenset({
     "logging_dir", "logging_steps", "logging_first_step", "report_to", "run_name", "disable_tqdm",
-    "save_strategy", "save_steps", "save_total_limit", "dataloader_num_workers", "resume_from_checkpoint", "push_to_hub",
+    "save_steps", "save_total_limit", "dataloader_num_workers", "resume_from_checkpoint", "push_to_hub",
     "hub_model_id", "hub_private_repo", "hub_revision", "hub_token", "hub_strategy"})
 
 
