@@ -178,6 +178,27 @@ def test_a_run_resumed_from_its_checkpoint_holds_the_budget_as_if_never_stopped(
     assert "first check" not in caplog.text
 
 
+def test_a_run_resumed_from_the_checkpoint_where_it_reached_its_budget_trains_no_further(tmp_path):
+    """The checkpoint saved as the budget was reached holds the weights left: resuming it (a re-run after a crash
+    before the adapter was written) keeps them and their KL, estimates nothing and does not train on."""
+    def run(resume=False):
+        callback = KLBudgetCallback(0.3, exact_categorical_kl, every_n_steps=3, tolerance=0.002)
+        trainer = categorical_trainer(tmp_path, callback, save_strategy="steps", save_steps=3)
+        trainer.train(resume_from_checkpoint=resume or None)
+        return callback, trainer
+
+    whole, whole_trainer = run()
+    assert whole.reached
+    stop = whole_trainer.state.global_step
+    assert (tmp_path / "out" / f"checkpoint-{stop}").exists()
+    resumed, resumed_trainer = run(resume=True)
+    assert resumed.reached and resumed.final.value == pytest.approx(whole.final.value, abs=1e-12)
+    assert resumed_trainer.state.global_step <= stop + 1  # the one step the trainer takes before it looks
+    assert len(resumed.history) == len(whole.history)  # no new estimate
+    assert torch.allclose(resumed_trainer.model.logits, whole_trainer.model.logits, atol=1e-7)
+    assert exact_categorical_kl(resumed_trainer.model).value == pytest.approx(whole.final.value, abs=1e-9)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(budget=0.0), "budget must be a finite KL > 0"), (dict(budget=-1.0), "budget must be"),
     (dict(budget=math.inf), "budget must be"), (dict(budget=math.nan), "budget must be"),

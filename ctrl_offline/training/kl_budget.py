@@ -155,6 +155,7 @@ class KLBudgetCallback(TrainerCallback):
         self._under_kl: KLEstimate | None = None
         self._last_step: int | None = None
         self._noisy_warned = False
+        self._settled_before = False
 
     # -- estimates --------------------------------------------------------------------------------
     def _estimate(self, model, state, alpha: float | None = None) -> KLEstimate:
@@ -197,6 +198,16 @@ class KLBudgetCallback(TrainerCallback):
                              "to the budget (freeze fewer parameters, or attach the LoRA adapter before training)")
         self.history, self.reached, self.final = _history_from_log(state.log_history), False, None
         self._under, self._under_kl, self._last_step = _snapshot(params), None, None
+        self._settled_before = False
+        settled = _settled_from_log(state.log_history, state.global_step)
+        if settled is not None:
+            # Resumed from the checkpoint saved as the budget was reached: its weights are the ones left, so
+            # nothing more is trained (the trainer takes one step before it looks; on_step_end undoes it).
+            self.reached, self.final, self._settled_before = True, settled, True
+            control.should_training_stop = True
+            logger.info("resumed from step %d, where the KL budget %.4g was reached (KL left %.4g): its weights "
+                        "are final, nothing more is trained", state.global_step, self.budget, settled.value)
+            return
         last = self.history[-1] if self.history else None
         if last is not None and last["step"] == state.global_step and "alpha" not in last:
             # Resumed from the checkpoint of a step that was estimated (and under budget, or training would have
@@ -204,6 +215,10 @@ class KLBudgetCallback(TrainerCallback):
             self._under_kl = KLEstimate(last["kl"], last["stderr"], sequence_value=last.get("kl_sequence"))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self._settled_before:
+            _load(_trainable(model), self._under, self._under, 0.0)
+            control.should_training_stop = True
+            return
         if self.reached or state.global_step % self.every_n_steps:
             return
         estimate = self._estimate(model, state)
@@ -252,6 +267,10 @@ class KLBudgetCallback(TrainerCallback):
         if best is None:  # the start of training, never estimated
             best = self._estimate(model, state, best_alpha if self.interpolate else None)
         self.final = best
+        # Marks the checkpoint saved after this step as settled: a run resumed from it trains no further.
+        state.log_history.append({"kl_final": best.value, "kl_final_stderr": best.stderr,
+                                  **({"kl_final_alpha": best_alpha} if self.interpolate else {}),
+                                  "step": state.global_step})
         logger.info("KL budget %.4g reached at step %d (KL %.4g): stopped, leaving %s with KL %.4g ± %.2g nats",
                     self.budget, state.global_step, over_kl.value,
                     f"α = {best_alpha:.4g} of the last step" if self.interpolate else "the last weights under budget",
@@ -355,6 +374,14 @@ def _history_from_log(log_history: list[dict]) -> list[dict]:
     keys = {"kl": "kl", "kl_stderr": "stderr", "kl_sequence": "kl_sequence", "kl_alpha": "alpha"}
     return [{"step": entry["step"], **{name: entry[key] for key, name in keys.items() if key in entry}}
             for entry in log_history if "kl" in entry and "kl_stderr" in entry]
+
+
+def _settled_from_log(log_history: list[dict], step: int) -> KLEstimate | None:
+    """The KL left where the budget was reached at ``step``, if the log says it was (see ``_settle``)."""
+    for entry in reversed(log_history):
+        if "kl_final" in entry and entry.get("step") == step:
+            return KLEstimate(entry["kl_final"], entry["kl_final_stderr"])
+    return None
 
 
 def _per_prompt_means(values) -> tuple[float, ...]:
