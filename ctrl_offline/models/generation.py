@@ -420,7 +420,8 @@ def completion_kl(model, tokenizer, prompt_texts: list[str], completion_ids: lis
     # shortest prompt, so a batch mixing a short prompt with long ones would project every prompt position
     # of the long ones onto the vocabulary for nothing (most of the cost, with long chat prompts).
     order = sorted(range(len(rows)), key=lambda i: (len(prompts[i]), len(rows[i])))
-    for begin in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for begin in tqdm(starts, desc="per-token KL", unit="batch", leave=False, disable=len(starts) < 2):
         index = [i for i in order[begin : begin + batch_size] if completion_ids[i]]
         if not index:
             continue

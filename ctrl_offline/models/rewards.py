@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ctrl_offline.models.embedded import load_error_message
 
@@ -66,7 +67,8 @@ class RewardModel:
         # Sorting by length keeps padding (and wasted compute) small within each batch.
         order = np.argsort([len(t) for t in texts], kind="stable")
         scores = np.empty(len(texts))
-        for i in range(0, len(texts), self.batch_size):
+        starts = range(0, len(texts), self.batch_size)
+        for i in tqdm(starts, desc="scoring", unit="batch", leave=False, disable=len(starts) < 2):
             idx = order[i : i + self.batch_size]
             enc = self.tokenizer([texts[j] for j in idx], return_tensors="pt", padding=True, truncation=True,
                                  max_length=self.max_length).to(self.device)
