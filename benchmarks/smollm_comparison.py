@@ -510,6 +510,44 @@ def comparisons(runs: dict, args) -> list[dict]:
     return rows
 
 
+#: The soft-label CTRL methods the secondary comparison reads against calibrated identity (docs/smollm_comparison.md).
+LONG_TRAINED_CTRL = ("ctrl_exp_bon", "ctrl_negexp_won")
+
+
+def long_trained_comparisons(runs: dict, summaries: list[dict], args) -> list[dict]:
+    """The secondary comparison fixed in docs/smollm_comparison.md before any CTRL run trained past step 8.
+
+    A *long-trained* run is a soft-label run that ended at the step cap under its budget. Each long-trained
+    CTRL run is read against the long-trained calibrated identity run of the same budget and against best-of-n
+    sampling, at κ = the smaller of the two evaluation KLs rounded down to 0.01, each run alone (interpolated
+    from the reference, as ``ctrl-data compare CTRL IDENTITY --at-kl κ``), with the rule's thresholds.
+    """
+    from ctrl_offline.stages.compare import compare_frontiers
+
+    long = {(s["method"], s["kl_budget"]): s for s in summaries if not s["kl_budget_reached"]}
+    rows = []
+    for (method, budget), summary in sorted(long.items(), key=lambda item: (item[0][1], item[0][0])):
+        identity = long.get(("calib_identity", budget))
+        if method not in LONG_TRAINED_CTRL or identity is None:
+            continue
+        kappa = math.floor(100 * min(summary["kl_eval"]["value"], identity["kl_eval"]["value"])) / 100
+        selector = METHODS[method][3]
+        ctrl_dir = runs[(method, budget)]["dir"] / "eval"
+        identity_dir = runs[("calib_identity", budget)]["dir"] / "eval"
+        for base in (identity_dir, None):
+            result = compare_frontiers([ctrl_dir], None if base is None else [base], [kappa], num_boot=args.num_boot,
+                                       seed=args.seed, effect=EFFECT_POINTS / 100, null=NULL_POINTS / 100)
+            row = next(r for r in result["rows"] if (r["selector"], r["n"]) == (selector, args.n))
+            gap = row["difference"] if base is not None else row["a_vs_best_of_n"]
+            rows.append({"ctrl": method, "baseline": "calib_identity" if base is not None else "best-of-n sampling",
+                         "budget": budget, "kl": kappa, "selector": selector, "n": args.n, "ctrl_value": row["a"],
+                         "baseline_value": row["b"] if base is not None else row["best_of_n"], "difference": gap,
+                         "half_width": None if gap is None else (gap["ci_high"] - gap["ci_low"]) / 2,
+                         "verdict": "not reached" if gap is None else verdict(gap),
+                         "num_prompts": result["num_prompts"]})
+    return rows
+
+
 def run_summary(method: str, budget: float, trained: dict, report: dict) -> dict:
     from ctrl_offline.maths.frontier import best_of_n_at_kl
 
@@ -570,16 +608,25 @@ def results_markdown(result: dict, args) -> str:
             f"{_cell(rates.get('won'))} | {number(rates.get('won', {}).get('best_of_n'))} | {planned} | "
             f"{significant(plan.get('kl_efficiency'))} | {number(plan.get('plan_fidelity'), 2)} | "
             f"{run['training_steps']} |")
-    lines += ["", "| CTRL | against | KL | metric | CTRL | other | gap (points) [95% CI] | verdict |",
-              "|---|---|---:|---|---:|---:|---|---|"]
-    for c in result["comparisons"]:
+    lines += ["", *_comparison_table(result["comparisons"])]
+    if result.get("long_trained"):  # the secondary comparison: only once a long-trained CTRL run exists
+        lines += ["", *_comparison_table(result["long_trained"], budget=True)]
+    return "\n".join(lines) + "\n"
+
+
+def _comparison_table(rows: list[dict], budget: bool = False) -> list[str]:
+    """Markdown rows of comparisons; ``budget`` adds the runs' budget (the long-trained comparison's)."""
+    head = ("| CTRL | against |" + (" budget |" if budget else "")
+            + " KL | metric | CTRL | other | gap (points) [95% CI] | verdict |")
+    lines = [head, "|---|---|" + ("---:|" if budget else "") + "---:|---|---:|---:|---|---|"]
+    for c in rows:
         d, a, b = c["difference"], c["ctrl_value"], c["baseline_value"]
         b_value = b if isinstance(b, float) else (b or {}).get("value")
         gap = "—" if d is None else f"{100 * d['value']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
-        lines.append(f"| {c['ctrl']} | {c['baseline']} | {c['kl']:g} | {c['selector']}-{c['n']} | "
-                     f"{'—' if a is None else format(a['value'], '.3f')} | "
+        lines.append(f"| {c['ctrl']} | {c['baseline']} |" + (f" {c['budget']:g} |" if budget else "")
+                     + f" {c['kl']:g} | {c['selector']}-{c['n']} | {'—' if a is None else format(a['value'], '.3f')} | "
                      f"{'—' if b_value is None else format(b_value, '.3f')} | {gap} | {c['verdict']} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot_frontiers(summaries: list[dict], path: Path, args) -> str | None:
@@ -674,6 +721,17 @@ def measure_costs(out: Path, args) -> dict:
 
 
 # -- main --------------------------------------------------------------------------------------------------
+def _print_comparison(c: dict, budget: bool = False) -> None:
+    d, a, b = c["difference"], c["ctrl_value"], c["baseline_value"]
+    b_value = b if isinstance(b, float) else (b or {}).get("value")
+    cells = ["—"] * 2 if d is None else [f"{100 * d['value']:+.1f}",
+                                         f"[{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"]
+    print(f"{c['ctrl']:<19} {c['baseline']:<20} {c['kl']:>5g} {c['selector'] + '-' + str(c['n']):>7} "
+          f"{'—' if a is None else format(a['value'], '.3f'):>6} "
+          f"{'—' if b_value is None else format(b_value, '.3f'):>6} {cells[0]:>9} {cells[1]:>16}  {c['verdict']}"
+          + (f"  (runs held to {c['budget']:g})" if budget else ""))
+
+
 def main(argv=None) -> int:
     args = resolve_sizes(build_parser().parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -739,6 +797,7 @@ def main(argv=None) -> int:
                     summary["win_rates"]["bon"]["value"], args.n, summary["win_rates"]["won"]["value"],
                     time.perf_counter() - t0)
     compared = comparisons(runs, args)
+    long_trained = long_trained_comparisons(runs, summaries, args)
     elapsed = time.perf_counter() - started
 
     print(f"\nruns (KL held = the callback's estimate on {args.kl_prompts} KL prompts; eval KL = on the "
@@ -766,13 +825,12 @@ def main(argv=None) -> int:
     print(f"{'CTRL':<19} {'against':<20} {'KL':>5} {'metric':>7} {'CTRL':>6} {'other':>6} {'gap (pts)':>9} "
           f"{'95% CI (pts)':>16}  verdict")
     for c in compared:
-        d, a, b = c["difference"], c["ctrl_value"], c["baseline_value"]
-        b_value = b if isinstance(b, float) else (b or {}).get("value")
-        cells = ["—"] * 4 if d is None else [f"{100 * d['value']:+.1f}",
-                                             f"[{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"]
-        print(f"{c['ctrl']:<19} {c['baseline']:<20} {c['kl']:>5g} {c['selector'] + '-' + str(c['n']):>7} "
-              f"{'—' if a is None else format(a['value'], '.3f'):>6} "
-              f"{'—' if b_value is None else format(b_value, '.3f'):>6} {cells[0]:>9} {cells[1]:>16}  {c['verdict']}")
+        _print_comparison(c)
+    if long_trained:
+        print("\nsecondary comparison (docs/smollm_comparison.md): each CTRL run that ended at the step cap under its "
+              "budget against the calibrated identity run that did too, each run alone, at the smaller KL rounded down")
+        for c in long_trained:
+            _print_comparison(c, budget=True)
     widths = [c["half_width"] for c in compared if c["half_width"] is not None]
     if widths:
         print(f"achieved half-widths {min(widths):.3f}–{max(widths):.3f} (target ≤ {args.target_half_width:g}: "
@@ -783,7 +841,7 @@ def main(argv=None) -> int:
           f"samples, {reference['pool_cut_fraction']:.1%} of the reference pool; total {elapsed:.0f} s this "
           f"invocation (estimate from scratch {estimate['total_s']:.0f} s)")
     result = {"config": settings, "decision_rule": DECISION_RULE, "estimate": estimate, "reference": reference,
-              "runs": summaries, "comparisons": compared, "seconds": elapsed}
+              "runs": summaries, "comparisons": compared, "long_trained": long_trained, "seconds": elapsed}
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
     (out / "results.md").write_text(results_markdown(result, args))
     try:  # the tables are written whatever the figure does

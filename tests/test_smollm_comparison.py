@@ -42,6 +42,48 @@ def test_verdicts():
     assert sc.verdict({"value": 0.02, "ci_low": 0.001, "ci_high": 0.04}) == "inconclusive"
 
 
+def test_the_secondary_comparison_reads_only_long_trained_ctrl_runs_beside_a_long_trained_identity(monkeypatch,
+                                                                                                   tmp_path):
+    """docs/smollm_comparison.md's secondary rule: a CTRL-exp or CTRL-negexp run that ended at the step cap under its
+    budget, against the calibrated identity run of the same budget that did too and against best-of-n sampling, at
+    the smaller evaluation KL rounded down to 0.01, each run alone, on the selector the CTRL method was planned for."""
+    sc = _module()
+    import ctrl_offline.stages.compare as compare
+
+    calls = []
+
+    def fake_compare(a, b, kls, **kwargs):
+        calls.append((a, b, kls))
+        gap = {"value": 0.05, "ci_low": 0.02, "ci_high": 0.08}  # shows the effect by the rule's thresholds
+        other = {"value": -0.3, "ci_low": -0.4, "ci_high": -0.2}  # on the selector that is not compared
+        rows = [{"selector": sel, "n": 4, "kl": kls[0], "a": {"value": 0.6}, "b": {"value": 0.55},
+                 "best_of_n": 0.7, "difference": gap if sel == "bon" else other,
+                 "a_vs_best_of_n": {"value": -0.1, "ci_low": -0.13, "ci_high": -0.07}} for sel in ("bon", "won")]
+        return {"rows": rows, "num_prompts": 256}
+
+    monkeypatch.setattr(compare, "compare_frontiers", fake_compare)
+    args = sc.resolve_sizes(sc.build_parser().parse_args([]))
+
+    def summary(method, budget, kl, reached):
+        return {"method": method, "kl_budget": budget, "kl_eval": {"value": kl}, "kl_budget_reached": reached}
+
+    summaries = [summary("ctrl_exp_bon", 0.5, 0.2371, False), summary("calib_identity", 0.5, 0.1188, False),
+                 summary("ctrl_negexp_won", 0.5, 0.3, True),  # reached its budget: not long-trained
+                 summary("ctrl_exp_bon_rounds", 0.5, 0.05, False),  # not a soft-label pair run
+                 summary("ctrl_exp_bon", 0.25, 0.2, False), summary("calib_identity", 0.25, 0.24, True)]
+    runs = {(s["method"], s["kl_budget"]): {"dir": tmp_path / f"{s['method']}-{s['kl_budget']}"} for s in summaries}
+    rows = sc.long_trained_comparisons(runs, summaries, args)
+    exp, identity = tmp_path / "ctrl_exp_bon-0.5" / "eval", tmp_path / "calib_identity-0.5" / "eval"
+    assert calls == [([exp], [identity], [0.11]), ([exp], None, [0.11])]
+    assert [(r["ctrl"], r["baseline"], r["budget"], r["kl"], r["selector"]) for r in rows] == [
+        ("ctrl_exp_bon", "calib_identity", 0.5, 0.11, "bon"), ("ctrl_exp_bon", "best-of-n sampling", 0.5, 0.11, "bon")]
+    assert [r["verdict"] for r in rows] == ["shows the effect", "refutes it"]
+    assert rows[0]["half_width"] == pytest.approx(0.03) and rows[1]["baseline_value"] == 0.7
+    # Its table follows the main comparisons in results.md, with the runs' budget.
+    table = sc.results_markdown({"runs": [], "comparisons": [], "long_trained": rows}, args).split("\n\n")[-1]
+    assert table.splitlines()[2].startswith("| ctrl_exp_bon | calib_identity | 0.5 | 0.11 | bon-4 | 0.600 | 0.550 |")
+
+
 def test_prompt_sets_are_disjoint_and_sized():
     sc = _module()
     args = sc.resolve_sizes(sc.build_parser().parse_args([]))
@@ -93,7 +135,8 @@ def test_toy_end_to_end(tmp_path):
         if reached:
             assert row["half_width"] >= 0 and {"value", "ci_low", "ci_high"} <= set(row["difference"])
     # The tables docs/results.md records (a row per run, per comparison) and the frontier figure.
-    runs_table, comparisons_table = ((out / "results.md").read_text().split("\n\n"))
+    runs_table, comparisons_table, *long_trained_table = (out / "results.md").read_text().split("\n\n")
+    assert len(long_trained_table) == bool(result["long_trained"])
     assert sum(line.startswith(f"| {r['method']} | {r['kl_budget']:g} |") for r in result["runs"]
                for line in runs_table.splitlines()) == len(result["runs"])
     assert len(comparisons_table.strip().splitlines()) == 2 + len(result["comparisons"])
