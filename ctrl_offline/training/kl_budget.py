@@ -216,7 +216,7 @@ class KLBudgetCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self._settled_before:
-            _load(_trainable(model), self._under, self._under, 0.0)
+            _load(_trainable(model), self._under, self._under, 0.0)  # back to the checkpoint's weights
             control.should_training_stop = True
             return
         if self.reached or state.global_step % self.every_n_steps:
