@@ -493,21 +493,19 @@ def comparisons(runs: dict, args) -> list[dict]:
             result = compare_frontiers(folders[ctrl], None if base is None else folders[base], args.common_kl,
                                        num_boot=args.num_boot, seed=args.seed, effect=EFFECT_POINTS / 100,
                                        null=NULL_POINTS / 100)
-            for row in result["rows"]:
-                if (row["selector"], row["n"]) != (selector, args.n):
-                    continue
-                if base is None:
-                    gap = row["a_vs_best_of_n"]
-                    verdict_text = "not reached" if gap is None else verdict(gap)
-                else:
-                    gap = row["difference"]
-                    verdict_text = row["verdict"] or "not reached"
-                rows.append({"ctrl": ctrl, "baseline": base or "best-of-n sampling", "kl": row["kl"],
-                             "selector": selector, "n": args.n, "ctrl_value": row["a"], "baseline_value":
-                             row["b"] if base is not None else row["best_of_n"], "difference": gap,
-                             "half_width": None if gap is None else (gap["ci_high"] - gap["ci_low"]) / 2,
-                             "verdict": verdict_text, "num_prompts": result["num_prompts"]})
+            rows += [_comparison_row(ctrl, base, row, result["num_prompts"]) for row in result["rows"]
+                     if (row["selector"], row["n"]) == (selector, args.n)]
     return rows
+
+
+def _comparison_row(ctrl: str, baseline: str | None, row: dict, num_prompts: int, **extra) -> dict:
+    """One comparison from a :func:`compare_frontiers` row: CTRL − ``baseline``, or − best-of-n sampling (None)."""
+    gap = row["a_vs_best_of_n"] if baseline is None else row["difference"]
+    return {"ctrl": ctrl, "baseline": baseline or "best-of-n sampling", **extra, "kl": row["kl"],
+            "selector": row["selector"], "n": row["n"], "ctrl_value": row["a"],
+            "baseline_value": row["best_of_n"] if baseline is None else row["b"], "difference": gap,
+            "half_width": None if gap is None else (gap["ci_high"] - gap["ci_low"]) / 2,
+            "verdict": "not reached" if gap is None else verdict(gap), "num_prompts": num_prompts}
 
 
 #: The soft-label CTRL methods the secondary comparison reads against calibrated identity (docs/smollm_comparison.md).
@@ -534,17 +532,12 @@ def long_trained_comparisons(runs: dict, summaries: list[dict], args) -> list[di
         selector = METHODS[method][3]
         ctrl_dir = runs[(method, budget)]["dir"] / "eval"
         identity_dir = runs[("calib_identity", budget)]["dir"] / "eval"
-        for base in (identity_dir, None):
-            result = compare_frontiers([ctrl_dir], None if base is None else [base], [kappa], num_boot=args.num_boot,
-                                       seed=args.seed, effect=EFFECT_POINTS / 100, null=NULL_POINTS / 100)
+        for base, folder in (("calib_identity", identity_dir), (None, None)):
+            result = compare_frontiers([ctrl_dir], None if folder is None else [folder], [kappa],
+                                       num_boot=args.num_boot, seed=args.seed, effect=EFFECT_POINTS / 100,
+                                       null=NULL_POINTS / 100)
             row = next(r for r in result["rows"] if (r["selector"], r["n"]) == (selector, args.n))
-            gap = row["difference"] if base is not None else row["a_vs_best_of_n"]
-            rows.append({"ctrl": method, "baseline": "calib_identity" if base is not None else "best-of-n sampling",
-                         "budget": budget, "kl": kappa, "selector": selector, "n": args.n, "ctrl_value": row["a"],
-                         "baseline_value": row["b"] if base is not None else row["best_of_n"], "difference": gap,
-                         "half_width": None if gap is None else (gap["ci_high"] - gap["ci_low"]) / 2,
-                         "verdict": "not reached" if gap is None else verdict(gap),
-                         "num_prompts": result["num_prompts"]})
+            rows.append(_comparison_row(method, base, row, result["num_prompts"], budget=budget))
     return rows
 
 
@@ -620,13 +613,20 @@ def _comparison_table(rows: list[dict], budget: bool = False) -> list[str]:
             + " KL | metric | CTRL | other | gap (points) [95% CI] | verdict |")
     lines = [head, "|---|---|" + ("---:|" if budget else "") + "---:|---|---:|---:|---|---|"]
     for c in rows:
-        d, a, b = c["difference"], c["ctrl_value"], c["baseline_value"]
-        b_value = b if isinstance(b, float) else (b or {}).get("value")
-        gap = "—" if d is None else f"{100 * d['value']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
+        ctrl, other, gap, interval = _comparison_cells(c)
         lines.append(f"| {c['ctrl']} | {c['baseline']} |" + (f" {c['budget']:g} |" if budget else "")
-                     + f" {c['kl']:g} | {c['selector']}-{c['n']} | {'—' if a is None else format(a['value'], '.3f')} | "
-                     f"{'—' if b_value is None else format(b_value, '.3f')} | {gap} | {c['verdict']} |")
+                     + f" {c['kl']:g} | {c['selector']}-{c['n']} | {ctrl} | {other} | "
+                     + ("—" if c["difference"] is None else f"{gap} {interval}") + f" | {c['verdict']} |")
     return lines
+
+
+def _comparison_cells(c: dict) -> tuple[str, str, str, str]:
+    """CTRL's and the other's win rate, the gap and its interval (points) of one comparison, as text."""
+    d, a, b = c["difference"], c["ctrl_value"], c["baseline_value"]
+    b_value = b if isinstance(b, float) else (b or {}).get("value")
+    gap, interval = ("—", "—") if d is None else (f"{100 * d['value']:+.1f}",
+                                                   f"[{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]")
+    return ("—" if a is None else f"{a['value']:.3f}", "—" if b_value is None else f"{b_value:.3f}", gap, interval)
 
 
 def plot_frontiers(summaries: list[dict], path: Path, args) -> str | None:
@@ -722,14 +722,9 @@ def measure_costs(out: Path, args) -> dict:
 
 # -- main --------------------------------------------------------------------------------------------------
 def _print_comparison(c: dict, budget: bool = False) -> None:
-    d, a, b = c["difference"], c["ctrl_value"], c["baseline_value"]
-    b_value = b if isinstance(b, float) else (b or {}).get("value")
-    cells = ["—"] * 2 if d is None else [f"{100 * d['value']:+.1f}",
-                                         f"[{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"]
-    print(f"{c['ctrl']:<19} {c['baseline']:<20} {c['kl']:>5g} {c['selector'] + '-' + str(c['n']):>7} "
-          f"{'—' if a is None else format(a['value'], '.3f'):>6} "
-          f"{'—' if b_value is None else format(b_value, '.3f'):>6} {cells[0]:>9} {cells[1]:>16}  {c['verdict']}"
-          + (f"  (runs held to {c['budget']:g})" if budget else ""))
+    ctrl, other, gap, interval = _comparison_cells(c)
+    print(f"{c['ctrl']:<19} {c['baseline']:<20} {c['kl']:>5g} {c['selector'] + '-' + str(c['n']):>7} {ctrl:>6} "
+          f"{other:>6} {gap:>9} {interval:>16}  {c['verdict']}" + (f"  (runs held to {c['budget']:g})" if budget else ""))
 
 
 def main(argv=None) -> int:
